@@ -1,0 +1,526 @@
+package invariant_test
+
+import (
+	"context"
+	"log/slog"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"gmem/discard"
+	"gmem/dma"
+	"gmem/internal/invariant"
+	"gmem/iommu"
+	"gmem/memattr"
+	"gmem/span"
+	"gmem/virtiomem"
+)
+
+const page = 4096
+
+// errInjected is the error the fault injector makes calls fail with.
+var errInjected = errors.New("injected fault")
+
+// injector fails the n-th backend call (IOMMU map/unmap, kernel attribute
+// change, release) after it is armed, once.
+type injector struct {
+	mu    sync.Mutex
+	armed bool
+	n     int
+	fired bool
+}
+
+func (f *injector) arm(n int) { f.mu.Lock(); f.armed, f.n, f.fired = true, n, false; f.mu.Unlock() }
+func (f *injector) disarm() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fired := f.fired
+	f.armed, f.fired = false, false
+	return fired
+}
+
+// call counts one backend call and reports the error it must fail with.
+func (f *injector) call() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.armed {
+		return nil
+	}
+	f.n--
+	if f.n == 0 {
+		f.armed, f.fired = false, true
+		return errInjected
+	}
+	return nil
+}
+
+// stopOnFailure is a slog handler that disarms the injector at the first
+// failure a component logs, so an operation sees at most one failure: the
+// guarantee of I3 is for single faults (a rollback that fails is reported,
+// not repaired).
+type stopOnFailure struct{ inj *injector }
+
+func (h stopOnFailure) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (h stopOnFailure) Handle(context.Context, slog.Record) error {
+	h.inj.mu.Lock()
+	h.inj.armed = false
+	h.inj.mu.Unlock()
+	return nil
+}
+func (h stopOnFailure) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h stopOnFailure) WithGroup(string) slog.Handler      { return h }
+
+// listener is one DMA mapper with its own model IOMMU.
+type listener struct {
+	mapper *dma.Mapper
+	space  *iommu.Model
+	sec    discard.Section
+}
+
+// world is the system under test plus the naive oracle.
+type world struct {
+	t     *testing.T
+	rng   *rand.Rand
+	pages uint64
+	gpa   uint64 // GPA of region offset 0
+	host  []byte
+
+	m       *discard.Manager
+	attrs   *memattr.Attributes
+	vmem    *virtiomem.Device
+	vmemOn  bool // the virtio-mem source is added to the manager
+	// vmemChecked says whether map calls must find pages plugged: false
+	// from the moment the source starts being removed.
+	vmemChecked bool
+	block   uint64
+	inPlace bool
+	inj     *injector
+
+	listeners []*listener
+
+	// oracle
+	shared  []bool
+	plugged []bool // per page; all true when there is no virtio-mem
+	ops     int
+}
+
+// backend is the memattr Backend of the test: it injects faults and checks
+// I2 between phases: when pages are released, or made private in place, no
+// device may reach them.
+type backend struct{ w *world }
+
+func (b backend) SetAttributes(runs []span.Range, to memattr.State) error {
+	if err := b.w.inj.call(); err != nil {
+		return err
+	}
+	if to == memattr.Private && b.w.inPlace {
+		b.w.assertUnreachable(runs, "in-place conversion to private")
+	}
+	return nil
+}
+
+func (b backend) Release(runs []span.Range, to memattr.State) error {
+	if err := b.w.inj.call(); err != nil {
+		return err
+	}
+	if to == memattr.Private {
+		b.w.assertUnreachable(runs, "release of the shared backing")
+	}
+	return nil
+}
+
+// assertUnreachable fails the test if any listener's IOMMU maps part of runs.
+func (w *world) assertUnreachable(runs []span.Range, when string) {
+	for _, l := range w.listeners {
+		for _, r := range runs {
+			sec, ok := l.sec.Intersect(r)
+			if !ok {
+				continue
+			}
+			if got := invariant.Within(l.space.Mappings(), sec.GPARange()); len(got) > 0 {
+				w.t.Fatalf("op %d: I2: %s of %v while IOVA %v is still mapped", w.ops, when, r, got)
+			}
+		}
+	}
+}
+
+func newWorld(t *testing.T, seed uint64) *world {
+	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	w := &world{t: t, rng: rng, inj: &injector{}}
+	w.block = page << rng.IntN(4) // 4 KiB .. 32 KiB blocks
+	w.pages = (w.block / page) * uint64(4+rng.IntN(60))
+	w.gpa = uint64(rng.IntN(16)) << 20
+	w.host = make([]byte, w.pages*page)
+	w.inPlace = rng.IntN(2) == 0
+	w.m = discard.New(w.pages*page, nil)
+	var err error
+	w.attrs, err = memattr.New(w.m, memattr.Config{Backend: backend{w}, InPlace: w.inPlace, Bitmap: rng.IntN(4) == 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.shared = make([]bool, w.pages)
+	w.plugged = make([]bool, w.pages)
+	if rng.IntN(2) == 0 {
+		w.vmem, err = virtiomem.New(w.m, virtiomem.Config{BlockSize: w.block, Release: func([]span.Range) error { return w.inj.call() }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.vmemOn, w.vmemChecked = true, true
+	} else {
+		for i := range w.plugged {
+			w.plugged[i] = true
+		}
+	}
+	return w
+}
+
+// populated is the oracle's answer for one page.
+func (w *world) populated(p uint64) bool {
+	return w.shared[p] && (w.plugged[p] || !w.vmemOn)
+}
+
+// randomRange returns a page-aligned byte range of the region, sometimes
+// invalid (unaligned, empty, out of bounds) when bad is true.
+func (w *world) randomRange(unit uint64, bad bool) (off, size uint64) {
+	units := w.pages * page / unit
+	a := uint64(w.rng.IntN(int(units)))
+	n := 1 + uint64(w.rng.IntN(int(min(units-a, 1+units/4))))
+	if w.rng.IntN(8) == 0 {
+		a, n = 0, units
+	}
+	off, size = a*unit, n*unit
+	if bad {
+		switch w.rng.IntN(4) {
+		case 0:
+			off++
+		case 1:
+			size = 0
+		case 2:
+			size += unit
+			off = w.pages*page - size + unit
+		case 3:
+			size = ^uint64(0) - off + 2
+		}
+	}
+	return off, size
+}
+
+// snapshot is what I3 compares before and after a failed operation.
+type snapshot struct {
+	shared, plugged []bool
+	mapped          [][]iommu.Mapping
+	entries         []uint64
+}
+
+func (w *world) snap() snapshot {
+	s := snapshot{shared: slices.Clone(w.shared), plugged: slices.Clone(w.plugged)}
+	for _, l := range w.listeners {
+		s.mapped = append(s.mapped, l.space.Mappings())
+		s.entries = append(s.entries, l.mapper.Stats().Entries)
+	}
+	return s
+}
+
+// pagesOf normalises mappings to one 4 KiB Mapping per page, so that two
+// entry layouts covering the same pages compare equal.
+func pagesOf(ms []iommu.Mapping) []iommu.Mapping {
+	var out []iommu.Mapping
+	for _, m := range ms {
+		for a := m.IOVA; a < m.IOVA+m.Size; a += page {
+			out = append(out, iommu.Mapping{IOVA: a, Size: page})
+		}
+	}
+	return out
+}
+
+// check asserts I1, I2 and I4 against the oracle, and that each mapper's
+// table equals its IOMMU's.
+func (w *world) check() {
+	t := w.t
+	t.Helper()
+	for p := uint64(0); p < w.pages; p++ {
+		if got := w.attrs.Get(p * page); (got == memattr.Shared) != w.shared[p] {
+			t.Fatalf("op %d: I4: page %d is %v, oracle shared=%v", w.ops, p, got, w.shared[p])
+		}
+		if w.vmem != nil {
+			r := span.Range{Start: p * page, End: (p + 1) * page}
+			if w.vmem.IsPlugged(r) != w.plugged[p] {
+				t.Fatalf("op %d: I4: page %d plugged=%v, oracle %v", w.ops, p, !w.plugged[p], w.plugged[p])
+			}
+		}
+	}
+	for i, l := range w.listeners {
+		got := l.space.Mappings()
+		if diff := slices.Compare(mappingKeys(got), mappingKeys(l.mapper.Entries())); diff != 0 {
+			t.Fatalf("op %d: listener %d: mapper table %v != IOMMU %v", w.ops, i, l.mapper.Entries(), got)
+		}
+		var want []iommu.Mapping
+		for p := l.sec.Offset / page; p < (l.sec.Offset+l.sec.Size)/page; p++ {
+			if w.populated(p) {
+				want = append(want, iommu.Mapping{IOVA: l.sec.GPA + (p*page - l.sec.Offset), Size: page})
+			}
+		}
+		if have := pagesOf(got); !slices.Equal(have, want) {
+			t.Fatalf("op %d: I1/I2: listener %d (%v, %v) maps %v, oracle wants %v", w.ops, i, l.sec, l.mapper.Policy(), have, want)
+		}
+		if err := invariant.Mapped(w.m, l.sec, got); err != nil {
+			t.Fatalf("op %d: listener %d: %v", w.ops, i, err)
+		}
+		if l.mapper.Policy() == dma.Granule {
+			for _, x := range got {
+				if x.Size > l.space.Caps().PageSize*1 && x.Size > page {
+					t.Fatalf("op %d: granule mapper holds a %#x-byte entry", w.ops, x.Size)
+				}
+			}
+		}
+	}
+}
+
+func mappingKeys(ms []iommu.Mapping) []uint64 {
+	out := make([]uint64, 0, 2*len(ms))
+	for _, m := range ms {
+		out = append(out, m.IOVA, m.Size)
+	}
+	return out
+}
+
+// addListener registers a new mapper on a random section.
+func (w *world) addListener() error {
+	rules := iommu.Type1v2
+	var limit uint64
+	if w.rng.IntN(2) == 0 {
+		rules = iommu.IOMMUFD
+	} else if w.rng.IntN(2) == 0 {
+		limit = uint64(2 + w.rng.IntN(24))
+	}
+	space := iommu.NewModel(iommu.Caps{Rules: rules, EntryLimit: limit})
+	w.hookMaps(space)
+	policy := dma.Extent
+	if w.rng.IntN(3) == 0 {
+		policy = dma.Granule
+	}
+	mapper, err := dma.New(space, w.host, dma.Options{Policy: policy, Logger: slog.New(stopOnFailure{w.inj})})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	off, size := w.randomRange(page, false)
+	if w.rng.IntN(10) == 0 {
+		size = 0
+	}
+	sec := discard.Section{Offset: off, Size: size, GPA: w.gpa + off}
+	if err := w.m.Register(mapper, sec); err != nil {
+		return err
+	}
+	w.listeners = append(w.listeners, &listener{mapper: mapper, space: space, sec: sec})
+	return nil
+}
+
+// hookMaps makes every map call of space check I2 at that moment (the pages
+// must already count as shared and plugged) and pass through the injector.
+func (w *world) hookMaps(space *iommu.Model) {
+	space.SetFault(func(c iommu.Call) error {
+		if err := w.inj.call(); err != nil {
+			return err
+		}
+		if c.Op == iommu.OpMap {
+			r := span.Range{Start: c.IOVA - w.gpa, End: c.IOVA - w.gpa + c.Size}
+			if !w.attrs.IsShared(r) || (w.vmemChecked && !w.vmem.IsPlugged(r)) {
+				w.t.Errorf("op %d: I2: mapping IOVA %#x size %#x of a page not shared and plugged", w.ops, c.IOVA, c.Size)
+			}
+		}
+		return nil
+	})
+}
+
+// step runs one random operation and checks the invariants after it.
+func (w *world) step() {
+	w.ops++
+	before := w.snap()
+	inject := w.rng.IntN(6) == 0
+	if inject {
+		w.inj.arm(1 + w.rng.IntN(6))
+	}
+	var err error
+	var apply func() // updates the oracle when the operation succeeds
+	what := ""
+	expectErr := false
+	switch k := w.rng.IntN(20); {
+	case k < 10: // convert
+		bad := w.rng.IntN(12) == 0
+		off, size := w.randomRange(page, bad)
+		to := memattr.State(w.rng.IntN(2))
+		expectErr = bad
+		err = w.attrs.Convert(off, size, to)
+		what = fmt.Sprintf("convert %#x+%#x to %v", off, size, to)
+		apply = func() {
+			for p := off / page; p < (off+size)/page; p++ {
+				w.shared[p] = to == memattr.Shared
+			}
+		}
+		if bad && err != nil && !errors.Is(err, span.ErrAlign) && !errors.Is(err, span.ErrEmpty) &&
+			!errors.Is(err, span.ErrBounds) && !errors.Is(err, span.ErrOverflow) {
+			w.t.Fatalf("op %d: invalid convert [%#x+%#x) gave an untyped error: %v", w.ops, off, size, err)
+		}
+	case k < 14 && w.vmem != nil: // plug / unplug
+		bad := w.rng.IntN(12) == 0
+		off, size := w.randomRange(w.block, bad)
+		plug := w.rng.IntN(2) == 0
+		expectErr = bad
+		what = fmt.Sprintf("plug=%v %#x+%#x", plug, off, size)
+		if plug {
+			err = w.vmem.Plug(off, size)
+		} else {
+			err = w.vmem.Unplug(off, size)
+		}
+		apply = func() {
+			for p := off / page; p < (off+size)/page; p++ {
+				w.plugged[p] = plug
+			}
+		}
+	case k < 16 && w.vmem != nil: // remove or re-add the virtio-mem source
+		what = "add/remove source"
+		if w.vmemOn {
+			w.vmemChecked = false
+			err = w.m.RemoveSource(w.vmem.Source())
+			if err != nil {
+				w.vmemChecked = true
+			}
+		} else {
+			err = w.m.AddSource(w.vmem.Source())
+		}
+		apply = func() { w.vmemOn = !w.vmemOn; w.vmemChecked = w.vmemOn }
+	case k < 18: // register
+		if len(w.listeners) >= 3 {
+			break
+		}
+		what = "register"
+		err = w.addListener()
+		apply = func() {}
+	default: // unregister
+		if len(w.listeners) == 0 {
+			break
+		}
+		i := w.rng.IntN(len(w.listeners))
+		what = "unregister"
+		err = w.m.Unregister(w.listeners[i].mapper)
+		apply = func() {
+			if got := w.listeners[i].space.Len(); got != 0 {
+				w.t.Fatalf("op %d: unregistered listener still has %d entries", w.ops, got)
+			}
+			w.listeners = slices.Delete(w.listeners, i, i+1)
+		}
+	}
+	fired := w.inj.disarm()
+	switch {
+	case err == nil && expectErr:
+		w.t.Fatalf("op %d: an invalid request succeeded", w.ops)
+	case err == nil && fired:
+		w.t.Fatalf("op %d: an injected fault fired but the operation (%s) succeeded", w.ops, what)
+	case err == nil:
+		if apply != nil {
+			apply()
+		}
+	default:
+		// I3: nothing changed.
+		if !errors.Is(err, errInjected) && !errors.Is(err, unix.ENOSPC) && !expectErr {
+			w.t.Fatalf("op %d: unexpected error: %v", w.ops, err)
+		}
+		after := w.snap()
+		if !slices.Equal(before.shared, after.shared) || !slices.Equal(before.plugged, after.plugged) {
+			w.t.Fatalf("op %d: I3: a failed operation changed the oracle", w.ops)
+		}
+		if !slices.EqualFunc(before.mapped, after.mapped, slices.Equal) || !slices.Equal(before.entries, after.entries) {
+			w.t.Fatalf("op %d: I3: failed operation (%v) changed the IOMMU entries:\nbefore %v\nafter  %v", w.ops, err, before.mapped, after.mapped)
+		}
+	}
+	w.check()
+	w.dmaProbe()
+}
+
+// dmaProbe has a device of a random listener write and read a random page:
+// it must succeed exactly on populated pages of its section, and a blocked
+// write must leave memory untouched.
+func (w *world) dmaProbe() {
+	if len(w.listeners) == 0 || w.rng.IntN(4) != 0 {
+		return
+	}
+	l := w.listeners[w.rng.IntN(len(w.listeners))]
+	p := uint64(w.rng.IntN(int(w.pages)))
+	iova := w.gpa + p*page
+	inSection := l.sec.Range().Contains(p * page)
+	want := inSection && w.populated(p)
+	old := slices.Clone(w.host[p*page : p*page+64])
+	msg := []byte(fmt.Sprintf("dma %d", w.ops))
+	err := l.space.DMAWrite(iova+8, msg)
+	switch {
+	case want && err != nil:
+		w.t.Fatalf("op %d: device cannot reach populated page %d: %v", w.ops, p, err)
+	case !want && err == nil:
+		w.t.Fatalf("op %d: device reached page %d (shared=%v plugged=%v in section=%v)", w.ops, p, w.shared[p], w.plugged[p], inSection)
+	case !want:
+		if !errors.Is(err, iommu.ErrFault) {
+			w.t.Fatalf("op %d: blocked DMA returned %v, want a DMA fault", w.ops, err)
+		}
+		if !slices.Equal(old, w.host[p*page:p*page+64]) {
+			w.t.Fatalf("op %d: a blocked DMA write changed memory", w.ops)
+		}
+	default:
+		buf := make([]byte, len(msg))
+		if err := l.space.DMARead(iova+8, buf); err != nil || string(buf) != string(msg) {
+			w.t.Fatalf("op %d: DMA read back %q, %v; want %q", w.ops, buf, err, msg)
+		}
+	}
+}
+
+// opsBudget returns how many operations the randomized test runs in total:
+// GMEM_RANDOM_OPS if set (CI sets 1,000,000), else a quick default.
+func opsBudget(t *testing.T) int {
+	if s := os.Getenv("GMEM_RANDOM_OPS"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n <= 0 {
+			t.Fatalf("GMEM_RANDOM_OPS=%q: want a positive number", s)
+		}
+		return n
+	}
+	if testing.Short() {
+		return 20_000
+	}
+	return 100_000
+}
+
+// TestRandomized drives random regions, sections, listeners (both policies,
+// both IOMMU rule sets, small type1 entry limits), conversions, plug/unplug,
+// source removal, register/unregister and injected faults, and checks I1-I4
+// against the oracle after every step. Worlds are short-lived so many shapes
+// are covered.
+func TestRandomized(t *testing.T) {
+	total := opsBudget(t)
+	const perWorld = 400
+	worlds := (total + perWorld - 1) / perWorld
+	const workers = 2
+	for g := range workers {
+		t.Run(fmt.Sprintf("worker%d", g), func(t *testing.T) {
+			t.Parallel()
+			n := 0
+			for i := g; i < worlds; i += workers {
+				seed := uint64(i) + 1
+				w := newWorld(t, seed)
+				for range perWorld {
+					w.step()
+					if t.Failed() {
+						t.Fatalf("world seed %d failed", seed)
+					}
+				}
+				n += perWorld
+			}
+			t.Logf("%d operations", n)
+		})
+	}
+}
