@@ -39,17 +39,6 @@ func complementRuns(r span.Range, runs []span.Range) []span.Range {
 	return out
 }
 
-// clipRuns returns the parts of runs inside r.
-func clipRuns(runs []span.Range, r span.Range) []span.Range {
-	var out []span.Range
-	for _, x := range runs {
-		if c := x.Intersect(r); !c.Empty() {
-			out = append(out, c)
-		}
-	}
-	return out
-}
-
 // appendRun appends x to a sorted run list, merging it with the last run when
 // they touch, so lists built from pieces stay maximal.
 func appendRun(runs []span.Range, x span.Range) []span.Range {

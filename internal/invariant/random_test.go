@@ -2,9 +2,9 @@ package invariant_test
 
 import (
 	"context"
-	"log/slog"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"slices"
@@ -92,16 +92,16 @@ type world struct {
 	gpa   uint64 // GPA of region offset 0
 	host  []byte
 
-	m       *discard.Manager
-	attrs   *memattr.Attributes
-	vmem    *virtiomem.Device
-	vmemOn  bool // the virtio-mem source is added to the manager
+	m      *discard.Manager
+	attrs  *memattr.Attributes
+	vmem   *virtiomem.Device
+	vmemOn bool // the virtio-mem source is added to the manager
 	// vmemChecked says whether map calls must find pages plugged: false
 	// from the moment the source starts being removed.
 	vmemChecked bool
-	block   uint64
-	inPlace bool
-	inj     *injector
+	block       uint64
+	inPlace     bool
+	inj         *injector
 
 	listeners []*listener
 
