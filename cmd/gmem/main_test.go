@@ -1,0 +1,205 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"gmem/trace"
+)
+
+// runCmd runs gmem in-process and returns the exit code and both outputs.
+func runCmd(ctx context.Context, args ...string) (int, string, string) {
+	var out, errOut bytes.Buffer
+	code := run(ctx, args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func TestDispatch(t *testing.T) {
+	ctx := context.Background()
+	for _, c := range []struct {
+		args     []string
+		code     int
+		stdout   string // substring expected on stdout ("" for empty)
+		stderr   string // substring expected on stderr ("" for empty)
+		noStdout bool
+	}{
+		{nil, exitUsage, "", "usage: gmem COMMAND", true},
+		{[]string{"help"}, exitOK, "usage: gmem COMMAND", "", false},
+		{[]string{"-h"}, exitOK, "  gen ", "", false},
+		{[]string{"--help"}, exitOK, "commands:", "", false},
+		{[]string{"help", "gen"}, exitOK, "generators:", "", false},
+		{[]string{"help", "nope"}, exitUsage, "", `unknown command "nope"`, true},
+		{[]string{"nope"}, exitUsage, "", `unknown command "nope"`, true},
+	} {
+		code, out, errOut := runCmd(ctx, c.args...)
+		if code != c.code || !strings.Contains(out, c.stdout) || !strings.Contains(errOut, c.stderr) || (c.noStdout && out != "") {
+			t.Errorf("gmem %q: exit %d, stdout %.100q, stderr %.100q; want %d, %q, %q", c.args, code, out, errOut, c.code, c.stdout, c.stderr)
+		}
+	}
+	// Every command is listed by help.
+	_, out, _ := runCmd(ctx, "help")
+	for _, c := range commands() {
+		if !strings.Contains(out, "  "+c.name+" ") {
+			t.Errorf("help does not list %q", c.name)
+		}
+	}
+}
+
+func TestGenExitCodes(t *testing.T) {
+	ctx := context.Background()
+	for _, c := range []struct {
+		args   []string
+		code   int
+		stderr string
+	}{
+		{[]string{"gen"}, exitUsage, "usage: gmem gen NAME"},
+		{[]string{"gen", "nope"}, exitUsage, `unknown generator "nope"`},
+		{[]string{"gen", "churn", "--nope"}, exitUsage, "flag provided but not defined"},
+		{[]string{"gen", "churn", "extra"}, exitUsage, `unexpected argument "extra"`},
+		{[]string{"gen", "churn", "--ram", "16GB"}, exitUsage, "ambiguous"},
+		{[]string{"gen", "churn", "--ram", "100MiB"}, exitUsage, "multiple of 2 MiB"},
+		{[]string{"gen", "churn", "--ram", "1GiB", "--iommu", "vfio"}, exitUsage, "type1 or iommufd"},
+		{[]string{"gen", "churn", "--iommu", "iommufd", "--limit", "5"}, exitUsage, "no entry limit"},
+		{[]string{"gen", "churn", "--mode", "fast"}, exitUsage, "split or inplace"},
+		{[]string{"gen", "churn", "--platform", "arm"}, exitUsage, "tdx or snp"},
+		{[]string{"gen", "churn", "--events", "-1"}, exitUsage, "negative"},
+		{[]string{"gen", "churn", "--events", "x"}, exitUsage, "invalid value"},
+		{[]string{"gen", "churn", "--devices", "5000"}, exitUsage, "devices"},
+		{[]string{"gen", "churn", "--large", "101"}, exitUsage, "percentage"},
+		{[]string{"gen", "churn", "--large", "-1"}, exitUsage, "percentage"},
+		{[]string{"gen", "hugepage", "--huge", "3MiB"}, exitUsage, "power of two"},
+		{[]string{"gen", "hotplug", "--block", "3MiB"}, exitUsage, "power of two"},
+		{[]string{"gen", "implicit", "--run", "1000"}, exitUsage, "run"},
+		{[]string{"gen", "adversarial", "--window", "4KiB"}, exitUsage, "window"},
+		{[]string{"gen", "boot", "--live", "-3"}, exitUsage, "live"},
+	} {
+		code, out, errOut := runCmd(ctx, c.args...)
+		if code != c.code || !strings.Contains(errOut, c.stderr) || out != "" {
+			t.Errorf("gmem %q: exit %d, stdout %.80q, stderr %q; want %d and %q", c.args, code, out, errOut, c.code, c.stderr)
+		}
+	}
+}
+
+func TestGenHelp(t *testing.T) {
+	ctx := context.Background()
+	for _, g := range trace.Generators() {
+		for _, h := range []string{"-h", "--help"} {
+			code, out, errOut := runCmd(ctx, "gen", g.Name, h)
+			if code != exitOK || errOut != "" {
+				t.Errorf("gen %s %s: exit %d, stderr %q", g.Name, h, code, errOut)
+			}
+			for _, want := range []string{g.Summary, g.Behaviour, "--ram SIZE", "--seed", "--events", "--devices", "--iommu", "--limit", "--mode", "--platform"} {
+				if !strings.Contains(out, want) {
+					t.Errorf("gen %s %s: help lacks %q", g.Name, h, want)
+				}
+			}
+		}
+	}
+	// Every generator of the library has flags here, and no others.
+	var specs, infos []string
+	for _, s := range genSpecs() {
+		specs = append(specs, s.name)
+	}
+	for _, g := range trace.Generators() {
+		infos = append(infos, g.Name)
+	}
+	if diff := cmp.Diff(infos, specs); diff != "" {
+		t.Errorf("generators (-library +command):\n%s", diff)
+	}
+}
+
+func TestGenOutput(t *testing.T) {
+	ctx := context.Background()
+	for _, g := range trace.Generators() {
+		args := []string{"gen", g.Name, "--ram", "2GiB", "--events", "300", "--seed", "3", "--devices", "2"}
+		code, out, errOut := runCmd(ctx, args...)
+		if code != exitOK || errOut != "" {
+			t.Fatalf("gmem %q: exit %d, stderr %q", args, code, errOut)
+		}
+		tr, err := trace.Parse(strings.NewReader(out), trace.Options{})
+		if err != nil {
+			t.Fatalf("%s output: %v", g.Name, err)
+		}
+		v := trace.NewValidator()
+		attach := 0
+		for _, e := range tr.Events {
+			if err := v.Check(e); err != nil {
+				t.Fatalf("%s: %v", g.Name, err)
+			}
+			if _, ok := e.(trace.Attach); ok {
+				attach++
+			}
+		}
+		if attach != 2 || len(tr.Events) < 300 {
+			t.Errorf("%s: %d events, %d devices", g.Name, len(tr.Events), attach)
+		}
+		// Same flags, same bytes; another seed, other bytes.
+		if _, again, _ := runCmd(ctx, args...); again != out {
+			t.Errorf("%s: output differs between runs", g.Name)
+		}
+		args[len(args)-3] = "4"
+		if _, other, _ := runCmd(ctx, args...); other == out {
+			t.Errorf("%s: seeds 3 and 4 give the same output", g.Name)
+		}
+	}
+
+	// The flags reach the library: compare with the library's own output.
+	code, out, _ := runCmd(ctx, "gen", "hugepage", "--ram", "3GiB", "--events", "50", "--seed", "9",
+		"--iommu", "iommufd", "--mode", "inplace", "--platform", "snp", "--huge", "1GiB", "--live", "2")
+	if code != exitOK {
+		t.Fatalf("exit %d", code)
+	}
+	seq, err := trace.Hugepage(trace.HugepageOptions{
+		Common: trace.Common{RAM: 3 << 30, Events: 50, Seed: 9, IOMMU: trace.IOMMUFD, Mode: trace.InPlace, Platform: trace.SNP},
+		Huge:   1 << 30,
+		Live:   2,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want bytes.Buffer
+	w := trace.NewWriter(&want)
+	for e := range seq {
+		if err := w.Write(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want.String(), out); diff != "" {
+		t.Errorf("gen output differs from the library's (-library +command):\n%s", diff)
+	}
+	// --large 0 means no 16 KiB buffers at all.
+	_, out, _ = runCmd(ctx, "gen", "churn", "--ram", "1GiB", "--events", "500", "--large", "0")
+	if strings.Contains(out, `"16KiB"`) || !strings.Contains(out, `"4KiB"`) {
+		t.Error("--large 0 still produced 16 KiB buffers")
+	}
+}
+
+func TestGenInterrupted(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	code, _, errOut := runCmd(ctx, "gen", "churn", "--ram", "1GiB", "--events", "10")
+	if code != exitFail || !strings.Contains(errOut, "interrupted") {
+		t.Errorf("cancelled run: exit %d, stderr %q; want %d", code, errOut, exitFail)
+	}
+}
+
+// failWriter fails every write, as a closed pipe would.
+type failWriter struct{}
+
+func (failWriter) Write([]byte) (int, error) { return 0, errors.New("broken pipe") }
+
+func TestGenWriteError(t *testing.T) {
+	var errOut bytes.Buffer
+	code := run(context.Background(), []string{"gen", "churn", "--ram", "1GiB", "--events", "100000"}, failWriter{}, &errOut)
+	if code != exitFail || !strings.Contains(errOut.String(), "broken pipe") {
+		t.Errorf("write failure: exit %d, stderr %q; want %d", code, errOut.String(), exitFail)
+	}
+}

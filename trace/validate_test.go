@@ -1,0 +1,328 @@
+package trace
+
+import (
+	"errors"
+	"math/rand/v2"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"gmem/span"
+)
+
+func TestValidator(t *testing.T) {
+	machine := []Event{
+		RAM{Name: "low", GPA: 0, Size: 2 << 30, Mode: Split},
+		MMIO{GPA: 2 << 30, Size: 2 << 30},
+		RAM{Name: "high", GPA: 4 << 30, Size: 2 << 30, Mode: Split},
+		RAM{Name: "vmem", GPA: 8 << 30, Size: 1 << 30, Mode: Split, Block: 2 << 20},
+		Attach{Dev: "d", IOMMU: Type1},
+	}
+	for _, c := range []struct {
+		name  string
+		steps []Event
+		why   string // "" if the last step is valid
+	}{
+		{"convert in RAM", []Event{Convert{GPA: 0, Size: 4096, To: Shared}}, ""},
+		{"convert across two RAM blocks and the hole, to shared",
+			[]Event{Convert{GPA: 2<<30 - 4096, Size: 2<<30 + 8192, To: Shared}}, ""},
+		{"convert across the hole to private",
+			[]Event{Convert{GPA: 2<<30 - 4096, Size: 8192, To: Private}}, "MMIO hole"},
+		{"convert outside everything", []Event{Convert{GPA: 6 << 30, Size: 4096, To: Shared}}, "neither RAM nor MMIO"},
+		{"convert past the end of RAM", []Event{Convert{GPA: 6<<30 - 4096, Size: 8192, To: Shared}}, "neither RAM nor MMIO"},
+		{"convert unplugged", []Event{Convert{GPA: 8 << 30, Size: 4096, To: Shared}}, "not plugged"},
+		{"convert plugged",
+			[]Event{Plug{GPA: 8 << 30, Size: 4 << 20}, Convert{GPA: 8<<30 + 4096, Size: 4<<20 - 4096, To: Shared}}, ""},
+		{"convert partly plugged",
+			[]Event{Plug{GPA: 8 << 30, Size: 2 << 20}, Convert{GPA: 8<<30 + 4096, Size: 2 << 20, To: Shared}}, "not plugged"},
+		{"convert after unplug",
+			[]Event{Plug{GPA: 8 << 30, Size: 4 << 20}, Unplug{GPA: 8<<30 + 2<<20, Size: 2 << 20},
+				Convert{GPA: 8<<30 + 2<<20, Size: 4096, To: Private}}, "not plugged"},
+		{"plug twice", []Event{Plug{GPA: 8 << 30, Size: 4 << 20}, Plug{GPA: 8<<30 + 2<<20, Size: 4 << 20}}, "already plugged"},
+		{"plug misaligned", []Event{Plug{GPA: 8<<30 + 4096, Size: 2 << 20}}, "not aligned"},
+		{"plug ordinary RAM", []Event{Plug{GPA: 0, Size: 2 << 20}}, "not hot-pluggable"},
+		{"plug past the end", []Event{Plug{GPA: 9<<30 - 2<<20, Size: 4 << 20}}, "past the end"},
+		{"plug MMIO", []Event{Plug{GPA: 2 << 30, Size: 2 << 20}}, "not in RAM"},
+		{"plug nowhere", []Event{Plug{GPA: 7 << 30, Size: 2 << 20}}, "not in RAM"},
+		{"unplug unplugged", []Event{Unplug{GPA: 8 << 30, Size: 2 << 20}}, "not plugged"},
+		{"unplug partly plugged", []Event{Plug{GPA: 8 << 30, Size: 2 << 20}, Unplug{GPA: 8 << 30, Size: 4 << 20}}, "not plugged"},
+		{"plug, unplug, plug again",
+			[]Event{Plug{GPA: 8 << 30, Size: 6 << 20}, Unplug{GPA: 8<<30 + 2<<20, Size: 2 << 20}, Plug{GPA: 8<<30 + 2<<20, Size: 2 << 20}}, ""},
+		{"RAM name reused", []Event{RAM{Name: "low", GPA: 16 << 30, Size: 4096, Mode: Split}}, "declared twice"},
+		{"RAM overlapping RAM", []Event{RAM{Name: "x", GPA: 1 << 30, Size: 4096, Mode: Split}}, "overlaps RAM block \"low\""},
+		{"RAM overlapping MMIO", []Event{RAM{Name: "x", GPA: 3 << 30, Size: 4096, Mode: Split}}, "overlaps MMIO"},
+		{"MMIO overlapping RAM", []Event{MMIO{GPA: 5 << 30, Size: 2 << 30}}, "overlaps RAM block \"high\""},
+		{"RAM added later", []Event{RAM{Name: "x", GPA: 16 << 30, Size: 4096, Mode: Split}, Convert{GPA: 16 << 30, Size: 4096, To: Shared}}, ""},
+		{"attach twice", []Event{Attach{Dev: "d", IOMMU: IOMMUFD}}, "attached twice"},
+		{"detach unknown", []Event{Detach{Dev: "e"}}, "not attached"},
+		{"detach twice", []Event{Detach{Dev: "d"}, Detach{Dev: "d"}}, "not attached"},
+		{"reattach", []Event{Detach{Dev: "d"}, Attach{Dev: "d", IOMMU: IOMMUFD}}, ""},
+		{"ill-formed event", []Event{Convert{GPA: 0, Size: 4096}}, "target state"},
+		{"nil event", []Event{nil}, "nil event"},
+	} {
+		v := NewValidator()
+		for _, e := range machine {
+			if err := v.Check(e); err != nil {
+				t.Fatalf("machine event %+v: %v", e, err)
+			}
+		}
+		for i, e := range c.steps[:len(c.steps)-1] {
+			if err := v.Check(e); err != nil {
+				t.Fatalf("%s: step %d %+v: %v", c.name, i, e, err)
+			}
+		}
+		err := v.Check(c.steps[len(c.steps)-1])
+		switch {
+		case c.why == "" && err != nil:
+			t.Errorf("%s: %v", c.name, err)
+		case c.why != "" && (!errors.Is(err, ErrValue) || !strings.Contains(err.Error(), c.why)):
+			t.Errorf("%s: error %v, want ErrValue mentioning %q", c.name, err, c.why)
+		}
+	}
+}
+
+// TestValidatorRefusalLeavesState checks that a refused event changes
+// nothing: after a refused plug the range is still unplugged.
+func TestValidatorRefusalLeavesState(t *testing.T) {
+	v := NewValidator()
+	for _, e := range []Event{
+		RAM{Name: "vmem", GPA: 0, Size: 8 << 20, Mode: Split, Block: 2 << 20},
+		Plug{GPA: 2 << 20, Size: 2 << 20},
+	} {
+		if err := v.Check(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Check(Plug{GPA: 0, Size: 4 << 20}); err == nil {
+		t.Fatal("overlapping plug accepted")
+	}
+	if err := v.Check(Convert{GPA: 0, Size: 4096, To: Shared}); err == nil {
+		t.Error("a refused plug left its range plugged")
+	}
+	if err := v.Check(Plug{GPA: 0, Size: 2 << 20}); err != nil {
+		t.Errorf("a refused plug left its range plugged: %v", err)
+	}
+}
+
+// TestRangeSet compares rangeSet with a per-unit model under random
+// operations.
+func TestRangeSet(t *testing.T) {
+	const n = 64
+	rng := rand.New(rand.NewPCG(1, 2))
+	var s rangeSet
+	var model [n]bool
+	for step := range 20000 {
+		a, b := uint64(rng.IntN(n+1)), uint64(rng.IntN(n+1))
+		r := span.Range{Start: min(a, b), End: max(a, b)}
+		switch rng.IntN(4) {
+		case 0, 1:
+			s.add(r)
+			for i := r.Start; i < r.End; i++ {
+				model[i] = true
+			}
+		case 2:
+			s.remove(r)
+			for i := r.Start; i < r.End; i++ {
+				model[i] = false
+			}
+		case 3:
+			covers, overlaps := true, false
+			for i := r.Start; i < r.End; i++ {
+				covers = covers && model[i]
+				overlaps = overlaps || model[i]
+			}
+			if s.covers(r) != covers || s.overlaps(r) != overlaps {
+				t.Fatalf("step %d: %v covers %v overlaps %v; model %v %v", step, r, s.covers(r), s.overlaps(r), covers, overlaps)
+			}
+			var want []span.Range
+			for i := r.Start; i < r.End; i++ {
+				if !model[i] {
+					continue
+				}
+				if k := len(want) - 1; k >= 0 && want[k].End == i {
+					want[k].End++
+				} else {
+					want = append(want, span.Range{Start: i, End: i + 1})
+				}
+			}
+			if diff := cmp.Diff(want, s.inside(r)); diff != "" {
+				t.Fatalf("step %d: inside %v (-model +set):\n%s", step, r, diff)
+			}
+		}
+		// The representation stays canonical: sorted, disjoint, not adjacent,
+		// not empty, and equal to the model.
+		var got [n]bool
+		for i, x := range s.rs {
+			if x.Empty() || (i > 0 && s.rs[i-1].End >= x.Start) {
+				t.Fatalf("step %d: not canonical: %v", step, s.rs)
+			}
+			for j := x.Start; j < x.End; j++ {
+				got[j] = true
+			}
+		}
+		if got != model {
+			t.Fatalf("step %d: set %v differs from the model", step, s.rs)
+		}
+	}
+}
+
+// FuzzValidator feeds arbitrary JSON Lines traces to the Validator: it must
+// never panic, and must accept exactly what a naive per-page model accepts
+// for conversions, plugs and unplugs in a small guest.
+func FuzzValidator(f *testing.F) {
+	f.Add(goldenJSONL)
+	f.Add(`{"op":"ram","name":"v","gpa":0,"size":"64KiB","mode":"split","block":"8KiB"}
+{"op":"plug","gpa":"8KiB","size":"16KiB"}
+{"op":"convert","gpa":"12KiB","size":"4KiB","to":"shared"}
+{"op":"unplug","gpa":"8KiB","size":"8KiB"}
+{"op":"convert","gpa":"8KiB","size":"8KiB","to":"shared"}
+{"op":"mmio","gpa":"64KiB","size":"8KiB"}
+{"op":"convert","gpa":"60KiB","size":"8KiB","to":"shared"}`)
+	f.Fuzz(func(t *testing.T, in string) {
+		tr, _ := Parse(strings.NewReader(in), Options{KeepGoing: true})
+		if tr == nil || tr.Format != JSONLines {
+			return
+		}
+		// The model judges guests below 1 MiB only; beyond, the target
+		// checks that the Validator does not panic.
+		judge := true
+		for _, e := range tr.Events {
+			judge = judge && eventRange(e).End <= modelLimit
+		}
+		v := NewValidator()
+		m := newPageModel()
+		for _, e := range tr.Events {
+			err := v.Check(e)
+			if !judge {
+				continue
+			}
+			if want := m.check(e); (err == nil) != want {
+				t.Fatalf("%#v: validator says %v, model says ok=%v", e, err, want)
+			}
+		}
+	})
+}
+
+// eventRange returns the guest physical range an event names, if any.
+func eventRange(e Event) span.Range {
+	switch e := e.(type) {
+	case RAM:
+		return e.Range()
+	case MMIO:
+		return e.Range()
+	case Convert:
+		return e.Range()
+	case Plug:
+		return e.Range()
+	case Unplug:
+		return e.Range()
+	}
+	return span.Range{}
+}
+
+// pageModel is a naive model of the Validator's rules for guests below
+// 1 MiB, page by page.
+type pageModel struct {
+	kind    map[uint64]byte // page -> 'r' RAM, 'h' hot-pluggable RAM, 'm' MMIO
+	block   map[uint64]uint64
+	start   map[uint64]span.Range // page -> its region
+	plugged map[uint64]bool
+	names   map[string]bool
+	devs    map[string]bool
+}
+
+func newPageModel() *pageModel {
+	return &pageModel{
+		kind: map[uint64]byte{}, block: map[uint64]uint64{}, start: map[uint64]span.Range{},
+		plugged: map[uint64]bool{}, names: map[string]bool{}, devs: map[string]bool{},
+	}
+}
+
+const modelLimit = 1 << 20
+
+func (m *pageModel) pages(r span.Range) []uint64 {
+	var out []uint64
+	for p := r.Start; p < r.End; p += PageSize {
+		out = append(out, p)
+	}
+	return out
+}
+
+// check returns whether the Validator should accept e, and applies it.
+func (m *pageModel) check(e Event) bool {
+	if e.Check() != nil {
+		return false
+	}
+	r := eventRange(e)
+	switch e := e.(type) {
+	case RAM:
+		if m.names[e.Name] {
+			return false
+		}
+		for _, p := range m.pages(r) {
+			if _, ok := m.kind[p]; ok {
+				return false
+			}
+		}
+		for _, p := range m.pages(r) {
+			m.kind[p] = 'r'
+			if e.Block != 0 {
+				m.kind[p] = 'h'
+				m.block[p] = e.Block
+			}
+			m.start[p] = r
+		}
+		m.names[e.Name] = true
+	case MMIO:
+		for _, p := range m.pages(r) {
+			if _, ok := m.kind[p]; ok {
+				return false
+			}
+		}
+		for _, p := range m.pages(r) {
+			m.kind[p] = 'm'
+		}
+	case Attach:
+		if m.devs[e.Dev] {
+			return false
+		}
+		m.devs[e.Dev] = true
+	case Detach:
+		if !m.devs[e.Dev] {
+			return false
+		}
+		delete(m.devs, e.Dev)
+	case Convert:
+		for _, p := range m.pages(r) {
+			switch m.kind[p] {
+			case 'r':
+			case 'h':
+				if !m.plugged[p] {
+					return false
+				}
+			case 'm':
+				if e.To != Shared {
+					return false
+				}
+			default:
+				return false
+			}
+		}
+	case Plug, Unplug:
+		_, plug := e.(Plug)
+		first := m.start[r.Start]
+		for _, p := range m.pages(r) {
+			if m.kind[p] != 'h' || m.start[p] != first || m.plugged[p] == plug {
+				return false
+			}
+		}
+		if !r.Aligned(m.block[r.Start]) {
+			return false
+		}
+		for _, p := range m.pages(r) {
+			m.plugged[p] = plug
+		}
+	}
+	return true
+}
