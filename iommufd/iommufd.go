@@ -1,0 +1,221 @@
+// Package iommufd wraps the Linux iommufd uAPI (/dev/iommu): IO address
+// spaces (IOAS) and their mappings, and Space, an iommu.Space over one IOAS.
+//
+// One Go type per file descriptor and one method per ioctl, named after it.
+// Constants and struct layouts are written by hand from the uAPI and checked
+// by tests. Errors carry the kernel's unix.Errno, wrapped with the ioctl's
+// name. A VFIO device joins an IOAS through its cdev (package vfio:
+// Device.BindIOMMUFD with Fd(), then Device.AttachIOMMUFDPT with the IOAS
+// id); this package does not import vfio.
+package iommufd
+
+import (
+	"errors"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
+
+// ioctl request numbers: _IO(IOMMUFD_TYPE ';', IOMMUFD_CMD_BASE 0x80 + n).
+// Like VFIO's they carry no size bits; every struct starts with its size.
+const (
+	iommufdType = 0x3B
+
+	ioctlDestroy        = iommufdType<<8 | 0x80 // IOMMU_DESTROY
+	ioctlIOASAlloc      = iommufdType<<8 | 0x81 // IOMMU_IOAS_ALLOC
+	ioctlIOASAllowIOVAs = iommufdType<<8 | 0x82 // IOMMU_IOAS_ALLOW_IOVAS
+	ioctlIOASIOVARanges = iommufdType<<8 | 0x84 // IOMMU_IOAS_IOVA_RANGES
+	ioctlIOASMap        = iommufdType<<8 | 0x85 // IOMMU_IOAS_MAP
+	ioctlIOASUnmap      = iommufdType<<8 | 0x86 // IOMMU_IOAS_UNMAP
+	ioctlOption         = iommufdType<<8 | 0x87 // IOMMU_OPTION
+)
+
+// Path is the iommufd device.
+const Path = "/dev/iommu"
+
+// MapFlags are the flags of IOMMU_IOAS_MAP (enum iommufd_ioas_map_flags).
+type MapFlags uint32
+
+// IOMMU_IOAS_MAP_*.
+const (
+	// MapFixedIOVA maps at the given IOVA instead of letting the kernel pick
+	// one (IOMMU_IOAS_MAP_FIXED_IOVA).
+	MapFixedIOVA MapFlags = 1 << 0
+	// MapWriteable lets the device write (IOMMU_IOAS_MAP_WRITEABLE).
+	MapWriteable MapFlags = 1 << 1
+	// MapReadable lets the device read (IOMMU_IOAS_MAP_READABLE).
+	MapReadable MapFlags = 1 << 2
+)
+
+// OptionID names an IOMMU_OPTION (enum iommufd_option).
+type OptionID uint32
+
+// IOMMU_OPTION ids.
+const (
+	// OptionRlimitMode selects per-process (0) or per-user (1) pinned-page
+	// accounting; global, object id 0 (IOMMU_OPTION_RLIMIT_MODE).
+	OptionRlimitMode OptionID = 0
+	// OptionHugePages allows (1, default) or forbids (0) IOMMU large pages
+	// in an IOAS; object id = the IOAS (IOMMU_OPTION_HUGE_PAGES).
+	OptionHugePages OptionID = 1
+)
+
+// IOMMU_OPTION operations (enum iommufd_option_ops).
+const (
+	optionOpSet = 0 // IOMMU_OPTION_OP_SET
+	optionOpGet = 1 // IOMMU_OPTION_OP_GET
+)
+
+// IOMMUFD is an open /dev/iommu.
+type IOMMUFD struct {
+	fd int
+}
+
+// Open opens /dev/iommu.
+func Open() (*IOMMUFD, error) {
+	fd, err := unix.Open(Path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", Path, err)
+	}
+	return &IOMMUFD{fd: fd}, nil
+}
+
+// Fd returns the file descriptor, what VFIO_DEVICE_BIND_IOMMUFD takes.
+func (f *IOMMUFD) Fd() int { return f.fd }
+
+// Close closes the iommufd; the kernel destroys every object it holds once
+// no device is bound to it.
+func (f *IOMMUFD) Close() error { return unix.Close(f.fd) }
+
+// Destroy destroys the object id: an IOAS, a hardware page table... It
+// fails with EBUSY while the object is in use, e.g. an IOAS a device is
+// attached to (IOMMU_DESTROY).
+func (f *IOMMUFD) Destroy(id uint32) error {
+	d := destroy{Size: sizeofDestroy, ID: id}
+	if err := ioctlPtr(f.fd, ioctlDestroy, &d); err != nil {
+		return fmt.Errorf("IOMMU_DESTROY %d: %w", id, err)
+	}
+	return nil
+}
+
+// IOASAlloc creates an empty IO address space and returns its id
+// (IOMMU_IOAS_ALLOC).
+func (f *IOMMUFD) IOASAlloc() (uint32, error) {
+	a := ioasAlloc{Size: sizeofIOASAlloc}
+	if err := ioctlPtr(f.fd, ioctlIOASAlloc, &a); err != nil {
+		return 0, fmt.Errorf("IOMMU_IOAS_ALLOC: %w", err)
+	}
+	return a.OutIOASID, nil
+}
+
+// IOVARange is one window of usable IOVAs, inclusive of Last (struct
+// iommu_iova_range).
+type IOVARange struct {
+	Start, Last uint64
+}
+
+// IOVARanges is the answer of IOMMU_IOAS_IOVA_RANGES.
+type IOVARanges struct {
+	// Ranges are the IOVA windows a mapping may use, ascending.
+	Ranges []IOVARange
+	// Alignment is the IOVA alignment every mapping needs.
+	Alignment uint64
+}
+
+// IOASIOVARanges returns the IOVA windows of ioas and the alignment a
+// mapping needs (IOMMU_IOAS_IOVA_RANGES). They narrow when a device is
+// attached; query again after every attach or detach.
+func (f *IOMMUFD) IOASIOVARanges(ioas uint32) (IOVARanges, error) {
+	// Start with room for one range (a fresh IOAS has one); the kernel says
+	// how many there are when the array is too small.
+	n := uint32(1)
+	for range 4 {
+		ranges := make([]iovaRange, n)
+		r := ioasIOVARanges{Size: sizeofIOASIOVARanges, IOASID: ioas, NumIOVAs: n}
+		err := ioctlRanges(f.fd, ioctlIOASIOVARanges, &r, ranges)
+		if errors.Is(err, unix.EMSGSIZE) && r.NumIOVAs > n {
+			n = r.NumIOVAs // the kernel wrote how many there are
+			continue
+		}
+		if err != nil {
+			return IOVARanges{}, fmt.Errorf("IOMMU_IOAS_IOVA_RANGES ioas %d: %w", ioas, err)
+		}
+		out := IOVARanges{Alignment: r.OutIOVAAlignment, Ranges: make([]IOVARange, r.NumIOVAs)}
+		for i := range out.Ranges {
+			out.Ranges[i] = IOVARange{Start: ranges[i].Start, Last: ranges[i].Last}
+		}
+		return out, nil
+	}
+	return IOVARanges{}, fmt.Errorf("IOMMU_IOAS_IOVA_RANGES ioas %d: range count keeps growing past %d: %w", ioas, n, unix.EMSGSIZE)
+}
+
+// IOASMap maps host into ioas and returns the IOVA used
+// (IOMMU_IOAS_MAP). With MapFixedIOVA the mapping goes at iova (EEXIST if
+// anything is mapped there); without, the kernel picks the IOVA. flags need
+// MapReadable and/or MapWriteable. The kernel pins host's pages once a
+// device is attached; host should be mmap'ed memory, not the Go heap.
+func (f *IOMMUFD) IOASMap(ioas uint32, iova uint64, host []byte, flags MapFlags) (uint64, error) {
+	m := ioasMap{
+		Size:   sizeofIOASMap,
+		Flags:  uint32(flags),
+		IOASID: ioas,
+		UserVA: addrOf(host),
+		Length: uint64(len(host)),
+		IOVA:   iova,
+	}
+	if err := ioctlPtr(f.fd, ioctlIOASMap, &m); err != nil {
+		return 0, fmt.Errorf("IOMMU_IOAS_MAP ioas %d iova %#x length %#x: %w", ioas, iova, m.Length, err)
+	}
+	return m.IOVA, nil
+}
+
+// IOASUnmap removes the whole areas inside [iova, iova+length) from ioas
+// and returns the bytes they covered (IOMMU_IOAS_UNMAP). A range that cuts
+// an area, or contains none, fails with ENOENT. iova 0 with length
+// math.MaxUint64 removes everything and succeeds even when nothing is
+// mapped.
+func (f *IOMMUFD) IOASUnmap(ioas uint32, iova, length uint64) (uint64, error) {
+	u := ioasUnmap{Size: sizeofIOASUnmap, IOASID: ioas, IOVA: iova, Length: length}
+	if err := ioctlPtr(f.fd, ioctlIOASUnmap, &u); err != nil {
+		return 0, fmt.Errorf("IOMMU_IOAS_UNMAP ioas %d iova %#x length %#x: %w", ioas, iova, length, err)
+	}
+	return u.Length, nil
+}
+
+// IOASAllowIOVAs promises that ranges stay usable in ioas: attaching a
+// device that would reserve part of them then fails instead of narrowing
+// the IOAS, and IOVAs the kernel picks (IOASMap without MapFixedIOVA) come
+// from them. It fails if part of them is reserved already. Fixed-IOVA maps
+// outside them are still accepted. An empty list lifts the promise
+// (IOMMU_IOAS_ALLOW_IOVAS).
+func (f *IOMMUFD) IOASAllowIOVAs(ioas uint32, ranges []IOVARange) error {
+	rs := make([]iovaRange, len(ranges))
+	for i, r := range ranges {
+		rs[i] = iovaRange(r)
+	}
+	a := ioasAllowIOVAs{Size: sizeofIOASAllowIOVAs, IOASID: ioas, NumIOVAs: uint32(len(rs))}
+	if err := ioctlAllow(f.fd, ioctlIOASAllowIOVAs, &a, rs); err != nil {
+		return fmt.Errorf("IOMMU_IOAS_ALLOW_IOVAS ioas %d: %w", ioas, err)
+	}
+	return nil
+}
+
+// SetOption sets option id of object (0 for global options) to val
+// (IOMMU_OPTION with IOMMU_OPTION_OP_SET).
+func (f *IOMMUFD) SetOption(id OptionID, object uint32, val uint64) error {
+	o := option{Size: sizeofOption, OptionID: uint32(id), Op: optionOpSet, ObjectID: object, Val64: val}
+	if err := ioctlPtr(f.fd, ioctlOption, &o); err != nil {
+		return fmt.Errorf("IOMMU_OPTION set %d object %d = %d: %w", id, object, val, err)
+	}
+	return nil
+}
+
+// GetOption returns option id of object (IOMMU_OPTION with
+// IOMMU_OPTION_OP_GET).
+func (f *IOMMUFD) GetOption(id OptionID, object uint32) (uint64, error) {
+	o := option{Size: sizeofOption, OptionID: uint32(id), Op: optionOpGet, ObjectID: object}
+	if err := ioctlPtr(f.fd, ioctlOption, &o); err != nil {
+		return 0, fmt.Errorf("IOMMU_OPTION get %d object %d: %w", id, object, err)
+	}
+	return o.Val64, nil
+}

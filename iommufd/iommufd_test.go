@@ -1,0 +1,104 @@
+package iommufd
+
+import (
+	"errors"
+	"math"
+	"os"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"gmem/span"
+)
+
+// The request numbers and flag values of kernel-uapi.md §4.1.
+func TestIoctlNumbers(t *testing.T) {
+	tests := []struct {
+		name      string
+		got, want uint64
+	}{
+		{"IOMMU_DESTROY", ioctlDestroy, 0x3B80},
+		{"IOMMU_IOAS_ALLOC", ioctlIOASAlloc, 0x3B81},
+		{"IOMMU_IOAS_ALLOW_IOVAS", ioctlIOASAllowIOVAs, 0x3B82},
+		{"IOMMU_IOAS_IOVA_RANGES", ioctlIOASIOVARanges, 0x3B84},
+		{"IOMMU_IOAS_MAP", ioctlIOASMap, 0x3B85},
+		{"IOMMU_IOAS_UNMAP", ioctlIOASUnmap, 0x3B86},
+		{"IOMMU_OPTION", ioctlOption, 0x3B87},
+		{"IOMMU_IOAS_MAP_FIXED_IOVA", uint64(MapFixedIOVA), 1},
+		{"IOMMU_IOAS_MAP_WRITEABLE", uint64(MapWriteable), 2},
+		{"IOMMU_IOAS_MAP_READABLE", uint64(MapReadable), 4},
+		{"IOMMU_OPTION_RLIMIT_MODE", uint64(OptionRlimitMode), 0},
+		{"IOMMU_OPTION_HUGE_PAGES", uint64(OptionHugePages), 1},
+		{"IOMMU_OPTION_OP_SET", optionOpSet, 0},
+		{"IOMMU_OPTION_OP_GET", optionOpGet, 1},
+	}
+	for _, tt := range tests {
+		if tt.got != tt.want {
+			t.Errorf("%s = %#x, want %#x", tt.name, tt.got, tt.want)
+		}
+	}
+}
+
+func TestIOVARangeSpan(t *testing.T) {
+	tests := []struct {
+		in   IOVARange
+		want span.Range
+	}{
+		{IOVARange{0, 0xfedfffff}, span.Range{Start: 0, End: 0xfee00000}},
+		{IOVARange{0xfef00000, 0x7fffffffff}, span.Range{Start: 0xfef00000, End: 0x8000000000}},
+		{IOVARange{0, math.MaxUint64}, span.Range{Start: 0, End: math.MaxUint64}},
+	}
+	for _, tt := range tests {
+		if got := tt.in.Span(); got != tt.want {
+			t.Errorf("%+v.Span() = %v, want %v", tt.in, got, tt.want)
+		}
+	}
+}
+
+// TestIOAS exercises an IOAS without any device where the host has
+// /dev/iommu. The device tests run in the QEMU guest of scripts/rig.
+func TestIOAS(t *testing.T) {
+	if _, err := os.Stat(Path); err != nil {
+		t.Skipf("no %s on this host (%v); the real iommufd tests run inside the guest booted by scripts/rig", Path, err)
+	}
+	f, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ioas, err := f.IOASAlloc()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := f.IOASIOVARanges(ioas)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Ranges) != 1 || r.Ranges[0] != (IOVARange{0, math.MaxUint64}) {
+		t.Errorf("fresh IOAS ranges = %+v, want one full range", r.Ranges)
+	}
+	if _, err := f.IOASUnmap(ioas, 0x1000, 0x1000); !errors.Is(err, unix.ENOENT) {
+		t.Errorf("unmap of nothing = %v, want ENOENT", err)
+	}
+	if err := f.Destroy(ioas); err != nil {
+		t.Error(err)
+	}
+}
+
+func FuzzIOVARangeSpan(f *testing.F) {
+	f.Add(uint64(0), uint64(0xfedfffff))
+	f.Add(uint64(0xfef00000), uint64(0x7fffffffff))
+	f.Add(uint64(0), uint64(math.MaxUint64))
+	f.Fuzz(func(t *testing.T, start, last uint64) {
+		if last < start {
+			return // the kernel never reports one
+		}
+		s := IOVARange{Start: start, Last: last}.Span()
+		if s.Start != start || s.Len() == 0 {
+			t.Fatalf("Span of [%#x, %#x] = %v", start, last, s)
+		}
+		if last != math.MaxUint64 && (s.End != last+1 || !s.Contains(last)) {
+			t.Fatalf("Span of [%#x, %#x] = %v, want End %#x", start, last, s, last+1)
+		}
+	})
+}

@@ -1,0 +1,19 @@
+package guesttest
+
+import (
+	"testing"
+)
+
+// TestRig runs every in-guest check, type1 first, then iommufd: the group
+// and the cdev cannot own the device at once, so the type1 run closes all
+// its file descriptors before the iommufd run opens the cdev.
+func TestRig(t *testing.T) {
+	requireGuest(t)
+	bdf := findEdu(t)
+	if wantBackend("type1") {
+		t.Run("type1", func(t *testing.T) { runType1(t, bdf) })
+	}
+	if wantBackend("iommufd") {
+		t.Run("iommufd", func(t *testing.T) { runIOMMUFD(t, bdf) })
+	}
+}

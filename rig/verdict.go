@@ -1,0 +1,138 @@
+package main
+
+import (
+	"fmt"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// The guest reports on the serial console with lines that start with
+// Marker, written in one write each so kernel messages cannot split them:
+//
+//	GMEM-RIG boot <details>                   (from /init, before the tests)
+//	GMEM-RIG check <backend> <check> pass|fail|skip
+//	GMEM-RIG end rc=<exit status of the test binary>
+//
+// Kernel messages may still land in front of a marker on the same console
+// line, so the marker is searched anywhere in a line.
+const Marker = "GMEM-RIG"
+
+var (
+	checkRE = regexp.MustCompile(Marker + ` check (type1|iommufd) (\S+) (pass|fail|skip)\b`)
+	endRE   = regexp.MustCompile(Marker + ` end rc=(-?\d+)\b`)
+	bootRE  = regexp.MustCompile(Marker + ` boot\b`)
+)
+
+// Backends are the backends the rig knows, in the order the guest runs them.
+var Backends = []string{"type1", "iommufd"}
+
+// Verdicts collects what the guest reported.
+type Verdicts struct {
+	checks map[string][]checkResult // by backend
+	booted bool
+	ended  bool
+	rc     int
+}
+
+type checkResult struct {
+	name, result string
+}
+
+// NewVerdicts returns an empty collection.
+func NewVerdicts() *Verdicts {
+	return &Verdicts{checks: map[string][]checkResult{}}
+}
+
+// Line feeds one console line and reports whether it carried a verdict.
+func (v *Verdicts) Line(line string) bool {
+	if m := checkRE.FindStringSubmatch(line); m != nil {
+		v.checks[m[1]] = append(v.checks[m[1]], checkResult{name: m[2], result: m[3]})
+		return true
+	}
+	if bootRE.MatchString(line) {
+		v.booted = true
+		return true
+	}
+	if m := endRE.FindStringSubmatch(line); m != nil {
+		rc, err := strconv.Atoi(m[1])
+		if err != nil {
+			rc = -1
+		}
+		v.ended, v.rc = true, rc
+		return true
+	}
+	return false
+}
+
+// Booted reports whether the guest's /init announced itself.
+func (v *Verdicts) Booted() bool { return v.booted }
+
+// Summary returns one line per requested backend and whether all passed. A
+// backend passes when it reported at least one check, every check passed,
+// and the test binary ended, with status 0 or with a failing check of
+// another backend to account for a non-zero status. A skipped check is a
+// failure: everything the rig runs must run.
+func (v *Verdicts) Summary(backends []string) ([]string, bool) {
+	var lines []string
+	ok := true
+	for _, b := range backends {
+		cs := v.checks[b]
+		var bad []string
+		pass := 0
+		for _, c := range cs {
+			switch c.result {
+			case "pass":
+				pass++
+			default:
+				bad = append(bad, c.name+"("+c.result+")")
+			}
+		}
+		switch {
+		case len(cs) == 0 && !v.ended:
+			lines = append(lines, fmt.Sprintf("rig: %s fail: the guest never reported", b))
+			ok = false
+		case len(cs) == 0:
+			lines = append(lines, fmt.Sprintf("rig: %s fail: no checks reported (test binary rc=%d)", b, v.rc))
+			ok = false
+		case len(bad) > 0:
+			lines = append(lines, fmt.Sprintf("rig: %s fail %d of %d checks: %s", b, len(bad), len(cs), strings.Join(bad, " ")))
+			ok = false
+		case !v.ended:
+			lines = append(lines, fmt.Sprintf("rig: %s fail: %d checks passed, then the guest stopped reporting", b, pass))
+			ok = false
+		case v.rc != 0 && !v.failedCheck():
+			lines = append(lines, fmt.Sprintf("rig: %s fail: %d checks passed but the test binary exited with rc=%d", b, pass, v.rc))
+			ok = false
+		default:
+			lines = append(lines, fmt.Sprintf("rig: %s pass %d checks", b, pass))
+		}
+	}
+	return lines, ok
+}
+
+// failedCheck reports whether any backend reported a check that did not
+// pass; a non-zero exit status is then put down to that check, not to the
+// backends whose checks all passed.
+func (v *Verdicts) failedCheck() bool {
+	for _, cs := range v.checks {
+		for _, c := range cs {
+			if c.result != "pass" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// parseBackend turns the --backend value into the list of backends.
+func parseBackend(s string) ([]string, error) {
+	if s == "all" {
+		return slices.Clone(Backends), nil
+	}
+	if slices.Contains(Backends, s) {
+		return []string{s}, nil
+	}
+	return nil, fmt.Errorf("backend must be type1, iommufd or all, not %q", s)
+}
