@@ -1,0 +1,212 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"os"
+	"strings"
+	"testing"
+
+	"gmem/guestmem"
+	"gmem/kvm"
+	"gmem/memattr"
+	"gmem/vmm"
+)
+
+// demoJSON is the part of the --json object the tests look at.
+type demoJSON struct {
+	GuestRan     bool     `json:"guest_ran"`
+	Mode         string   `json:"mode"`
+	VCPUs        int      `json:"vcpus"`
+	Conversions  uint64   `json:"conversions"`
+	DMAAllowed   uint64   `json:"dma_allowed"`
+	DMABlocked   uint64   `json:"dma_blocked"`
+	Violations   uint64   `json:"violations"`
+	Enforcement  string   `json:"enforcement"`
+	ChecksPassed int      `json:"checks_passed"`
+	ChecksFailed int      `json:"checks_failed"`
+	FailedChecks []string `json:"failed_checks"`
+}
+
+func runDemoEnv(env demoEnv, args ...string) (int, string, string) {
+	var out, errOut bytes.Buffer
+	code := env.run(context.Background(), args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func decodeDemo(t *testing.T, out string) demoJSON {
+	t.Helper()
+	var d demoJSON
+	var raw map[string]any
+	if err := json.Unmarshal([]byte(out), &raw); err != nil {
+		t.Fatalf("stdout is not one JSON object: %v\n%s", err, out)
+	}
+	for _, k := range []string{"guest_ran", "conversions", "dma_allowed", "dma_blocked", "violations", "enforcement", "checks_passed", "checks_failed"} {
+		if _, ok := raw[k]; !ok {
+			t.Errorf("JSON lacks %q", k)
+		}
+	}
+	if err := json.Unmarshal([]byte(out), &d); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func haveKVM(t *testing.T) {
+	t.Helper()
+	f, err := os.OpenFile(kvm.DevicePath, os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
+		t.Skipf("needs %s: %v", kvm.DevicePath, err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+}
+
+var realKVM = demoEnv{kvmPath: kvm.DevicePath}
+
+func TestDemoHelp(t *testing.T) {
+	for _, args := range [][]string{{"-h"}, {"--help"}} {
+		code, out, errOut := runDemoEnv(realKVM, args...)
+		if code != exitOK || !strings.Contains(out, "usage: gmem demo") || !strings.Contains(out, "-no-kvm") || errOut != "" {
+			t.Errorf("demo %q: exit %d, stdout %.200q, stderr %q", args, code, out, errOut)
+		}
+	}
+	code, out, _ := runCmd(context.Background(), "help", "demo")
+	if code != exitOK || !strings.Contains(out, "usage: gmem demo") {
+		t.Errorf("gmem help demo: exit %d, %.100q", code, out)
+	}
+}
+
+func TestDemoUsageErrors(t *testing.T) {
+	for _, c := range []struct {
+		args   []string
+		stderr string
+	}{
+		{[]string{"--mode", "fast"}, "--mode: want inplace or split"},
+		{[]string{"--vcpus", "0"}, "--vcpus 0"},
+		{[]string{"--vcpus", "9"}, "--vcpus 9"},
+		{[]string{"--vcpus", "x"}, "invalid value"},
+		{[]string{"--policy", "page"}, "--policy"},
+		{[]string{"--iommu", "vfio"}, "--iommu"},
+		{[]string{"--timeout", "0s"}, "--timeout"},
+		{[]string{"--nope"}, "flag provided but not defined"},
+		{[]string{"extra"}, `unexpected argument "extra"`},
+	} {
+		code, out, errOut := runDemoEnv(realKVM, c.args...)
+		if code != exitUsage || out != "" || !strings.Contains(errOut, c.stderr) || !strings.Contains(errOut, "gmem demo -h") {
+			t.Errorf("demo %q: exit %d, stdout %q, stderr %q; want usage error %q", c.args, code, out, errOut, c.stderr)
+		}
+	}
+}
+
+// TestDemoNoKVM runs the scenario host-driven, asked for and because the
+// KVM device is missing.
+func TestDemoNoKVM(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		env  demoEnv
+		args []string
+		says string
+	}{
+		{"flag", realKVM, []string{"--no-kvm", "--json"}, "--no-kvm: running the scenario host-driven"},
+		{"missing device", demoEnv{kvmPath: "/nonexistent/kvm"}, []string{"--json", "--mode", "split"}, "KVM is not available"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			code, out, errOut := runDemoEnv(c.env, c.args...)
+			if code != exitOK {
+				t.Fatalf("exit %d\nstdout %s\nstderr %s", code, out, errOut)
+			}
+			if !strings.Contains(errOut, c.says) || !strings.Contains(errOut, "[vCPU 0] pass") {
+				t.Errorf("stderr does not say so or show progress:\n%s", errOut)
+			}
+			d := decodeDemo(t, out)
+			if d.GuestRan || d.ChecksFailed != 0 || d.ChecksPassed == 0 || d.Violations != 0 ||
+				d.Conversions == 0 || d.DMAAllowed == 0 || d.DMABlocked == 0 || d.Enforcement != string(guestmem.EnforceUserSpace) {
+				t.Errorf("report %+v", d)
+			}
+		})
+	}
+}
+
+// TestDemoKVM runs gmem demo on real KVM in both modes.
+func TestDemoKVM(t *testing.T) {
+	haveKVM(t)
+	want := len(vmm.Builtin(2).Checks())
+	for _, mode := range []string{"inplace", "split"} {
+		t.Run(mode, func(t *testing.T) {
+			code, out, errOut := runDemoEnv(realKVM, "--json", "--mode", mode)
+			if code != exitOK {
+				t.Fatalf("exit %d\nstdout %s\nstderr %s", code, out, errOut)
+			}
+			d := decodeDemo(t, out)
+			if !d.GuestRan || d.Mode != mode || d.VCPUs != 2 || d.ChecksPassed != want || d.ChecksFailed != 0 || d.Violations != 0 {
+				t.Errorf("report %+v", d)
+			}
+			if !strings.Contains(errOut, "booting the built-in guest") {
+				t.Errorf("no progress line:\n%s", errOut)
+			}
+		})
+	}
+	t.Run("human", func(t *testing.T) {
+		code, out, errOut := runDemoEnv(realKVM, "--quiet", "--vcpus", "1", "--policy", "granule", "--iommu", "iommufd")
+		if code != exitOK || errOut != "" {
+			t.Fatalf("exit %d\nstdout %s\nstderr %s", code, out, errOut)
+		}
+		for _, w := range []string{"guest ran on KVM", "checks ", "0 failed", "conversions ", "DMA ", "blocked by the IOMMU",
+			"IOMMU entries peak", "state map", "0 violations", "enforcement   user-space", "result: PASS"} {
+			if !strings.Contains(out, w) {
+				t.Errorf("report lacks %q:\n%s", w, out)
+			}
+		}
+	})
+}
+
+// TestDemoFailingCheck: one failing check makes the exit status 1 and the
+// report name it.
+func TestDemoFailingCheck(t *testing.T) {
+	s := vmm.Scenario{Programs: []vmm.Program{{Steps: []vmm.Step{
+		vmm.Convert("expected to be refused but valid", vmm.BuffersGPA, 4096, memattr.Shared, vmm.ConvStatusEINVAL),
+		vmm.Convert("to private", vmm.BuffersGPA, 4096, memattr.Private, vmm.ConvStatusOK),
+	}}}}
+	env := demoEnv{kvmPath: "/nonexistent/kvm", scenario: &s}
+	code, out, errOut := runDemoEnv(env)
+	if code != exitFail {
+		t.Fatalf("exit %d, want %d\nstdout %s\nstderr %s", code, exitFail, out, errOut)
+	}
+	if !strings.Contains(out, "result: FAIL") || !strings.Contains(out, "expected to be refused but valid") || !strings.Contains(out, "1 passed, 1 failed") {
+		t.Errorf("report:\n%s", out)
+	}
+	if !strings.Contains(errOut, "FAIL (detail 0x0)") {
+		t.Errorf("progress does not show the failure:\n%s", errOut)
+	}
+	code, out, _ = runDemoEnv(env, "--json")
+	if d := decodeDemo(t, out); code != exitFail || d.ChecksFailed != 1 || len(d.FailedChecks) != 1 {
+		t.Errorf("json: exit %d, %+v", code, d)
+	}
+}
+
+// FuzzDemoFlags checks the flag parser: no panic, and what it accepts is
+// in range.
+func FuzzDemoFlags(f *testing.F) {
+	f.Add("--mode\x00split\x00--vcpus\x003")
+	f.Add("--json\x00--no-kvm")
+	f.Add("--vcpus=-1")
+	f.Add("--policy\x00granule\x00--iommu\x00iommufd\x00--timeout\x001ms")
+	f.Add("-h")
+	f.Fuzz(func(t *testing.T, joined string) {
+		args := strings.Split(joined, "\x00")
+		fl, _, err := parseDemoFlags(args)
+		if err != nil {
+			return // a usage error or -h
+		}
+		if fl.vcpus < 1 || fl.vcpus > vmm.MaxVCPUs || fl.timeout <= 0 ||
+			(fl.mode != guestmem.InPlace && fl.mode != guestmem.Split) {
+			t.Fatalf("accepted %q as %+v", args, fl)
+		}
+	})
+}

@@ -1,0 +1,281 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"gmem/replay"
+	"gmem/trace"
+)
+
+// replayTrace is a trace whose numbers are computed by hand: 2 MiB shared
+// on type1 is 512 granules for the baseline and one extent for gmem.
+const replayTrace = `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB","mode":"split"}
+{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
+`
+
+// runReplayEnv runs gmem replay in-process with env and returns the exit
+// code and both outputs.
+func runReplayEnv(ctx context.Context, env replayEnv, args ...string) (int, string, string) {
+	var out, errOut bytes.Buffer
+	if env.stdin == nil {
+		env.stdin = strings.NewReader("")
+	}
+	if env.newReplayer == nil {
+		env.newReplayer = func(o replay.Options) replayer { return replay.New(o) }
+	}
+	if env.terminal == nil {
+		env.terminal = func(io.Writer) bool { return false }
+	}
+	code := env.run(ctx, args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func writeFile(t *testing.T, name, text string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func decodeResult(t *testing.T, out string) replay.Result {
+	t.Helper()
+	var res replay.Result
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("output is not a JSON result: %v\n%s", err, out)
+	}
+	return res
+}
+
+func TestReplayOK(t *testing.T) {
+	ctx := context.Background()
+	file := writeFile(t, "t.jsonl", replayTrace)
+
+	// Through the dispatch table, human output.
+	code, out, errOut := runCmd(ctx, "replay", file)
+	if code != exitOK || errOut != "" {
+		t.Fatalf("exit %d, stderr %q", code, errOut)
+	}
+	for _, want := range []string{"3 events, 1 conversions", "2.00 MiB shared", "IOMMU entries at the end", "512", "512.00x", "0 violations"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+
+	// --json from stdin, flags after the file name.
+	code, out, errOut = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(replayTrace)}, "-", "--json")
+	if code != exitOK || errOut != "" {
+		t.Fatalf("exit %d, stderr %q", code, errOut)
+	}
+	res := decodeResult(t, out)
+	if res.Events != 3 || res.Conversions != 1 || res.SharedBytes != 2<<20 ||
+		res.Baseline.EntriesFinal != 512 || res.Gmem.EntriesFinal != 1 || res.Baseline.MapCalls != 512 || res.Gmem.MapCalls != 1 {
+		t.Errorf("result %+v", res)
+	}
+
+	// --svg writes a drawing.
+	svg := filepath.Join(t.TempDir(), "map.svg")
+	if code, _, errOut := runCmd(ctx, "replay", "--svg", svg, file); code != exitOK {
+		t.Fatalf("--svg: exit %d, %s", code, errOut)
+	}
+	if b, err := os.ReadFile(svg); err != nil || !bytes.HasPrefix(b, []byte("<svg")) || !bytes.Contains(b, []byte("</svg>")) {
+		t.Errorf("--svg wrote %.60q, %v", b, err)
+	}
+
+	// Machine flags are for QEMU logs only.
+	code, _, errOut = runCmd(ctx, "replay", "--devices", "3", file)
+	if code != exitOK || !strings.Contains(errOut, "apply to QEMU logs only") {
+		t.Errorf("--devices on JSON Lines: exit %d, stderr %q", code, errOut)
+	}
+
+	// Help.
+	code, out, _ = runCmd(ctx, "replay", "-h")
+	if code != exitOK || !strings.Contains(out, "usage: gmem replay") || !strings.Contains(out, "--keep-going") {
+		t.Errorf("help: exit %d, %q", code, out)
+	}
+}
+
+// TestReplayQEMULog replays a QEMU trace log with the machine given by
+// flags: two iommufd devices, each with 512 granules (baseline) or one
+// extent (gmem); the kvm_memory_fault line and the conversion it causes are
+// one conversion.
+func TestReplayQEMULog(t *testing.T) {
+	log := `some other event
+kvm_convert_memory start 0x200000 size 0x200000 private_to_shared
+7@1700000000.000001:kvm_memory_fault start 0x40000000 size 0x1000 flags 0x0
+7@1700000000.000002:kvm_convert_memory start 0x40000000 size 0x1000 private_to_shared
+`
+	code, out, errOut := runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(log)},
+		"--json", "--ram", "0:1GiB,1GiB:1GiB", "--devices", "2", "--iommu", "iommufd", "-")
+	if code != exitOK || errOut != "" {
+		t.Fatalf("exit %d, stderr %q", code, errOut)
+	}
+	res := decodeResult(t, out)
+	if res.Conversions != 2 || res.Devices != 2 || res.RAMBytes != 2<<30 ||
+		res.Baseline.EntriesFinal != 2*513 || res.Gmem.EntriesFinal != 2*2 {
+		t.Errorf("result %+v", res)
+	}
+}
+
+func TestReplayInputErrors(t *testing.T) {
+	ctx := context.Background()
+	bad := writeFile(t, "bad.jsonl", replayTrace+`{"op":"convert","gpa":"0x1000","size":"4KiB","to":"sideways"}
+{"op":"convert","gpa":"0x200000","size":"4KiB","to":"private"}
+`)
+	for _, c := range []struct {
+		args   []string
+		code   int
+		stderr string
+		stdout string
+	}{
+		{nil, exitUsage, "usage: gmem replay", ""},
+		{[]string{"a", "b"}, exitUsage, `unexpected argument "b"`, ""},
+		{[]string{"--nope", "x"}, exitUsage, "flag provided but not defined", ""},
+		{[]string{filepath.Join(t.TempDir(), "missing")}, exitUsage, "no such file", ""},
+		{[]string{"--devices", "0", "-"}, exitUsage, "--devices 0", ""},
+		{[]string{"--iommu", "iommufd", "--limit", "5", "-"}, exitUsage, "no entry limit", ""},
+		{[]string{"--iommu", "vfio", "-"}, exitUsage, "type1 or iommufd", ""},
+		{[]string{"--ram", "0:3000", "-"}, exitUsage, "--ram", ""},
+		// A malformed line stops the replay with its line number.
+		{[]string{bad}, exitUsage, "line 4: ", ""},
+		// --keep-going reports it, replays the rest, and still says the
+		// input was bad.
+		{[]string{"--keep-going", bad}, exitUsage, "line 4: ", "4 events, 2 conversions"},
+	} {
+		code, out, errOut := runReplayEnv(ctx, replayEnv{}, c.args...)
+		if code != c.code || !strings.Contains(errOut, c.stderr) || !strings.Contains(out, c.stdout) || (c.stdout == "" && out != "") {
+			t.Errorf("gmem replay %q: exit %d, stdout %.200q, stderr %q; want %d, %q, %q", c.args, code, out, errOut, c.code, c.stdout, c.stderr)
+		}
+	}
+	// A QEMU log with a malformed conversion line.
+	code, _, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader("kvm_convert_memory start 0x1000 size zz private_to_shared\n")}, "--ram", "0:1GiB", "-")
+	if code != exitUsage || !strings.Contains(errOut, "line 1: ") {
+		t.Errorf("malformed QEMU log: exit %d, stderr %q", code, errOut)
+	}
+	// A log with no conversion says nothing of the machine.
+	code, _, errOut = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader("something else\n")}, "-")
+	if code != exitUsage || !strings.Contains(errOut, "no RAM layout given") {
+		t.Errorf("QEMU log without conversions: exit %d, stderr %q", code, errOut)
+	}
+}
+
+// faultyReplayer reports a violation at one event, as a broken library
+// would, so that the exit status for violations can be checked.
+type faultyReplayer struct {
+	*replay.Replayer
+	at, applied uint64
+}
+
+func (f *faultyReplayer) Apply(e trace.Event, line int) error {
+	f.applied++
+	if err := f.Replayer.Apply(e, line); err != nil {
+		return err
+	}
+	if f.applied == f.at {
+		return &replay.Violation{Event: f.applied, Line: line, Run: "gmem", Invariant: "I2", Detail: "injected"}
+	}
+	return nil
+}
+
+func (f *faultyReplayer) Result() replay.Result {
+	res := f.Replayer.Result()
+	if f.applied >= f.at {
+		res.Violations++
+	}
+	return res
+}
+
+func TestReplayViolation(t *testing.T) {
+	for _, keepGoing := range []bool{false, true} {
+		var f *faultyReplayer
+		env := replayEnv{
+			stdin: strings.NewReader(replayTrace),
+			newReplayer: func(o replay.Options) replayer {
+				f = &faultyReplayer{Replayer: replay.New(o), at: 2}
+				return f
+			},
+		}
+		args := []string{"--json", "-"}
+		if keepGoing {
+			args = append(args, "--keep-going")
+		}
+		code, out, errOut := runReplayEnv(context.Background(), env, args...)
+		if code != exitFail || !strings.Contains(errOut, "I2 violated in gmem: injected") {
+			t.Errorf("keep-going=%v: exit %d, stderr %q", keepGoing, code, errOut)
+		}
+		want := uint64(2) // stopped at the violation
+		if keepGoing {
+			want = 3
+		}
+		if res := decodeResult(t, out); f.applied != want || res.Violations != 1 {
+			t.Errorf("keep-going=%v: %d events applied, %d violations; want %d, 1", keepGoing, f.applied, res.Violations, want)
+		}
+	}
+}
+
+func TestReplayInterrupted(t *testing.T) {
+	seq, err := trace.Churn(trace.ChurnOptions{Common: trace.Common{RAM: 1 << 30, Events: 3000}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	w := trace.NewWriter(&b)
+	for e := range seq {
+		if err := w.Write(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: &b}, "-")
+	if code != exitFail || !strings.Contains(errOut, "interrupted after 1023 events") || !strings.Contains(out, "1,023 events") {
+		t.Errorf("exit %d, stdout %.100q, stderr %q", code, out, errOut)
+	}
+}
+
+func TestProgressLine(t *testing.T) {
+	var b bytes.Buffer
+	p := &progress{w: &b, start: time.Now().Add(-2 * time.Second), on: true}
+	p.report(123456)
+	p.report(200000) // too soon after the first: not written
+	p.done()
+	if got := b.String(); !strings.HasPrefix(got, "\rreplay: 123,456 events (") || strings.Contains(got, "200,000") || !strings.HasSuffix(got, "\r\x1b[K") {
+		t.Errorf("progress wrote %q", got)
+	}
+	b.Reset()
+	off := &progress{w: &b, start: time.Now().Add(-2 * time.Second)}
+	off.report(1)
+	off.done()
+	if b.Len() != 0 {
+		t.Errorf("progress off wrote %q", b.String())
+	}
+	if isTerminal(&b) {
+		t.Error("a buffer is a terminal")
+	}
+}
+
+func TestFormatting(t *testing.T) {
+	for _, c := range []struct{ got, want string }{
+		{commas(0), "0"}, {commas(999), "999"}, {commas(1000), "1,000"}, {commas(4194304), "4,194,304"},
+		{human(512), "512 B"}, {human(2 << 20), "2.00 MiB"}, {human(32 << 20), "32.0 MiB"}, {human(1 << 40), "1.00 TiB"}, {human(801 << 10), "801 KiB"},
+		{ratio(512, 1), "512.00x"}, {ratio(0, 0), "1.00x"}, {ratio(5, 0), "-"},
+		{duration(1500), "1.50 µs"}, {duration(20), "20 ns"}, {duration(2.5e9), "2.50 s"},
+	} {
+		if c.got != c.want {
+			t.Errorf("got %q, want %q", c.got, c.want)
+		}
+	}
+}

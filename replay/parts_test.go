@@ -1,0 +1,209 @@
+package replay
+
+import (
+	"bytes"
+	"encoding/xml"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"gmem/iommu"
+	"gmem/span"
+	"gmem/trace"
+)
+
+// TestRangeSet compares the set with a per-unit model under random
+// operations.
+func TestRangeSet(t *testing.T) {
+	const units = 64
+	rng := rand.New(rand.NewPCG(1, 1))
+	for round := range 200 {
+		var s rangeSet
+		var model [units]bool
+		for range 40 {
+			a := uint64(rng.IntN(units))
+			b := a + 1 + uint64(rng.IntN(units-int(a)))
+			r := span.Range{Start: a, End: b}
+			add := rng.IntN(2) == 0
+			if add {
+				s.add(r)
+			} else {
+				s.remove(r)
+			}
+			for i := a; i < b; i++ {
+				model[i] = add
+			}
+			// The ranges are sorted, disjoint, non-adjacent, non-empty and
+			// cover exactly the model.
+			var n uint64
+			for i, x := range s.rs {
+				if x.Empty() || (i > 0 && s.rs[i-1].End >= x.Start) {
+					t.Fatalf("round %d: bad ranges %v", round, s.rs)
+				}
+				for u := x.Start; u < x.End; u++ {
+					if !model[u] {
+						t.Fatalf("round %d: %d in %v but not in the model", round, u, s.rs)
+					}
+				}
+				n += x.Len()
+			}
+			var want uint64
+			for _, m := range model {
+				if m {
+					want++
+				}
+			}
+			if n != want || s.bytes() != want {
+				t.Fatalf("round %d: set covers %d, model %d", round, n, want)
+			}
+			// minus is the complement within a query.
+			q := span.Range{Start: uint64(rng.IntN(units)), End: units}
+			var got []uint64
+			for _, x := range s.minus(q) {
+				for u := x.Start; u < x.End; u++ {
+					got = append(got, u)
+				}
+			}
+			var wantOut []uint64
+			for u := q.Start; u < q.End; u++ {
+				if !model[u] {
+					wantOut = append(wantOut, u)
+				}
+			}
+			if !slices.Equal(got, wantOut) {
+				t.Fatalf("round %d: minus(%v) = %v, want %v", round, q, got, wantOut)
+			}
+		}
+	}
+}
+
+func TestSeries(t *testing.T) {
+	var s series
+	const n = 5000
+	for i := range uint64(n) {
+		s.add(i % 1000)
+	}
+	s.add(7777)
+	pts, per := s.points()
+	if len(pts) > maxPoints || per < 4 {
+		t.Fatalf("%d points of %d events", len(pts), per)
+	}
+	if got := pts[len(pts)-1]; got != 7777 {
+		t.Errorf("last point %d, want the last value's peak 7777", got)
+	}
+	if uint64(len(pts)-1)*per > n || uint64(len(pts))*per < n+1 {
+		t.Errorf("%d points of %d do not cover %d events", len(pts), per, n+1)
+	}
+	for i, v := range pts[:len(pts)-1] {
+		// Each bucket holds the largest i%1000 of its events.
+		lo, hi := uint64(i)*per, min(uint64(i+1)*per, n)
+		want := uint64(0)
+		for e := lo; e < hi; e++ {
+			want = max(want, e%1000)
+		}
+		if v != want {
+			t.Fatalf("bucket %d = %d, want %d", i, v, want)
+		}
+	}
+}
+
+// TestTracked checks the record of a model's entries against the model,
+// for both rule sets, including iommufd's partial unmap.
+func TestTracked(t *testing.T) {
+	for _, rules := range []iommu.Rules{iommu.Type1v2, iommu.IOMMUFD} {
+		m := iommu.NewModel(iommu.Caps{Rules: rules, EntryLimit: 4})
+		tr := newTracked(m)
+		for _, x := range []iommu.Mapping{{IOVA: 0x1000, Size: 0x1000}, {IOVA: 0x2000, Size: 0x2000}, {IOVA: 0x6000, Size: 0x3000}, {IOVA: 0x10000, Size: 0x1000}} {
+			if err := tr.Map(x.IOVA, x.Size, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := tr.Map(0x20000, 0x1000, nil); rules == iommu.Type1v2 && !errors.Is(err, unix.ENOSPC) {
+			t.Errorf("%v: map past the limit: %v", rules, err)
+		} else if rules == iommu.IOMMUFD && err != nil {
+			t.Errorf("%v: map (no limit): %v", rules, err)
+		}
+		if err := tr.Map(0x2000, 0x1000, nil); !errors.Is(err, unix.EEXIST) {
+			t.Errorf("%v: overlapping map: %v", rules, err)
+		}
+		// Cuts the entry at 0x6000: type1 refuses it all, iommufd removes
+		// the two whole entries before it.
+		n, err := tr.Unmap(0x1000, 0x6000)
+		if err == nil {
+			t.Errorf("%v: cutting unmap succeeded (%#x)", rules, n)
+		}
+		if !slices.Equal(tr.all(), m.Mappings()) {
+			t.Errorf("%v: record %v, model %v", rules, tr.all(), m.Mappings())
+		}
+		if got := tr.within(span.Range{Start: 0x7000, End: 0x11000}); len(got) != 2 || got[0].IOVA != 0x6000 {
+			t.Errorf("%v: within = %v", rules, got)
+		}
+		if h := tr.hull(span.Range{Start: 0x7000, End: 0x8000}); h != (span.Range{Start: 0x6000, End: 0x9000}) {
+			t.Errorf("%v: hull = %v", rules, h)
+		}
+		if _, err := tr.Unmap(0, 0x30000); err != nil {
+			t.Errorf("%v: unmap all: %v", rules, err)
+		}
+		if tr.len() != 0 || m.Len() != 0 {
+			t.Errorf("%v: %d recorded, %d in the model after unmapping all", rules, tr.len(), m.Len())
+		}
+	}
+}
+
+// TestSVG checks that the drawing is well-formed XML with the parts it
+// promises, for a replay with hot-pluggable memory and two devices, and for
+// an empty one.
+func TestSVG(t *testing.T) {
+	seq, err := trace.Hotplug(trace.HotplugOptions{Common: trace.Common{RAM: 1 << 30, Events: 400, Devices: 2, Seed: 5}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp := New(Options{})
+	for e := range seq {
+		if err := rp.Apply(e, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := rp.Finish(); err != nil {
+		t.Fatal(err)
+	}
+	for name, r := range map[string]*Replayer{"hotplug": rp, "empty": New(Options{})} {
+		var b bytes.Buffer
+		if err := r.WriteSVG(&b); err != nil {
+			t.Fatal(err)
+		}
+		elems := map[string]int{}
+		d := xml.NewDecoder(bytes.NewReader(b.Bytes()))
+		for {
+			tok, err := d.Token()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatalf("%s: not well-formed: %v", name, err)
+			}
+			if se, ok := tok.(xml.StartElement); ok {
+				elems[se.Name.Local]++
+			}
+		}
+		if elems["svg"] != 1 || elems["rect"] == 0 || elems["text"] == 0 {
+			t.Errorf("%s: elements %v", name, elems)
+		}
+		s := b.String()
+		if name == "hotplug" {
+			for _, want := range []string{"dev0", "dev1", "IOMMU entries", "type1 entry limit per device: 65,535", colUnplugged, colMMIO, "<polyline"} {
+				if !strings.Contains(s, want) {
+					t.Errorf("%s: drawing lacks %q", name, want)
+				}
+			}
+			if len(s) > 1<<20 {
+				t.Errorf("drawing of %d bytes", len(s))
+			}
+		}
+	}
+}

@@ -1,0 +1,451 @@
+package replay
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
+
+	"gmem/iommu"
+	"gmem/memattr"
+	"gmem/trace"
+)
+
+// replayText replays a JSON Lines trace and fails the test on any violation.
+func replayText(t *testing.T, text string) (*Replayer, Result) {
+	t.Helper()
+	tr, err := trace.Parse(strings.NewReader(text), trace.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp := New(Options{})
+	for i, e := range tr.Events {
+		if err := rp.Apply(e, tr.Lines[i]); err != nil {
+			t.Fatalf("line %d: %v", tr.Lines[i], err)
+		}
+	}
+	if err := rp.Finish(); err != nil {
+		t.Fatal(err)
+	}
+	return rp, rp.Result()
+}
+
+// want is what a golden test checks of a Result; every field is compared.
+type want struct {
+	events, conversions, rejected, invalid, diverged uint64
+	shared, unplugged                                uint64
+	devices                                          int
+	base, gmem                                       runWant
+}
+
+type runWant struct {
+	final, peak, maps, unmaps, splits, limit, failures uint64
+}
+
+func (w want) check(t *testing.T, res Result) {
+	t.Helper()
+	got := want{
+		events: res.Events, conversions: res.Conversions, rejected: res.Rejected, invalid: res.Invalid,
+		diverged: res.Diverged, shared: res.SharedBytes, unplugged: res.UnpluggedBytes, devices: res.Devices,
+		base: runWant{res.Baseline.EntriesFinal, res.Baseline.EntriesPeak, res.Baseline.MapCalls, res.Baseline.UnmapCalls,
+			res.Baseline.Splits, res.Baseline.LimitFailures, res.Baseline.Failures},
+		gmem: runWant{res.Gmem.EntriesFinal, res.Gmem.EntriesPeak, res.Gmem.MapCalls, res.Gmem.UnmapCalls,
+			res.Gmem.Splits, res.Gmem.LimitFailures, res.Gmem.Failures},
+	}
+	if diff := cmp.Diff(w, got, cmp.AllowUnexported(want{}, runWant{})); diff != "" {
+		t.Errorf("result (-want +got):\n%s\nviolations %v\nrejections %v", diff, res.ViolationDetails, res.Rejections)
+	}
+	if res.Violations != 0 {
+		t.Errorf("%d violations: %v", res.Violations, res.ViolationDetails)
+	}
+	if res.SharedBytes+res.PrivateBytes+res.UnpluggedBytes != res.RAMBytes {
+		t.Errorf("shared %d + private %d + unplugged %d != RAM %d", res.SharedBytes, res.PrivateBytes, res.UnpluggedBytes, res.RAMBytes)
+	}
+}
+
+const ram1G = `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB","mode":"split"}` + "\n"
+
+// TestGolden replays small hand-written traces whose results are computed by
+// hand in the comments.
+func TestGolden(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		trace string
+		want  want
+	}{
+		{
+			// 2 MiB = 512 pages: the baseline maps 512 granules, gmem one
+			// extent.
+			name: "2MiB to shared on type1",
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}`,
+			want: want{events: 3, conversions: 1, shared: 2 << 20, devices: 1,
+				base: runWant{final: 512, peak: 512, maps: 512},
+				gmem: runWant{final: 1, peak: 1, maps: 1}},
+		},
+		{
+			// One page in the middle back to private: the baseline unmaps
+			// its granule (1 call); gmem unmaps the extent and maps the two
+			// remainders (a split: 1 unmap, 2 maps).
+			name: "4KiB cut out of a 2MiB extent",
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
+{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`,
+			want: want{events: 4, conversions: 2, shared: 2<<20 - 4096, devices: 1,
+				base: runWant{final: 511, peak: 512, maps: 512, unmaps: 1},
+				gmem: runWant{final: 2, peak: 2, maps: 3, unmaps: 1, splits: 1}},
+		},
+		{
+			// The whole range back: only the two runs still shared change,
+			// one notification each, and every entry lies inside one of
+			// them, so each run needs one unmap call per run: 1 + 2.
+			name: "and all of it back to private",
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
+{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"private"}`,
+			want: want{events: 5, conversions: 3, devices: 1,
+				base: runWant{peak: 512, maps: 512, unmaps: 3},
+				gmem: runWant{peak: 2, maps: 3, unmaps: 3, splits: 1}},
+		},
+		{
+			// 1 MiB = 256 granules > limit 100: the baseline refuses before
+			// mapping anything (ENOSPC); gmem needs 1 entry. Converting it
+			// back is accepted by both (a no-op for the baseline).
+			name: "type1 limit",
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"type1","limit":100}
+{"op":"convert","gpa":"0x100000","size":"1MiB","to":"shared"}
+{"op":"convert","gpa":"0x100000","size":"1MiB","to":"private"}
+{"op":"convert","gpa":"0x0","size":"400KiB","to":"shared"}`,
+			// 400 KiB = 100 granules: exactly the limit.
+			want: want{events: 5, conversions: 3, rejected: 1, diverged: 1, shared: 400 << 10, devices: 1,
+				base: runWant{final: 100, peak: 100, maps: 100, limit: 1, failures: 1},
+				gmem: runWant{final: 1, peak: 1, maps: 2, unmaps: 1}},
+		},
+		{
+			// A conversion across RAM, the PCI hole and RAM again: the RAM
+			// parts (one page each side) are mapped by each region's mapper,
+			// the hole is ignored. Converting the hole to private, or memory
+			// that is neither RAM nor MMIO, is invalid.
+			name: "MMIO hole",
+			trace: `{"op":"ram","name":"low","gpa":"0","size":"2GiB","mode":"split"}
+{"op":"mmio","gpa":"2GiB","size":"2GiB"}
+{"op":"ram","name":"high","gpa":"4GiB","size":"1GiB","mode":"split"}
+{"op":"attach","dev":"dev0","iommu":"iommufd"}
+{"op":"convert","gpa":"0x7ffff000","size":"0x80002000","to":"shared"}
+{"op":"convert","gpa":"2GiB","size":"4KiB","to":"private"}
+{"op":"convert","gpa":"5GiB","size":"4KiB","to":"shared"}`,
+			want: want{events: 7, conversions: 3, rejected: 2, invalid: 2, shared: 8192, devices: 1,
+				base: runWant{final: 2, peak: 2, maps: 2},
+				gmem: runWant{final: 2, peak: 2, maps: 2}},
+		},
+		{
+			// virtio-mem: plug 4 MiB (2 blocks), share 2 pages in the first
+			// block (baseline 2 entries, gmem 1), unplug that block: the
+			// mappings go and its pages are private again. Converting
+			// unplugged memory is invalid.
+			name: "hotplug",
+			trace: ram1G + `{"op":"ram","name":"vmem","gpa":"4GiB","size":"1GiB","mode":"split","block":"2MiB"}
+{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"plug","gpa":"4GiB","size":"4MiB"}
+{"op":"convert","gpa":"4GiB","size":"8KiB","to":"shared"}
+{"op":"convert","gpa":"0x100200000","size":"4KiB","to":"shared"}
+{"op":"unplug","gpa":"4GiB","size":"2MiB"}
+{"op":"convert","gpa":"4GiB","size":"4KiB","to":"shared"}`,
+			want: want{events: 8, conversions: 3, rejected: 1, invalid: 1, shared: 4096, unplugged: 1<<30 - 2<<20, devices: 1,
+				base: runWant{final: 1, peak: 3, maps: 3, unmaps: 1},
+				gmem: runWant{final: 1, peak: 2, maps: 2, unmaps: 1}},
+		},
+		{
+			// In place: the mapping goes before the kernel converts (the
+			// phase check would report I2 otherwise).
+			name: "in place",
+			trace: `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB","mode":"inplace"}
+{"op":"attach","dev":"dev0","iommu":"iommufd"}
+{"op":"convert","gpa":"0","size":"64KiB","to":"shared"}
+{"op":"convert","gpa":"0x8000","size":"32KiB","to":"private"}`,
+			want: want{events: 4, conversions: 2, shared: 32 << 10, devices: 1,
+				base: runWant{final: 8, peak: 16, maps: 16, unmaps: 1},
+				gmem: runWant{final: 1, peak: 1, maps: 2, unmaps: 1, splits: 1}},
+		},
+		{
+			// A conversion over two RAM blocks with room for one entry: the
+			// first block's page is mapped, the second refused, and the
+			// first converted back: nothing changes, in either run.
+			name: "refused across two blocks",
+			trace: `{"op":"ram","name":"a","gpa":"0","size":"1GiB","mode":"split"}
+{"op":"ram","name":"b","gpa":"1GiB","size":"1GiB","mode":"split"}
+{"op":"attach","dev":"dev0","iommu":"type1","limit":1}
+{"op":"convert","gpa":"0x3ffff000","size":"8KiB","to":"shared"}`,
+			want: want{events: 4, conversions: 1, rejected: 1, devices: 1,
+				base: runWant{maps: 1, unmaps: 1, limit: 1, failures: 1},
+				gmem: runWant{maps: 1, unmaps: 1, limit: 1, failures: 1}},
+		},
+		{
+			// Attaching after the guest shared 2 MiB: registering replays
+			// it, 512 entries for the baseline (over the limit of 100, so
+			// its attach is refused) and 1 for gmem. Detach drops what was
+			// mapped but keeps the counts.
+			name: "attach after conversions, detach",
+			trace: ram1G + `{"op":"convert","gpa":"0","size":"2MiB","to":"shared"}
+{"op":"attach","dev":"dev0","iommu":"type1","limit":100}
+{"op":"detach","dev":"dev0"}
+{"op":"attach","dev":"dev1","iommu":"iommufd"}
+{"op":"detach","dev":"dev1"}`,
+			want: want{events: 6, conversions: 1, rejected: 1, diverged: 1, shared: 2 << 20,
+				base: runWant{peak: 512, maps: 512, unmaps: 1, limit: 1, failures: 1},
+				gmem: runWant{peak: 1, maps: 2, unmaps: 2}},
+		},
+		{
+			// Events that break the trace's rules are refused by both runs.
+			name: "invalid events",
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"detach","dev":"nope"}
+{"op":"plug","gpa":"0","size":"2MiB"}
+{"op":"ram","name":"ram0","gpa":"2GiB","size":"1GiB","mode":"split"}
+{"op":"ram","name":"other","gpa":"512MiB","size":"1GiB","mode":"split"}
+{"op":"convert","gpa":"0xfffff000","size":"8KiB","to":"shared"}`,
+			want: want{events: 8, conversions: 1, rejected: 6, invalid: 6, devices: 1},
+		},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, res := replayText(t, c.trace)
+			c.want.check(t, res)
+		})
+	}
+}
+
+// TestViolationsDetected breaks the state behind the library's back and
+// expects the checks to report it: they can fail.
+func TestViolationsDetected(t *testing.T) {
+	setup := ram1G + `{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}`
+	apply := func(rp *Replayer, line string) error {
+		e, err := trace.ParseEvent([]byte(line))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rp.Apply(e, 99)
+	}
+	t.Run("mapping of a private page", func(t *testing.T) {
+		rp, _ := replayTextOpen(t, setup)
+		dev := rp.runs[1].devices["dev0"]
+		if err := dev.space.Map(0x600000, 4096, nil); err != nil {
+			t.Fatal(err)
+		}
+		err := apply(rp, `{"op":"convert","gpa":"0x600000","size":"4KiB","to":"private"}`)
+		var v *Violation
+		if !errors.As(err, &v) || v.Invariant != "I2" || v.Run != "gmem" || v.Line != 99 || v.Event != 4 {
+			t.Fatalf("got %v, want an I2 violation in gmem at event 4, line 99", err)
+		}
+		if res := rp.Result(); res.Violations < 2 || !slices.ContainsFunc(res.ViolationDetails, func(v Violation) bool {
+			return v.Invariant == "I1" && strings.Contains(v.Detail, "mappers hold 1 entries, its IOMMU 2")
+		}) {
+			t.Errorf("the entry count mismatch was not reported: %+v", res.ViolationDetails)
+		}
+	})
+	t.Run("mapping removed", func(t *testing.T) {
+		rp, _ := replayTextOpen(t, setup)
+		dev := rp.runs[0].devices["dev0"]
+		if _, err := dev.space.Unmap(0x3ff000, 4096); err != nil {
+			t.Fatal(err)
+		}
+		err := rp.Finish()
+		var v *Violation
+		if !errors.As(err, &v) || v.Invariant != "I1" || v.Run != "baseline" || v.Event != 0 || !strings.Contains(v.Detail, "populated but not mapped") {
+			t.Fatalf("got %v, want I1 in the baseline at the end", err)
+		}
+	})
+	t.Run("runs disagree", func(t *testing.T) {
+		rp, _ := replayTextOpen(t, setup)
+		// Share a page in gmem only, with no device to notice.
+		if err := rp.runs[1].regions[0].attrs.Convert(0x800000, 4096, memattr.Shared); err != nil {
+			t.Fatal(err)
+		}
+		err := rp.Finish()
+		var v *Violation
+		if !errors.As(err, &v) || v.Run != "both" || v.Invariant != "I4" {
+			t.Fatalf("got %v, want the runs to disagree", err)
+		}
+	})
+	t.Run("event range disagrees", func(t *testing.T) {
+		rp, _ := replayTextOpen(t, setup)
+		// A refused event must leave the state as it was: make the
+		// baseline's IOMMU refuse, then change the state behind its back
+		// from its fault hook, as a broken rollback would.
+		base := rp.runs[0]
+		base.devices["dev0"].model.SetFault(func(iommu.Call) error { return unix.EIO })
+		err := apply(rp, `{"op":"convert","gpa":"0x800000","size":"4KiB","to":"shared"}`)
+		if err != nil {
+			t.Fatalf("refused event: %v", err)
+		}
+		res := rp.Result()
+		if res.Rejected != 1 || res.Diverged != 1 || res.Baseline.Failures != 1 || res.Baseline.LimitFailures != 0 {
+			t.Errorf("refusal not counted: %+v", res)
+		}
+		base.devices["dev0"].model.SetFault(nil)
+		// Both accept the way back: the range is the same again.
+		if err := apply(rp, `{"op":"convert","gpa":"0x800000","size":"4KiB","to":"private"}`); err != nil {
+			t.Fatal(err)
+		}
+		if err := rp.Finish(); err != nil {
+			t.Fatal(err)
+		}
+		if len(rp.diverged.rs) != 0 {
+			t.Errorf("diverged ranges left: %v", rp.diverged.rs)
+		}
+	})
+}
+
+// replayTextOpen is replayText without Finish.
+func replayTextOpen(t *testing.T, text string) (*Replayer, Result) {
+	t.Helper()
+	tr, err := trace.Parse(strings.NewReader(text), trace.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp := New(Options{})
+	for i, e := range tr.Events {
+		if err := rp.Apply(e, tr.Lines[i]); err != nil {
+			t.Fatalf("line %d: %v", tr.Lines[i], err)
+		}
+	}
+	return rp, rp.Result()
+}
+
+// TestGenerators replays every generator at a small size, in several
+// machine configurations, and expects no violation and no invalid event.
+func TestGenerators(t *testing.T) {
+	configs := []trace.Common{
+		{RAM: 1 << 30, Events: 300, Devices: 2, IOMMU: trace.Type1, Mode: trace.Split, Platform: trace.TDX, Seed: 1},
+		{RAM: 3 << 30, Events: 300, Devices: 1, IOMMU: trace.IOMMUFD, Mode: trace.InPlace, Platform: trace.SNP, Seed: 2},
+		{RAM: 1 << 30, Events: 300, Devices: 1, IOMMU: trace.Type1, Limit: 300, Mode: trace.InPlace, Platform: trace.TDX, Seed: 3},
+	}
+	for i, c := range configs {
+		gens := map[string]func() (func(func(trace.Event) bool), error){
+			"boot":     func() (func(func(trace.Event) bool), error) { return trace.Boot(trace.BootOptions{Common: c}) },
+			"churn":    func() (func(func(trace.Event) bool), error) { return trace.Churn(trace.ChurnOptions{Common: c}) },
+			"implicit": func() (func(func(trace.Event) bool), error) { return trace.Implicit(trace.ImplicitOptions{Common: c}) },
+			"hugepage": func() (func(func(trace.Event) bool), error) {
+				return trace.Hugepage(trace.HugepageOptions{Common: c, Huge: 2 << 20})
+			},
+			"hotplug": func() (func(func(trace.Event) bool), error) { return trace.Hotplug(trace.HotplugOptions{Common: c}) },
+			"adversarial": func() (func(func(trace.Event) bool), error) {
+				return trace.Adversarial(trace.AdversarialOptions{Common: c, Window: 1 << 20})
+			},
+		}
+		for name, gen := range gens {
+			t.Run(fmt.Sprintf("%s/config%d", name, i), func(t *testing.T) {
+				seq, err := gen()
+				if err != nil {
+					t.Fatal(err)
+				}
+				res := Events(seq, Options{})
+				if res.Violations != 0 || res.Invalid != 0 {
+					t.Fatalf("%d violations, %d invalid: %v %v", res.Violations, res.Invalid, res.ViolationDetails, res.Rejections)
+				}
+				if res.Gmem.Failures != 0 {
+					t.Errorf("gmem refused %d events: %v", res.Gmem.Failures, res.Rejections)
+				}
+				if res.Conversions == 0 || res.Gmem.MapCalls == 0 {
+					t.Errorf("nothing replayed: %+v", res)
+				}
+				// gmem never needs more entries than the baseline.
+				if res.Baseline.LimitFailures == 0 && res.Gmem.EntriesPeak > res.Baseline.EntriesPeak {
+					t.Errorf("gmem peak %d > baseline peak %d", res.Gmem.EntriesPeak, res.Baseline.EntriesPeak)
+				}
+			})
+		}
+	}
+}
+
+// TestTerabyte replays the boot of a 1 TiB guest: gmem's state stays small,
+// the baseline's is the bitmap QEMU would hold (1 bit per 4 KiB page), and
+// the baseline runs out of type1 entries at the swiotlb pool where gmem does
+// not.
+func TestTerabyte(t *testing.T) {
+	seq, err := trace.Boot(trace.BootOptions{Common: trace.Common{RAM: 1 << 40, Events: 100, Seed: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := Events(seq, Options{})
+	if res.Violations != 0 || res.Invalid != 0 || res.Gmem.Failures != 0 {
+		t.Fatalf("%d violations, %d invalid, gmem refused %d: %v", res.Violations, res.Invalid, res.Gmem.Failures, res.ViolationDetails)
+	}
+	if res.RAMBytes != 1<<40 {
+		t.Errorf("RAM %d, want 1 TiB", res.RAMBytes)
+	}
+	if want := uint64(1<<40) / 4096 / 8; res.Baseline.StateBytes != want {
+		t.Errorf("baseline state %d bytes, want %d", res.Baseline.StateBytes, want)
+	}
+	if res.Gmem.StateBytes > 64<<10 {
+		t.Errorf("gmem state %d bytes for a few hundred runs", res.Gmem.StateBytes)
+	}
+	if res.Baseline.LimitFailures == 0 || res.Gmem.LimitFailures != 0 || res.Baseline.EntriesPeak > defaultType1Limit {
+		t.Errorf("limit failures baseline %d gmem %d, baseline peak %d", res.Baseline.LimitFailures, res.Gmem.LimitFailures, res.Baseline.EntriesPeak)
+	}
+	// The pool is 1 GiB at the top of the low 2 GiB: gmem maps it with one
+	// entry per 2 MiB request.
+	if res.Gmem.EntriesPeak < 512 || res.Gmem.EntriesPeak > 512+600 {
+		t.Errorf("gmem peak %d entries, want 512 for the pool plus the live buffers", res.Gmem.EntriesPeak)
+	}
+}
+
+func TestProgress(t *testing.T) {
+	var calls []uint64
+	rp := New(Options{ProgressEvery: 10, Progress: func(n uint64) { calls = append(calls, n) }})
+	e := trace.RAM{Name: "r", GPA: 0, Size: 1 << 30, Mode: trace.Split}
+	for range 35 {
+		_ = rp.Apply(e, 0) // the repeats are invalid; they still count
+	}
+	if diff := cmp.Diff([]uint64{10, 20, 30}, calls); diff != "" {
+		t.Errorf("progress calls (-want +got):\n%s", diff)
+	}
+	if res := rp.Result(); res.Invalid != 34 {
+		t.Errorf("invalid %d, want 34", res.Invalid)
+	}
+	if err := rp.Finish(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rp.Apply(e, 0); err == nil {
+		t.Error("Apply after Finish succeeded")
+	}
+	if err := rp.Finish(); err == nil {
+		t.Error("second Finish succeeded")
+	}
+}
+
+// TestResultJSON checks the field names other tools rely on.
+func TestResultJSON(t *testing.T) {
+	_, res := replayText(t, ram1G+`{"op":"attach","dev":"d","iommu":"type1"}`)
+	b, err := json.Marshal(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"events", "conversions", "rejected", "violations", "shared_bytes", "private_bytes", "unplugged_bytes"} {
+		if _, ok := m[k].(float64); !ok {
+			t.Errorf("field %q missing or not a number", k)
+		}
+	}
+	for _, run := range []string{"baseline", "gmem"} {
+		sub, ok := m[run].(map[string]any)
+		if !ok {
+			t.Fatalf("object %q missing", run)
+		}
+		for _, k := range []string{"entries_final", "entries_peak", "map_calls", "unmap_calls", "splits", "state_bytes", "limit_failures", "ns_per_event"} {
+			if _, ok := sub[k].(float64); !ok {
+				t.Errorf("%s.%s missing or not a number", run, k)
+			}
+		}
+	}
+}
