@@ -156,7 +156,14 @@ func (m *Manager) populated(r span.Range, skip Source) []span.Range {
 		}
 		runs := s.AppendPopulated(nil, r)
 		if first {
-			acc, first = runs, false
+			// A source need not return maximal runs; merging them keeps
+			// replay coalesced and IsPopulated exact with one source.
+			for _, x := range runs {
+				if !x.Empty() {
+					acc = appendRun(acc, x)
+				}
+			}
+			first = false
 		} else {
 			acc = intersectRuns(acc, runs)
 		}
@@ -197,7 +204,7 @@ func (m *Manager) AddSource(s Source) error {
 		before := m.populated(m.whole(), nil)
 		lost := intersectRuns(before, complementRuns(m.whole(), s.AppendPopulated(nil, m.whole())))
 		var log txlog
-		defer log.settle()
+		defer func() { log.settle() }() // the log as it is at return, not now
 		if err := m.notifyTo(m.listeners, &log, lost, false); err != nil {
 			return fmt.Errorf("discard: adding source: %w", err)
 		}
@@ -220,7 +227,7 @@ func (m *Manager) RemoveSource(s Source) error {
 		others := m.populated(m.whole(), s)
 		gained := intersectRuns(others, complementRuns(m.whole(), s.AppendPopulated(nil, m.whole())))
 		var log txlog
-		defer log.settle()
+		defer func() { log.settle() }() // the log as it is at return, not now
 		if err := m.notifyTo(m.listeners, &log, gained, true); err != nil {
 			return fmt.Errorf("discard: removing source: %w", err)
 		}
@@ -250,7 +257,7 @@ func (m *Manager) Register(l Listener, s Section) error {
 	}
 	reg := &registration{l: l, sec: s}
 	var log txlog
-	defer log.settle()
+	defer func() { log.settle() }() // the log as it is at return, not now
 	if err := m.notifyTo([]*registration{reg}, &log, m.populated(s.Range(), nil), true); err != nil {
 		return fmt.Errorf("discard: register: %w", err)
 	}
@@ -270,6 +277,10 @@ func (m *Manager) Unregister(l Listener) error {
 	if sec := m.listeners[i].sec; sec.Size > 0 {
 		if err := l.Discard(sec); err != nil {
 			return fmt.Errorf("discard: unregister: discard %v: %w", sec, err)
+		}
+		// Unregistering is an operation of its own: it will not be reverted.
+		if j, ok := l.(Journal); ok {
+			j.Settle(sec)
 		}
 	}
 	m.listeners = slices.Delete(m.listeners, i, i+1)

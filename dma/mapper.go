@@ -216,6 +216,9 @@ func (m *Mapper) populate(s discard.Section) error {
 		emit(at, end)
 	}
 	if len(pieces) == 0 {
+		// Nothing to map, but still a notification a failed operation may
+		// revert, as for a discard of nothing.
+		m.journal[s] = change{}
 		return nil
 	}
 	if err := m.budget(uint64(len(pieces))); err != nil {
@@ -310,15 +313,15 @@ func (m *Mapper) discard(s discard.Section) error {
 				doneRest = append(doneRest, p)
 			}
 		}
-		m.stats.Splits++
 		m.log.Debug("dma entry split", "iova", e.iova, "size", e.size, "discard", r)
 	}
 	if len(inside) > 0 {
 		if err := m.unmapEntries(inside); err != nil {
-			m.stats.Splits -= uint64(len(cut))
 			return undo(err)
 		}
 	}
+	// Counted only now: a discard that failed and was undone split nothing.
+	m.stats.Splits += uint64(len(cut))
 	m.journal[s] = change{removed: append(cut, inside...), added: rest, splits: uint64(len(cut))}
 	return nil
 }

@@ -1,0 +1,425 @@
+package dma_test
+
+import (
+	"errors"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
+
+	"gmem/discard"
+	"gmem/dma"
+	"gmem/iommu"
+)
+
+const pg = 4096
+
+// gpa is where region offset 0 appears in the tests: IOVA = GPA, so IOVAs
+// differ from region offsets and a mix-up between them shows.
+const gpa = 0x4000_0000
+
+// sec returns the section of pages [first, first+n) of the region.
+func sec(first, n uint64) discard.Section {
+	return discard.Section{Offset: first * pg, Size: n * pg, GPA: gpa + first*pg}
+}
+
+// ent is an IOMMU entry over pages [first, first+n) of the region.
+func ent(first, n uint64) iommu.Mapping {
+	return iommu.Mapping{IOVA: gpa + first*pg, Size: n * pg}
+}
+
+type fixture struct {
+	t      *testing.T
+	model  *iommu.Model
+	mapper *dma.Mapper
+	host   []byte
+}
+
+func newFixture(t *testing.T, caps iommu.Caps, opts dma.Options) *fixture {
+	t.Helper()
+	model := iommu.NewModel(caps)
+	host := make([]byte, 64*pg)
+	m, err := dma.New(model, host, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{t: t, model: model, mapper: m, host: host}
+}
+
+// entries checks that the mapper's table and the IOMMU both hold want.
+func (f *fixture) entries(want ...iommu.Mapping) {
+	f.t.Helper()
+	if want == nil {
+		want = []iommu.Mapping{}
+	}
+	if diff := cmp.Diff(want, f.model.Mappings()); diff != "" {
+		f.t.Fatalf("IOMMU entries (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(want, f.mapper.Entries()); diff != "" {
+		f.t.Fatalf("mapper table (-want +got):\n%s", diff)
+	}
+}
+
+// reach checks, page by page over [0, 64), which pages a device reaches.
+func (f *fixture) reach(pages ...uint64) {
+	f.t.Helper()
+	want := map[uint64]bool{}
+	for _, p := range pages {
+		want[p] = true
+	}
+	for p := range uint64(64) {
+		err := f.model.DMAWrite(gpa+p*pg+16, []byte{byte(p + 1)})
+		switch {
+		case want[p] && err != nil:
+			f.t.Fatalf("page %d: DMA refused: %v", p, err)
+		case !want[p] && err == nil:
+			f.t.Fatalf("page %d: DMA reached a page that must be unmapped", p)
+		case want[p] && f.host[p*pg+16] != byte(p+1):
+			f.t.Fatalf("page %d: DMA did not land in the host page behind it", p)
+		}
+	}
+}
+
+func (f *fixture) populate(s discard.Section) {
+	f.t.Helper()
+	if err := f.mapper.Populate(s); err != nil {
+		f.t.Fatalf("Populate(%v): %v", s, err)
+	}
+}
+
+func (f *fixture) discard(s discard.Section) {
+	f.t.Helper()
+	if err := f.mapper.Discard(s); err != nil {
+		f.t.Fatalf("Discard(%v): %v", s, err)
+	}
+}
+
+func TestPolicy(t *testing.T) {
+	for _, p := range []dma.Policy{dma.Extent, dma.Granule} {
+		got, err := dma.ParsePolicy(p.String())
+		if err != nil || got != p {
+			t.Errorf("ParsePolicy(%q) = %v, %v", p.String(), got, err)
+		}
+	}
+	if _, err := dma.ParsePolicy("adaptive"); err == nil {
+		t.Error("ParsePolicy accepted an unknown policy")
+	}
+	model := iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD})
+	if _, err := dma.New(model, nil, dma.Options{Granularity: 3 * pg}); err == nil {
+		t.Error("New accepted a granularity that is not a power of two")
+	}
+	if _, err := dma.New(model, nil, dma.Options{Policy: dma.Policy(7)}); err == nil {
+		t.Error("New accepted an unknown policy")
+	}
+	m, err := dma.New(model, nil, dma.Options{})
+	if err != nil || m.Policy() != dma.Extent {
+		t.Errorf("default policy = %v, %v; want extent", m.Policy(), err)
+	}
+}
+
+// TestExtentEntries checks that Extent maps one entry per populate, never
+// merges two notifications, and maps only the gaps of a partly mapped
+// section.
+func TestExtentEntries(t *testing.T) {
+	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2}, dma.Options{})
+	f.populate(sec(0, 16))
+	f.entries(ent(0, 16))
+	f.populate(sec(16, 4)) // adjacent: a second entry, not a grown first one
+	f.entries(ent(0, 16), ent(16, 4))
+	f.populate(sec(30, 2))
+	// Populating over mapped parts maps only the two gaps [20,30) and [32,40).
+	f.populate(sec(8, 32))
+	f.entries(ent(0, 16), ent(16, 4), ent(20, 10), ent(30, 2), ent(32, 8))
+	f.populate(sec(0, 40)) // all mapped: no call at all
+	st := f.mapper.Stats()
+	want := dma.Stats{Entries: 5, PeakEntries: 5, MappedBytes: 40 * pg, MapCalls: 5}
+	if diff := cmp.Diff(want, st); diff != "" {
+		t.Fatalf("stats (-want +got):\n%s", diff)
+	}
+	f.reach(rangeOf(0, 40)...)
+	if f.mapper.Populate(discard.Section{Offset: pg, GPA: gpa}) != nil || f.mapper.Stats().MapCalls != 5 {
+		t.Fatal("an empty section must map nothing")
+	}
+}
+
+func rangeOf(first, n uint64) []uint64 {
+	var out []uint64
+	for p := first; p < first+n; p++ {
+		out = append(out, p)
+	}
+	return out
+}
+
+// TestGranuleEntries checks that Granule maps one entry per granule, aligned
+// to the granule in region offsets, and that discarding never splits.
+func TestGranuleEntries(t *testing.T) {
+	t.Run("4K", func(t *testing.T) {
+		f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2}, dma.Options{Policy: dma.Granule})
+		f.populate(sec(2, 5))
+		f.entries(ent(2, 1), ent(3, 1), ent(4, 1), ent(5, 1), ent(6, 1))
+		f.discard(sec(3, 2))
+		f.entries(ent(2, 1), ent(5, 1), ent(6, 1))
+		st := f.mapper.Stats()
+		if st.MapCalls != 5 || st.UnmapCalls != 1 || st.Splits != 0 || st.Entries != 3 || st.PeakEntries != 5 {
+			t.Fatalf("stats %+v", st)
+		}
+		f.reach(2, 5, 6)
+	})
+	t.Run("16K", func(t *testing.T) {
+		f := newFixture(t, iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{Policy: dma.Granule, Granularity: 4 * pg})
+		// Pages [2, 11): granules [0,4) [4,8) [8,12) of region offsets,
+		// clipped to the section.
+		f.populate(sec(2, 9))
+		f.entries(ent(2, 2), ent(4, 4), ent(8, 3))
+		// A discard below the granule cuts a granule entry: counted.
+		f.discard(sec(5, 1))
+		f.entries(ent(2, 2), ent(4, 1), ent(6, 2), ent(8, 3))
+		if st := f.mapper.Stats(); st.Splits != 1 {
+			t.Fatalf("Splits = %d, want 1", st.Splits)
+		}
+		f.reach(2, 3, 4, 6, 7, 8, 9, 10)
+	})
+}
+
+// TestDiscardSplit checks a discard in the middle of an extent: one split,
+// the remainder still reachable, the cut pages not.
+func TestDiscardSplit(t *testing.T) {
+	for _, rules := range []iommu.Rules{iommu.Type1v2, iommu.IOMMUFD} {
+		t.Run(rules.String(), func(t *testing.T) {
+			f := newFixture(t, iommu.Caps{Rules: rules}, dma.Options{})
+			f.populate(sec(0, 16))
+			f.discard(sec(4, 4))
+			f.entries(ent(0, 4), ent(8, 8))
+			f.reach(append(rangeOf(0, 4), rangeOf(8, 8)...)...)
+			want := dma.Stats{Entries: 2, PeakEntries: 2, MappedBytes: 12 * pg, MapCalls: 3, UnmapCalls: 1, Splits: 1}
+			if diff := cmp.Diff(want, f.mapper.Stats()); diff != "" {
+				t.Fatalf("stats (-want +got):\n%s", diff)
+			}
+			// A discard over a whole entry and part of the next: one split
+			// (the straddler), one unmap for the whole entry.
+			f.discard(sec(0, 10))
+			f.entries(ent(10, 6))
+			f.reach(rangeOf(10, 6)...)
+			st := f.mapper.Stats()
+			if st.Splits != 2 || st.Entries != 1 || st.MappedBytes != 6*pg {
+				t.Fatalf("stats after the second discard: %+v", st)
+			}
+			// A discard of nothing mapped makes no call.
+			f.discard(sec(40, 4))
+			if got := f.mapper.Stats(); got.UnmapCalls != st.UnmapCalls || got.MapCalls != st.MapCalls {
+				t.Fatalf("a discard of unmapped pages made calls: %+v", got)
+			}
+			// Exactly an entry: no split.
+			f.discard(sec(10, 6))
+			f.entries()
+			if got := f.mapper.Stats(); got.Splits != 2 || got.Entries != 0 || got.MappedBytes != 0 {
+				t.Fatalf("stats at the end: %+v", got)
+			}
+		})
+	}
+}
+
+// TestPopulateBudget checks that a populate needing more entries than are
+// left fails with ENOSPC before any map call.
+func TestPopulateBudget(t *testing.T) {
+	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 4}, dma.Options{Policy: dma.Granule})
+	f.populate(sec(0, 1))
+	maps, unmaps := f.model.Calls()
+	err := f.mapper.Populate(sec(8, 4)) // needs 4, 3 left
+	if !errors.Is(err, unix.ENOSPC) {
+		t.Fatalf("Populate over budget = %v, want ENOSPC", err)
+	}
+	if m2, u2 := f.model.Calls(); m2 != maps || u2 != unmaps {
+		t.Fatalf("a populate over budget reached the IOMMU: %d/%d map/unmap calls, had %d/%d", m2, u2, maps, unmaps)
+	}
+	f.entries(ent(0, 1))
+	st := f.mapper.Stats()
+	if st.MapCalls != 1 || st.Failures != 1 {
+		t.Fatalf("stats %+v, want 1 map call and 1 failure", st)
+	}
+	f.populate(sec(8, 3)) // exactly what is left
+	f.entries(ent(0, 1), ent(8, 1), ent(9, 1), ent(10, 1))
+}
+
+// TestDiscardBudget checks that a discard needing a split with no entry left
+// fails with ENOSPC and changes nothing, while a discard whose splits give
+// back as many entries as they take succeeds at the limit.
+func TestDiscardBudget(t *testing.T) {
+	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 2}, dma.Options{})
+	f.populate(sec(0, 4))
+	f.populate(sec(8, 4))
+	maps, unmaps := f.model.Calls()
+	err := f.mapper.Discard(sec(1, 1)) // one entry becomes two: needs one more
+	if !errors.Is(err, unix.ENOSPC) {
+		t.Fatalf("Discard needing a split at the limit = %v, want ENOSPC", err)
+	}
+	if m2, u2 := f.model.Calls(); m2 != maps || u2 != unmaps {
+		t.Fatal("the refused discard reached the IOMMU")
+	}
+	f.entries(ent(0, 4), ent(8, 4))
+	if st := f.mapper.Stats(); st.Splits != 0 || st.Failures != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+	// Two straddlers, each leaving one piece: net zero entries.
+	f.discard(sec(3, 6))
+	f.entries(ent(0, 3), ent(9, 3))
+	f.reach(0, 1, 2, 9, 10, 11)
+	if st := f.mapper.Stats(); st.Splits != 2 || st.Entries != 2 || st.PeakEntries != 2 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// TestRevert checks that Revert restores the exact entries a notification
+// replaced, and the split count, and that it needs a pending notification.
+func TestRevert(t *testing.T) {
+	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 3}, dma.Options{})
+	f.populate(sec(0, 16))
+	f.mapper.Settle(sec(0, 16))
+	if err := f.mapper.Revert(sec(0, 16)); err == nil {
+		t.Fatal("Revert after Settle succeeded")
+	}
+	f.discard(sec(4, 4))
+	f.entries(ent(0, 4), ent(8, 8))
+	if err := f.mapper.Revert(sec(4, 4)); err != nil {
+		t.Fatal(err)
+	}
+	// One entry again, not two pieces plus a remapped middle.
+	f.entries(ent(0, 16))
+	if st := f.mapper.Stats(); st.Splits != 0 || st.Entries != 1 {
+		t.Fatalf("stats after revert: %+v", st)
+	}
+	if err := f.mapper.Revert(sec(4, 4)); err == nil {
+		t.Fatal("a second Revert of the same notification succeeded")
+	}
+	// Revert of a populate removes only what it added.
+	f.populate(sec(14, 6))
+	f.entries(ent(0, 16), ent(16, 4))
+	if err := f.mapper.Revert(sec(14, 6)); err != nil {
+		t.Fatal(err)
+	}
+	f.entries(ent(0, 16))
+	// Revert of a discard that removed whole entries at the limit.
+	f.populate(sec(20, 1))
+	f.populate(sec(22, 1))
+	f.discard(sec(16, 8))
+	f.entries(ent(0, 16))
+	if err := f.mapper.Revert(sec(16, 8)); err != nil {
+		t.Fatal(err)
+	}
+	f.entries(ent(0, 16), ent(20, 1), ent(22, 1))
+	f.reach(append(rangeOf(0, 16), 20, 22)...)
+	// A populate or discard that found nothing to do is revertible too, and
+	// its revert changes nothing.
+	f.populate(sec(0, 4))
+	f.discard(sec(40, 4))
+	if err := f.mapper.Revert(sec(0, 4)); err != nil {
+		t.Fatalf("Revert of a populate that mapped nothing: %v", err)
+	}
+	if err := f.mapper.Revert(sec(40, 4)); err != nil {
+		t.Fatalf("Revert of a discard that unmapped nothing: %v", err)
+	}
+	f.entries(ent(0, 16), ent(20, 1), ent(22, 1))
+}
+
+// TestFailureRestores injects an IOMMU failure at each call of a populate
+// and of a split and checks that the mapper's entries and stats come back
+// as before (except Failures).
+func TestFailureRestores(t *testing.T) {
+	boom := errors.New("boom")
+	type tc struct {
+		name  string
+		opts  dma.Options
+		setup []discard.Section
+		op    func(m *dma.Mapper) error
+	}
+	cases := []tc{
+		{name: "granule populate", opts: dma.Options{Policy: dma.Granule}, op: func(m *dma.Mapper) error { return m.Populate(sec(0, 4)) }},
+		{name: "populate around entries", setup: []discard.Section{sec(2, 1), sec(5, 1)}, op: func(m *dma.Mapper) error { return m.Populate(sec(0, 8)) }},
+		{name: "split in the middle", setup: []discard.Section{sec(0, 16)}, op: func(m *dma.Mapper) error { return m.Discard(sec(4, 4)) }},
+		{name: "two straddlers and inside entries", setup: []discard.Section{sec(0, 4), sec(4, 2), sec(6, 2), sec(8, 4)}, op: func(m *dma.Mapper) error { return m.Discard(sec(2, 8)) }},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			for n := 1; ; n++ {
+				f := newFixture(t, iommu.Caps{Rules: iommu.IOMMUFD}, c.opts)
+				for _, s := range c.setup {
+					f.populate(s)
+				}
+				before, beforeStats := f.model.Mappings(), f.mapper.Stats()
+				calls := 0
+				f.model.SetFault(func(iommu.Call) error {
+					calls++
+					if calls == n {
+						return boom
+					}
+					return nil
+				})
+				err := c.op(f.mapper)
+				f.model.SetFault(nil)
+				if calls < n {
+					if err != nil {
+						t.Fatalf("no fault injected, yet: %v", err)
+					}
+					if n == 1 {
+						t.Fatal("the operation made no IOMMU call")
+					}
+					return
+				}
+				if !errors.Is(err, boom) {
+					t.Fatalf("fault at call %d: err = %v, want boom", n, err)
+				}
+				f.entries(before...)
+				after := f.mapper.Stats()
+				beforeStats.Failures++
+				beforeStats.MapCalls, beforeStats.UnmapCalls = after.MapCalls, after.UnmapCalls
+				beforeStats.PeakEntries = after.PeakEntries
+				if diff := cmp.Diff(beforeStats, after); diff != "" {
+					t.Fatalf("fault at call %d: stats (-want +got):\n%s", n, diff)
+				}
+			}
+		})
+	}
+}
+
+// TestStats follows the counters through a sequence of notifications.
+func TestStats(t *testing.T) {
+	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 8}, dma.Options{})
+	steps := []struct {
+		populate bool
+		s        discard.Section
+		want     dma.Stats
+	}{
+		{true, sec(0, 8), dma.Stats{Entries: 1, PeakEntries: 1, MappedBytes: 8 * pg, MapCalls: 1}},
+		{true, sec(8, 8), dma.Stats{Entries: 2, PeakEntries: 2, MappedBytes: 16 * pg, MapCalls: 2}},
+		{false, sec(2, 2), dma.Stats{Entries: 3, PeakEntries: 3, MappedBytes: 14 * pg, MapCalls: 4, UnmapCalls: 1, Splits: 1}},
+		{false, sec(6, 4), dma.Stats{Entries: 3, PeakEntries: 3, MappedBytes: 10 * pg, MapCalls: 6, UnmapCalls: 3, Splits: 3}},
+		{false, sec(0, 16), dma.Stats{Entries: 0, PeakEntries: 3, MappedBytes: 0, MapCalls: 6, UnmapCalls: 4, Splits: 3}},
+	}
+	for i, st := range steps {
+		var err error
+		if st.populate {
+			err = f.mapper.Populate(st.s)
+		} else {
+			err = f.mapper.Discard(st.s)
+		}
+		if err != nil {
+			t.Fatalf("step %d: %v", i, err)
+		}
+		if diff := cmp.Diff(st.want, f.mapper.Stats()); diff != "" {
+			t.Fatalf("step %d: stats (-want +got):\n%s", i, diff)
+		}
+		if got := uint64(f.model.Len()); got != st.want.Entries {
+			t.Fatalf("step %d: IOMMU holds %d entries, stats say %d", i, got, st.want.Entries)
+		}
+	}
+}
+
+// TestHostBounds checks that a section beyond the host memory is refused
+// before anything is mapped.
+func TestHostBounds(t *testing.T) {
+	f := newFixture(t, iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{})
+	if err := f.mapper.Populate(sec(60, 8)); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("Populate beyond host memory = %v, want EINVAL", err)
+	}
+	f.entries()
+}

@@ -1,0 +1,411 @@
+package invariant_test
+
+import (
+	"math/rand/v2"
+	"runtime"
+	"strconv"
+	"sync"
+	"testing"
+
+	"gmem/discard"
+	"gmem/dma"
+	"gmem/iommu"
+	"gmem/memattr"
+	"gmem/pagemap"
+	"gmem/span"
+)
+
+// Benchmarks compare gmem with the baseline it replaces (QEMU's algorithms:
+// a bitmap of 4 KiB pages, a per-granule replay, one IOMMU entry per
+// granule) in the same run. Run them with a small -benchtime, e.g.
+//
+//	go test -run '^$' -bench . -benchtime 1x ./internal/invariant
+//
+// the 1 TiB baseline replay alone scans 2^28 granules per iteration.
+
+// counter is a listener that only counts, so a replay benchmark measures the
+// replay and not what a listener does with it.
+type counter struct {
+	populates, discards uint64
+	bytes               uint64
+}
+
+func (c *counter) Populate(s discard.Section) error {
+	c.populates++
+	c.bytes += s.Size
+	return nil
+}
+
+func (c *counter) Discard(discard.Section) error { c.discards++; return nil }
+
+// replayPattern returns the populated runs of the 1 TiB replay benchmark, in
+// pages: n runs spread evenly, of 1 to 64 pages each.
+func replayPattern(pages uint64, n int) []span.Range {
+	stride := pages / uint64(n)
+	out := make([]span.Range, n)
+	for i := range n {
+		start := uint64(i) * stride
+		length := 1 + (uint64(i)*7919)%64
+		out[i] = span.Range{Start: start, End: start + length}
+	}
+	return out
+}
+
+// granuleSource is the source interface of QEMU's 2026 aggregating manager:
+// one question per granule, through an indirect call.
+type granuleSource interface {
+	isPopulated(offset, size uint64) bool
+}
+
+// bitmapSource answers from a dense bitmap, as RamBlockAttributes does. A
+// one-granule question reads one bit, which is the cheapest form of QEMU's
+// find_next_zero_bit over [first, last]: generous to the baseline.
+type bitmapSource struct{ bm *pagemap.Bitmap }
+
+func (b bitmapSource) isPopulated(offset, _ uint64) bool { return b.bm.Get(offset/page) == 1 }
+
+// granuleReplay is QEMU's 2026 replay_by_populated_state: walk the section
+// one granule at a time, ask every source, and hand each maximal populated
+// run to fn.
+func granuleReplay(srcs []granuleSource, s discard.Section, gran uint64, fn func(discard.Section) error) error {
+	var runStart uint64
+	in := false
+	flush := func(end uint64) error {
+		in = false
+		return fn(discard.Section{Offset: runStart, Size: end - runStart, GPA: s.GPA + (runStart - s.Offset)})
+	}
+	end := s.Offset + s.Size
+	for off := s.Offset; off < end; off += gran {
+		all := true
+		for _, src := range srcs {
+			if !src.isPopulated(off, gran) {
+				all = false
+				break
+			}
+		}
+		switch {
+		case all && !in:
+			runStart, in = off, true
+		case !all && in:
+			if err := flush(off); err != nil {
+				return err
+			}
+		}
+	}
+	if in {
+		return flush(end)
+	}
+	return nil
+}
+
+// BenchmarkRegisterReplay registers a listener on a 1 TiB region with
+// 100,000 populated runs: the baseline replays by asking the bitmap about
+// each of the 2^28 granules; gmem merges the sources' runs. Each iteration
+// registers and unregisters (one whole-section discard) the listener.
+func BenchmarkRegisterReplay(b *testing.B) {
+	const (
+		size = 1 << 40
+		runs = 100_000
+	)
+	pages := uint64(size / page)
+	pattern := replayPattern(pages, runs)
+	whole := discard.Section{Size: size}
+
+	b.Run("baseline-granule-scan", func(b *testing.B) {
+		bm, err := pagemap.NewBitmap(pages, 1)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, r := range pattern {
+			if err := bm.Set(r, 1); err != nil {
+				b.Fatal(err)
+			}
+		}
+		srcs := []granuleSource{bitmapSource{bm}}
+		var c counter
+		for b.Loop() {
+			c = counter{}
+			if err := granuleReplay(srcs, whole, page, c.Populate); err != nil {
+				b.Fatal(err)
+			}
+			if err := c.Discard(whole); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if c.populates != runs {
+			b.Fatalf("baseline replayed %d runs, want %d", c.populates, runs)
+		}
+		b.ReportMetric(float64(c.populates), "runs/op")
+		b.ReportMetric(float64(pages), "source-calls/op")
+		b.ReportMetric(float64(bm.Bytes()), "state-bytes")
+	})
+
+	b.Run("gmem-runs", func(b *testing.B) {
+		m := discard.New(size, nil)
+		a, err := memattr.New(m, memattr.Config{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, r := range pattern {
+			if err := a.Convert(r.Start*page, r.Len()*page, memattr.Shared); err != nil {
+				b.Fatal(err)
+			}
+		}
+		var c counter
+		for b.Loop() {
+			c = counter{}
+			if err := m.Register(&c, whole); err != nil {
+				b.Fatal(err)
+			}
+			if err := m.Unregister(&c); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if c.populates != runs {
+			b.Fatalf("gmem replayed %d runs, want %d", c.populates, runs)
+		}
+		b.ReportMetric(float64(c.populates), "runs/op")
+		b.ReportMetric(float64(runs), "source-calls/op") // runs visited
+		b.ReportMetric(float64(a.StateBytes()), "state-bytes")
+	})
+
+	// The same with a real listener: a DMA mapper on a model IOMMU without
+	// entry limit, both sides mapping 100,000 entries per iteration.
+	b.Run("baseline-granule-scan-mapper", func(b *testing.B) {
+		bm, _ := pagemap.NewBitmap(pages, 1)
+		for _, r := range pattern {
+			if err := bm.Set(r, 1); err != nil {
+				b.Fatal(err)
+			}
+		}
+		srcs := []granuleSource{bitmapSource{bm}}
+		var model *iommu.Model
+		for b.Loop() {
+			model = iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD})
+			mp, err := dma.New(model, nil, dma.Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := granuleReplay(srcs, whole, page, mp.Populate); err != nil {
+				b.Fatal(err)
+			}
+			if model.Len() != runs {
+				b.Fatalf("%d entries", model.Len())
+			}
+			if err := mp.Discard(whole); err != nil {
+				b.Fatal(err)
+			}
+		}
+		maps, _ := model.Calls()
+		b.ReportMetric(float64(maps), "map-calls/op")
+	})
+	b.Run("gmem-runs-mapper", func(b *testing.B) {
+		m := discard.New(size, nil)
+		a, err := memattr.New(m, memattr.Config{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, r := range pattern {
+			if err := a.Convert(r.Start*page, r.Len()*page, memattr.Shared); err != nil {
+				b.Fatal(err)
+			}
+		}
+		var model *iommu.Model
+		for b.Loop() {
+			model = iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD})
+			mp, err := dma.New(model, nil, dma.Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := m.Register(mp, whole); err != nil {
+				b.Fatal(err)
+			}
+			if model.Len() != runs {
+				b.Fatalf("%d entries", model.Len())
+			}
+			if err := m.Unregister(mp); err != nil {
+				b.Fatal(err)
+			}
+		}
+		maps, _ := model.Calls()
+		b.ReportMetric(float64(maps), "map-calls/op")
+	})
+}
+
+// convWorld is a region with memattr, a manager and one DMA mapper on a
+// model IOMMU, in the baseline shape (bitmap + granule) or gmem's (runs +
+// extent).
+type convWorld struct {
+	m      *discard.Manager
+	a      *memattr.Attributes
+	model  *iommu.Model
+	mapper *dma.Mapper
+}
+
+func newConvWorld(b *testing.B, size uint64, baseline bool) *convWorld {
+	b.Helper()
+	w := &convWorld{m: discard.New(size, nil)}
+	var err error
+	w.a, err = memattr.New(w.m, memattr.Config{Bitmap: baseline})
+	if err != nil {
+		b.Fatal(err)
+	}
+	w.model = iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD})
+	policy := dma.Extent
+	if baseline {
+		policy = dma.Granule
+	}
+	w.mapper, err = dma.New(w.model, nil, dma.Options{Policy: policy})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := w.m.Register(w.mapper, discard.Section{Size: size}); err != nil {
+		b.Fatal(err)
+	}
+	return w
+}
+
+func (w *convWorld) report(b *testing.B, ops int) {
+	st := w.mapper.Stats()
+	b.ReportMetric(float64(st.MapCalls)/float64(ops), "map-calls/op")
+	b.ReportMetric(float64(st.UnmapCalls)/float64(ops), "unmap-calls/op")
+	b.ReportMetric(float64(st.PeakEntries), "peak-entries")
+	b.ReportMetric(float64(w.a.StateBytes()), "state-bytes")
+}
+
+var shapes = []struct {
+	name     string
+	baseline bool
+}{{"baseline-bitmap-granule", true}, {"gmem-runs-extent", false}}
+
+// BenchmarkConvert4K converts random 4 KiB pages of a 4 GiB region to shared
+// and back (one op = both), with 1,000 other shared runs in the region.
+func BenchmarkConvert4K(b *testing.B) {
+	const size = 4 << 30
+	for _, sh := range shapes {
+		b.Run(sh.name, func(b *testing.B) {
+			w := newConvWorld(b, size, sh.baseline)
+			rng := rand.New(rand.NewPCG(4, 4))
+			// Background: shared runs in the first half, conversions in the
+			// second, so every conversion changes exactly one page.
+			for i := range uint64(1000) {
+				if err := w.a.Convert(i*(size/2/page/1000)*page, 16*page, memattr.Shared); err != nil {
+					b.Fatal(err)
+				}
+			}
+			base := w.mapper.Stats()
+			ops := 0
+			for b.Loop() {
+				off := size/2 + uint64(rng.IntN(size/2/page))*page
+				if err := w.a.Convert(off, page, memattr.Shared); err != nil {
+					b.Fatal(err)
+				}
+				if err := w.a.Convert(off, page, memattr.Private); err != nil {
+					b.Fatal(err)
+				}
+				ops++
+			}
+			st := w.mapper.Stats()
+			b.ReportMetric(float64(st.MapCalls-base.MapCalls)/float64(ops), "map-calls/op")
+			b.ReportMetric(float64(st.UnmapCalls-base.UnmapCalls)/float64(ops), "unmap-calls/op")
+			b.ReportMetric(float64(w.a.StateBytes()), "state-bytes")
+		})
+	}
+}
+
+// BenchmarkConvert1G converts 1 GiB to shared and back (one op = both): the
+// baseline maps it as 262,144 granules, gmem as one entry.
+func BenchmarkConvert1G(b *testing.B) {
+	const size = 2 << 30
+	for _, sh := range shapes {
+		b.Run(sh.name, func(b *testing.B) {
+			w := newConvWorld(b, size, sh.baseline)
+			ops := 0
+			for b.Loop() {
+				if err := w.a.Convert(0, 1<<30, memattr.Shared); err != nil {
+					b.Fatal(err)
+				}
+				if err := w.a.Convert(0, 1<<30, memattr.Private); err != nil {
+					b.Fatal(err)
+				}
+				ops++
+			}
+			if w.model.Len() != 0 {
+				b.Fatalf("%d entries left", w.model.Len())
+			}
+			w.report(b, ops)
+		})
+	}
+}
+
+// BenchmarkParallelConvert converts random pages of disjoint lanes of one
+// region from GOMAXPROCS goroutines, against one goroutine doing the same
+// work. One op is 1,024 conversions (512 pages to shared and back) in total.
+func BenchmarkParallelConvert(b *testing.B) {
+	const (
+		size  = 1 << 30
+		work  = 512
+		procs = 0 // GOMAXPROCS
+	)
+	for _, listeners := range []int{0, 1} {
+		for _, parallel := range []bool{false, true} {
+			name := "serial"
+			if parallel {
+				name = "parallel"
+			}
+			b.Run(name+"/listeners="+strconv.Itoa(listeners), func(b *testing.B) {
+				n := runtime.GOMAXPROCS(procs)
+				m := discard.New(size, nil)
+				a, err := memattr.New(m, memattr.Config{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if listeners > 0 {
+					mp, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, dma.Options{})
+					if err != nil {
+						b.Fatal(err)
+					}
+					if err := m.Register(mp, discard.Section{Size: size}); err != nil {
+						b.Fatal(err)
+					}
+				}
+				lane := uint64(size / n)
+				// convert does count pages of lane l, to shared and back.
+				convert := func(rng *rand.Rand, l, count int) {
+					for range count {
+						off := uint64(l)*lane + uint64(rng.IntN(int(lane/page)))*page
+						if err := a.Convert(off, page, memattr.Shared); err != nil {
+							b.Error(err)
+							return
+						}
+						if err := a.Convert(off, page, memattr.Private); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				}
+				rngs := make([]*rand.Rand, n)
+				for i := range rngs {
+					rngs[i] = rand.New(rand.NewPCG(uint64(i), 9))
+				}
+				iters := 0
+				for b.Loop() {
+					iters++
+					if !parallel {
+						for l := range n {
+							convert(rngs[0], l, work/n)
+						}
+						continue
+					}
+					var wg sync.WaitGroup
+					for l := range n {
+						wg.Go(func() { convert(rngs[l], l, work/n) })
+					}
+					wg.Wait()
+				}
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(iters*work*2), "ns/conversion")
+				b.ReportMetric(float64(n), "goroutines")
+			})
+		}
+	}
+}
