@@ -1,0 +1,248 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"time"
+
+	"gmem/dma"
+	"gmem/guestmem"
+	"gmem/iommu"
+	"gmem/kvm"
+	"gmem/vmm"
+)
+
+// runDemo implements "gmem demo": it boots the built-in guest on KVM and
+// reports what its conversions and its device's DMA did.
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return demoEnv{kvmPath: kvm.DevicePath}.run(ctx, args, stdout, stderr)
+}
+
+// demoEnv is what tests change: the KVM device, and a scenario in place of
+// the built-in one.
+type demoEnv struct {
+	kvmPath  string
+	scenario *vmm.Scenario
+}
+
+// demoFlags are the command line of gmem demo.
+type demoFlags struct {
+	mode    guestmem.Mode
+	vcpus   int
+	policy  dma.Policy
+	rules   iommu.Rules
+	json    bool
+	noKVM   bool
+	quiet   bool
+	timeout time.Duration
+}
+
+// parseDemoFlags parses the command line. It returns flag.ErrHelp for -h.
+func parseDemoFlags(args []string) (demoFlags, *flag.FlagSet, error) {
+	f := demoFlags{vcpus: 2, timeout: 60 * time.Second}
+	var mode, policy, rules string
+	fs := flag.NewFlagSet("gmem demo", flag.ContinueOnError)
+	// Errors are printed by the caller, once, in one format.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	fs.StringVar(&mode, "mode", "inplace", "guest RAM backing: `inplace` (one guest_memfd, mmap-able) or split (guest_memfd + memfd)")
+	fs.IntVar(&f.vcpus, "vcpus", f.vcpus, fmt.Sprintf("number of vCPUs, 1 to %d (vCPU 0 runs the scenario, the others convert concurrently)", vmm.MaxVCPUs))
+	fs.StringVar(&policy, "policy", "extent", "IOMMU mapping policy: `extent` (one entry per conversion) or granule (one per 4 KiB)")
+	fs.StringVar(&rules, "iommu", "type1", "kernel rules the model IOMMU follows: `type1` (VFIO) or iommufd")
+	fs.BoolVar(&f.json, "json", false, "print the report as one JSON object")
+	fs.BoolVar(&f.noKVM, "no-kvm", false, "run the scenario host-driven, without KVM")
+	fs.BoolVar(&f.quiet, "quiet", false, "no progress lines on stderr")
+	fs.DurationVar(&f.timeout, "timeout", f.timeout, "stop the guest after this long")
+	if err := fs.Parse(args); err != nil {
+		return f, fs, err
+	}
+	if fs.NArg() > 0 {
+		return f, fs, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	var err error
+	if f.mode, err = guestmem.ParseMode(mode); err != nil {
+		return f, fs, fmt.Errorf("--mode: want inplace or split, not %q", mode)
+	}
+	if f.policy, err = dma.ParsePolicy(policy); err != nil {
+		return f, fs, fmt.Errorf("--policy: want extent or granule, not %q", policy)
+	}
+	switch rules {
+	case "type1":
+		f.rules = iommu.Type1v2
+	case "iommufd":
+		f.rules = iommu.IOMMUFD
+	default:
+		return f, fs, fmt.Errorf("--iommu: want type1 or iommufd, not %q", rules)
+	}
+	if f.vcpus < 1 || f.vcpus > vmm.MaxVCPUs {
+		return f, fs, fmt.Errorf("--vcpus %d: want 1 to %d", f.vcpus, vmm.MaxVCPUs)
+	}
+	if f.timeout <= 0 {
+		return f, fs, fmt.Errorf("--timeout %v: want a positive duration", f.timeout)
+	}
+	return f, fs, nil
+}
+
+func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	f, fs, err := parseDemoFlags(args)
+	if errors.Is(err, flag.ErrHelp) {
+		demoHelp(stdout, fs)
+		return exitOK
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "gmem demo: %v\n", err)
+		fmt.Fprintln(stderr, "Run 'gmem demo -h' for its flags.")
+		return exitUsage
+	}
+	progress := func(format string, a ...any) {
+		if !f.quiet {
+			fmt.Fprintf(stderr, "gmem demo: "+format+"\n", a...)
+		}
+	}
+	cfg := vmm.Config{
+		Mode:     f.mode,
+		VCPUs:    f.vcpus,
+		Scenario: env.scenario,
+		Policy:   f.policy,
+		IOMMU:    iommu.NewModel(iommu.Caps{Rules: f.rules}),
+		Logger:   slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelError})),
+		KVMPath:  env.kvmPath,
+		OnCheck: func(r vmm.CheckResult) {
+			if f.quiet {
+				return
+			}
+			verdict := "pass"
+			if !r.Passed {
+				verdict = fmt.Sprintf("FAIL (detail %#x)", r.Detail)
+			}
+			fmt.Fprintf(stderr, "  [vCPU %d] %-4s %s\n", r.CPU, verdict, r.Name)
+		},
+	}
+	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+	defer cancel()
+
+	useKVM := !f.noKVM
+	if f.noKVM {
+		progress("--no-kvm: running the scenario host-driven (no vCPU), through the same executor and devices")
+	} else if err := probeKVM(env.kvmPath); err != nil {
+		useKVM = false
+		progress("KVM is not available (%v): running the scenario host-driven (no vCPU), through the same executor and devices", err)
+	}
+	var rep vmm.Report
+	if useKVM {
+		v, err := vmm.New(cfg)
+		if err != nil {
+			fmt.Fprintf(stderr, "gmem demo: %v\n", err)
+			return exitFail
+		}
+		progress("booting the built-in guest: mode %v, %d vCPU(s), IOMMU %v (%v), enforcement %s",
+			f.mode, v.Machine().VCPUs(), f.rules, f.policy, v.Memory().Enforcement())
+		rep, err = v.Run(ctx)
+		if cerr := v.Close(); cerr != nil && err == nil {
+			err = cerr
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "gmem demo: %v\n", err)
+		}
+	} else {
+		rep, err = vmm.RunHostDriven(ctx, cfg)
+		if err != nil {
+			fmt.Fprintf(stderr, "gmem demo: %v\n", err)
+		}
+	}
+	if rep.Mode == "" {
+		// Nothing ran (the machine could not be built).
+		return exitFail
+	}
+	if f.json {
+		enc := json.NewEncoder(stdout)
+		if err := enc.Encode(rep); err != nil {
+			fmt.Fprintf(stderr, "gmem demo: %v\n", err)
+			return exitFail
+		}
+	} else {
+		writeDemoReport(stdout, rep)
+	}
+	if !rep.OK() {
+		return exitFail
+	}
+	return exitOK
+}
+
+// probeKVM reports why the KVM device cannot be used, or nil.
+func probeKVM(path string) error {
+	fd, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	return fd.Close()
+}
+
+// writeDemoReport prints the human report.
+func writeDemoReport(w io.Writer, r vmm.Report) {
+	where := "guest ran on KVM"
+	if !r.GuestRan {
+		where = "scenario ran host-driven (no guest)"
+	}
+	fmt.Fprintf(w, "gmem demo: %s, mode %s, %d vCPU(s)\n", where, r.Mode, r.VCPUs)
+	fmt.Fprintf(w, "  checks        %d passed, %d failed\n", r.ChecksPassed, r.ChecksFailed)
+	fmt.Fprintf(w, "  conversions   %d done of %d requests (%d rejected as invalid, %d failed and undone)\n",
+		r.Conversions, r.ConversionRequests, r.Rejected, r.Failed)
+	fmt.Fprintf(w, "  pages         %d made shared, %d made private, %d hole punches\n",
+		r.PagesToShared, r.PagesToPrivate, r.Punches)
+	fmt.Fprintf(w, "  DMA           %d transfers allowed, %d blocked by the IOMMU\n", r.DMAAllowed, r.DMABlocked)
+	fmt.Fprintf(w, "  IOMMU entries peak %d, now %d (%d split)\n", r.IOMMUEntriesPeak, r.IOMMUEntriesNow, r.IOMMUSplits)
+	fmt.Fprintf(w, "  state map     %d runs\n", r.StateRuns)
+	fmt.Fprintf(w, "  invariants    %d violations (I1/I2 checked after every conversion)\n", r.Violations)
+	enf := r.Enforcement
+	switch guestmem.Enforcement(r.Enforcement) {
+	case guestmem.EnforceUserSpace:
+		enf += " (this VM has no KVM private memory: gmem keeps the attributes; host access and DMA follow them)"
+	case guestmem.EnforceKVM:
+		enf += " (KVM_SET_MEMORY_ATTRIBUTES)"
+	}
+	fmt.Fprintf(w, "  enforcement   %s\n", enf)
+	for _, f := range r.FailedChecks {
+		fmt.Fprintf(w, "  failed: %s\n", f)
+	}
+	if r.Error != "" {
+		fmt.Fprintf(w, "  stopped: %s\n", r.Error)
+	}
+	if r.OK() {
+		fmt.Fprintln(w, "result: PASS")
+	} else {
+		fmt.Fprintln(w, "result: FAIL")
+	}
+}
+
+func demoHelp(w io.Writer, fs *flag.FlagSet) {
+	fmt.Fprint(w, `usage: gmem demo [flags]
+
+Boots gmem's built-in test guest on KVM, in 64-bit mode on guest_memfd memory,
+with a DMA test device behind an IOMMU (gmem's model, IOVA = GPA). The guest
+converts buffers to shared and has the device DMA into them, converts some back
+to private and checks that the device is refused and the page unchanged, does
+mixed, partial and block-spanning conversions, and sends requests the VMM must
+reject. It reports each check on a console port; progress goes to stderr, the
+report to stdout. The IOMMU invariants are checked after every conversion.
+
+Without /dev/kvm, or with --no-kvm, the same scenario runs host-driven (no
+vCPU) through the same executor and devices, and guest_ran is false.
+
+flags:
+`)
+	out := fs.Output()
+	fs.SetOutput(w)
+	fs.PrintDefaults()
+	fs.SetOutput(out)
+	fmt.Fprint(w, `
+Exit status: 0 if every check passed and no invariant was violated, 1 otherwise,
+2 for usage errors.
+`)
+}

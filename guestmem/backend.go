@@ -1,0 +1,123 @@
+//go:build linux
+
+package guestmem
+
+import (
+	"errors"
+	"fmt"
+
+	"gmem/kvm"
+	"gmem/memattr"
+	"gmem/span"
+)
+
+// backend carries a block's conversions to the kernel: the memattr.Backend
+// of the block's Attributes. Runs are block byte offsets.
+type backend struct{ b *Block }
+
+var _ memattr.Backend = backend{}
+
+// SetAttributes sets the runs' attributes with KVM_SET_MEMORY_ATTRIBUTES
+// where the VM has private memory, and in the user-space record in any case.
+// It is all or nothing: when a run fails, the runs already set are set back.
+func (be backend) SetAttributes(runs []span.Range, to memattr.State) error {
+	b, m := be.b, be.b.m
+	for i, r := range runs {
+		g := b.toGPA(r)
+		err := m.fault(Fault{Op: OpSetAttributes, Block: b.name, GPA: g, To: to})
+		if err == nil && m.enforcement == EnforceKVM {
+			err = m.vm.SetMemoryAttributes(kvmAttributes(g, to))
+		}
+		if err != nil {
+			if uerr := be.restoreKVM(runs[:i], to); uerr != nil {
+				m.undoFailures.Add(1)
+				m.log.Error("guestmem: restoring KVM attributes failed", "block", b.name, "err", uerr)
+				err = errors.Join(err, uerr)
+			}
+			return fmt.Errorf("set attributes of %v to %v: %w", g, to, err)
+		}
+	}
+	b.setRecord(runs, to)
+	m.attrCalls.Add(1)
+	return nil
+}
+
+// restoreKVM sets runs back to the state opposite to `to` in KVM.
+func (be backend) restoreKVM(runs []span.Range, to memattr.State) error {
+	if be.b.m.enforcement != EnforceKVM {
+		return nil
+	}
+	var errs []error
+	for _, r := range runs {
+		if err := be.b.m.vm.SetMemoryAttributes(kvmAttributes(be.b.toGPA(r), opposite(to))); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func kvmAttributes(g span.Range, to memattr.State) kvm.MemoryAttributes {
+	a := kvm.MemoryAttributes{Address: g.Start, Size: g.Len()}
+	if to == memattr.Private {
+		a.Attributes = kvm.MemoryAttributePrivate
+	}
+	return a
+}
+
+func opposite(s memattr.State) memattr.State {
+	if s == memattr.Private {
+		return memattr.Shared
+	}
+	return memattr.Private
+}
+
+// Release frees the side of a split block the runs no longer use: the
+// shared memfd pages of runs made private, the guest_memfd pages of runs
+// made shared. In-place memory has one side and frees nothing. memattr calls
+// it only after the listeners have unmapped (to private), so no device pin
+// keeps a punched page alive.
+func (be backend) Release(runs []span.Range, to memattr.State) error {
+	b, m := be.b, be.b.m
+	if m.mode == InPlace {
+		return nil
+	}
+	f, name := b.shared, "memfd"
+	if to == memattr.Shared {
+		f, name = b.private, b.privateName
+	}
+	for _, r := range runs {
+		g := b.toGPA(r)
+		if err := m.fault(Fault{Op: OpPunch, Block: b.name, GPA: g, To: to, File: name}); err != nil {
+			return fmt.Errorf("punch %s at %v: %w", name, g, err)
+		}
+		if err := f.Punch(r.Start, r.Len()); err != nil {
+			return fmt.Errorf("block %s: %w", b.name, err)
+		}
+		m.punches.Add(1)
+		m.punchedBytes.Add(r.Len())
+	}
+	return nil
+}
+
+// fault runs the injection hook, if any.
+func (m *Memory) fault(f Fault) error {
+	if m.inject == nil {
+		return nil
+	}
+	return m.inject(f)
+}
+
+// setRecord writes the attribute record of runs.
+func (b *Block) setRecord(runs []span.Range, to memattr.State) {
+	v := uint8(0)
+	if to == memattr.Private {
+		v = 1
+	}
+	b.recMu.Lock()
+	defer b.recMu.Unlock()
+	for _, r := range runs {
+		if err := b.record.Set(span.Range{Start: r.Start / PageSize, End: r.End / PageSize}, v); err != nil {
+			panic(fmt.Sprintf("guestmem: attribute record rejected checked run %v: %v", r, err))
+		}
+	}
+}

@@ -1,0 +1,49 @@
+package guestmem
+
+import "fmt"
+
+// Mode is how a block is backed.
+type Mode int
+
+const (
+	// InPlace backs a block with one mmap-able guest_memfd (MMAP|INIT_SHARED)
+	// that the memslot and the host both use.
+	InPlace Mode = iota
+	// Split backs a block with a guest_memfd for the private side and a memfd
+	// for the shared side.
+	Split
+)
+
+// String returns "inplace" or "split", the names ParseMode accepts.
+func (m Mode) String() string {
+	switch m {
+	case InPlace:
+		return "inplace"
+	case Split:
+		return "split"
+	}
+	return fmt.Sprintf("mode(%d)", int(m))
+}
+
+// ParseMode parses "inplace" (or "in-place") and "split".
+func ParseMode(s string) (Mode, error) {
+	switch s {
+	case "inplace", "in-place":
+		return InPlace, nil
+	case "split":
+		return Split, nil
+	}
+	return 0, fmt.Errorf("guestmem: unknown mode %q (want inplace or split)", s)
+}
+
+// Enforcement names who keeps the private/shared attributes.
+type Enforcement string
+
+const (
+	// EnforceKVM: KVM holds the attributes (KVM_SET_MEMORY_ATTRIBUTES) and
+	// keeps the guest's private accesses out of the host's memory.
+	EnforceKVM Enforcement = "kvm-attributes"
+	// EnforceUserSpace: the VM has no private memory; the attributes live in
+	// user space only and bind the host accessor and the IOMMU mappings.
+	EnforceUserSpace Enforcement = "user-space"
+)
