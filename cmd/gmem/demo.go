@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"sync"
 	"time"
 
 	"gmem/dma"
@@ -90,6 +91,8 @@ func parseDemoFlags(args []string) (demoFlags, *flag.FlagSet, error) {
 }
 
 func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	// vCPUs report checks from their own goroutines.
+	stderr = &syncWriter{w: stderr}
 	f, fs, err := parseDemoFlags(args)
 	if errors.Is(err, flag.ErrHelp) {
 		demoHelp(stdout, fs)
@@ -245,4 +248,16 @@ flags:
 Exit status: 0 if every check passed and no invariant was violated, 1 otherwise,
 2 for usage errors.
 `)
+}
+
+// syncWriter serialises writes from several goroutines.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
 }
