@@ -401,7 +401,8 @@ func (m *Manager) Transact(r span.Range, fn func(*Tx) error) error {
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	defer m.locks.lock(r)()
+	m.locks.lock(r)
+	defer m.locks.unlock(r)
 	tx := &Tx{m: m, r: r}
 	defer func() { tx.log.settle() }()
 	return fn(tx)
@@ -477,7 +478,8 @@ func (m *Manager) IsPopulated(r span.Range) bool {
 		return false
 	}
 	out = out.Intersect(m.whole())
-	defer m.locks.lock(out)()
+	m.locks.lock(out)
+	defer m.locks.unlock(out)
 	runs := m.populated(out, nil)
 	return len(runs) == 1 && runs[0] == out
 }
@@ -489,7 +491,8 @@ func (m *Manager) PopulatedRuns(r span.Range) ([]span.Range, error) {
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	defer m.locks.lock(r)()
+	m.locks.lock(r)
+	defer m.locks.unlock(r)
 	return m.populated(r, nil), nil
 }
 

@@ -21,11 +21,10 @@ func newRangeLock() *rangeLock {
 	return l
 }
 
-// lock waits until no held range overlaps r, takes r, and returns the
-// function that releases it.
-func (l *rangeLock) lock(r span.Range) (unlock func()) {
+// lock waits until no held range overlaps r and takes r.
+func (l *rangeLock) lock(r span.Range) {
 	if r.Empty() {
-		return func() {}
+		return
 	}
 	l.mu.Lock()
 	for l.overlaps(r) {
@@ -33,18 +32,23 @@ func (l *rangeLock) lock(r span.Range) (unlock func()) {
 	}
 	l.held = append(l.held, r)
 	l.mu.Unlock()
-	return func() {
-		l.mu.Lock()
-		for i, h := range l.held {
-			if h == r {
-				l.held[i] = l.held[len(l.held)-1]
-				l.held = l.held[:len(l.held)-1]
-				break
-			}
-		}
-		l.mu.Unlock()
-		l.cond.Broadcast()
+}
+
+// unlock releases r, taken by lock.
+func (l *rangeLock) unlock(r span.Range) {
+	if r.Empty() {
+		return
 	}
+	l.mu.Lock()
+	for i, h := range l.held {
+		if h == r {
+			l.held[i] = l.held[len(l.held)-1]
+			l.held = l.held[:len(l.held)-1]
+			break
+		}
+	}
+	l.mu.Unlock()
+	l.cond.Broadcast()
 }
 
 func (l *rangeLock) overlaps(r span.Range) bool {

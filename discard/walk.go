@@ -37,12 +37,12 @@ func (m *Manager) Walk(r span.Range, sources *[]Source) iter.Seq[Extent] {
 	var exts []Extent
 	if m.checkRange(r) == nil && !r.Empty() {
 		m.mu.RLock()
-		unlock := m.locks.lock(r)
+		m.locks.lock(r)
 		exts = m.extents(r)
 		if sources != nil {
 			*sources = slices.Clone(m.sources)
 		}
-		unlock()
+		m.locks.unlock(r)
 		m.mu.RUnlock()
 	}
 	return func(yield func(Extent) bool) {

@@ -33,7 +33,7 @@ type Model struct {
 	caps Caps
 
 	mu       sync.Mutex
-	maps     *btree.BTreeG[*mapping]
+	maps     *btree.BTreeG[mapping]
 	fault    func(Call) error
 	mapCalls uint64
 	unmaps   uint64
@@ -47,7 +47,7 @@ type mapping struct {
 
 // last is the mapping's last IOVA; unlike iova+size it does not wrap for a
 // mapping that reaches the top of the IOVA space.
-func (m *mapping) last() uint64 { return m.iova + m.size - 1 }
+func (m mapping) last() uint64 { return m.iova + m.size - 1 }
 
 // Mapping describes one entry of a Model.
 type Mapping struct {
@@ -122,7 +122,7 @@ func NewModel(caps Caps) *Model {
 	caps.Ranges = append([]span.Range(nil), caps.Ranges...)
 	return &Model{
 		caps: caps,
-		maps: btree.NewG(32, func(a, b *mapping) bool { return a.iova < b.iova }),
+		maps: btree.NewG(32, func(a, b mapping) bool { return a.iova < b.iova }),
 	}
 }
 
@@ -176,7 +176,7 @@ func (m *Model) Map(iova, size uint64, host []byte) error {
 	if m.caps.Rules == IOMMUFD && !m.inWindows(iova, last) {
 		return unix.EINVAL
 	}
-	if m.firstOverlap(iova, last) != nil {
+	if _, ok := m.firstOverlap(iova, last); ok {
 		return unix.EEXIST
 	}
 	if m.caps.EntryLimit != 0 && uint64(m.maps.Len()) >= m.caps.EntryLimit {
@@ -185,7 +185,7 @@ func (m *Model) Map(iova, size uint64, host []byte) error {
 	if m.caps.Rules == Type1v2 && !m.inWindows(iova, last) {
 		return unix.EINVAL
 	}
-	m.maps.ReplaceOrInsert(&mapping{iova: iova, size: size, host: host})
+	m.maps.ReplaceOrInsert(mapping{iova: iova, size: size, host: host})
 	return nil
 }
 
@@ -201,7 +201,7 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 	}
 	if m.caps.Rules == IOMMUFD && iova == 0 && size == math.MaxUint64 {
 		var n uint64
-		m.maps.Ascend(func(x *mapping) bool { n += x.size; return true })
+		m.maps.Ascend(func(x mapping) bool { n += x.size; return true })
 		m.maps.Clear(false)
 		return n, nil
 	}
@@ -218,10 +218,10 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 			return 0, unix.EINVAL
 		}
 		// Neither end may bisect a mapping; then every mapping inside goes.
-		if x := m.containing(iova); x != nil && x.iova != iova {
+		if x, ok := m.containing(iova); ok && x.iova != iova {
 			return 0, unix.EINVAL
 		}
-		if x := m.containing(last); x != nil && x.last() != last {
+		if x, ok := m.containing(last); ok && x.last() != last {
 			return 0, unix.EINVAL
 		}
 		var n uint64
@@ -235,8 +235,8 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 		// request; that one, or finding none, is ENOENT.
 		var n uint64
 		for {
-			x := m.firstOverlap(iova, last)
-			if x == nil {
+			x, ok := m.firstOverlap(iova, last)
+			if !ok {
 				break
 			}
 			if x.iova < iova || x.last() > last {
@@ -275,37 +275,39 @@ func (m *Model) inWindows(iova, last uint64) bool {
 	return false
 }
 
-// containing returns the mapping that holds IOVA a, or nil.
-func (m *Model) containing(a uint64) *mapping {
-	var hit *mapping
-	m.maps.DescendLessOrEqual(&mapping{iova: a}, func(x *mapping) bool {
+// containing returns the mapping that holds IOVA a.
+func (m *Model) containing(a uint64) (mapping, bool) {
+	var hit mapping
+	found := false
+	m.maps.DescendLessOrEqual(mapping{iova: a}, func(x mapping) bool {
 		if a <= x.last() {
-			hit = x
+			hit, found = x, true
 		}
 		return false
 	})
-	return hit
+	return hit, found
 }
 
-// firstOverlap returns the lowest mapping that meets [iova, last], or nil.
-func (m *Model) firstOverlap(iova, last uint64) *mapping {
-	if x := m.containing(iova); x != nil {
-		return x
+// firstOverlap returns the lowest mapping that meets [iova, last].
+func (m *Model) firstOverlap(iova, last uint64) (mapping, bool) {
+	if x, ok := m.containing(iova); ok {
+		return x, true
 	}
-	var hit *mapping
-	m.maps.AscendGreaterOrEqual(&mapping{iova: iova}, func(x *mapping) bool {
+	var hit mapping
+	found := false
+	m.maps.AscendGreaterOrEqual(mapping{iova: iova}, func(x mapping) bool {
 		if x.iova <= last {
-			hit = x
+			hit, found = x, true
 		}
 		return false
 	})
-	return hit
+	return hit, found
 }
 
 // inside returns the mappings whose first IOVA lies in [iova, last].
-func (m *Model) inside(iova, last uint64) []*mapping {
-	var xs []*mapping
-	m.maps.AscendGreaterOrEqual(&mapping{iova: iova}, func(x *mapping) bool {
+func (m *Model) inside(iova, last uint64) []mapping {
+	var xs []mapping
+	m.maps.AscendGreaterOrEqual(mapping{iova: iova}, func(x mapping) bool {
 		if x.iova > last {
 			return false
 		}
@@ -315,12 +317,35 @@ func (m *Model) inside(iova, last uint64) []*mapping {
 	return xs
 }
 
+// MappingsIn returns the entries that meet r, ascending.
+func (m *Model) MappingsIn(r span.Range) []Mapping {
+	if r.Empty() {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []Mapping
+	if x, ok := m.containing(r.Start); ok {
+		out = append(out, Mapping{x.iova, x.size})
+	}
+	m.maps.AscendGreaterOrEqual(mapping{iova: r.Start}, func(x mapping) bool {
+		if x.iova >= r.End {
+			return false
+		}
+		if len(out) == 0 || out[0].IOVA != x.iova {
+			out = append(out, Mapping{x.iova, x.size})
+		}
+		return true
+	})
+	return out
+}
+
 // Mappings returns the current entries in ascending IOVA order.
 func (m *Model) Mappings() []Mapping {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	out := make([]Mapping, 0, m.maps.Len())
-	m.maps.Ascend(func(x *mapping) bool {
+	m.maps.Ascend(func(x mapping) bool {
 		out = append(out, Mapping{x.iova, x.size})
 		return true
 	})
@@ -346,7 +371,8 @@ func (m *Model) Calls() (maps, unmaps uint64) {
 func (m *Model) Reaches(a uint64) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.containing(a) != nil
+	_, ok := m.containing(a)
+	return ok
 }
 
 // DMAWrite is a device writing data at iova. Every byte must be mapped with
@@ -373,8 +399,8 @@ func (m *Model) dma(iova uint64, buf []byte, write bool) error {
 	var pieces []piece
 	for done := uint64(0); done < uint64(len(buf)); {
 		a := iova + done
-		x := m.containing(a)
-		if x == nil || x.host == nil || a < iova {
+		x, ok := m.containing(a)
+		if !ok || x.host == nil || a < iova {
 			if !write {
 				clear(buf)
 			}
