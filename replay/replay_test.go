@@ -236,7 +236,7 @@ func TestViolationsDetected(t *testing.T) {
 	t.Run("mapping of a private page", func(t *testing.T) {
 		rp, _ := replayTextOpen(t, setup)
 		dev := rp.runs[1].devices["dev0"]
-		if err := dev.space.Map(0x600000, 4096, nil); err != nil {
+		if err := dev.model.Map(0x600000, 4096, nil); err != nil {
 			t.Fatal(err)
 		}
 		err := apply(rp, `{"op":"convert","gpa":"0x600000","size":"4KiB","to":"private"}`)
@@ -253,7 +253,7 @@ func TestViolationsDetected(t *testing.T) {
 	t.Run("mapping removed", func(t *testing.T) {
 		rp, _ := replayTextOpen(t, setup)
 		dev := rp.runs[0].devices["dev0"]
-		if _, err := dev.space.Unmap(0x3ff000, 4096); err != nil {
+		if _, err := dev.model.Unmap(0x3ff000, 4096); err != nil {
 			t.Fatal(err)
 		}
 		err := rp.Finish()

@@ -1,6 +1,7 @@
 package replay
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"slices"
@@ -51,7 +52,6 @@ type region struct {
 type device struct {
 	name    string
 	model   *iommu.Model
-	space   *tracked
 	mappers []*dma.Mapper
 }
 
@@ -125,7 +125,7 @@ func (r *run) addRAM(e trace.RAM) error {
 }
 
 func (r *run) newMapper(d *device) (*dma.Mapper, error) {
-	return dma.New(d.space, nil, dma.Options{Policy: r.policy(), Logger: r.rp.log})
+	return dma.New(d.model, nil, dma.Options{Policy: r.policy(), Logger: r.rp.log})
 }
 
 // retire keeps the counters of a mapper that is no longer registered.
@@ -145,7 +145,7 @@ func (r *run) attach(e trace.Attach) error {
 		caps = iommu.Caps{Rules: iommu.IOMMUFD}
 	}
 	model := iommu.NewModel(caps)
-	d := &device{name: e.Dev, model: model, space: newTracked(model)}
+	d := &device{name: e.Dev, model: model}
 	for i, reg := range r.regions {
 		m, err := r.newMapper(d)
 		if err == nil {
@@ -293,7 +293,7 @@ func (r *run) unreachable(reg *region, runs []span.Range, when string) {
 	for _, d := range r.order {
 		for _, x := range runs {
 			g := span.Range{Start: reg.ram.GPA + x.Start, End: reg.ram.GPA + x.End}
-			if got := d.space.within(g); len(got) > 0 {
+			if got := d.model.MappingsIn(g); len(got) > 0 {
 				r.rp.violate(r.name, "I2", "%s of %v while device %q maps IOVA %#x+%#x", when, g, d.name, got[0].IOVA, got[0].Size)
 				return
 			}
@@ -306,7 +306,7 @@ func (r *run) unreachable(reg *region, runs []span.Range, when string) {
 func (r *run) window(g span.Range) span.Range {
 	w := g
 	for _, d := range r.order {
-		h := d.space.hull(g)
+		h := hull(d.model, g)
 		w.Start, w.End = min(w.Start, h.Start), max(w.End, h.End)
 	}
 	return w
@@ -333,7 +333,7 @@ func (r *run) checkDevice(d *device, w span.Range) {
 			continue
 		}
 		sec, _ := reg.section().Intersect(reg.offsets(x))
-		if err := invariant.Mapped(reg.m, sec, d.space.within(x)); err != nil {
+		if err := invariant.Mapped(reg.m, sec, d.model.MappingsIn(x)); err != nil {
 			inv := "I1"
 			var v *invariant.Violation
 			if errors.As(err, &v) {
@@ -366,15 +366,31 @@ func (r *run) afterEvent() {
 	r.timeline.add(busiest)
 }
 
-// finish checks every mapper over its whole section, and the replay's record
-// of each IOMMU against the model.
+// finish checks every mapper over its whole section, and that the mappers'
+// tables together hold exactly the IOMMU's entries.
 func (r *run) finish() {
 	for _, d := range r.order {
 		r.checkDevice(d, span.Range{Start: 0, End: ^uint64(0)})
-		if have, want := d.space.all(), d.model.Mappings(); !slices.Equal(have, want) {
-			r.rp.violate(r.name, "I1", "device %q: recorded %d IOMMU entries, the model holds %d different ones", d.name, len(have), len(want))
+		var have []iommu.Mapping
+		for _, m := range d.mappers {
+			if m != nil {
+				have = append(have, m.Entries()...)
+			}
+		}
+		slices.SortFunc(have, func(a, b iommu.Mapping) int { return cmp.Compare(a.IOVA, b.IOVA) })
+		if want := d.model.Mappings(); !slices.Equal(have, want) {
+			r.rp.violate(r.name, "I1", "device %q: the mappers hold %d IOMMU entries, the IOMMU %d different ones", d.name, len(have), len(want))
 		}
 	}
+}
+
+// hull returns r grown to cover every entry of m that meets it.
+func hull(m *iommu.Model, r span.Range) span.Range {
+	for _, x := range m.MappingsIn(r) {
+		r.Start = min(r.Start, x.IOVA)
+		r.End = max(r.End, x.IOVA+x.Size)
+	}
+	return r
 }
 
 // stateRun is a run of one region's state: shared/private (plug false) or

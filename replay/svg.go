@@ -220,7 +220,7 @@ func (d *drawing) memoryMap(devs int) {
 	d.y += 18
 	for i := range devs {
 		dev := g.order[i]
-		entries := dev.space.all()
+		entries := dev.model.Mappings()
 		const rowH = 16
 		d.text(svgLeft-6, d.y+rowH-4, "end", "", dev.name)
 		d.printf(`<rect x="%d" y="%.1f" width="%d" height="%d" fill="#f8f9fa" stroke="#ddd"/>`+"\n", svgLeft, d.y, svgPlotWidth, rowH)
