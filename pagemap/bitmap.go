@@ -1,7 +1,9 @@
 package pagemap
 
 import (
+	"errors"
 	"iter"
+	"math"
 	"math/bits"
 
 	"gmem/span"
@@ -23,6 +25,10 @@ var _ Map = (*Bitmap)(nil)
 func NewBitmap(pages uint64, bits uint) (*Bitmap, error) {
 	if err := checkBits(bits); err != nil {
 		return nil, err
+	}
+	if pages > math.MaxUint64/2 {
+		// pages*bits below would wrap and size the array wrongly.
+		return nil, errors.New("pagemap: too many pages for a bitmap")
 	}
 	n := (pages*uint64(bits) + 63) / 64
 	return &Bitmap{pages: pages, bits: bits, words: make([]uint64, n)}, nil
@@ -83,8 +89,10 @@ func (b *Bitmap) Runs(r span.Range) iter.Seq[Run] {
 		r := r.Intersect(span.Range{End: b.pages})
 		for p := r.Start; p < r.End; {
 			v := b.Get(p)
-			end, ok := b.NextNot(p, v)
-			if !ok || end > r.End {
+			// Scan no further than r: a short r in a long uniform stretch
+			// must not cost the whole stretch.
+			end, ok := b.scan(p, r.End, v, false)
+			if !ok {
 				end = r.End
 			}
 			if !yield(Run{span.Range{Start: p, End: end}, v}) {
@@ -95,36 +103,50 @@ func (b *Bitmap) Runs(r span.Range) iter.Seq[Run] {
 	}
 }
 
-// Count implements Map.
+// Count implements Map. It counts a word at a time.
 func (b *Bitmap) Count(r span.Range, v uint8) uint64 {
+	r = r.Intersect(span.Range{End: b.pages})
+	if r.Empty() || v >= 1<<b.bits {
+		return 0
+	}
+	per := 64 / uint64(b.bits)
+	pattern := fillPattern(v, b.bits)
 	var n uint64
-	for run := range b.Runs(r) {
-		if run.Value == v {
-			n += run.Len()
-		}
+	for p := r.Start; p < r.End; {
+		w, s := p/per, p%per
+		e := min(per, s+r.End-p)
+		eq := ^laneMarks(b.words[w]^pattern, b.bits) & allMarks(b.bits)
+		n += uint64(bits.OnesCount64(eq & laneRange(int(s), int(e), b.bits)))
+		p += e - s
 	}
 	return n
 }
 
 // Next implements Map.
-func (b *Bitmap) Next(from uint64, v uint8) (uint64, bool) { return b.scan(from, v, true) }
+func (b *Bitmap) Next(from uint64, v uint8) (uint64, bool) { return b.scan(from, b.pages, v, true) }
 
 // NextNot implements Map.
-func (b *Bitmap) NextNot(from uint64, v uint8) (uint64, bool) { return b.scan(from, v, false) }
+func (b *Bitmap) NextNot(from uint64, v uint8) (uint64, bool) {
+	return b.scan(from, b.pages, v, false)
+}
 
-// scan finds the first page >= from whose value equals v (want) or differs
-// from v (!want), a word at a time.
-func (b *Bitmap) scan(from uint64, v uint8, want bool) (uint64, bool) {
-	if from >= b.pages {
+// scan finds the first page p, from <= p < limit <= Pages(), whose value
+// equals v (want) or differs from v (!want), a word at a time.
+func (b *Bitmap) scan(from, limit uint64, v uint8, want bool) (uint64, bool) {
+	if from >= limit {
 		return 0, false
 	}
-	per := 64 / uint64(b.bits)
-	pattern := uint64(0)
-	for i := uint64(0); i < per; i++ {
-		pattern |= uint64(v) << (i * uint64(b.bits))
+	if v >= 1<<b.bits {
+		// No page holds v (and v would not fit in the lane pattern below).
+		if want {
+			return 0, false
+		}
+		return from, true
 	}
+	per := 64 / uint64(b.bits)
+	pattern := fillPattern(v, b.bits)     // every lane holds v
 	lowMask := uint64(0x5555555555555555) // low bit of each 2-bit lane
-	for w := from / per; w < uint64(len(b.words)); w++ {
+	for w := from / per; w <= (limit-1)/per; w++ {
 		x := b.words[w] ^ pattern // lanes equal to v are 0
 		var hits uint64
 		if b.bits == 1 {
@@ -144,7 +166,7 @@ func (b *Bitmap) scan(from uint64, v uint8, want bool) (uint64, bool) {
 		}
 		if hits != 0 {
 			p := w*per + uint64(bits.TrailingZeros64(hits))/uint64(b.bits)
-			if p >= b.pages {
+			if p >= limit {
 				return 0, false
 			}
 			return p, true

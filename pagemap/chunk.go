@@ -1,0 +1,332 @@
+package pagemap
+
+import "slices"
+
+// chunk holds the pages of one chunk that is not uniform, in one of two
+// forms:
+//
+//   - runs form (dense == nil): starts holds the offset of every run in
+//     ascending order, starts[0] == 0; a run ends where the next one starts
+//     or at the chunk's size. With 2 bits per page, vals holds each run's
+//     value. With 1 bit per page vals is nil: adjacent runs differ, so values
+//     alternate and run i holds first ^ (i & 1). A run costs 2 bytes (1 bit)
+//     or 3 bytes (2 bits).
+//   - dense form: width bits per page in dense, and nruns the number of runs,
+//     kept up to date by every Set so that the switch back to runs needs no
+//     scan.
+//
+// The runs form is kept only while its allocations are no larger than the
+// dense form's data (denseLimit); a chunk that would outgrow that becomes
+// dense, and a dense chunk becomes runs again once its runs would take less
+// than half of that, so that a pattern oscillating around the limit does not
+// convert on every Set. Hence a chunk never costs more than its dense form
+// plus the chunk header.
+//
+// A chunk never holds a single run: the owner turns it back into a uniform
+// segment. The chunk's size (pages) and width are passed in by the owner.
+type chunk struct {
+	starts []uint16
+	vals   []uint8
+	dense  []uint64
+	nruns  uint32
+	first  uint8
+}
+
+// chunkStructBytes is the allocation size of a chunk header (checked against
+// the type by a test).
+const chunkStructBytes = 80
+
+// entry is a run start and its value, used while editing the runs form.
+type entry struct {
+	start int
+	v     uint8
+}
+
+// runBytes returns what one run costs in the runs form.
+func runBytes(width uint) int {
+	if width == 1 {
+		return 2
+	}
+	return 3
+}
+
+// denseLimit returns the size of the dense form's data for a chunk of size
+// pages: the most the runs form may allocate.
+func denseLimit(size int, width uint) int { return denseWords(size, width) * 8 }
+
+// newChunk returns a chunk in runs form holding one run of value v; the
+// caller is about to change part of it.
+func newChunk(v uint8, width uint) *chunk {
+	c := &chunk{first: v}
+	c.starts = append(slices.Grow([]uint16(nil), 1), 0)
+	if width == 2 {
+		c.vals = append(slices.Grow([]uint8(nil), 1), v)
+	}
+	return c
+}
+
+// bytes returns the memory the chunk holds: its header and the capacity of
+// its slices. The slices are always allocated by append or slices.Grow, which
+// round the capacity up to the allocation's real size.
+func (c *chunk) bytes() uint64 {
+	return chunkStructBytes + uint64(cap(c.starts))*2 + uint64(cap(c.vals)) + uint64(cap(c.dense))*8
+}
+
+// numRuns returns the number of runs of the chunk.
+func (c *chunk) numRuns() int {
+	if c.dense != nil {
+		return int(c.nruns)
+	}
+	return len(c.starts)
+}
+
+// val returns the value of run i (runs form).
+func (c *chunk) val(i int, width uint) uint8 {
+	if width == 1 {
+		return c.first ^ uint8(i&1)
+	}
+	return c.vals[i]
+}
+
+// runEnd returns the end of run i (runs form).
+func (c *chunk) runEnd(i, size int) int {
+	if i+1 < len(c.starts) {
+		return int(c.starts[i+1])
+	}
+	return size
+}
+
+// runAt returns the index of the run holding offset off (runs form).
+func (c *chunk) runAt(off int) int {
+	i, found := slices.BinarySearch(c.starts, uint16(off))
+	if !found {
+		i--
+	}
+	return i
+}
+
+// get returns the value at offset off.
+func (c *chunk) get(width uint, off int) uint8 {
+	if c.dense != nil {
+		return denseGet(c.dense, width, off)
+	}
+	return c.val(c.runAt(off), width)
+}
+
+// uniformValue returns the value of a chunk that holds a single run.
+func (c *chunk) uniformValue(width uint) uint8 { return c.get(width, 0) }
+
+// set gives offsets [a, b) the value v, 0 <= a < b <= size, switching form
+// where the size rules above require it.
+func (c *chunk) set(width uint, size, a, b int, v uint8) {
+	if c.dense != nil {
+		c.setDense(width, size, a, b, v)
+		return
+	}
+	i, j := c.runAt(a), c.runAt(b-1)
+	// The runs i..j are replaced by at most three: what is left of run i
+	// before a, the new run, what is left of run j after b.
+	var e [3]entry
+	k := 0
+	if si := int(c.starts[i]); si < a {
+		e[k] = entry{si, c.val(i, width)}
+		k++
+	}
+	e[k] = entry{a, v}
+	k++
+	if end := c.runEnd(j, size); b < end {
+		e[k] = entry{b, c.val(j, width)}
+		k++
+	}
+	w := 0
+	for x := range k {
+		if w > 0 && e[w-1].v == e[x].v {
+			continue // merges into the previous entry, which starts earlier
+		}
+		e[w] = e[x]
+		w++
+	}
+	es := e[:w]
+	lo, hi := i, j+1
+	if lo > 0 && c.val(lo-1, width) == es[0].v {
+		es = es[1:] // the new run extends run lo-1
+	}
+	var last uint8
+	if len(es) > 0 {
+		last = es[len(es)-1].v
+	} else {
+		last = c.val(lo-1, width) // es can only be empty if lo > 0
+	}
+	if hi < len(c.starts) && c.val(hi, width) == last {
+		hi++ // run hi merges into what precedes it
+	}
+	if !c.splice(width, size, lo, hi, es) {
+		c.toDense(width, size)
+		c.setDense(width, size, a, b, v)
+	}
+}
+
+// splice replaces runs [lo, hi) by es (runs form), reallocating to grow or
+// to shrink when the slices are four times larger than needed. It reports
+// false, changing nothing, if the result would allocate more than the dense
+// form.
+func (c *chunk) splice(width uint, size, lo, hi int, es []entry) bool {
+	n := len(c.starts)
+	n2 := n - (hi - lo) + len(es)
+	limit := denseLimit(size, width)
+	capBytes := func(s []uint16, v []uint8) int { return cap(s)*2 + cap(v) }
+	fits := n2 <= cap(c.starts) && (width == 1 || n2 <= cap(c.vals)) && capBytes(c.starts, c.vals) <= limit
+	shrink := 4*n2 <= cap(c.starts) && cap(c.starts)*2 > 64
+	starts, vals := c.starts, c.vals
+	if !fits || shrink {
+		if n2*runBytes(width) > limit {
+			return false
+		}
+		want := max(n2, 2*cap(c.starts), 4)
+		if shrink {
+			want = 2 * n2
+		}
+		alloc := func(n int) ([]uint16, []uint8) {
+			s := slices.Grow([]uint16(nil), n)
+			var v []uint8
+			if width == 2 {
+				v = slices.Grow([]uint8(nil), n)
+			}
+			return s, v
+		}
+		starts, vals = alloc(want)
+		if capBytes(starts, vals) > limit && want > n2 {
+			starts, vals = alloc(n2)
+		}
+		if capBytes(starts, vals) > limit {
+			return false
+		}
+		starts = append(starts, c.starts[:lo]...)
+		if width == 2 {
+			vals = append(vals, c.vals[:lo]...)
+		}
+	}
+	// Move the tail first: copy handles the overlap when editing in place.
+	tail := c.starts[hi:n]
+	starts = starts[:n2]
+	copy(starts[lo+len(es):], tail)
+	if width == 2 {
+		vtail := c.vals[hi:n]
+		vals = vals[:n2]
+		copy(vals[lo+len(es):], vtail)
+	}
+	for x, en := range es {
+		starts[lo+x] = uint16(en.start)
+		if width == 2 {
+			vals[lo+x] = en.v
+		}
+	}
+	if lo == 0 && width == 1 {
+		c.first = es[0].v // lo == 0 means nothing precedes, so es is not empty
+	}
+	c.starts, c.vals = starts, vals
+	return true
+}
+
+// setDense gives offsets [a, b) the value v (dense form) and updates the run
+// count from the boundaries the write can change: those at a..b.
+func (c *chunk) setDense(width uint, size, a, b int, v uint8) {
+	lo, hi := max(a, 1), min(b+1, size)
+	before := 0
+	if lo < hi {
+		before = denseBoundaries(c.dense, width, lo, hi)
+	}
+	denseFill(c.dense, width, a, b, v)
+	after := 0
+	if lo < hi {
+		after = denseBoundaries(c.dense, width, lo, hi)
+	}
+	c.nruns = uint32(int(c.nruns) - before + after)
+	if c.nruns > 1 && 2*int(c.nruns)*runBytes(width) < denseLimit(size, width) {
+		c.toRuns(width, size)
+	}
+}
+
+// toDense converts the chunk from runs form to dense form.
+func (c *chunk) toDense(width uint, size int) {
+	n := denseWords(size, width)
+	d := slices.Grow([]uint64(nil), n)[:n]
+	clear(d)
+	for i := range c.starts {
+		denseFill(d, width, int(c.starts[i]), c.runEnd(i, size), c.val(i, width))
+	}
+	c.nruns = uint32(len(c.starts))
+	c.dense, c.starts, c.vals = d, nil, nil
+}
+
+// toRuns converts the chunk from dense form to runs form.
+func (c *chunk) toRuns(width uint, size int) {
+	n := int(c.nruns)
+	starts := slices.Grow([]uint16(nil), n)
+	var vals []uint8
+	if width == 2 {
+		vals = slices.Grow([]uint8(nil), n)
+	}
+	c.first = denseGet(c.dense, width, 0)
+	for p := 0; p < size; {
+		v := denseGet(c.dense, width, p)
+		starts = append(starts, uint16(p))
+		if width == 2 {
+			vals = append(vals, v)
+		}
+		p = denseFind(c.dense, width, p, size, v, false)
+	}
+	c.starts, c.vals, c.dense, c.nruns = starts, vals, nil, 0
+}
+
+// count returns how many offsets of [a, b) hold v.
+func (c *chunk) count(width uint, size, a, b int, v uint8) int {
+	if c.dense != nil {
+		return denseCount(c.dense, width, a, b, v)
+	}
+	n := 0
+	for i := c.runAt(a); i < len(c.starts) && int(c.starts[i]) < b; i++ {
+		if c.val(i, width) == v {
+			n += min(b, c.runEnd(i, size)) - max(a, int(c.starts[i]))
+		}
+	}
+	return n
+}
+
+// find returns the first offset >= from whose value equals v (want) or
+// differs from v (!want), or size if there is none.
+func (c *chunk) find(width uint, size, from int, v uint8, want bool) int {
+	if c.dense != nil {
+		return denseFind(c.dense, width, from, size, v, want)
+	}
+	for i := c.runAt(from); i < len(c.starts); i++ {
+		if (c.val(i, width) == v) == want {
+			return max(from, int(c.starts[i]))
+		}
+	}
+	return size
+}
+
+// runs calls emit for the runs of offsets [a, b), clipped, in ascending
+// order, with page numbers offset by base. It stops and returns false as soon
+// as emit does.
+func (c *chunk) runs(width uint, size, a, b int, base uint64, emit func(start, end uint64, v uint8) bool) bool {
+	if c.dense != nil {
+		for p := a; p < b; {
+			v := denseGet(c.dense, width, p)
+			e := denseFind(c.dense, width, p, b, v, false)
+			if !emit(base+uint64(p), base+uint64(e), v) {
+				return false
+			}
+			p = e
+		}
+		return true
+	}
+	for i := c.runAt(a); i < len(c.starts) && int(c.starts[i]) < b; i++ {
+		s, e := max(a, int(c.starts[i])), min(b, c.runEnd(i, size))
+		if !emit(base+uint64(s), base+uint64(e), c.val(i, width)) {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,283 @@
+package pagemap
+
+import (
+	"iter"
+	"math/rand/v2"
+
+	"gmem/span"
+)
+
+// Chunk geometry: chunks of 2^16 pages, so that an offset inside a chunk
+// fits in a uint16 and a dense chunk is 8 KiB (1 bit) or 16 KiB (2 bits).
+const (
+	chunkShift = 16
+	chunkPages = 1 << chunkShift
+	chunkMask  = chunkPages - 1
+)
+
+// runsStructBytes is the allocation size of a Runs header (checked against
+// the type by a test).
+const runsStructBytes = 64
+
+// Runs is a Map stored as runs; see the package documentation for its
+// layout and costs.
+type Runs struct {
+	pages  uint64
+	chunks uint64 // number of chunks, the last one possibly partial
+	bits   uint
+	root   *seg
+	// segs and chunkBytes account for Bytes: the number of segments and the
+	// bytes held by chunks, kept up to date by every change.
+	segs       uint64
+	chunkBytes uint64
+	rng        uint64 // state of the treap's priority generator
+}
+
+var _ Map = (*Runs)(nil)
+
+// NewRuns returns a Runs of the given number of pages, every page 0, with
+// bits (1 or 2) bits per page.
+func NewRuns(pages uint64, bits uint) (*Runs, error) {
+	if err := checkBits(bits); err != nil {
+		return nil, err
+	}
+	m := &Runs{pages: pages, bits: bits, rng: rand.Uint64()}
+	m.chunks = pages >> chunkShift
+	if pages&chunkMask != 0 {
+		m.chunks++
+	}
+	if m.chunks > 0 {
+		m.root = m.newSeg(0, m.chunks, 0)
+	}
+	return m, nil
+}
+
+// Pages implements Map.
+func (m *Runs) Pages() uint64 { return m.pages }
+
+// Bits implements Map.
+func (m *Runs) Bits() uint { return m.bits }
+
+// Bytes implements Map. It counts the header, every segment of the index
+// and every chunk's header and slice capacity.
+func (m *Runs) Bytes() uint64 {
+	return runsStructBytes + m.segs*segBytes + m.chunkBytes
+}
+
+// pageAt returns the first page of chunk ci, or Pages() for ci >= m.chunks
+// (the end of the last, possibly partial, chunk).
+func (m *Runs) pageAt(ci uint64) uint64 {
+	if ci >= m.chunks {
+		return m.pages
+	}
+	return ci << chunkShift
+}
+
+// chunkSize returns the number of pages of chunk ci.
+func (m *Runs) chunkSize(ci uint64) int { return int(m.pageAt(ci+1) - m.pageAt(ci)) }
+
+// Get implements Map.
+func (m *Runs) Get(p uint64) uint8 {
+	if p >= m.pages {
+		panic("pagemap: page out of range")
+	}
+	s := m.find(p >> chunkShift)
+	if s.c == nil {
+		return s.val
+	}
+	return s.c.get(m.bits, int(p&chunkMask))
+}
+
+// Set implements Map. Whole chunks of r become one uniform segment; the
+// partial chunks at either end are edited in their own representation.
+func (m *Runs) Set(r span.Range, v uint8) error {
+	if err := checkSet(r, v, m.pages, m.bits); err != nil {
+		return err
+	}
+	ca, cb := r.Start>>chunkShift, (r.End-1)>>chunkShift // first and last chunk
+	fa, fb := ca, cb+1                                   // whole chunks: [fa, fb)
+	if r.Start != m.pageAt(ca) {
+		fa = ca + 1
+	}
+	if r.End != m.pageAt(cb+1) {
+		fb = cb
+	}
+	if ca == cb {
+		if fa < fb {
+			m.setChunks(fa, fb, v)
+		} else {
+			m.setPartial(ca, int(r.Start-m.pageAt(ca)), int(r.End-m.pageAt(ca)), v)
+		}
+		return nil
+	}
+	if fa != ca {
+		m.setPartial(ca, int(r.Start-m.pageAt(ca)), m.chunkSize(ca), v)
+	}
+	if fb != cb+1 {
+		m.setPartial(cb, 0, int(r.End-m.pageAt(cb)), v)
+	}
+	if fa < fb {
+		m.setChunks(fa, fb, v)
+	}
+	return nil
+}
+
+// setChunks gives every page of chunks [fa, fb) the value v: the segments
+// there are replaced by one uniform segment.
+func (m *Runs) setChunks(fa, fb uint64, v uint8) {
+	if s := m.find(fa); s.c == nil && s.val == v && s.end >= fb {
+		return // already so
+	}
+	if fa > 0 {
+		m.cut(fa)
+	}
+	if fb < m.chunks {
+		m.cut(fb)
+	}
+	l, rest := split(m.root, fa)
+	mid, r := split(rest, fb)
+	m.dropAll(mid)
+	m.root = merge(l, r)
+	m.putUniform(fa, fb, v)
+}
+
+// setPartial gives offsets [a, b) of chunk ci the value v.
+func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
+	s := m.find(ci)
+	if s.c == nil {
+		if s.val == v {
+			return
+		}
+		// Isolate chunk ci in a segment of its own and give it a chunk.
+		if ci > 0 {
+			m.cut(ci)
+		}
+		if ci+1 < m.chunks {
+			m.cut(ci + 1)
+		}
+		s = m.find(ci)
+		s.c = newChunk(s.val, m.bits)
+		m.chunkBytes += s.c.bytes()
+	}
+	before := s.c.bytes()
+	s.c.set(m.bits, m.chunkSize(ci), a, b, v)
+	m.chunkBytes += s.c.bytes()
+	m.chunkBytes -= before
+	if s.c.numRuns() == 1 {
+		u := s.c.uniformValue(m.bits)
+		m.remove(s)
+		m.drop(s)
+		m.putUniform(ci, ci+1, u)
+	}
+}
+
+// Runs implements Map.
+func (m *Runs) Runs(r span.Range) iter.Seq[Run] {
+	return func(yield func(Run) bool) {
+		r := r.Intersect(span.Range{End: m.pages})
+		if r.Empty() {
+			return
+		}
+		// Segments and chunks yield pieces; equal neighbours (a chunk's last
+		// run and the uniform segment after it, say) are joined here so that
+		// the runs yielded are maximal.
+		var pend Run
+		have, stopped := false, false
+		emit := func(s, e uint64, v uint8) bool {
+			if have && pend.Value == v {
+				pend.End = e
+				return true
+			}
+			if have && !yield(pend) {
+				stopped = true
+				return false
+			}
+			pend, have = Run{span.Range{Start: s, End: e}, v}, true
+			return true
+		}
+		ascend(m.root, r.Start>>chunkShift, func(s *seg) bool {
+			base, end := m.pageAt(s.start), m.pageAt(s.end)
+			lo, hi := max(r.Start, base), min(r.End, end)
+			if lo >= hi {
+				return false
+			}
+			if s.c == nil {
+				if !emit(lo, hi, s.val) {
+					return false
+				}
+			} else if !s.c.runs(m.bits, int(end-base), int(lo-base), int(hi-base), base, emit) {
+				return false
+			}
+			return end < r.End
+		})
+		if have && !stopped {
+			yield(pend)
+		}
+	}
+}
+
+// Count implements Map.
+func (m *Runs) Count(r span.Range, v uint8) uint64 {
+	r = r.Intersect(span.Range{End: m.pages})
+	if r.Empty() || v >= 1<<m.bits {
+		return 0
+	}
+	var n uint64
+	ascend(m.root, r.Start>>chunkShift, func(s *seg) bool {
+		base, end := m.pageAt(s.start), m.pageAt(s.end)
+		lo, hi := max(r.Start, base), min(r.End, end)
+		if lo >= hi {
+			return false
+		}
+		if s.c == nil {
+			if s.val == v {
+				n += hi - lo
+			}
+		} else {
+			n += uint64(s.c.count(m.bits, int(end-base), int(lo-base), int(hi-base), v))
+		}
+		return end < r.End
+	})
+	return n
+}
+
+// Next implements Map.
+func (m *Runs) Next(from uint64, v uint8) (uint64, bool) { return m.next(from, v, true) }
+
+// NextNot implements Map.
+func (m *Runs) NextNot(from uint64, v uint8) (uint64, bool) { return m.next(from, v, false) }
+
+// next finds the first page >= from whose value equals v (want) or differs
+// from v (!want).
+func (m *Runs) next(from uint64, v uint8, want bool) (uint64, bool) {
+	if from >= m.pages {
+		return 0, false
+	}
+	if v >= 1<<m.bits {
+		// No page holds v, so every page differs from it.
+		if want {
+			return 0, false
+		}
+		return from, true
+	}
+	var p uint64
+	found := false
+	ascend(m.root, from>>chunkShift, func(s *seg) bool {
+		base, end := m.pageAt(s.start), m.pageAt(s.end)
+		lo := max(from, base)
+		if s.c == nil {
+			if (s.val == v) == want {
+				p, found = lo, true
+				return false
+			}
+			return true
+		}
+		size := int(end - base)
+		if off := s.c.find(m.bits, size, int(lo-base), v, want); off < size {
+			p, found = base+uint64(off), true
+			return false
+		}
+		return true
+	})
+	return p, found
+}
