@@ -330,6 +330,12 @@ func (m *Mapper) discard(s discard.Section) error {
 // Populate or Discard of exactly s replaced, so a failed operation leaves the
 // IOMMU with the entries it had, not merely the same pages mapped. The
 // restored entries were held before, so the entry budget suffices.
+//
+// A discard that split entries replaced them with remainders outside s,
+// which a concurrent operation on a neighbouring range may have changed
+// since (its pages may even have become private). Restoring the old entries
+// would then map stale pages, so in that case Revert takes back s alone: it
+// maps s again as a populate would.
 func (m *Mapper) Revert(s discard.Section) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -338,6 +344,35 @@ func (m *Mapper) Revert(s discard.Section) error {
 		return fmt.Errorf("dma: nothing to revert for %v", s)
 	}
 	delete(m.journal, s)
+	var err error
+	if m.holds(c.added) {
+		err = m.restore(c)
+	} else {
+		m.log.Info("dma revert: entries around the section changed since; mapping the section anew", "section", s)
+		err = m.populate(s)
+		delete(m.journal, s)
+	}
+	if err != nil {
+		m.stats.Failures++
+		m.log.Error("dma revert failed", "section", s, "err", err)
+		return err
+	}
+	return nil
+}
+
+// holds reports whether every entry of es is in the table, unchanged.
+func (m *Mapper) holds(es []entry) bool {
+	for _, e := range es {
+		if got, ok := m.entries.Get(e); !ok || got != e {
+			return false
+		}
+	}
+	return true
+}
+
+// restore undoes change c: it removes the entries c added and maps again the
+// ones it removed.
+func (m *Mapper) restore(c change) error {
 	var errs []error
 	for _, e := range c.added {
 		if err := m.unmapEntries([]entry{e}); err != nil {
@@ -351,12 +386,7 @@ func (m *Mapper) Revert(s discard.Section) error {
 		}
 	}
 	m.stats.Splits -= c.splits
-	if err := errors.Join(errs...); err != nil {
-		m.stats.Failures++
-		m.log.Error("dma revert failed", "section", s, "err", err)
-		return err
-	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // Settle implements discard.Journal.
