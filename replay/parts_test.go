@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"encoding/xml"
 	"io"
-	"math/rand/v2"
-	"slices"
 	"strings"
 	"testing"
 
@@ -13,71 +11,6 @@ import (
 	"gmem/span"
 	"gmem/trace"
 )
-
-// TestRangeSet compares the set with a per-unit model under random
-// operations.
-func TestRangeSet(t *testing.T) {
-	const units = 64
-	rng := rand.New(rand.NewPCG(1, 1))
-	for round := range 200 {
-		var s rangeSet
-		var model [units]bool
-		for range 40 {
-			a := uint64(rng.IntN(units))
-			b := a + 1 + uint64(rng.IntN(units-int(a)))
-			r := span.Range{Start: a, End: b}
-			add := rng.IntN(2) == 0
-			if add {
-				s.add(r)
-			} else {
-				s.remove(r)
-			}
-			for i := a; i < b; i++ {
-				model[i] = add
-			}
-			// The ranges are sorted, disjoint, non-adjacent, non-empty and
-			// cover exactly the model.
-			var n uint64
-			for i, x := range s.rs {
-				if x.Empty() || (i > 0 && s.rs[i-1].End >= x.Start) {
-					t.Fatalf("round %d: bad ranges %v", round, s.rs)
-				}
-				for u := x.Start; u < x.End; u++ {
-					if !model[u] {
-						t.Fatalf("round %d: %d in %v but not in the model", round, u, s.rs)
-					}
-				}
-				n += x.Len()
-			}
-			var want uint64
-			for _, m := range model {
-				if m {
-					want++
-				}
-			}
-			if n != want || s.bytes() != want {
-				t.Fatalf("round %d: set covers %d, model %d", round, n, want)
-			}
-			// minus is the complement within a query.
-			q := span.Range{Start: uint64(rng.IntN(units)), End: units}
-			var got []uint64
-			for _, x := range s.minus(q) {
-				for u := x.Start; u < x.End; u++ {
-					got = append(got, u)
-				}
-			}
-			var wantOut []uint64
-			for u := q.Start; u < q.End; u++ {
-				if !model[u] {
-					wantOut = append(wantOut, u)
-				}
-			}
-			if !slices.Equal(got, wantOut) {
-				t.Fatalf("round %d: minus(%v) = %v, want %v", round, q, got, wantOut)
-			}
-		}
-	}
-}
 
 func TestSeries(t *testing.T) {
 	var s series

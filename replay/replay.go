@@ -160,7 +160,7 @@ type Replayer struct {
 
 	layout   []area // RAM and MMIO, sorted by GPA
 	runs     [2]*run
-	diverged rangeSet // GPAs where the runs may differ
+	diverged span.Set // GPAs where the runs may differ
 
 	events, conversions, rejected, invalid, divergedEvents uint64
 	violations                                             uint64
@@ -427,11 +427,11 @@ func (rp *Replayer) stateEvent(r span.Range, parts []part, fn func(*run) error,
 	switch {
 	case errs[0] == nil && errs[1] == nil && equalizes:
 		rp.compare(parts, false)
-		rp.diverged.remove(r)
+		rp.diverged.Remove(r)
 	case (errs[0] == nil) == (errs[1] == nil):
 		rp.compare(parts, true)
 	default:
-		rp.diverged.add(r)
+		rp.diverged.Add(r)
 	}
 }
 
@@ -444,7 +444,7 @@ func (rp *Replayer) compare(parts []part, skipDiverged bool) {
 		}
 		pieces := []span.Range{p.r}
 		if skipDiverged {
-			pieces = rp.diverged.minus(p.r)
+			pieces = rp.diverged.Minus(p.r)
 		}
 		for _, x := range pieces {
 			one := []part{{r: x, ram: p.ram}}

@@ -297,8 +297,8 @@ func TestViolationsDetected(t *testing.T) {
 		if err := rp.Finish(); err != nil {
 			t.Fatal(err)
 		}
-		if len(rp.diverged.rs) != 0 {
-			t.Errorf("diverged ranges left: %v", rp.diverged.rs)
+		if len(rp.diverged.Ranges()) != 0 {
+			t.Errorf("diverged ranges left: %v", rp.diverged.Ranges())
 		}
 	})
 }

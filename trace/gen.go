@@ -275,7 +275,7 @@ func requests(p Platform, r span.Range, f func(span.Range) bool) {
 // number of live allocations, not with the size of the guest.
 type arena struct {
 	blocks []span.Range // where allocations may go
-	used   rangeSet
+	used   span.Set
 	live   []span.Range
 }
 
@@ -300,7 +300,7 @@ func (a *arena) pick(rng *rand.Rand, size, align uint64, keep bool) (span.Range,
 		return span.Range{}, false
 	}
 	take := func(r span.Range) (span.Range, bool) {
-		a.used.add(r)
+		a.used.Add(r)
 		if keep {
 			a.live = append(a.live, r)
 		}
@@ -315,7 +315,7 @@ func (a *arena) pick(rng *rand.Rand, size, align uint64, keep bool) (span.Range,
 				continue
 			}
 			start := b.Inward(align).Start + k*align
-			if r := (span.Range{Start: start, End: start + size}); !a.used.overlaps(r) {
+			if r := (span.Range{Start: start, End: start + size}); !a.used.Overlaps(r) {
 				return take(r)
 			}
 			break
@@ -324,7 +324,7 @@ func (a *arena) pick(rng *rand.Rand, size, align uint64, keep bool) (span.Range,
 	up := func(x uint64) uint64 { return (x + align - 1) / align * align }
 	for _, b := range a.blocks {
 		cur := b.Start
-		for _, u := range append(a.used.inside(b), span.Range{Start: b.End, End: b.End}) {
+		for _, u := range append(a.used.Inside(b), span.Range{Start: b.End, End: b.End}) {
 			if s := up(cur); s+size <= u.Start {
 				return take(span.Range{Start: s, End: s + size})
 			}
@@ -340,7 +340,7 @@ func (a *arena) freeAt(i int) span.Range {
 	last := len(a.live) - 1
 	a.live[i] = a.live[last]
 	a.live = a.live[:last]
-	a.used.remove(r)
+	a.used.Remove(r)
 	return r
 }
 

@@ -81,7 +81,7 @@ func Boot(o BootOptions) (iter.Seq[Event], error) {
 		slack := min(swiotlbSlack, low.Len()-pool)
 		end := low.End - rng.Uint64N(slack/PageSize+1)*PageSize
 		tlb := span.Range{Start: end - pool, End: end}
-		a.used.add(tlb)
+		a.used.Add(tlb)
 
 		if c.Platform == SNP {
 			for range vcpus {

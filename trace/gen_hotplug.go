@@ -96,12 +96,12 @@ func Hotplug(o HotplugOptions) (iter.Seq[Event], error) {
 		if !e.setup(setup...) {
 			return
 		}
-		plugged := &rangeSet{}
+		plugged := &span.Set{}
 		boot := c.blocks()
 		a := &arena{blocks: boot}
 		// Buffers go to boot RAM and plugged memory only.
 		replugged := func() {
-			a.blocks = append(slices.Clip(boot), plugged.rs...)
+			a.blocks = append(slices.Clip(boot), plugged.Ranges()...)
 		}
 		sizeOf := func() uint64 { return coherentSize(rng) }
 		mbs := size / mb
@@ -112,27 +112,27 @@ func Hotplug(o HotplugOptions) (iter.Seq[Event], error) {
 				// Plug the unplugged part of the lowest memory block with
 				// one: the first gap of the plugged set.
 				gap := region.Start
-				if len(plugged.rs) > 0 && plugged.rs[0].Start == region.Start {
-					gap = plugged.rs[0].End
+				if len(plugged.Ranges()) > 0 && plugged.Ranges()[0].Start == region.Start {
+					gap = plugged.Ranges()[0].End
 				}
 				mbEnd := (gap-region.Start)/mb*mb + mb + region.Start
 				end := mbEnd
-				if i := plugged.first(gap); i < len(plugged.rs) {
-					end = min(end, plugged.rs[i].Start)
+				if i := plugged.Index(gap); i < len(plugged.Ranges()) {
+					end = min(end, plugged.Ranges()[i].Start)
 				}
 				r := span.Range{Start: gap, End: end}
 				if !e.event(Plug{GPA: r.Start, Size: r.Len()}) {
 					return
 				}
-				plugged.add(r)
+				plugged.Add(r)
 				have += r.Len()
 				replugged()
 			case have > target:
 				// Unplug from the highest memory block with plugged memory.
-				top := plugged.rs[len(plugged.rs)-1].End - 1
+				top := plugged.Ranges()[len(plugged.Ranges())-1].End - 1
 				mbStart := (top-region.Start)/mb*mb + region.Start
 				mbr := span.Range{Start: mbStart, End: mbStart + mb}
-				parts := plugged.inside(mbr)
+				parts := plugged.Inside(mbr)
 				var b span.Range
 				if len(parts) == 1 && parts[0] == mbr && have-target >= mb && rng.IntN(4) != 0 {
 					// Fast path: the whole memory block in one request
@@ -174,7 +174,7 @@ func Hotplug(o HotplugOptions) (iter.Seq[Event], error) {
 				if !e.event(Unplug{GPA: b.Start, Size: b.Len()}) {
 					return
 				}
-				plugged.remove(b)
+				plugged.Remove(b)
 				have -= b.Len()
 				replugged()
 			default:

@@ -36,7 +36,7 @@ type region struct {
 	ram     bool
 	name    string
 	block   uint64    // hot-plug block size, 0 if not hot-pluggable
-	plugged *rangeSet // plugged memory of a hot-pluggable block
+	plugged *span.Set // plugged memory of a hot-pluggable block
 }
 
 // NewValidator returns a Validator for a trace with no events yet.
@@ -60,7 +60,7 @@ func (v *Validator) Check(e Event) error {
 		}
 		reg := region{r: e.Range(), ram: true, name: e.Name, block: e.Block}
 		if e.Block != 0 {
-			reg.plugged = &rangeSet{}
+			reg.plugged = &span.Set{}
 		}
 		if err := v.insert(reg); err != nil {
 			return err
@@ -85,19 +85,19 @@ func (v *Validator) Check(e Event) error {
 		if err != nil {
 			return err
 		}
-		if reg.plugged.overlaps(e.Range()) {
+		if reg.plugged.Overlaps(e.Range()) {
 			return fmt.Errorf("%w: plug %v: part of it is already plugged", ErrValue, e.Range())
 		}
-		reg.plugged.add(e.Range())
+		reg.plugged.Add(e.Range())
 	case Unplug:
 		reg, err := v.hotplug("unplug", e.Range())
 		if err != nil {
 			return err
 		}
-		if !reg.plugged.covers(e.Range()) {
+		if !reg.plugged.Covers(e.Range()) {
 			return fmt.Errorf("%w: unplug %v: part of it is not plugged", ErrValue, e.Range())
 		}
-		reg.plugged.remove(e.Range())
+		reg.plugged.Remove(e.Range())
 	}
 	return nil
 }
@@ -141,7 +141,7 @@ func (v *Validator) convert(e Convert) error {
 		switch {
 		case !reg.ram && e.To == Private:
 			return fmt.Errorf("%w: convert %v to private: %v is an MMIO hole", ErrValue, want, part)
-		case reg.plugged != nil && !reg.plugged.covers(part):
+		case reg.plugged != nil && !reg.plugged.Covers(part):
 			return fmt.Errorf("%w: convert %v: part of %v in RAM block %q is not plugged", ErrValue, want, part, reg.name)
 		}
 		cur = part.End

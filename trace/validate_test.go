@@ -2,11 +2,8 @@ package trace
 
 import (
 	"errors"
-	"math/rand/v2"
 	"strings"
 	"testing"
-
-	"github.com/google/go-cmp/cmp"
 
 	"gmem/span"
 )
@@ -102,68 +99,6 @@ func TestValidatorRefusalLeavesState(t *testing.T) {
 	}
 	if err := v.Check(Plug{GPA: 0, Size: 2 << 20}); err != nil {
 		t.Errorf("a refused plug left its range plugged: %v", err)
-	}
-}
-
-// TestRangeSet compares rangeSet with a per-unit model under random
-// operations.
-func TestRangeSet(t *testing.T) {
-	const n = 64
-	rng := rand.New(rand.NewPCG(1, 2))
-	var s rangeSet
-	var model [n]bool
-	for step := range 20000 {
-		a, b := uint64(rng.IntN(n+1)), uint64(rng.IntN(n+1))
-		r := span.Range{Start: min(a, b), End: max(a, b)}
-		switch rng.IntN(4) {
-		case 0, 1:
-			s.add(r)
-			for i := r.Start; i < r.End; i++ {
-				model[i] = true
-			}
-		case 2:
-			s.remove(r)
-			for i := r.Start; i < r.End; i++ {
-				model[i] = false
-			}
-		case 3:
-			covers, overlaps := true, false
-			for i := r.Start; i < r.End; i++ {
-				covers = covers && model[i]
-				overlaps = overlaps || model[i]
-			}
-			if s.covers(r) != covers || s.overlaps(r) != overlaps {
-				t.Fatalf("step %d: %v covers %v overlaps %v; model %v %v", step, r, s.covers(r), s.overlaps(r), covers, overlaps)
-			}
-			var want []span.Range
-			for i := r.Start; i < r.End; i++ {
-				if !model[i] {
-					continue
-				}
-				if k := len(want) - 1; k >= 0 && want[k].End == i {
-					want[k].End++
-				} else {
-					want = append(want, span.Range{Start: i, End: i + 1})
-				}
-			}
-			if diff := cmp.Diff(want, s.inside(r)); diff != "" {
-				t.Fatalf("step %d: inside %v (-model +set):\n%s", step, r, diff)
-			}
-		}
-		// The representation stays canonical: sorted, disjoint, not adjacent,
-		// not empty, and equal to the model.
-		var got [n]bool
-		for i, x := range s.rs {
-			if x.Empty() || (i > 0 && s.rs[i-1].End >= x.Start) {
-				t.Fatalf("step %d: not canonical: %v", step, s.rs)
-			}
-			for j := x.Start; j < x.End; j++ {
-				got[j] = true
-			}
-		}
-		if got != model {
-			t.Fatalf("step %d: set %v differs from the model", step, s.rs)
-		}
 	}
 }
 
