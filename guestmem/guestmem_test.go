@@ -672,6 +672,7 @@ func TestHypercallRet(t *testing.T) {
 		{fmt.Errorf("x: %w", unix.EIO), 22},
 		{errors.New("anything"), 22},
 		{errors.Join(guestmem.ErrNotRAM, unix.EBUSY), 22},
+		{&kvm.MapGPARangeError{Err: kvm.ErrMapGPAZeroPages}, 22},
 	} {
 		if got := guestmem.HypercallRet(c.err); got != c.want {
 			t.Errorf("HypercallRet(%v) = %d, want %d", c.err, got, c.want)

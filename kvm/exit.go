@@ -453,7 +453,7 @@ var (
 )
 
 // MapGPARangeError is a KVM_HC_MAP_GPA_RANGE request the guest got wrong.
-// The VMM answers it with [HypercallRetEINVAL] (see [HypercallRetFor]).
+// The VMM answers it with [HypercallRetEINVAL].
 type MapGPARangeError struct {
 	GPA, Pages, Attributes uint64
 	// Err is one of ErrMapGPAUnaligned, ErrMapGPAZeroPages, ErrMapGPAWrap,
@@ -509,16 +509,3 @@ func (h HypercallExit) MapGPARange() (MapGPARange, error) {
 	return DecodeMapGPARange(h.Args[0], h.Args[1], h.Args[2])
 }
 
-// HypercallRetFor returns the value a VMM puts in the hypercall's ret for
-// the outcome err of handling it: 0 for nil, HypercallRetEAGAIN when err
-// matches unix.EAGAIN (the guest should retry), HypercallRetEINVAL for any
-// other error, including every *MapGPARangeError.
-func HypercallRetFor(err error) uint64 {
-	switch {
-	case err == nil:
-		return HypercallRetOK
-	case errors.Is(err, unix.EAGAIN):
-		return HypercallRetEAGAIN
-	}
-	return HypercallRetEINVAL
-}
