@@ -508,4 +508,3 @@ func (h HypercallExit) MapGPARange() (MapGPARange, error) {
 	}
 	return DecodeMapGPARange(h.Args[0], h.Args[1], h.Args[2])
 }
-

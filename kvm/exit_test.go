@@ -290,7 +290,6 @@ func TestDecodeMapGPARange(t *testing.T) {
 	}
 }
 
-
 // runErrs are the KVM_RUN outcomes the fuzz target chooses from.
 var runErrs = []error{nil, unix.EINTR, unix.EFAULT, unix.EHWPOISON, unix.EINVAL, unix.EAGAIN}
 
