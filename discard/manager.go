@@ -391,21 +391,37 @@ type Tx struct {
 	m   *Manager
 	r   span.Range
 	log txlog
+	buf [4]notification // the log's first notifications, without allocating
 }
 
 // Transact locks r (region byte offsets) against other transactions and
 // queries that overlap it and runs fn. Whatever fn returns is returned.
 func (m *Manager) Transact(r span.Range, fn func(*Tx) error) error {
+	var tx Tx
+	if err := m.begin(&tx, r); err != nil {
+		return err
+	}
+	defer m.end(&tx)
+	return fn(&tx)
+}
+
+// begin locks r for tx; end releases it. Sources of this package use them
+// directly, without the closure Transact takes.
+func (m *Manager) begin(tx *Tx, r span.Range) error {
 	if err := m.checkRange(r); err != nil {
 		return err
 	}
 	m.mu.RLock()
-	defer m.mu.RUnlock()
 	m.locks.lock(r)
-	defer m.locks.unlock(r)
-	tx := &Tx{m: m, r: r}
-	defer func() { tx.log.settle() }()
-	return fn(tx)
+	*tx = Tx{m: m, r: r}
+	tx.log = tx.buf[:0]
+	return nil
+}
+
+func (m *Manager) end(tx *Tx) {
+	tx.log.settle()
+	m.locks.unlock(tx.r)
+	m.mu.RUnlock()
 }
 
 // Mark returns a point in the transaction's notifications to roll back to.

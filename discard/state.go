@@ -156,37 +156,60 @@ func (s *StateSource) Change(r span.Range, populate bool, steps Steps) ([]span.R
 	if _, err := s.Check(r.Start, r.Len()); err != nil {
 		return nil, err
 	}
+	var tx Tx
+	if err := s.m.begin(&tx, r); err != nil {
+		return nil, err
+	}
+	defer s.m.end(&tx)
+	want := uint8(0)
+	if populate {
+		want = 1
+	}
 	var changed []span.Range
-	err := s.m.Transact(r, func(tx *Tx) error {
-		want := uint8(0)
-		if populate {
-			want = 1
+	s.mu.RLock()
+	for run := range s.pm.Runs(s.units(r)) {
+		if run.Value != want {
+			changed = append(changed, s.bytes(run.Range))
 		}
-		s.mu.RLock()
-		for run := range s.pm.Runs(s.units(r)) {
-			if run.Value != want {
-				changed = append(changed, s.bytes(run.Range))
-			}
-		}
-		s.mu.RUnlock()
-		if len(changed) == 0 {
-			return nil
-		}
-		return s.apply(tx, changed, populate, steps)
-	})
-	if err != nil {
+	}
+	s.mu.RUnlock()
+	if len(changed) == 0 {
+		return nil, nil
+	}
+	if err := s.apply(&tx, changed, populate, steps); err != nil {
 		return nil, err
 	}
 	return changed, nil
 }
 
-// apply runs the steps of a change, keeping a stack of undo functions.
+// step is one finished step of a change, kept so it can be undone.
+type step uint8
+
+const (
+	stepKernel step = iota + 1
+	stepFlip
+	stepListeners
+)
+
+// apply runs the steps of a change in the order Change documents; if one
+// fails it undoes the finished ones, newest first.
 func (s *StateSource) apply(tx *Tx, changed []span.Range, populate bool, steps Steps) error {
-	var undo []func() error
+	var done [3]step
+	n := 0
+	mark := tx.Mark()
 	fail := func(err error) error {
 		var errs []error
-		for i := len(undo) - 1; i >= 0; i-- {
-			if uerr := undo[i](); uerr != nil {
+		for i := n - 1; i >= 0; i-- {
+			var uerr error
+			switch done[i] {
+			case stepKernel:
+				uerr = steps.Kernel(changed, !populate)
+			case stepFlip:
+				s.set(changed, !populate)
+			case stepListeners:
+				uerr = tx.Rollback(mark)
+			}
+			if uerr != nil {
 				errs = append(errs, uerr)
 			}
 		}
@@ -203,33 +226,25 @@ func (s *StateSource) apply(tx *Tx, changed []span.Range, populate bool, steps S
 		if err := steps.Kernel(changed, populate); err != nil {
 			return fmt.Errorf("kernel: %w", err)
 		}
-		undo = append(undo, func() error { return steps.Kernel(changed, !populate) })
+		done[n] = stepKernel
+		n++
 		return nil
-	}
-	flip := func() {
-		s.set(changed, populate)
-		undo = append(undo, func() error { s.set(changed, !populate); return nil })
 	}
 	listeners := func() error {
-		mark := tx.Mark()
-		var err error
-		if populate {
-			err = tx.NotifyPopulate(s, changed)
-		} else {
-			err = tx.NotifyDiscard(s, changed)
-		}
-		if err != nil {
+		if err := tx.change(s, changed, populate); err != nil {
 			return err
 		}
-		undo = append(undo, func() error { return tx.Rollback(mark) })
+		done[n] = stepListeners
+		n++
 		return nil
 	}
-
 	if populate {
 		if err := kernel(); err != nil {
 			return fail(err)
 		}
-		flip()
+		s.set(changed, true)
+		done[n] = stepFlip
+		n++
 		if err := listeners(); err != nil {
 			return fail(err)
 		}
@@ -247,7 +262,9 @@ func (s *StateSource) apply(tx *Tx, changed []span.Range, populate bool, steps S
 				return fail(err)
 			}
 		}
-		flip()
+		s.set(changed, false)
+		done[n] = stepFlip
+		n++
 	}
 	if steps.Release != nil {
 		if err := steps.Release(changed, populate); err != nil {

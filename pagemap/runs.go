@@ -17,7 +17,7 @@ const (
 
 // runsStructBytes is the allocation size of a Runs header (checked against
 // the type by a test).
-const runsStructBytes = 64
+const runsStructBytes = 80
 
 // Runs is a Map stored as runs; see the package documentation for its
 // layout and costs.
@@ -31,6 +31,12 @@ type Runs struct {
 	segs       uint64
 	chunkBytes uint64
 	rng        uint64 // state of the treap's priority generator
+	// spareSeg and spareChunk keep one dropped segment and one small chunk
+	// for reuse: a page converted and converted back creates and drops a
+	// chunk and segments each time, and reusing them saves the allocations.
+	// Bytes counts them.
+	spareSeg   *seg
+	spareChunk *chunk
 }
 
 var _ Map = (*Runs)(nil)
@@ -61,7 +67,14 @@ func (m *Runs) Bits() uint { return m.bits }
 // Bytes implements Map. It counts the header, every segment of the index
 // and every chunk's header and slice capacity.
 func (m *Runs) Bytes() uint64 {
-	return runsStructBytes + m.segs*segBytes + m.chunkBytes
+	n := runsStructBytes + m.segs*segBytes + m.chunkBytes
+	if m.spareSeg != nil {
+		n += segBytes
+	}
+	if m.spareChunk != nil {
+		n += m.spareChunk.bytes()
+	}
+	return n
 }
 
 // pageAt returns the first page of chunk ci, or Pages() for ci >= m.chunks
@@ -156,7 +169,7 @@ func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
 			m.cut(ci + 1)
 		}
 		s = m.find(ci)
-		s.c = newChunk(s.val, m.bits)
+		s.c = m.takeChunk(s.val)
 		m.chunkBytes += s.c.bytes()
 	}
 	before := s.c.bytes()

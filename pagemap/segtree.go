@@ -32,16 +32,47 @@ func (m *Runs) newSeg(start, end uint64, v uint8) *seg {
 	z = (z ^ z>>27) * 0x94d049bb133111eb
 	z ^= z >> 31
 	m.segs++
+	if s := m.spareSeg; s != nil {
+		m.spareSeg = nil
+		*s = seg{start: start, end: end, val: v, prio: uint32(z)}
+		return s
+	}
 	return &seg{start: start, end: end, val: v, prio: uint32(z)}
 }
 
-// drop removes a segment that is no longer in the tree from m's size.
+// drop removes a segment that is no longer in the tree from m's size,
+// keeping it, and its chunk if small, for reuse. Its links stay intact until
+// it is reused, so a caller may still walk them.
 func (m *Runs) drop(s *seg) {
 	m.segs--
-	if s.c != nil {
-		m.chunkBytes -= s.c.bytes()
+	if c := s.c; c != nil {
+		m.chunkBytes -= c.bytes()
 		s.c = nil
+		if m.spareChunk == nil && c.dense == nil && cap(c.starts) <= spareChunkRuns {
+			m.spareChunk = c
+		}
 	}
+	if m.spareSeg == nil {
+		m.spareSeg = s
+	}
+}
+
+// spareChunkRuns bounds the run capacity of a chunk kept for reuse.
+const spareChunkRuns = 64
+
+// takeChunk returns a chunk in runs form holding one run of value v, the
+// spare one if there is one.
+func (m *Runs) takeChunk(v uint8) *chunk {
+	c := m.spareChunk
+	if c == nil {
+		return newChunk(v, m.bits)
+	}
+	m.spareChunk = nil
+	*c = chunk{starts: append(c.starts[:0], 0), vals: c.vals[:0], first: v}
+	if m.bits == 2 {
+		c.vals = append(c.vals, v)
+	}
+	return c
 }
 
 // find returns the segment holding chunk ci < m.chunks.
