@@ -166,10 +166,17 @@ func (s *StateSource) Change(r span.Range, populate bool, steps Steps) ([]span.R
 		want = 1
 	}
 	var changed []span.Range
+	u := s.units(r)
 	s.mu.RLock()
-	for run := range s.pm.Runs(s.units(r)) {
-		if run.Value != want {
-			changed = append(changed, s.bytes(run.Range))
+	if u.Len() == 1 { // the most common request: one page
+		if s.pm.Get(u.Start) != want {
+			changed = []span.Range{r}
+		}
+	} else {
+		for run := range s.pm.Runs(u) {
+			if run.Value != want {
+				changed = append(changed, s.bytes(run.Range))
+			}
 		}
 	}
 	s.mu.RUnlock()
