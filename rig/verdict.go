@@ -8,8 +8,8 @@ import (
 	"strings"
 )
 
-// The guest reports on the serial console with lines that start with
-// Marker, written in one write each so kernel messages cannot split them:
+// Marker starts every line the guest reports on the serial console, each
+// written in one write so kernel messages cannot split it:
 //
 //	GMEM-RIG boot <details>                   (from /init, before the tests)
 //	GMEM-RIG check <backend> <check> pass|fail|skip

@@ -14,10 +14,10 @@ import "gmem/guestmem"
 const (
 	mib = 1 << 20
 
-	Ram0GPA  = 0
-	Ram0Size = 4 * mib
-	Ram1GPA  = 4 * mib
-	Ram1Size = 4 * mib
+	RAM0GPA  = 0
+	RAM0Size = 4 * mib
+	RAM1GPA  = 4 * mib
+	RAM1Size = 4 * mib
 	HoleGPA  = 8 * mib
 	HoleSize = 1 * mib
 	// MaxGPA is the guest's physical address space: conversions beyond it
@@ -45,8 +45,8 @@ func memoryConfig(mode guestmem.Mode) guestmem.Config {
 	return guestmem.Config{
 		Mode: mode,
 		Blocks: []guestmem.BlockConfig{
-			{Name: "ram0", GPA: Ram0GPA, Size: Ram0Size},
-			{Name: "ram1", GPA: Ram1GPA, Size: Ram1Size},
+			{Name: "ram0", GPA: RAM0GPA, Size: RAM0Size},
+			{Name: "ram1", GPA: RAM1GPA, Size: RAM1Size},
 		},
 		MMIO:   []guestmem.Hole{{Name: "dev", GPA: HoleGPA, Size: HoleSize}},
 		MaxGPA: MaxGPA,

@@ -183,7 +183,7 @@ func (s Scenario) Validate() error {
 // memory its code and tables use.
 func guestRAM(gpa, size uint64) bool {
 	end := gpa + size
-	return end > gpa && gpa >= BuffersGPA && end <= Ram1GPA+Ram1Size
+	return end > gpa && gpa >= BuffersGPA && end <= RAM1GPA+RAM1Size
 }
 
 // Pattern seeds of the built-in scenario: recognisable in a memory dump.
@@ -213,7 +213,7 @@ func mainProgram() Program {
 	const (
 		a = BuffersGPA           // 1 MiB: share, DMA, back to private
 		b = BuffersGPA + 0x20000 // mixed and partial conversions
-		x = Ram1GPA              // the ram0/ram1 boundary
+		x = RAM1GPA              // the ram0/ram1 boundary
 		h = HoleGPA              // the MMIO hole
 	)
 	sh, pr := memattr.Shared, memattr.Private
@@ -296,7 +296,7 @@ func mainProgram() Program {
 
 // workerProgram is vCPU cpu's churn over a window of ram1 of its own.
 func workerProgram(cpu int) Program {
-	w := uint64(Ram1GPA + mib + (cpu-1)*256*1024)
+	w := uint64(RAM1GPA + mib + (cpu-1)*256*1024)
 	ok := uint32(ConvStatusOK)
 	sh, pr := memattr.Shared, memattr.Private
 	var st []Step
