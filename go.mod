@@ -1,9 +1,9 @@
-module gmem
+module github.com/gmemproject/gmem
 
 go 1.26.0
 
 require (
-	github.com/google/btree v1.1.3 // indirect
-	github.com/google/go-cmp v0.7.0 // indirect
-	golang.org/x/sys v0.49.0 // indirect
+	github.com/google/btree v1.1.3
+	github.com/google/go-cmp v0.7.0
+	golang.org/x/sys v0.49.0
 )

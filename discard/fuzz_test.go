@@ -6,9 +6,9 @@ import (
 	"slices"
 	"testing"
 
-	"gmem/discard"
-	"gmem/pagemap"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/pagemap"
+	"github.com/gmemproject/gmem/span"
 )
 
 // fuzzPages is the size of the fuzzed region in pages: small, so every

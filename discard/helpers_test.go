@@ -6,9 +6,9 @@ import (
 	"sync"
 	"testing"
 
-	"gmem/discard"
-	"gmem/pagemap"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/pagemap"
+	"github.com/gmemproject/gmem/span"
 )
 
 const pg = 4096

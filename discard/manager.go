@@ -34,7 +34,7 @@ import (
 	"slices"
 	"sync"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // DefaultGranularity is the granularity of a manager with no source: the

@@ -3,7 +3,7 @@ package discard
 import (
 	"sync"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // rangeLock serialises holders of overlapping ranges and lets holders of

@@ -1,6 +1,6 @@
 package discard
 
-import "gmem/span"
+import "github.com/gmemproject/gmem/span"
 
 // Run lists are sorted, disjoint, non-empty ranges. These helpers combine
 // them in one merge pass: O(len(a) + len(b)).

@@ -3,7 +3,7 @@ package discard
 import (
 	"fmt"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Section is a window of one region: Size bytes starting at byte Offset of

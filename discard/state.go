@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"sync"
 
-	"gmem/pagemap"
-	"gmem/span"
+	"github.com/gmemproject/gmem/pagemap"
+	"github.com/gmemproject/gmem/span"
 )
 
 // StateSource is a Source whose state is a page map with one entry per unit

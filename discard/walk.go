@@ -4,7 +4,7 @@ import (
 	"iter"
 	"slices"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Extent is a maximal part of a region whose state is the same in every

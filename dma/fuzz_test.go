@@ -7,9 +7,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/discard"
-	"gmem/dma"
-	"gmem/iommu"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/iommu"
 )
 
 var errBoom = errors.New("injected IOMMU failure")

@@ -37,9 +37,9 @@ import (
 	"github.com/google/btree"
 	"golang.org/x/sys/unix"
 
-	"gmem/discard"
-	"gmem/iommu"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Policy says how a Mapper shapes its IOMMU entries.

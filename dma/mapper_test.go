@@ -7,9 +7,9 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
-	"gmem/discard"
-	"gmem/dma"
-	"gmem/iommu"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/iommu"
 )
 
 const pg = 4096

@@ -5,7 +5,7 @@ package guest
 import (
 	"fmt"
 
-	"gmem/kvm"
+	"github.com/gmemproject/gmem/kvm"
 )
 
 // Load puts the vCPU in the state b describes: it reads the special

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"io"
 
-	"gmem/kvm"
+	"github.com/gmemproject/gmem/kvm"
 )
 
 // Selectors of the GDT LongMode writes.

@@ -7,7 +7,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"gmem/kvm"
+	"github.com/gmemproject/gmem/kvm"
 )
 
 func TestLongModeTables(t *testing.T) {

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"gmem/kvm"
+	"github.com/gmemproject/gmem/kvm"
 )
 
 // Guest memory layout of these tests (guest physical addresses).

@@ -6,9 +6,9 @@ import (
 	"errors"
 	"fmt"
 
-	"gmem/discard"
-	"gmem/memattr"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Errors of the accessors, wrapped in an *AccessError.

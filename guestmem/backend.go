@@ -6,9 +6,9 @@ import (
 	"errors"
 	"fmt"
 
-	"gmem/kvm"
-	"gmem/memattr"
-	"gmem/span"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
 )
 
 // backend carries a block's conversions to the kernel: the memattr.Backend

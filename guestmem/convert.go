@@ -8,9 +8,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/kvm"
-	"gmem/memattr"
-	"gmem/span"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Request asks for [GPA, GPA+Size) to become To.

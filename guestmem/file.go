@@ -7,8 +7,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/kvm"
-	"gmem/span"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/span"
 )
 
 // file is a backing file of a block: a guest_memfd or a memfd. Both free

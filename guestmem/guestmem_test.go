@@ -11,12 +11,12 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
-	"gmem/dma"
-	"gmem/guestmem"
-	"gmem/iommu"
-	"gmem/kvm"
-	"gmem/memattr"
-	"gmem/span"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
 )
 
 const (

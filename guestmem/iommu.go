@@ -6,10 +6,10 @@ import (
 	"errors"
 	"fmt"
 
-	"gmem/dma"
-	"gmem/internal/invariant"
-	"gmem/iommu"
-	"gmem/span"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/internal/invariant"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Attachment is one IOMMU space kept equal to the shared pages of every

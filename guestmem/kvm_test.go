@@ -13,11 +13,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/dma"
-	"gmem/guest"
-	"gmem/iommu"
-	"gmem/kvm"
-	"gmem/memattr"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guest"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
 )
 
 // openVM returns a default-type VM, skipping the test where /dev/kvm is

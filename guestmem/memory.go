@@ -12,11 +12,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/discard"
-	"gmem/kvm"
-	"gmem/memattr"
-	"gmem/pagemap"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/pagemap"
+	"github.com/gmemproject/gmem/span"
 )
 
 // PageSize is the conversion granularity: the x86-64 base page.

@@ -9,7 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/iommu"
+	"github.com/gmemproject/gmem/iommu"
 )
 
 // naive is a list-of-mappings oracle of the kernel rules, written

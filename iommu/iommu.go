@@ -6,7 +6,7 @@
 // The real backends (packages vfio and iommufd) implement Space too.
 package iommu
 
-import "gmem/span"
+import "github.com/gmemproject/gmem/span"
 
 // Rules names the kernel interface whose answers a Space gives. The two differ
 // where gmem cares: how a partial or empty unmap is answered, and whether the

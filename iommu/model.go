@@ -9,7 +9,7 @@ import (
 	"github.com/google/btree"
 	"golang.org/x/sys/unix"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Model is an in-process IOMMU address space that answers Map and Unmap as

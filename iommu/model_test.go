@@ -10,8 +10,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
-	"gmem/iommu"
-	"gmem/span"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/span"
 )
 
 const pg = 4096

@@ -8,7 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // The request numbers and flag values of kernel-uapi.md §4.1.

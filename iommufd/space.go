@@ -7,8 +7,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/iommu"
-	"gmem/span"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Space is an iommu.Space over one IOAS: Map and Unmap are

@@ -10,7 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Layout of struct kvm_run (x86-64, 2352 bytes). Only the fields gmem reads

@@ -7,7 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // GuestMemfd is a guest_memfd file: guest memory that belongs to one VM,

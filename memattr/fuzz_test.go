@@ -8,11 +8,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/discard"
-	"gmem/dma"
-	"gmem/iommu"
-	"gmem/memattr"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
 )
 
 // FuzzConvert decodes bytes into conversions of a small region with a DMA

@@ -20,9 +20,9 @@ import (
 	"fmt"
 	"sync/atomic"
 
-	"gmem/discard"
-	"gmem/pagemap"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/pagemap"
+	"github.com/gmemproject/gmem/span"
 )
 
 // State is the state of a page.

@@ -8,11 +8,11 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"gmem/discard"
-	"gmem/dma"
-	"gmem/iommu"
-	"gmem/memattr"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
 )
 
 const pg = 4096

@@ -5,7 +5,7 @@ import (
 	"runtime"
 	"testing"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // The benchmarks model a 1 TiB region of 4 KiB pages with one bit per page

@@ -6,7 +6,7 @@ import (
 	"math"
 	"math/bits"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Bitmap is a dense Map: Bits() bits per page in a flat array, as QEMU keeps

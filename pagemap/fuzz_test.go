@@ -6,7 +6,7 @@ import (
 	"math/rand/v2"
 	"testing"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // fuzzOps decodes data into a map size, a width and up to 32 operations.

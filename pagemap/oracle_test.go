@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // oracle is the naive model of a Map: one byte per page.

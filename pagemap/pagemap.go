@@ -69,7 +69,7 @@ import (
 	"errors"
 	"iter"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Run is a maximal range of pages that all hold Value, clipped to the range

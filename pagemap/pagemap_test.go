@@ -8,7 +8,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // impl names a Map constructor; the conformance tests run against each.

@@ -4,7 +4,7 @@ import (
 	"iter"
 	"math/rand/v2"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Chunk geometry: chunks of 2^16 pages, so that an offset inside a chunk

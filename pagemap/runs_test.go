@@ -6,7 +6,7 @@ import (
 	"runtime"
 	"testing"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 func newRunsT(t testing.TB, pages uint64, bits uint) *Runs {

@@ -5,7 +5,7 @@ import (
 	"strconv"
 	"testing"
 
-	"gmem/trace"
+	"github.com/gmemproject/gmem/trace"
 )
 
 // fuzzEvents decodes bytes into events over a small address space (64 MiB

@@ -7,9 +7,9 @@ import (
 	"strings"
 	"testing"
 
-	"gmem/iommu"
-	"gmem/span"
-	"gmem/trace"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/span"
+	"github.com/gmemproject/gmem/trace"
 )
 
 func TestSeries(t *testing.T) {

@@ -48,8 +48,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/span"
-	"gmem/trace"
+	"github.com/gmemproject/gmem/span"
+	"github.com/gmemproject/gmem/trace"
 )
 
 // DefaultProgressEvery is how many events pass between progress calls when

@@ -11,9 +11,9 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
-	"gmem/iommu"
-	"gmem/memattr"
-	"gmem/trace"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/trace"
 )
 
 // replayText replays a JSON Lines trace and fails the test on any violation.

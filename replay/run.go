@@ -8,14 +8,14 @@ import (
 	"strings"
 	"time"
 
-	"gmem/discard"
-	"gmem/dma"
-	"gmem/internal/invariant"
-	"gmem/iommu"
-	"gmem/memattr"
-	"gmem/span"
-	"gmem/trace"
-	"gmem/virtiomem"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/internal/invariant"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
+	"github.com/gmemproject/gmem/trace"
+	"github.com/gmemproject/gmem/virtiomem"
 )
 
 // run is one of the two replays: the library configured as the baseline or

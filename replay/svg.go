@@ -8,8 +8,8 @@ import (
 	"math"
 	"strconv"
 
-	"gmem/span"
-	"gmem/trace"
+	"github.com/gmemproject/gmem/span"
+	"github.com/gmemproject/gmem/trace"
 )
 
 // Drawing geometry, in SVG user units (pixels).

@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"unicode/utf8"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // PageSize is the granule of every address and size in a trace: guests

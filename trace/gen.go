@@ -5,7 +5,7 @@ import (
 	"math/rand/v2"
 	"strconv"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Generator defaults and bounds.

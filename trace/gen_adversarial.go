@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"iter"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // DefaultAdversarialWindow is the default window of the adversarial

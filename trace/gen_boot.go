@@ -4,7 +4,7 @@ import (
 	"iter"
 	"math/rand/v2"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Defaults of the boot generator.

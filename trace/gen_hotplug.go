@@ -5,7 +5,7 @@ import (
 	"iter"
 	"slices"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Defaults of the hotplug generator.

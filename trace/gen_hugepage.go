@@ -5,7 +5,7 @@ import (
 	"iter"
 	"math/bits"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Defaults of the hugepage generator.

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"iter"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Defaults of the implicit generator.

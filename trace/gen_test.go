@@ -10,7 +10,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // generator builds one generator's events from common options and one knob

@@ -7,7 +7,7 @@ import (
 	"io"
 	"strconv"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Format is the format of a trace input.

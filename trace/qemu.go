@@ -7,7 +7,7 @@ import (
 	"strconv"
 	"strings"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // QEMU's "log" trace backend prints an event as its name followed by the

@@ -8,7 +8,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // goldenQEMU mixes both line forms, other trace events and other output,

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"sort"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Validator checks the rules that tie events of one trace together, the

@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 func TestValidator(t *testing.T) {

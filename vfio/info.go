@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"math"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // IOVARange is one window of IOVAs the container accepts, inclusive of

@@ -5,8 +5,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/iommu"
-	"gmem/span"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Space is an iommu.Space over a VFIO type1 v2 container: Map and Unmap

@@ -11,7 +11,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
-	"gmem/span"
+	"github.com/gmemproject/gmem/span"
 )
 
 // The request numbers of kernel-uapi.md §3.1.

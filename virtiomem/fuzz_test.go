@@ -7,10 +7,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/dma"
-	"gmem/iommu"
-	"gmem/memattr"
-	"gmem/span"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
 )
 
 // FuzzPlug decodes bytes into plugs, unplugs and conversions of a region

@@ -15,9 +15,9 @@ import (
 	"fmt"
 	"sync/atomic"
 
-	"gmem/discard"
-	"gmem/pagemap"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/pagemap"
+	"github.com/gmemproject/gmem/span"
 )
 
 // DefaultBlockSize is the block size used when Config.BlockSize is 0.

@@ -3,7 +3,7 @@ package vmm
 import (
 	"fmt"
 
-	"gmem/guest"
+	"github.com/gmemproject/gmem/guest"
 )
 
 // Compile turns vCPU cpu's program into x86-64 machine code that runs at

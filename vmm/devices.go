@@ -6,8 +6,8 @@ import (
 	"log/slog"
 	"sync"
 
-	"gmem/iommu"
-	"gmem/memattr"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
 )
 
 // setLo and setHi write one half of a 64-bit register.

@@ -10,10 +10,10 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
-	"gmem/guestmem"
-	"gmem/iommu"
-	"gmem/kvm"
-	"gmem/memattr"
+	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
 )
 
 // runImage is recorded kvm_run contents: struct kvm_run (2352 bytes) and the

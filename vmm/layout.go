@@ -1,6 +1,6 @@
 package vmm
 
-import "gmem/guestmem"
+import "github.com/gmemproject/gmem/guestmem"
 
 // Guest physical memory map of the machine.
 //

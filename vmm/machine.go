@@ -9,11 +9,11 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"gmem/dma"
-	"gmem/guestmem"
-	"gmem/iommu"
-	"gmem/kvm"
-	"gmem/memattr"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
 )
 
 // Source says where a conversion request came from.

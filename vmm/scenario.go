@@ -4,7 +4,7 @@ import (
 	"errors"
 	"fmt"
 
-	"gmem/memattr"
+	"github.com/gmemproject/gmem/memattr"
 )
 
 // StepKind says what a Step does.

@@ -7,11 +7,11 @@ import (
 	"log/slog"
 	"sync"
 
-	"gmem/dma"
-	"gmem/guest"
-	"gmem/guestmem"
-	"gmem/iommu"
-	"gmem/kvm"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guest"
+	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/kvm"
 )
 
 // Config configures a VM or a host-driven run.

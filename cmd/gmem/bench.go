@@ -14,14 +14,14 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"gmem/discard"
-	"gmem/dma"
-	"gmem/iommu"
-	"gmem/memattr"
-	"gmem/pagemap"
-	"gmem/replay"
-	"gmem/span"
-	"gmem/trace"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/pagemap"
+	"github.com/gmemproject/gmem/replay"
+	"github.com/gmemproject/gmem/span"
+	"github.com/gmemproject/gmem/trace"
 )
 
 const page = 4096

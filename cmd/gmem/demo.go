@@ -12,11 +12,11 @@ import (
 	"sync"
 	"time"
 
-	"gmem/dma"
-	"gmem/guestmem"
-	"gmem/iommu"
-	"gmem/kvm"
-	"gmem/vmm"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/vmm"
 )
 
 // runDemo implements "gmem demo": it boots the built-in guest on KVM and

@@ -10,10 +10,10 @@ import (
 	"strings"
 	"testing"
 
-	"gmem/guestmem"
-	"gmem/kvm"
-	"gmem/memattr"
-	"gmem/vmm"
+	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/vmm"
 )
 
 // demoJSON is the part of the --json object the tests look at.

@@ -9,7 +9,7 @@ import (
 	"iter"
 	"strings"
 
-	"gmem/trace"
+	"github.com/gmemproject/gmem/trace"
 )
 
 // genSpec binds a generator to its own flags: flags registers them on fs and

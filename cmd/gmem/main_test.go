@@ -9,7 +9,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"gmem/trace"
+	"github.com/gmemproject/gmem/trace"
 )
 
 // runCmd runs gmem in-process and returns the exit code and both outputs.

@@ -14,8 +14,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/replay"
-	"gmem/trace"
+	"github.com/gmemproject/gmem/replay"
+	"github.com/gmemproject/gmem/trace"
 )
 
 // replayer is what gmem replay needs of a replay.Replayer; tests substitute

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"gmem/replay"
-	"gmem/trace"
+	"github.com/gmemproject/gmem/replay"
+	"github.com/gmemproject/gmem/trace"
 )
 
 // replayTrace is a trace whose numbers are computed by hand: 2 MiB shared

@@ -8,12 +8,12 @@ import (
 	"testing"
 	"time"
 
-	"gmem/discard"
-	"gmem/dma"
-	"gmem/iommu"
-	"gmem/memattr"
-	"gmem/pagemap"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/pagemap"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Benchmarks compare gmem with the baseline it replaces (QEMU's algorithms:

@@ -9,13 +9,13 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/discard"
-	"gmem/dma"
-	"gmem/internal/invariant"
-	"gmem/iommu"
-	"gmem/memattr"
-	"gmem/span"
-	"gmem/virtiomem"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/internal/invariant"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
+	"github.com/gmemproject/gmem/virtiomem"
 )
 
 // errRelease is the failure the concurrent test injects into Release steps,

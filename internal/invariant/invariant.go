@@ -13,9 +13,9 @@ package invariant
 import (
 	"fmt"
 
-	"gmem/discard"
-	"gmem/iommu"
-	"gmem/span"
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/span"
 )
 
 // Violation describes a broken invariant.

@@ -3,7 +3,7 @@ package guesttest
 import (
 	"testing"
 
-	"gmem/iommu"
+	"github.com/gmemproject/gmem/iommu"
 )
 
 // dmaChecks proves on a bare Space that the edu device's DMA moves bytes

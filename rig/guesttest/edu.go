@@ -7,7 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/vfio"
+	"github.com/gmemproject/gmem/vfio"
 )
 
 // QEMU's edu device (docs/specs/edu.rst in QEMU): a PCI device with a 4 KiB

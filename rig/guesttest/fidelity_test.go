@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/iommu"
+	"github.com/gmemproject/gmem/iommu"
 )
 
 // fidelitySeeds are the seeds of the randomized map/unmap sequences run on

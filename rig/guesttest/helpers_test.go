@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"gmem/vfio"
+	"github.com/gmemproject/gmem/vfio"
 )
 
 // requireGuest skips unless the test runs in the guest booted by

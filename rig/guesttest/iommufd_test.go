@@ -8,9 +8,9 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
-	"gmem/iommu"
-	"gmem/iommufd"
-	"gmem/vfio"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/iommufd"
+	"github.com/gmemproject/gmem/vfio"
 )
 
 func runIOMMUFD(t *testing.T, bdf string) {

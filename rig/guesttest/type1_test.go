@@ -9,9 +9,9 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
-	"gmem/iommu"
-	"gmem/span"
-	"gmem/vfio"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/span"
+	"github.com/gmemproject/gmem/vfio"
 )
 
 // measuredRanges are the IOVA windows of QEMU's intel-iommu, MSI window
