@@ -43,6 +43,7 @@ import (
 	"fmt"
 	"iter"
 	"log/slog"
+	"maps"
 	"sort"
 	"time"
 
@@ -95,15 +96,18 @@ type RunStats struct {
 
 // Result summarises a replay.
 type Result struct {
-	Events      uint64 `json:"events"`      // events replayed
+	Events      uint64 `json:"events"`      // events replayed, input errors included
 	Conversions uint64 `json:"conversions"` // convert events among them
-	// Rejected counts the events refused by at least one run, the invalid
-	// ones included.
+	// InputErrors counts the events that describe an impossible machine
+	// (trace.ErrMachine): not replayed, the trace is wrong.
+	InputErrors uint64 `json:"input_errors"`
+	// Rejected counts the guest requests refused by at least one run: what
+	// the VMM answers with an error.
 	Rejected uint64 `json:"rejected"`
-	// Invalid counts the events that break the trace's rules
-	// (trace.Validator); both runs refuse them.
-	Invalid uint64 `json:"invalid"`
-	// Diverged counts the valid events that one run accepted and the other
+	// RejectedBy counts the refused requests by reason (see Reason), the
+	// gmem run's reason where both refused.
+	RejectedBy map[string]uint64 `json:"rejected_by"`
+	// Diverged counts the requests that one run accepted and the other
 	// refused; from then on the two may differ where such events applied.
 	Diverged   uint64 `json:"diverged"`
 	Violations uint64 `json:"violations"` // broken invariants
@@ -118,8 +122,26 @@ type Result struct {
 	Baseline RunStats `json:"baseline"`
 	Gmem     RunStats `json:"gmem"`
 
-	ViolationDetails []Violation `json:"violation_details,omitempty"`
-	Rejections       []Rejection `json:"rejection_details,omitempty"`
+	ViolationDetails  []Violation  `json:"violation_details,omitempty"`
+	Rejections        []Rejection  `json:"rejection_details,omitempty"`
+	InputErrorDetails []InputError `json:"input_error_details,omitempty"`
+}
+
+// InputError is an event that breaks the trace's own structure
+// (trace.Validator): RAM or MMIO overlapping, a device attached twice, a
+// plug where there is no hot-pluggable RAM. It is not replayed.
+type InputError struct {
+	Event uint64 `json:"event"`
+	Line  int    `json:"line,omitempty"`
+	Err   string `json:"error"`
+}
+
+// Error returns "line N: what is wrong" (or "event N: ..." without a line).
+func (e *InputError) Error() string {
+	if e.Line > 0 {
+		return fmt.Sprintf("line %d: %s", e.Line, e.Err)
+	}
+	return fmt.Sprintf("event %d: %s", e.Event, e.Err)
 }
 
 // Violation describes a broken invariant.
@@ -143,12 +165,13 @@ func (v *Violation) Error() string {
 	return fmt.Sprintf("%s: %s violated in %s: %s", where, v.Invariant, v.Run, v.Detail)
 }
 
-// Rejection describes a refused event.
+// Rejection describes a refused guest request.
 type Rejection struct {
 	Event  uint64 `json:"event"`
 	Line   int    `json:"line,omitempty"`
-	Run    string `json:"run"` // "both", "baseline" or "gmem"
-	Reason string `json:"reason"`
+	Run    string `json:"run"`    // "both", "baseline" or "gmem"
+	Reason string `json:"reason"` // the class, a key of Result.RejectedBy
+	Detail string `json:"detail"` // the error
 }
 
 // Replayer replays one trace. Feed it events in order with Apply, then call
@@ -162,10 +185,12 @@ type Replayer struct {
 	runs     [2]*run
 	diverged span.Set // GPAs where the runs may differ
 
-	events, conversions, rejected, invalid, divergedEvents uint64
-	violations                                             uint64
-	vlist                                                  []Violation
-	rlist                                                  []Rejection
+	events, conversions, rejected, inputErrors, divergedEvents uint64
+	violations                                                 uint64
+	rejectedBy                                                 map[string]uint64
+	vlist                                                      []Violation
+	rlist                                                      []Rejection
+	ilist                                                      []InputError
 
 	limit    uint64     // largest type1 entry limit attached, for the drawing
 	line     int        // input line of the current event
@@ -191,7 +216,7 @@ func New(opts Options) *Replayer {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	rp := &Replayer{opts: opts, log: log, val: trace.NewValidator()}
+	rp := &Replayer{opts: opts, log: log, val: trace.NewValidator(), rejectedBy: map[string]uint64{}}
 	rp.runs[0] = newRun(rp, "baseline", true)
 	rp.runs[1] = newRun(rp, "gmem", false)
 	return rp
@@ -222,16 +247,21 @@ func (rp *Replayer) violate(run, inv, format string, args ...any) {
 	}
 }
 
-// reject records a refused event.
+// reject records a refused request.
 func (rp *Replayer) reject(run string, err error) {
+	why := Reason(err)
+	rp.rejected++
+	rp.rejectedBy[why]++
 	if len(rp.rlist) < rp.opts.MaxDetails {
-		rp.rlist = append(rp.rlist, Rejection{Event: rp.events, Line: rp.line, Run: run, Reason: err.Error()})
+		rp.rlist = append(rp.rlist, Rejection{Event: rp.events, Line: rp.line, Run: run, Reason: why, Detail: err.Error()})
 	}
 }
 
-// Apply replays one event; line is its input line (0 if unknown). It returns
-// the first invariant the event broke, as a *Violation, or nil. An event
-// either run refuses is not an error: it is counted in the Result.
+// Apply replays one event; line is its input line (0 if unknown). An event
+// that breaks the trace's structure is not replayed and returned as an
+// *InputError. Otherwise Apply returns the first invariant the event broke,
+// as a *Violation, or nil. A guest request either run refuses is not an
+// error: it is counted in the Result by reason.
 func (rp *Replayer) Apply(e trace.Event, line int) error {
 	if rp.finished {
 		return errors.New("replay: Apply after Finish")
@@ -242,10 +272,13 @@ func (rp *Replayer) Apply(e trace.Event, line int) error {
 	if _, ok := e.(trace.Convert); ok {
 		rp.conversions++
 	}
+	var inputErr *InputError
 	if err := rp.val.Check(e); err != nil {
-		rp.invalid++
-		rp.rejected++
-		rp.reject("both", err)
+		rp.inputErrors++
+		inputErr = &InputError{Event: rp.events, Line: line, Err: err.Error()}
+		if len(rp.ilist) < rp.opts.MaxDetails {
+			rp.ilist = append(rp.ilist, *inputErr)
+		}
 	} else {
 		rp.apply(e)
 	}
@@ -254,6 +287,9 @@ func (rp *Replayer) Apply(e trace.Event, line int) error {
 	}
 	if rp.opts.Progress != nil && rp.events%rp.opts.ProgressEvery == 0 {
 		rp.opts.Progress(rp.events)
+	}
+	if inputErr != nil {
+		return inputErr
 	}
 	if rp.first != nil {
 		return rp.first
@@ -286,9 +322,13 @@ func (rp *Replayer) apply(e trace.Event) {
 	case trace.Detach:
 		rp.both(func(r *run) error { return r.detach(e.Dev) })
 	case trace.Convert:
-		parts := rp.split(e.Range())
-		rp.stateEvent(e.Range(), parts, func(r *run) error { return r.convert(parts, e.To) },
-			func(r *run, reg *region, off span.Range) string {
+		r, parts, err := rp.convertRequest(e)
+		if err != nil {
+			rp.both(func(*run) error { return err })
+			return
+		}
+		rp.stateEvent(r, parts, func(rn *run) error { return rn.convert(parts, e.To) },
+			func(rn *run, reg *region, off span.Range) string {
 				if e.To == trace.Shared {
 					if !reg.attrs.IsShared(off) {
 						return "not all shared"
@@ -299,18 +339,29 @@ func (rp *Replayer) apply(e trace.Event) {
 				return ""
 			}, true)
 	case trace.Plug:
-		parts := rp.split(e.Range())
-		rp.stateEvent(e.Range(), parts, func(r *run) error { return r.plug(parts, true) },
-			func(r *run, reg *region, off span.Range) string {
+		r, parts, err := rp.plugRequest(e.GPA, e.Size, true)
+		if err != nil {
+			rp.both(func(*run) error { return err })
+			return
+		}
+		rp.stateEvent(r, parts, func(rn *run) error { return rn.plug(parts, true) },
+			func(rn *run, reg *region, off span.Range) string {
 				if reg.vmem == nil || !reg.vmem.IsPlugged(off) {
 					return "not all plugged"
 				}
+				if !reg.attrs.IsPrivate(off) {
+					return "plugged but not all private"
+				}
 				return ""
-			}, false)
+			}, true)
 	case trace.Unplug:
-		parts := rp.split(e.Range())
-		rp.stateEvent(e.Range(), parts, func(r *run) error { return r.plug(parts, false) },
-			func(r *run, reg *region, off span.Range) string {
+		r, parts, err := rp.plugRequest(e.GPA, e.Size, false)
+		if err != nil {
+			rp.both(func(*run) error { return err })
+			return
+		}
+		rp.stateEvent(r, parts, func(rn *run) error { return rn.plug(parts, false) },
+			func(rn *run, reg *region, off span.Range) string {
 				if reg.vmem == nil || !reg.vmem.IsUnplugged(off) {
 					return "not all unplugged"
 				}
@@ -338,14 +389,11 @@ func (rp *Replayer) both(fn func(*run) error) (errs [2]error) {
 	}
 	switch {
 	case errs[0] != nil && errs[1] != nil:
-		rp.rejected++
 		rp.reject("both", errs[1])
 	case errs[0] != nil:
-		rp.rejected++
 		rp.divergedEvents++
 		rp.reject("baseline", errs[0])
 	case errs[1] != nil:
-		rp.rejected++
 		rp.divergedEvents++
 		rp.reject("gmem", errs[1])
 	}
@@ -358,7 +406,7 @@ type part struct {
 	ram int        // region index, or -1 for MMIO
 }
 
-// split cuts r along the areas; the Validator has made sure r lies in them.
+// split cuts r along the areas, leaving out what lies in none (unbacked).
 func (rp *Replayer) split(r span.Range) []part {
 	var out []part
 	i := sort.Search(len(rp.layout), func(i int) bool { return rp.layout[i].r.End > r.Start })
@@ -486,14 +534,16 @@ func (rp *Replayer) Finish() error {
 // time.
 func (rp *Replayer) Result() Result {
 	res := Result{
-		Events:           rp.events,
-		Conversions:      rp.conversions,
-		Rejected:         rp.rejected,
-		Invalid:          rp.invalid,
-		Diverged:         rp.divergedEvents,
-		Violations:       rp.violations,
-		ViolationDetails: append([]Violation(nil), rp.vlist...),
-		Rejections:       append([]Rejection(nil), rp.rlist...),
+		Events:            rp.events,
+		Conversions:       rp.conversions,
+		InputErrors:       rp.inputErrors,
+		Rejected:          rp.rejected,
+		RejectedBy:        maps.Clone(rp.rejectedBy),
+		Diverged:          rp.divergedEvents,
+		Violations:        rp.violations,
+		ViolationDetails:  append([]Violation(nil), rp.vlist...),
+		Rejections:        append([]Rejection(nil), rp.rlist...),
+		InputErrorDetails: append([]InputError(nil), rp.ilist...),
 	}
 	g := rp.runs[1]
 	for _, reg := range g.regions {

@@ -243,16 +243,37 @@ func (r *run) convert(parts []part, to trace.State) error {
 	return nil
 }
 
-// plug plugs or unplugs a range of one hot-pluggable region (the Validator
-// has made sure there is one part). Unplugged memory is discarded whatever
-// its state, and plugged memory starts private, so an unplug also makes the
-// range private; with the range unplugged that notifies no listener.
+// plug plugs or unplugs a range of one hot-pluggable region (plugRequest
+// has checked the range), as a virtio-mem device does: only unplugged
+// blocks are plugged and only plugged ones unplugged. Plugged memory starts
+// private, whatever the guest asked of it while it was unplugged (its
+// conversions are recorded but reach no device), so a plug first makes the
+// range private, which notifies no listener while it is unplugged; an
+// unplug makes it private too, once no device maps it.
 func (r *run) plug(parts []part, plug bool) error {
 	p := parts[0]
 	reg := r.regions[p.ram]
 	off := reg.offsets(p.r)
 	if plug {
-		return reg.vmem.Plug(off.Start, off.Len())
+		if !reg.vmem.IsUnplugged(off) {
+			return fmt.Errorf("plug %v in RAM block %q: %w: part of it is plugged", p.r, reg.ram.Name, errPlugState)
+		}
+		changed, err := reg.attrs.ConvertRuns(off.Start, off.Len(), memattr.Private)
+		if err != nil {
+			return fmt.Errorf("plug %v: making it private: %w", p.r, err)
+		}
+		if err := reg.vmem.Plug(off.Start, off.Len()); err != nil {
+			for _, c := range changed {
+				if uerr := reg.attrs.Convert(c.Start, c.Len(), memattr.Shared); uerr != nil {
+					r.rp.violate(r.name, "I3", "undoing the conversion of %v for a refused plug: %v", c, uerr)
+				}
+			}
+			return err
+		}
+		return nil
+	}
+	if !reg.vmem.IsPlugged(off) {
+		return fmt.Errorf("unplug %v in RAM block %q: %w: part of it is unplugged", p.r, reg.ram.Name, errPlugState)
 	}
 	if err := reg.vmem.Unplug(off.Start, off.Len()); err != nil {
 		return err

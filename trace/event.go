@@ -356,6 +356,13 @@ var (
 	// ErrSchema means an unknown op or field, or a missing or repeated field.
 	ErrSchema = errors.New("schema error")
 	// ErrValue means a field's value is out of range: a malformed or
-	// overflowing number, an unknown enum, a misaligned or empty range.
+	// overflowing number, an unknown enum, or a misaligned or empty range
+	// where the machine is described (a guest's request may be misaligned
+	// or empty: that is for the VMM to refuse).
 	ErrValue = errors.New("invalid value")
+	// ErrNotText means the input is not a text file (a NUL byte where the
+	// first line should be).
+	ErrNotText = errors.New("input is not text")
+	// ErrEmpty means the input holds no line but blanks and comments.
+	ErrEmpty = errors.New("empty input")
 )
