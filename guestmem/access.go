@@ -42,9 +42,11 @@ func (e *AccessError) Error() string {
 func (e *AccessError) Unwrap() error { return e.Err }
 
 // ReadAt reads len(p) bytes of guest memory at GPA off (io.ReaderAt). Every
-// byte must be RAM in a shared page; otherwise nothing is read and an
-// *AccessError wrapping ErrPrivate, ErrNoRAM or ErrAddress is returned. The
-// pages cannot become private while they are copied.
+// byte must be RAM in a plugged, shared page with host memory behind it;
+// otherwise nothing is read and an *AccessError wrapping ErrPrivate,
+// ErrUnplugged, ErrNoRAM, ErrNoHostMemory, ErrAddress or ErrClosed is
+// returned. The pages cannot become private or unplugged while they are
+// copied.
 func (m *Memory) ReadAt(p []byte, off int64) (int, error) {
 	return m.hostAccess(p, off, false)
 }
@@ -62,7 +64,7 @@ func (m *Memory) ramPieces(n int, off int64, write bool) ([]piece, error) {
 		return nil, &AccessError{GPA: gpa, Size: uint64(n), Write: write, Err: err}
 	}
 	if off < 0 {
-		return fail(uint64(off), ErrAddress)
+		return fail(uint64(off), fmt.Errorf("%w: negative offset %d", ErrAddress, off))
 	}
 	r, err := span.FromSize(uint64(off), uint64(n))
 	if err != nil {
@@ -73,11 +75,18 @@ func (m *Memory) ramPieces(n int, off int64, write bool) ([]piece, error) {
 		if p.b == nil {
 			return fail(p.r.Start, fmt.Errorf("%w (%s)", ErrNoRAM, m.describe(p.r)))
 		}
+		if p.b.host == nil {
+			return fail(p.r.Start, fmt.Errorf("%w (block %s)", ErrNoHostMemory, p.b.name))
+		}
 	}
 	return ps, nil
 }
 
 func (m *Memory) hostAccess(p []byte, off int64, write bool) (int, error) {
+	if err := m.enter(); err != nil {
+		return 0, &AccessError{GPA: uint64(off), Size: uint64(len(p)), Write: write, Err: err}
+	}
+	defer m.exit()
 	if len(p) == 0 {
 		return 0, nil
 	}
@@ -85,20 +94,21 @@ func (m *Memory) hostAccess(p []byte, off int64, write bool) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	err = lockShared(ps, func() {
+	err = lockPieces(ps, true, func() {
 		copyPieces(ps, p, uint64(off), write)
 	})
 	if err != nil {
-		return 0, &AccessError{GPA: firstPrivate(ps), Size: uint64(len(p)), Write: write, Err: err}
+		return 0, &AccessError{GPA: firstRefused(ps, err), Size: uint64(len(p)), Write: write, Err: err}
 	}
 	return len(p), nil
 }
 
-// lockShared holds the pages of every piece against conversions (a discard
-// transaction on each, in ascending order), checks that they are all
-// shared, and runs fn with them held. Conversions take one block's range at
-// a time, so holding several in ascending order cannot deadlock with them.
-func lockShared(ps []piece, fn func()) error {
+// lockPieces holds the pages of every piece against conversions and
+// unplugs (a discard transaction on each, in ascending order), checks that
+// they are all plugged and, if shared is set, shared, and runs fn with them
+// held. Conversions take one block's range at a time, so holding several in
+// ascending order cannot deadlock with them.
+func lockPieces(ps []piece, shared bool, fn func()) error {
 	if len(ps) == 0 {
 		fn()
 		return nil
@@ -107,15 +117,30 @@ func lockShared(ps []piece, fn func()) error {
 	off := span.Range{Start: p.r.Start - p.b.gpa, End: p.r.End - p.b.gpa}
 	lr, _ := off.Outward(PageSize) // inside the page-aligned block
 	return p.b.mgr.Transact(lr, func(*discard.Tx) error {
-		if !p.b.attrs.IsShared(off) {
+		if p.b.unplugged(off) {
+			return ErrUnplugged
+		}
+		if shared && !p.b.attrs.IsShared(off) {
 			return ErrPrivate
 		}
-		return lockShared(ps[1:], fn)
+		return lockPieces(ps[1:], shared, fn)
 	})
 }
 
-// firstPrivate returns the first GPA of the pieces in a private page.
-func firstPrivate(ps []piece) uint64 {
+// firstRefused returns the first GPA of the pieces that err refers to: an
+// unplugged page for ErrUnplugged, a private one otherwise.
+func firstRefused(ps []piece, err error) uint64 {
+	if errors.Is(err, ErrUnplugged) {
+		for _, p := range ps {
+			off := span.Range{Start: p.r.Start - p.b.gpa, End: p.r.End - p.b.gpa}
+			for e := range p.b.extents(off) {
+				if e.Kind == KindUnplugged {
+					return max(e.GPA.Start, p.r.Start)
+				}
+			}
+		}
+		return ps[0].r.Start
+	}
 	for _, p := range ps {
 		off := span.Range{Start: p.r.Start - p.b.gpa, End: p.r.End - p.b.gpa}
 		at, found := uint64(0), false
@@ -135,7 +160,7 @@ func firstPrivate(ps []piece) uint64 {
 // memory.
 func copyPieces(ps []piece, p []byte, base uint64, write bool) {
 	for _, x := range ps {
-		mem := x.b.mem[x.r.Start-x.b.gpa : x.r.End-x.b.gpa]
+		mem := x.b.host[x.r.Start-x.b.gpa : x.r.End-x.b.gpa]
 		buf := p[x.r.Start-base : x.r.End-base]
 		if write {
 			copy(mem, buf)
@@ -149,8 +174,10 @@ func copyPieces(ps []piece, p []byte, base uint64, write bool) {
 // private ones included. It implements io.ReaderAt and io.WriterAt with GPA
 // offsets. It is for writing the boot image before the guest runs and for
 // software vCPUs that act for the guest; host code uses Memory.ReadAt and
-// Memory.WriteAt. Where KVM keeps a split block's private pages in
-// guest_memfd, which the host cannot map, GuestView refuses those pages.
+// Memory.WriteAt. Where KVM enforces the attributes (EnforceKVM) private
+// pages are not reachable from the host (a split block's live in
+// guest_memfd, an in-place block's mapping faults on them), so GuestView
+// refuses them; it refuses unplugged pages always.
 type GuestView struct{ m *Memory }
 
 // Guest returns the guest's view of the memory.
@@ -163,6 +190,10 @@ func (g GuestView) ReadAt(p []byte, off int64) (int, error) { return g.access(p,
 func (g GuestView) WriteAt(p []byte, off int64) (int, error) { return g.access(p, off, true) }
 
 func (g GuestView) access(p []byte, off int64, write bool) (int, error) {
+	if err := g.m.enter(); err != nil {
+		return 0, &AccessError{GPA: uint64(off), Size: uint64(len(p)), Write: write, Err: err}
+	}
+	defer g.m.exit()
 	if len(p) == 0 {
 		return 0, nil
 	}
@@ -170,12 +201,11 @@ func (g GuestView) access(p []byte, off int64, write bool) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	if g.m.mode == Split && g.m.enforcement == EnforceKVM {
-		if err := lockShared(ps, func() { copyPieces(ps, p, uint64(off), write) }); err != nil {
-			return 0, &AccessError{GPA: firstPrivate(ps), Size: uint64(len(p)), Write: write, Err: err}
-		}
-		return len(p), nil
+	// With KVM's attributes a private page is not the host's to touch: a
+	// split block's lives in guest_memfd, an in-place block's mapping faults.
+	shared := g.m.enforcement == EnforceKVM
+	if err := lockPieces(ps, shared, func() { copyPieces(ps, p, uint64(off), write) }); err != nil {
+		return 0, &AccessError{GPA: firstRefused(ps, err), Size: uint64(len(p)), Write: write, Err: err}
 	}
-	copyPieces(ps, p, uint64(off), write)
 	return len(p), nil
 }

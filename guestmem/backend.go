@@ -25,6 +25,9 @@ func (be backend) SetAttributes(runs []span.Range, to memattr.State) error {
 	for i, r := range runs {
 		g := b.toGPA(r)
 		err := m.fault(Fault{Op: OpSetAttributes, Block: b.name, GPA: g, To: to})
+		if err == nil && m.closed.Load() {
+			err = ErrClosed
+		}
 		if err == nil && m.enforcement == EnforceKVM {
 			err = m.vm.SetMemoryAttributes(kvmAttributes(g, to))
 		}
@@ -34,7 +37,7 @@ func (be backend) SetAttributes(runs []span.Range, to memattr.State) error {
 				m.log.Error("guestmem: restoring KVM attributes failed", "block", b.name, "err", uerr)
 				err = errors.Join(err, uerr)
 			}
-			return fmt.Errorf("set attributes of %v to %v: %w", g, to, err)
+			return fmt.Errorf("set attributes of GPA %v to %v: %w", g, to, err)
 		}
 	}
 	b.setRecord(runs, to)
@@ -72,30 +75,42 @@ func opposite(s memattr.State) memattr.State {
 }
 
 // Release frees the side of a split block the runs no longer use: the
-// shared memfd pages of runs made private, the guest_memfd pages of runs
-// made shared. In-place memory has one side and frees nothing. memattr calls
-// it only after the listeners have unmapped (to private), so no device pin
-// keeps a punched page alive.
+// shared side of runs made private, the private side of runs made shared.
+// In-place memory has one side and frees nothing. memattr calls it only
+// after the listeners have unmapped (to private), so no device pin keeps a
+// discarded page alive.
 func (be backend) Release(runs []span.Range, to memattr.State) error {
-	b, m := be.b, be.b.m
-	if m.mode == InPlace {
+	b := be.b
+	if b.backing.InPlace() {
 		return nil
 	}
-	f, name := b.shared, "memfd"
+	side := SharedSide
 	if to == memattr.Shared {
-		f, name = b.private, b.privateName
+		side = PrivateSide
 	}
 	for _, r := range runs {
-		g := b.toGPA(r)
-		if err := m.fault(Fault{Op: OpPunch, Block: b.name, GPA: g, To: to, File: name}); err != nil {
-			return fmt.Errorf("punch %s at %v: %w", name, g, err)
+		if err := b.discard(side, r, to); err != nil {
+			return err
 		}
-		if err := f.Punch(r.Start, r.Len()); err != nil {
-			return fmt.Errorf("block %s: %w", b.name, err)
-		}
-		m.punches.Add(1)
-		m.punchedBytes.Add(r.Len())
 	}
+	return nil
+}
+
+// discard discards run r (block offsets) of one side of the backing.
+func (b *Block) discard(side Side, r span.Range, to memattr.State) error {
+	m := b.m
+	g := b.toGPA(r)
+	if err := m.fault(Fault{Op: OpPunch, Block: b.name, GPA: g, To: to, File: side.String()}); err != nil {
+		return fmt.Errorf("discard %v side at GPA %v: %w", side, g, err)
+	}
+	if m.closed.Load() {
+		return fmt.Errorf("discard %v side at GPA %v: %w", side, g, ErrClosed)
+	}
+	if err := b.backing.Discard(side, r.Start, r.Len()); err != nil {
+		return fmt.Errorf("block %s: discard %v side at GPA %v (offset %#x): %w", b.name, side, g, r.Start, err)
+	}
+	m.punches.Add(1)
+	m.punchedBytes.Add(r.Len())
 	return nil
 }
 

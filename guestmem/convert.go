@@ -21,7 +21,7 @@ type Request struct {
 
 // String formats the request for logs.
 func (r Request) String() string {
-	return fmt.Sprintf("[%#x, +%#x) to %v", r.GPA, r.Size, r.To)
+	return fmt.Sprintf("GPA [%#x, +%#x) to %v", r.GPA, r.Size, r.To)
 }
 
 // Result is what a successful conversion did.
@@ -85,8 +85,12 @@ func (m *Memory) check(req Request) (span.Range, error) {
 // attributes and IOMMU mappings are as before (freed backing pages stay
 // freed), and the error is a *ConvertError; classify it with HypercallRet.
 func (m *Memory) Convert(req Request) (Result, error) {
-	m.requests.Add(1)
 	res := Result{Request: req}
+	if err := m.enter(); err != nil {
+		return res, &ConvertError{Request: req, Err: err}
+	}
+	defer m.exit()
+	m.requests.Add(1)
 	r, err := m.check(req)
 	if err != nil {
 		m.rejected.Add(1)
@@ -100,7 +104,7 @@ func (m *Memory) Convert(req Request) (Result, error) {
 		}
 		if req.To == memattr.Private {
 			m.rejected.Add(1)
-			return res, &ConvertError{Request: req, Err: fmt.Errorf("%w: %v is %s", ErrNotRAM, p.r, m.describe(p.r))}
+			return res, &ConvertError{Request: req, Err: fmt.Errorf("%w: GPA %v is %s", ErrNotRAM, p.r, m.describe(p.r))}
 		}
 		res.Ignored += p.r.Len()
 	}
@@ -110,6 +114,13 @@ func (m *Memory) Convert(req Request) (Result, error) {
 	} else {
 		m.convMu.RLock()
 		defer m.convMu.RUnlock()
+	}
+	// Plug and Unplug hold convMu exclusively: the plug state is steady.
+	for _, p := range ram {
+		if p.b.unplugged(span.Range{Start: p.r.Start - p.b.gpa, End: p.r.End - p.b.gpa}) {
+			m.rejected.Add(1)
+			return res, &ConvertError{Request: req, Block: p.b.name, Err: fmt.Errorf("%w: GPA %v is not all plugged", ErrUnplugged, p.r)}
+		}
 	}
 	type done struct {
 		b    *Block
@@ -123,7 +134,7 @@ func (m *Memory) Convert(req Request) (Result, error) {
 			for i := len(dones) - 1; i >= 0; i-- {
 				for _, c := range dones[i].runs {
 					if uerr := dones[i].b.attrs.Convert(c.Start, c.Len(), opposite(req.To)); uerr != nil {
-						undo = append(undo, fmt.Errorf("undo block %s %v: %w", dones[i].b.name, c, uerr))
+						undo = append(undo, fmt.Errorf("undo block %s at offset %v: %w", dones[i].b.name, c, uerr))
 					}
 				}
 			}
@@ -169,14 +180,14 @@ func Transient(err error) bool {
 
 // HypercallRet returns the KVM_HC_MAP_GPA_RANGE result for the outcome of a
 // guest's conversion request: 0 for success, EAGAIN (11) for a transient
-// failure the guest may retry, EINVAL (22) for a bad request or any other
-// failure. These are the only values KVM accepts for the exits it
+// failure the guest may retry, EINVAL (22) for a bad request (malformed,
+// not RAM, unplugged) or any other failure (ErrClosed among them). These are the only values KVM accepts for the exits it
 // synthesises from TDX and SEV-SNP requests.
 func HypercallRet(err error) uint64 {
 	switch {
 	case err == nil:
 		return kvm.HypercallRetOK
-	case errors.Is(err, ErrInvalid), errors.Is(err, ErrNotRAM):
+	case errors.Is(err, ErrInvalid), errors.Is(err, ErrNotRAM), errors.Is(err, ErrUnplugged):
 		return kvm.HypercallRetEINVAL
 	case Transient(err):
 		return kvm.HypercallRetEAGAIN

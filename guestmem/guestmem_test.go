@@ -190,16 +190,16 @@ func TestLayoutErrors(t *testing.T) {
 	}{
 		{"no blocks", guestmem.Config{}},
 		{"unnamed", guestmem.Config{Blocks: []guestmem.BlockConfig{{GPA: 0, Size: page}}}},
-		{"same name", guestmem.Config{Blocks: []guestmem.BlockConfig{{"a", 0, page}, {"a", page, page}}}},
-		{"size 0", guestmem.Config{Blocks: []guestmem.BlockConfig{{"a", 0, 0}}}},
-		{"unaligned gpa", guestmem.Config{Blocks: []guestmem.BlockConfig{{"a", 100, page}}}},
-		{"unaligned size", guestmem.Config{Blocks: []guestmem.BlockConfig{{"a", 0, 100}}}},
-		{"overlap", guestmem.Config{Blocks: []guestmem.BlockConfig{{"a", 0, 2 * page}, {"b", page, page}}}},
-		{"hole overlaps", guestmem.Config{Blocks: []guestmem.BlockConfig{{"a", 0, 2 * page}},
+		{"same name", guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 0, Size: page}, {Name: "a", GPA: page, Size: page}}}},
+		{"size 0", guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 0, Size: 0}}}},
+		{"unaligned gpa", guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 100, Size: page}}}},
+		{"unaligned size", guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 0, Size: 100}}}},
+		{"overlap", guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 0, Size: 2 * page}, {Name: "b", GPA: page, Size: page}}}},
+		{"hole overlaps", guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 0, Size: 2 * page}},
 			MMIO: []guestmem.Hole{{"h", page, page}}}},
-		{"beyond max", guestmem.Config{Blocks: []guestmem.BlockConfig{{"a", 0, 2 * page}}, MaxGPA: page}},
-		{"wraps", guestmem.Config{Blocks: []guestmem.BlockConfig{{"a", 1<<64 - page, 2 * page}}}},
-		{"bad mode", guestmem.Config{Mode: 7, Blocks: []guestmem.BlockConfig{{"a", 0, page}}}},
+		{"beyond max", guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 0, Size: 2 * page}}, MaxGPA: page}},
+		{"wraps", guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 1<<64 - page, Size: 2 * page}}}},
+		{"bad mode", guestmem.Config{Mode: 7, Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 0, Size: page}}}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			m, err := guestmem.New(c.cfg)

@@ -217,7 +217,7 @@ func TestKVMHolePunch(t *testing.T) {
 			return err
 		}, 0},
 		{"inplace guest_memfd punch", InPlace, func(g *kvmGuest) error {
-			return g.mem.blocks[0].shared.Punch(testGPA, PageSize)
+			return g.mem.blocks[0].backing.Discard(SharedSide, testGPA, PageSize)
 		}, 0},
 		{"inplace conversion keeps bytes", InPlace, func(g *kvmGuest) error {
 			if _, err := g.mem.Convert(Request{GPA: testGPA, Size: PageSize, To: memattr.Private}); err != nil {

@@ -5,18 +5,19 @@ package guestmem
 import (
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"log/slog"
 	"slices"
 	"sync"
 	"sync/atomic"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/gmemproject/gmem/discard"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
 	"github.com/gmemproject/gmem/pagemap"
 	"github.com/gmemproject/gmem/span"
+	"github.com/gmemproject/gmem/virtiomem"
 )
 
 // PageSize is the conversion granularity: the x86-64 base page.
@@ -26,12 +27,27 @@ const PageSize = kvm.PageSize
 // Config.MaxGPA is 0: the architectural limit of x86-64 (52 bits).
 const DefaultMaxGPA = 1 << 52
 
+// ErrClosed is any call on a Memory or Attachment after Memory.Close, and a
+// second Close. errors.Is(err, fs.ErrClosed) holds for it too.
+var ErrClosed = fmt.Errorf("guestmem: %w", fs.ErrClosed)
+
 // BlockConfig places one RAM block.
 type BlockConfig struct {
 	// Name identifies the block in errors, logs and fault injection.
 	Name string
 	// GPA and Size place the block; both multiples of PageSize, Size > 0.
 	GPA, Size uint64
+	// Backing, if not nil, is the block's memory, borrowed: its Size must
+	// be Size and its InPlace must match Config.Mode, and guestmem never
+	// closes it (the VMM closes it after Memory.Close). Nil means guestmem
+	// creates a KVMBacking (with a Config.VM that is a MemslotBinder) or a
+	// MemfdBacking (without a VM) and closes it in Memory.Close.
+	Backing Backing
+	// Hotplug, if not 0, makes the block hot-pluggable (virtio-mem) with
+	// this plug granularity in bytes: a power of two, a multiple of
+	// PageSize, dividing Size. Every part starts unplugged; see
+	// Memory.Plug.
+	Hotplug uint64
 }
 
 // Hole is an MMIO range of the GPA map: no RAM behind it.
@@ -51,7 +67,8 @@ const (
 	// OpSetAttributes is setting one run's attributes (KVM ioctl or the
 	// user-space record).
 	OpSetAttributes Op = iota + 1
-	// OpPunch is punching one run out of a backing file.
+	// OpPunch is discarding one run of one side of a backing
+	// (Backing.Discard): after a conversion, or after an unplug.
 	OpPunch
 )
 
@@ -72,15 +89,16 @@ type Fault struct {
 	Block string
 	// GPA is the run the operation works on.
 	GPA span.Range
-	// To is the state the conversion goes to.
+	// To is the state the conversion goes to (Private for an unplug).
 	To memattr.State
-	// File is the punched file, "guest_memfd" or "memfd" (OpPunch only).
+	// File is the discarded side, "shared" or "private" (OpPunch only).
 	File string
 }
 
-// Config describes guest memory.
+// Config describes guest memory. New copies it; later changes have no
+// effect.
 type Config struct {
-	// Mode is the backing of every block.
+	// Mode is the backing of every block (default Split).
 	Mode Mode
 	// Blocks are the RAM blocks; they must not overlap.
 	Blocks []BlockConfig
@@ -90,12 +108,19 @@ type Config struct {
 	// MaxGPA is the end of the guest physical address space (default
 	// DefaultMaxGPA). Requests reaching past it are invalid.
 	MaxGPA uint64
-	// VM, if not nil, is the KVM VM the memory belongs to: blocks are backed
-	// by guest_memfd and bound to memslots FirstSlot, FirstSlot+1, ...
-	// Without a VM the backing is memfds only and the attributes are kept in
-	// user space (for hosts without /dev/kvm).
-	VM        *kvm.VM
+	// VM, if not nil, is the KVM VM the memory belongs to (*kvm.VM or a
+	// VMM's own). Where it reports private memory the attributes are set
+	// with KVM_SET_MEMORY_ATTRIBUTES (EnforceKVM). If it is also a
+	// MemslotBinder, blocks without a Backing get a KVMBacking and blocks
+	// whose backing is a GuestMemfdBacking are bound to memslots
+	// FirstSlot, FirstSlot+1, ... in the order of Blocks. Without a VM the
+	// attributes are kept in user space (for hosts without /dev/kvm). The
+	// VM is borrowed: it must outlive the Memory.
+	VM        VM
 	FirstSlot uint32
+	// ExternalMemslots says the VMM binds (and deletes) the memslots
+	// itself: guestmem then never calls KVM_SET_USER_MEMORY_REGION2.
+	ExternalMemslots bool
 	// Bitmap keeps the state in dense bitmaps (QEMU's representation), the
 	// baseline for comparisons.
 	Bitmap bool
@@ -108,48 +133,59 @@ type Config struct {
 	Inject func(Fault) error
 }
 
-// Memory is the guest RAM of one VM. Convert, the accessors, the queries and
-// AttachIOMMU are safe for concurrent use; Close must not race with them.
+// Memory is the guest RAM of one VM.
+//
+// Its methods are safe for concurrent use, Close included. Close waits for
+// the calls in flight; afterwards every method with an error result returns
+// an error matching ErrClosed (wrapped in *ConvertError or *AccessError for
+// Convert and the accessors), and the queries without one (Blocks, Stats,
+// StateStats, ...) answer from the final state. Nothing panics.
 type Memory struct {
 	mode        Mode
 	enforcement Enforcement
-	vm          *kvm.VM
+	vm          VM
+	binder      MemslotBinder // nil: guestmem binds no memslot
 	maxGPA      uint64
 	log         *slog.Logger
 	inject      func(Fault) error
 	blocks      []*Block // ascending GPA
 	holes       []Hole   // ascending GPA
 
+	// life: every call holds it for reading; Close holds it for writing,
+	// to wait for them, then sets closed.
+	life   sync.RWMutex
+	closed atomic.Bool
+	// attMu guards atts, the live attachments, which Close detaches.
+	attMu sync.Mutex
+	atts  []*Attachment
+
 	// convMu lets conversions within one block run in parallel (memattr
-	// locks their ranges) while a conversion spanning blocks runs alone, so
-	// that undoing its finished blocks cannot undo anyone else's change.
+	// locks their ranges) while a conversion spanning blocks, a plug and
+	// an unplug run alone, so that undoing finished steps cannot undo
+	// anyone else's change.
 	convMu sync.RWMutex
 
 	requests, conversions, noops, rejected, failed atomic.Uint64
 	pagesShared, pagesPrivate, ignored             atomic.Uint64
 	attrCalls, punches, punchedBytes, undoFailures atomic.Uint64
-	closeOnce                                      sync.Once
-	closeErr                                       error
+	plugs, unplugs                                 atomic.Uint64
 }
 
-// Block is one RAM block.
+// Block is one RAM block. Its accessors are safe for concurrent use and
+// after Close.
 type Block struct {
 	m         *Memory
 	name      string
 	gpa, size uint64
 	mgr       *discard.Manager
 	attrs     *memattr.Attributes
+	vmem      *virtiomem.Device // nil unless hot-pluggable
 
-	// mem is what the guest reaches through the memslot and what the host
-	// and devices use for shared pages: the guest_memfd mapping (in place)
-	// or the shared memfd mapping (split).
-	mem     []byte
-	shared  file // the file behind mem
-	private file // split: the private side; in place: nil
-	// privateName names the private file in faults and errors.
-	privateName string
-	slot        uint32
-	slotted     bool
+	backing Backing
+	owned   bool   // guestmem created backing and closes it
+	host    []byte // backing.Host(), fixed at creation
+	slot    uint32
+	slotted bool
 
 	// record is the attributes as last set where they are kept (KVM or the
 	// user-space record), one entry per page, 1 = private.
@@ -157,33 +193,44 @@ type Block struct {
 	record pagemap.Map
 }
 
-// ErrLayout is a Config whose blocks or holes are misplaced.
+// ErrLayout is a Config whose blocks or holes are misplaced, or whose
+// backings do not fit them.
 var ErrLayout = errors.New("guestmem: bad memory layout")
 
-// New creates the blocks of cfg, every page private, and binds them to
-// cfg.VM's memslots when there is a VM.
+// Validate checks cfg without creating anything: the mode, the layout of
+// blocks and holes, the backings' sizes and modes, the hot-plug block sizes.
+// New calls it first.
+func (cfg Config) Validate() error {
+	_, err := cfg.validate()
+	return err
+}
+
+// New creates the blocks of cfg, every page private, and binds their
+// memslots where cfg.VM is a MemslotBinder (see Config.VM).
 func New(cfg Config) (*Memory, error) {
-	if cfg.Mode != InPlace && cfg.Mode != Split {
-		return nil, fmt.Errorf("guestmem: unknown mode %d", cfg.Mode)
+	holes, err := cfg.validate()
+	if err != nil {
+		return nil, err
 	}
 	m := &Memory{
 		mode:        cfg.Mode,
 		enforcement: EnforceUserSpace,
 		vm:          cfg.VM,
-		maxGPA:      cfg.MaxGPA,
+		maxGPA:      cfg.maxGPA(),
 		log:         cfg.Logger,
 		inject:      cfg.Inject,
+		holes:       holes,
 	}
-	if m.maxGPA == 0 {
-		m.maxGPA = DefaultMaxGPA
+	if v, ok := m.vm.(*kvm.VM); ok && v == nil {
+		m.vm = nil // a nil *kvm.VM in the interface means no VM
 	}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
 	}
-	if err := m.layout(cfg); err != nil {
-		return nil, err
-	}
 	if m.vm != nil {
+		if b, ok := m.vm.(MemslotBinder); ok {
+			m.binder = b
+		}
 		have, err := m.vm.CheckExtension(kvm.CapMemoryAttributes)
 		if err != nil {
 			return nil, fmt.Errorf("guestmem: %w", err)
@@ -193,9 +240,9 @@ func New(cfg Config) (*Memory, error) {
 		}
 	}
 	for i, bc := range cfg.Blocks {
-		b, err := m.newBlock(bc, cfg.FirstSlot+uint32(i), cfg.Bitmap)
+		b, err := m.newBlock(bc, cfg.FirstSlot+uint32(i), cfg)
 		if err != nil {
-			m.Close()
+			m.closeBlocks()
 			return nil, err
 		}
 		m.blocks = append(m.blocks, b)
@@ -214,13 +261,24 @@ func cmpU64(a, b uint64) int {
 	return 0
 }
 
-// layout validates the blocks and holes of cfg and keeps the holes sorted.
-func (m *Memory) layout(cfg Config) error {
-	if m.maxGPA%PageSize != 0 {
-		return fmt.Errorf("%w: max GPA %#x not page aligned", ErrLayout, m.maxGPA)
+func (cfg Config) maxGPA() uint64 {
+	if cfg.MaxGPA == 0 {
+		return DefaultMaxGPA
+	}
+	return cfg.MaxGPA
+}
+
+// validate checks cfg and returns the holes sorted.
+func (cfg Config) validate() ([]Hole, error) {
+	if cfg.Mode != InPlace && cfg.Mode != Split {
+		return nil, fmt.Errorf("%w: unknown mode %d", ErrLayout, cfg.Mode)
+	}
+	maxGPA := cfg.maxGPA()
+	if maxGPA%PageSize != 0 {
+		return nil, fmt.Errorf("%w: max GPA %#x not page aligned", ErrLayout, maxGPA)
 	}
 	if len(cfg.Blocks) == 0 {
-		return fmt.Errorf("%w: no RAM blocks", ErrLayout)
+		return nil, fmt.Errorf("%w: no RAM blocks", ErrLayout)
 	}
 	type placed struct {
 		what string
@@ -230,51 +288,70 @@ func (m *Memory) layout(cfg Config) error {
 	names := map[string]bool{}
 	for _, b := range cfg.Blocks {
 		if b.Name == "" || names[b.Name] {
-			return fmt.Errorf("%w: block name %q empty or repeated", ErrLayout, b.Name)
+			return nil, fmt.Errorf("%w: block name %q empty or repeated", ErrLayout, b.Name)
 		}
 		names[b.Name] = true
-		r, err := span.Checked(b.GPA, b.Size, PageSize, m.maxGPA)
+		r, err := span.Checked(b.GPA, b.Size, PageSize, maxGPA)
 		if err != nil {
-			return fmt.Errorf("%w: block %s: %w", ErrLayout, b.Name, err)
+			return nil, fmt.Errorf("%w: block %s at GPA %#x: %w", ErrLayout, b.Name, b.GPA, err)
 		}
-		if b.Size > uint64(int(^uint(0)>>1)) {
-			return fmt.Errorf("%w: block %s too large to map", ErrLayout, b.Name)
+		if bk := b.Backing; bk != nil {
+			if bk.Size() != b.Size {
+				return nil, fmt.Errorf("%w: block %s: backing of %#x bytes for a block of %#x", ErrLayout, b.Name, bk.Size(), b.Size)
+			}
+			if bk.InPlace() != (cfg.Mode == InPlace) {
+				return nil, fmt.Errorf("%w: block %s: backing in place %v in mode %v", ErrLayout, b.Name, bk.InPlace(), cfg.Mode)
+			}
+			if h := bk.Host(); h != nil && uint64(len(h)) != b.Size {
+				return nil, fmt.Errorf("%w: block %s: backing's host mapping is %#x bytes, not %#x", ErrLayout, b.Name, len(h), b.Size)
+			}
+		} else if b.Size > uint64(int(^uint(0)>>1)) {
+			return nil, fmt.Errorf("%w: block %s too large to map", ErrLayout, b.Name)
+		}
+		if hp := b.Hotplug; hp != 0 && (!span.IsPowerOfTwo(hp) || hp%PageSize != 0 || b.Size%hp != 0) {
+			return nil, fmt.Errorf("%w: block %s: hot-plug block size %#x is not a power-of-two multiple of the page size dividing %#x", ErrLayout, b.Name, hp, b.Size)
 		}
 		all = append(all, placed{"block " + b.Name, r})
 	}
+	var holes []Hole
 	for _, h := range cfg.MMIO {
-		r, err := span.Checked(h.GPA, h.Size, PageSize, m.maxGPA)
+		r, err := span.Checked(h.GPA, h.Size, PageSize, maxGPA)
 		if err != nil {
-			return fmt.Errorf("%w: MMIO hole %s: %w", ErrLayout, h.Name, err)
+			return nil, fmt.Errorf("%w: MMIO hole %s at GPA %#x: %w", ErrLayout, h.Name, h.GPA, err)
 		}
 		all = append(all, placed{"MMIO hole " + h.Name, r})
-		m.holes = append(m.holes, h)
+		holes = append(holes, h)
 	}
 	slices.SortFunc(all, func(a, b placed) int { return cmpU64(a.r.Start, b.r.Start) })
 	for i := 1; i < len(all); i++ {
 		if all[i-1].r.Overlaps(all[i].r) {
-			return fmt.Errorf("%w: %s %v overlaps %s %v", ErrLayout, all[i-1].what, all[i-1].r, all[i].what, all[i].r)
+			return nil, fmt.Errorf("%w: %s at GPA %v overlaps %s at GPA %v", ErrLayout, all[i-1].what, all[i-1].r, all[i].what, all[i].r)
 		}
 	}
-	slices.SortFunc(m.holes, func(a, b Hole) int { return cmpU64(a.GPA, b.GPA) })
-	return nil
+	slices.SortFunc(holes, func(a, b Hole) int { return cmpU64(a.GPA, b.GPA) })
+	return holes, nil
 }
 
-// newBlock creates a block's files, mapping, memslot and state.
-func (m *Memory) newBlock(bc BlockConfig, slot uint32, bitmap bool) (_ *Block, err error) {
-	b := &Block{m: m, name: bc.Name, gpa: bc.GPA, size: bc.Size, slot: slot, privateName: "memfd"}
+// newBlock creates or adopts a block's backing, binds its memslot and
+// creates its state.
+func (m *Memory) newBlock(bc BlockConfig, slot uint32, cfg Config) (_ *Block, err error) {
+	b := &Block{m: m, name: bc.Name, gpa: bc.GPA, size: bc.Size, slot: slot, backing: bc.Backing}
 	defer func() {
 		if err != nil {
 			b.close()
 		}
 	}()
-	if m.vm != nil {
-		err = b.backKVM()
-	} else {
-		err = b.backMemfd()
+	if b.backing == nil {
+		if b.backing, err = m.newBacking(bc); err != nil {
+			return nil, fmt.Errorf("guestmem: block %s: %w", b.name, err)
+		}
+		b.owned = true
 	}
-	if err != nil {
-		return nil, err
+	b.host = b.backing.Host()
+	if gb, ok := b.backing.(GuestMemfdBacking); ok && m.binder != nil && !cfg.ExternalMemslots {
+		if err := b.bind(gb); err != nil {
+			return nil, err
+		}
 	}
 	rec, err := pagemap.NewRuns(b.size/PageSize, 1)
 	if err != nil {
@@ -296,57 +373,50 @@ func (m *Memory) newBlock(bc BlockConfig, slot uint32, bitmap bool) (_ *Block, e
 		PageSize: PageSize,
 		Backend:  backend{b},
 		InPlace:  m.mode == InPlace,
-		Bitmap:   bitmap,
+		Bitmap:   cfg.Bitmap,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("guestmem: block %s: %w", b.name, err)
 	}
+	if bc.Hotplug != 0 {
+		b.vmem, err = virtiomem.New(b.mgr, virtiomem.Config{
+			BlockSize: bc.Hotplug,
+			Bitmap:    cfg.Bitmap,
+			Release:   b.releaseUnplugged,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("guestmem: block %s: %w", b.name, err)
+		}
+	}
 	return b, nil
 }
 
-// backKVM creates the guest_memfd (and, split, the shared memfd) and binds
-// the memslot.
-func (b *Block) backKVM() error {
-	vm := b.m.vm
-	var gmem *kvm.GuestMemfd
-	var err error
-	switch b.m.mode {
-	case InPlace:
-		flags := uint64(kvm.GuestMemfdFlagMmap | kvm.GuestMemfdFlagInitShared)
-		gmem, err = vm.CreateGuestMemfd(b.size, flags)
-		if err != nil {
-			return fmt.Errorf("guestmem: block %s: in-place memory needs an mmap-able, initially shared guest_memfd: %w", b.name, err)
-		}
-		b.shared = gmem
-		b.mem, err = gmem.Mmap(0, b.size)
-		if err != nil {
-			return fmt.Errorf("guestmem: block %s: %w", b.name, err)
-		}
-	case Split:
-		gmem, err = vm.CreateGuestMemfd(b.size, 0)
-		if err != nil {
-			return fmt.Errorf("guestmem: block %s: %w", b.name, err)
-		}
-		b.private, b.privateName = gmem, "guest_memfd"
-		sh, err := newMemfd("gmem-"+b.name, b.size)
-		if err != nil {
-			return err
-		}
-		b.shared = sh
-		if b.mem, err = sh.Mmap(); err != nil {
-			return err
-		}
+// newBacking creates the backing of a block that has none.
+func (m *Memory) newBacking(bc BlockConfig) (Backing, error) {
+	if m.binder != nil {
+		return NewKVMBacking(m.binder, bc.Name, bc.Size, m.mode)
 	}
-	err = vm.SetUserMemoryRegion2(kvm.UserspaceMemoryRegion2{
-		Slot:          b.slot,
-		Flags:         kvm.MemGuestMemfd,
-		GuestPhysAddr: b.gpa,
-		MemorySize:    b.size,
+	return NewMemfdBacking(bc.Name, bc.Size, m.mode)
+}
+
+// bind binds the block's memslot to its guest_memfd.
+func (b *Block) bind(gb GuestMemfdBacking) error {
+	fd, off := gb.GuestMemfd()
+	var addr uint64
+	if b.host != nil {
 		// For in-place memory this must be the guest_memfd's own mapping:
 		// KVM's emulator goes through it. Split memory on a VM without
 		// private memory is served from it entirely.
-		UserspaceAddr: kvm.HostAddr(b.mem),
-		GuestMemfd:    uint32(gmem.Fd()),
+		addr = kvm.HostAddr(b.host)
+	}
+	err := b.m.binder.SetUserMemoryRegion2(kvm.UserspaceMemoryRegion2{
+		Slot:             b.slot,
+		Flags:            kvm.MemGuestMemfd,
+		GuestPhysAddr:    b.gpa,
+		MemorySize:       b.size,
+		UserspaceAddr:    addr,
+		GuestMemfd:       uint32(fd),
+		GuestMemfdOffset: off,
 	})
 	if err != nil {
 		return fmt.Errorf("guestmem: block %s: %w", b.name, err)
@@ -355,69 +425,86 @@ func (b *Block) backKVM() error {
 	return nil
 }
 
-// backMemfd backs the block with memfds only, for hosts without KVM.
-func (b *Block) backMemfd() error {
-	sh, err := newMemfd("gmem-"+b.name, b.size)
-	if err != nil {
-		return err
-	}
-	b.shared = sh
-	if b.mem, err = sh.Mmap(); err != nil {
-		return err
-	}
-	if b.m.mode == Split {
-		pr, err := newMemfd("gmem-private-"+b.name, b.size)
-		if err != nil {
-			return err
+// close deletes the memslot gmem bound and closes the backing gmem created.
+func (b *Block) close() error {
+	var errs []error
+	if b.slotted {
+		err := b.m.binder.SetUserMemoryRegion2(kvm.UserspaceMemoryRegion2{Slot: b.slot, Flags: kvm.MemGuestMemfd})
+		// A closed VM has no memslots left to delete.
+		if err != nil && !errors.Is(err, kvm.ErrClosed) {
+			errs = append(errs, fmt.Errorf("guestmem: block %s: %w", b.name, err))
 		}
-		b.private = pr
+		b.slotted = false
+	}
+	if b.owned {
+		if c, ok := b.backing.(io.Closer); ok {
+			if err := c.Close(); err != nil && !errors.Is(err, ErrClosed) {
+				errs = append(errs, fmt.Errorf("guestmem: block %s: %w", b.name, err))
+			}
+		}
+		b.owned = false
+	}
+	return errors.Join(errs...)
+}
+
+// enter admits a call: it fails with ErrClosed after Close. A nil error
+// must be followed by exit.
+func (m *Memory) enter() error {
+	m.life.RLock()
+	if m.closed.Load() {
+		m.life.RUnlock()
+		return ErrClosed
 	}
 	return nil
 }
 
-// close releases what the block holds: memslot, mapping, files.
-func (b *Block) close() error {
+func (m *Memory) exit() { m.life.RUnlock() }
+
+// Close waits for the calls in flight, detaches every live Attachment
+// (newest first), deletes the memslots guestmem bound and unmaps and closes
+// the backings it created; borrowed backings and the VM stay the caller's.
+// If an attachment cannot be detached, the memory of its blocks stays
+// mapped (a device may still reach it) and the error says so. A second
+// Close returns ErrClosed.
+func (m *Memory) Close() error {
+	m.life.Lock()
+	defer m.life.Unlock()
+	if m.closed.Load() {
+		return ErrClosed
+	}
+	m.closed.Store(true)
 	var errs []error
-	if b.slotted {
-		err := b.m.vm.SetUserMemoryRegion2(kvm.UserspaceMemoryRegion2{Slot: b.slot, Flags: kvm.MemGuestMemfd})
-		// A closed VM has no memslots left to delete.
-		if err != nil && !errors.Is(err, kvm.ErrClosed) {
+	reachable := map[*Block]bool{}
+	m.attMu.Lock()
+	atts := m.atts
+	m.atts = nil
+	m.attMu.Unlock()
+	for i := len(atts) - 1; i >= 0; i-- {
+		a := atts[i]
+		if err := a.detach(); err != nil {
 			errs = append(errs, err)
+			for _, b := range a.blocks {
+				reachable[b] = true
+			}
 		}
-		b.slotted = false
 	}
-	if b.mem != nil {
-		if err := unix.Munmap(b.mem); err != nil {
-			errs = append(errs, fmt.Errorf("guestmem: munmap block %s: %w", b.name, err))
-		}
-		b.mem = nil
-	}
-	for _, f := range []file{b.shared, b.private} {
-		if f == nil {
+	for _, b := range m.blocks {
+		if reachable[b] {
+			errs = append(errs, fmt.Errorf("guestmem: block %s at GPA %#x left mapped: a device may still reach it", b.name, b.gpa))
 			continue
 		}
-		if err := f.Close(); err != nil && !errors.Is(err, kvm.ErrClosed) {
+		if err := b.close(); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	b.shared, b.private = nil, nil
 	return errors.Join(errs...)
 }
 
-// Close deletes the memslots, unmaps the memory and closes the files.
-// Attachments must be detached first. Calling it again returns the first
-// call's result.
-func (m *Memory) Close() error {
-	m.closeOnce.Do(func() {
-		var errs []error
-		for _, b := range m.blocks {
-			if err := b.close(); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		m.closeErr = errors.Join(errs...)
-	})
-	return m.closeErr
+// closeBlocks closes the blocks of a Memory that New abandons.
+func (m *Memory) closeBlocks() {
+	for _, b := range m.blocks {
+		b.close()
+	}
 }
 
 // Mode returns the backing mode.
@@ -496,10 +583,13 @@ func (m *Memory) describe(r span.Range) string {
 
 // StateStats summarises the state maps of every block.
 type StateStats struct {
-	// Runs is the number of maximal same-state runs, summed over blocks.
+	// Runs is the number of maximal runs of one state (shared, private or
+	// unplugged), summed over blocks.
 	Runs int
-	// SharedBytes and PrivateBytes partition the RAM.
-	SharedBytes, PrivateBytes uint64
+	// SharedBytes and PrivateBytes partition the plugged RAM;
+	// UnpluggedBytes is the unplugged part of hot-pluggable blocks (which is
+	// private too, and counted only here).
+	SharedBytes, PrivateBytes, UnpluggedBytes uint64
 	// MapBytes is the memory the state maps hold.
 	MapBytes uint64
 }
@@ -508,11 +598,21 @@ type StateStats struct {
 func (m *Memory) StateStats() StateStats {
 	var s StateStats
 	for _, b := range m.blocks {
-		b.attrs.Runs(span.Range{End: b.size}, func(span.Range, memattr.State) { s.Runs++ })
-		sh := b.attrs.SharedBytes()
-		s.SharedBytes += sh
-		s.PrivateBytes += b.size - sh
+		for e := range b.extents(span.Range{End: b.size}) {
+			s.Runs++
+			switch e.Kind {
+			case KindShared:
+				s.SharedBytes += e.GPA.Len()
+			case KindPrivate:
+				s.PrivateBytes += e.GPA.Len()
+			case KindUnplugged:
+				s.UnpluggedBytes += e.GPA.Len()
+			}
+		}
 		s.MapBytes += b.attrs.StateBytes()
+		if b.vmem != nil {
+			s.MapBytes += b.vmem.StateBytes()
+		}
 	}
 	return s
 }
@@ -540,6 +640,8 @@ type Stats struct {
 	Punches, PunchedBytes uint64
 	// UndoFailures counts undo steps that failed after a failure.
 	UndoFailures uint64
+	// Plugs and Unplugs count successful Plug and Unplug calls.
+	Plugs, Unplugs uint64
 }
 
 // Stats returns the counters.
@@ -557,6 +659,8 @@ func (m *Memory) Stats() Stats {
 		Punches:        m.punches.Load(),
 		PunchedBytes:   m.punchedBytes.Load(),
 		UndoFailures:   m.undoFailures.Load(),
+		Plugs:          m.plugs.Load(),
+		Unplugs:        m.unplugs.Load(),
 	}
 }
 
@@ -577,14 +681,43 @@ func (b *Block) Section() discard.Section {
 	return discard.Section{Offset: 0, Size: b.size, GPA: b.gpa}
 }
 
-// Manager returns the block's discard manager (listeners register here).
+// Manager returns the block's discard manager, where a VMM's own listeners
+// (a vhost-user backend, a device model) register. Calls through it bypass
+// Memory's lifecycle: after Close its listeners get nothing more.
 func (b *Block) Manager() *discard.Manager { return b.mgr }
 
-// Attributes returns the block's shared/private state.
+// Attributes returns the block's shared/private state. Convert through
+// Memory.Convert: converting here skips the executor's checks.
 func (b *Block) Attributes() *memattr.Attributes { return b.attrs }
 
-// Slot returns the block's memslot id and whether it has one.
-func (b *Block) Slot() (uint32, bool) { return b.slot, b.slotted }
+// Backing returns the block's memory.
+func (b *Block) Backing() Backing { return b.backing }
+
+// Hotplug returns the block's plug granularity, 0 if it is not
+// hot-pluggable.
+func (b *Block) Hotplug() uint64 {
+	if b.vmem == nil {
+		return 0
+	}
+	return b.vmem.BlockSize()
+}
+
+// PluggedBytes returns the plugged bytes of the block (all of it unless it
+// is hot-pluggable).
+func (b *Block) PluggedBytes() uint64 {
+	if b.vmem == nil {
+		return b.size
+	}
+	return b.vmem.PluggedBytes()
+}
+
+// Slot returns the block's memslot id and whether guestmem bound it; the
+// memslot is deleted by Close.
+func (b *Block) Slot() (uint32, bool) {
+	b.m.life.RLock()
+	defer b.m.life.RUnlock()
+	return b.slot, b.slotted
+}
 
 // StateRun is a maximal GPA range in one state.
 type StateRun struct {

@@ -6,12 +6,13 @@ import "fmt"
 type Mode int
 
 const (
+	// Split backs a block with a guest_memfd for the private side and a memfd
+	// for the shared side. It is the zero Mode, as in QEMU (10.1) and in
+	// gmem's trace generators.
+	Split Mode = iota
 	// InPlace backs a block with one mmap-able guest_memfd (MMAP|INIT_SHARED)
 	// that the memslot and the host both use.
-	InPlace Mode = iota
-	// Split backs a block with a guest_memfd for the private side and a memfd
-	// for the shared side.
-	Split
+	InPlace
 )
 
 // String returns "inplace" or "split", the names ParseMode accepts.
