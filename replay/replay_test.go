@@ -152,7 +152,7 @@ func TestGolden(t *testing.T) {
 			// virtio-mem: plug 4 MiB (2 blocks), share 2 pages in the first
 			// block (baseline 2 entries, gmem 1), unplug that block: the
 			// mappings go and its pages are private again. Converting
-			// unplugged memory is accepted and reaches no device.
+			// unplugged memory is refused.
 			name: "hotplug",
 			trace: ram1G + `{"op":"ram","name":"vmem","gpa":"4GiB","size":"1GiB","mode":"split","block":"2MiB"}
 {"op":"attach","dev":"dev0","iommu":"type1"}
@@ -161,9 +161,9 @@ func TestGolden(t *testing.T) {
 {"op":"convert","gpa":"0x100200000","size":"4KiB","to":"shared"}
 {"op":"unplug","gpa":"4GiB","size":"2MiB"}
 {"op":"convert","gpa":"4GiB","size":"4KiB","to":"shared"}`,
-			want: want{events: 8, conversions: 3, shared: 4096, unplugged: 1<<30 - 2<<20, devices: 1,
-				base: runWant{final: 1, peak: 3, maps: 3, unmaps: 1},
-				gmem: runWant{final: 1, peak: 2, maps: 2, unmaps: 1}},
+			want: want{events: 8, conversions: 3, rejected: 1, reasons: map[string]uint64{ReasonUnplugged: 1}, shared: 4096, unplugged: 1<<30 - 2<<20, devices: 1,
+				base: runWant{final: 1, peak: 3, maps: 3, unmaps: 1, failures: 1},
+				gmem: runWant{final: 1, peak: 2, maps: 2, unmaps: 1, failures: 1}},
 		},
 		{
 			// In place: the mapping goes before the kernel converts (the
@@ -270,7 +270,7 @@ func TestViolationsDetected(t *testing.T) {
 	t.Run("runs disagree", func(t *testing.T) {
 		rp, _ := replayTextOpen(t, setup)
 		// Share a page in gmem only, with no device to notice.
-		if err := rp.runs[1].regions[0].attrs.Convert(0x800000, 4096, memattr.Shared); err != nil {
+		if err := rp.runs[1].mem.Blocks()[0].Attributes().Convert(0x800000, 4096, memattr.Shared); err != nil {
 			t.Fatal(err)
 		}
 		err := rp.Finish()

@@ -17,7 +17,7 @@ import (
 const goldenJSONL = `{"op":"ram","name":"ram-below-4g","gpa":0,"size":"2GiB","mode":"split"}
 
 {"op":"mmio","gpa":"0x80000000","size":"2 GiB"}
-  {"size": 17179869184, "gpa": "4GiB", "op": "ram", "name": "ram-above-4g", "mode": "inplace"}
+  {"size": 17179869184, "gpa": "4GiB", "op": "ram", "name": "ram-above-4g"}
 {"op":"ram","name":"vmem","gpa":"0x500000000","size":"1GiB","mode":"split","block":"2MiB"}
 {"op":"attach","dev":"gpu0","iommu":"type1","limit":65535}
 {"op":"attach","dev":"nic\u00e9","iommu":"iommufd"}
@@ -33,7 +33,7 @@ const goldenJSONL = `{"op":"ram","name":"ram-below-4g","gpa":0,"size":"2GiB","mo
 var goldenEvents = []Event{
 	RAM{Name: "ram-below-4g", GPA: 0, Size: 2 << 30, Mode: Split},
 	MMIO{GPA: 0x80000000, Size: 2 << 30},
-	RAM{Name: "ram-above-4g", GPA: 4 << 30, Size: 16 << 30, Mode: InPlace},
+	RAM{Name: "ram-above-4g", GPA: 4 << 30, Size: 16 << 30, Mode: Split}, // the default mode
 	RAM{Name: "vmem", GPA: 0x500000000, Size: 1 << 30, Mode: Split, Block: 2 << 20},
 	Attach{Dev: "gpu0", IOMMU: Type1, Limit: 65535},
 	Attach{Dev: "nic\u00e9", IOMMU: IOMMUFD},
@@ -101,7 +101,7 @@ func TestWriterGolden(t *testing.T) {
 	}
 	want := `{"op":"ram","name":"ram-below-4g","gpa":"0x0","size":"2GiB","mode":"split"}
 {"op":"mmio","gpa":"0x80000000","size":"2GiB"}
-{"op":"ram","name":"ram-above-4g","gpa":"0x100000000","size":"16GiB","mode":"inplace"}
+{"op":"ram","name":"ram-above-4g","gpa":"0x100000000","size":"16GiB","mode":"split"}
 {"op":"ram","name":"vmem","gpa":"0x500000000","size":"1GiB","mode":"split","block":"2MiB"}
 {"op":"attach","dev":"gpu0","iommu":"type1","limit":65535}
 {"op":"attach","dev":"nic` + "\u00e9" + `","iommu":"iommufd"}

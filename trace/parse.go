@@ -230,10 +230,10 @@ func (rd *Reader) first() (line []byte, long bool, err error) {
 		rd.format, rd.reason = rd.opts.Format, "given"
 	case jsonLike:
 		rd.format = JSONLines
-		rd.reason = fmt.Sprintf("detected: line %d, the first that is neither blank nor a comment, starts with '{'", rd.lr.line)
+		rd.reason = fmt.Sprintf("detected from line %d: starts with '{'", rd.lr.line)
 	default:
 		rd.format = QEMULog
-		rd.reason = fmt.Sprintf("detected: line %d, the first that is neither blank nor a comment, does not start with '{'", rd.lr.line)
+		rd.reason = fmt.Sprintf("detected from line %d: does not start with '{'", rd.lr.line)
 	}
 	return line, long, nil
 }

@@ -18,6 +18,9 @@ var ErrMachine = errors.New("bad machine description")
 // Validator checks the rules about a trace's own structure, the machine it
 // describes:
 //
+//   - The machine comes first: RAM and MMIO are declared before the first
+//     other event, at least one RAM block, all of one mode (one VM's
+//     memory is backed one way).
 //   - RAM block names are unique; RAM blocks and MMIO holes do not overlap.
 //   - A device is attached under a name not attached at the moment, and only
 //     an attached device is detached.
@@ -36,6 +39,8 @@ type Validator struct {
 	regions []region        // RAM and MMIO, sorted by GPA
 	names   map[string]bool // RAM block names
 	devs    map[string]bool // attached devices
+	mode    Mode            // of the first RAM block
+	running bool            // an event other than RAM or MMIO was accepted
 }
 
 // region is a RAM block or an MMIO hole.
@@ -61,8 +66,33 @@ func (v *Validator) Check(e Event) error {
 	if err := checkParsed(e); err != nil {
 		return err
 	}
+	switch e.(type) {
+	case RAM, MMIO:
+		if v.running {
+			return fmt.Errorf("%w: %s after the first attach or request: the machine is declared first", ErrMachine, e.Op())
+		}
+	default:
+		if v.mode == 0 {
+			return fmt.Errorf("%w: %s before any RAM block", ErrMachine, e.Op())
+		}
+	}
+	if err := v.check(e); err != nil {
+		return err
+	}
+	switch e.(type) {
+	case RAM, MMIO:
+	default:
+		v.running = true
+	}
+	return nil
+}
+
+func (v *Validator) check(e Event) error {
 	switch e := e.(type) {
 	case RAM:
+		if v.mode != 0 && e.Mode != v.mode {
+			return fmt.Errorf("%w: RAM block %q is %v, the blocks before it %v: one VM's memory is backed one way", ErrMachine, e.Name, e.Mode, v.mode)
+		}
 		if v.names[e.Name] {
 			return fmt.Errorf("%w: RAM block %q declared twice", ErrMachine, e.Name)
 		}
@@ -70,6 +100,7 @@ func (v *Validator) Check(e Event) error {
 			return err
 		}
 		v.names[e.Name] = true
+		v.mode = e.Mode
 	case MMIO:
 		return v.insert(region{r: e.Range()})
 	case Attach:

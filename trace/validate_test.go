@@ -14,8 +14,8 @@ func TestValidator(t *testing.T) {
 		MMIO{GPA: 2 << 30, Size: 2 << 30},
 		RAM{Name: "high", GPA: 4 << 30, Size: 2 << 30, Mode: Split},
 		RAM{Name: "vmem", GPA: 8 << 30, Size: 1 << 30, Mode: Split, Block: 2 << 20},
-		Attach{Dev: "d", IOMMU: Type1},
 	}
+	attach := Attach{Dev: "d", IOMMU: Type1}
 	for _, c := range []struct {
 		name  string
 		steps []Event
@@ -41,11 +41,15 @@ func TestValidator(t *testing.T) {
 		{"RAM overlapping MMIO", []Event{RAM{Name: "x", GPA: 3 << 30, Size: 4096, Mode: Split}}, "overlaps MMIO"},
 		{"MMIO overlapping RAM", []Event{MMIO{GPA: 5 << 30, Size: 2 << 30}}, "overlaps RAM block \"high\""},
 		{"MMIO inside RAM", []Event{MMIO{GPA: 1 << 30, Size: 16 << 20}}, "overlaps RAM block \"low\""},
-		{"RAM added later", []Event{RAM{Name: "x", GPA: 16 << 30, Size: 4096, Mode: Split}, Convert{GPA: 16 << 30, Size: 4096, To: Shared}}, ""},
-		{"attach twice", []Event{Attach{Dev: "d", IOMMU: IOMMUFD}}, "attached twice"},
-		{"detach unknown", []Event{Detach{Dev: "e"}}, "not attached"},
-		{"detach twice", []Event{Detach{Dev: "d"}, Detach{Dev: "d"}}, "not attached"},
-		{"reattach", []Event{Detach{Dev: "d"}, Attach{Dev: "d", IOMMU: IOMMUFD}}, ""},
+		{"RAM added", []Event{RAM{Name: "x", GPA: 16 << 30, Size: 4096, Mode: Split}, Convert{GPA: 16 << 30, Size: 4096, To: Shared}}, ""},
+		{"RAM after a request", []Event{Convert{GPA: 0, Size: 4096, To: Shared}, RAM{Name: "x", GPA: 16 << 30, Size: 4096, Mode: Split}}, "declared first"},
+		{"MMIO after an attach", []Event{attach, MMIO{GPA: 16 << 30, Size: 4096}}, "declared first"},
+		{"RAM of another mode", []Event{RAM{Name: "x", GPA: 16 << 30, Size: 4096, Mode: InPlace}}, "backed one way"},
+		{"attach", []Event{attach}, ""},
+		{"attach twice", []Event{attach, Attach{Dev: "d", IOMMU: IOMMUFD}}, "attached twice"},
+		{"detach unknown", []Event{attach, Detach{Dev: "e"}}, "not attached"},
+		{"detach twice", []Event{attach, Detach{Dev: "d"}, Detach{Dev: "d"}}, "not attached"},
+		{"reattach", []Event{attach, Detach{Dev: "d"}, Attach{Dev: "d", IOMMU: IOMMUFD}}, ""},
 	} {
 		v := NewValidator()
 		for _, e := range machine {
@@ -66,9 +70,14 @@ func TestValidator(t *testing.T) {
 			t.Errorf("%s: error %v, want ErrMachine mentioning %q", c.name, err, c.why)
 		}
 	}
-	for _, e := range []Event{nil, RAM{Name: "r", GPA: 1, Size: 4096, Mode: Split}, Attach{Dev: "x"}} {
+	for _, e := range []Event{nil, RAM{Name: "r", GPA: 1, Size: 4096, Mode: Split}, MMIO{GPA: 0, Size: 0}} {
 		if err := NewValidator().Check(e); !errors.Is(err, ErrValue) {
 			t.Errorf("%#v: error %v, want ErrValue", e, err)
+		}
+	}
+	for _, e := range []Event{attach, Convert{GPA: 0, Size: 4096, To: Shared}, Detach{Dev: "d"}} {
+		if err := NewValidator().Check(e); !errors.Is(err, ErrMachine) || !strings.Contains(err.Error(), "before any RAM") {
+			t.Errorf("%#v first: error %v, want ErrMachine: before any RAM", e, err)
 		}
 	}
 }
@@ -145,9 +154,11 @@ func eventRange(e Event) span.Range {
 // pageModel is a naive model of the Validator's rules for guests below
 // 1 MiB, page by page.
 type pageModel struct {
-	kind  map[uint64]byte // page -> 'r' RAM, 'h' hot-pluggable RAM, 'm' MMIO
-	names map[string]bool
-	devs  map[string]bool
+	kind    map[uint64]byte // page -> 'r' RAM, 'h' hot-pluggable RAM, 'm' MMIO
+	names   map[string]bool
+	devs    map[string]bool
+	mode    Mode
+	running bool
 }
 
 func newPageModel() *pageModel {
@@ -169,10 +180,25 @@ func (m *pageModel) check(e Event) bool {
 	if checkParsed(e) != nil {
 		return false
 	}
+	_, ram := e.(RAM)
+	_, mmio := e.(MMIO)
+	machine := ram || mmio
+	if machine && m.running || !machine && m.mode == 0 {
+		return false
+	}
+	if !m.apply(e) {
+		return false
+	}
+	m.running = m.running || !machine
+	return true
+}
+
+// apply checks and applies e in the machine's current phase.
+func (m *pageModel) apply(e Event) bool {
 	r := eventRange(e)
 	switch e := e.(type) {
 	case RAM:
-		if m.names[e.Name] {
+		if m.names[e.Name] || m.mode != 0 && e.Mode != m.mode {
 			return false
 		}
 		for _, p := range m.pages(r) {
@@ -187,6 +213,7 @@ func (m *pageModel) check(e Event) bool {
 			}
 		}
 		m.names[e.Name] = true
+		m.mode = e.Mode
 	case MMIO:
 		for _, p := range m.pages(r) {
 			if _, ok := m.kind[p]; ok {
