@@ -22,7 +22,16 @@ func fuzzEvents(data []byte) []trace.Event {
 		size := uint64(1+b%512) * trace.PageSize
 		if a&0x8000 != 0 {
 			// A bad request: misaligned, empty or wrapping.
-			gpa, size = gpa+uint64(b%3)*0x800, [...]uint64{0, size + 1, -gpa}[a%3]
+			switch b % 4 {
+			case 0:
+				gpa += 0x800
+			case 1:
+				size = 0
+			case 2:
+				size += 0x800
+			default:
+				size = -gpa
+			}
 		}
 		dev := "dev" + strconv.Itoa(int(b%3))
 		switch op % 10 {
