@@ -35,9 +35,10 @@ const (
 //
 // The set of event types is closed; Check reports whether the event is well
 // formed on its own (fields present and in range, sizes non-zero, addresses
-// page aligned, no overflow). Rules that involve more than one event (a
-// conversion must lie in RAM declared earlier, and so on) are the
-// Validator's.
+// page aligned, no overflow): what gmem writes and generates always is.
+// Parsers require it of the machine's events only; a guest request is read
+// as written and answered by the executor. Rules that involve more than one
+// event are the Validator's.
 type Event interface {
 	// Op returns the event kind.
 	Op() Op
