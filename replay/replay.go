@@ -134,19 +134,24 @@ type Result struct {
 // InputError is an event that breaks the trace's own structure
 // (trace.Validator): RAM or MMIO overlapping, a device attached twice, a
 // plug where there is no hot-pluggable RAM. It is not replayed.
+// Err wraps trace.ErrMachine or trace.ErrValue.
 type InputError struct {
-	Event uint64 `json:"event"`
-	Line  int    `json:"line,omitempty"`
-	Err   string `json:"error"`
+	Event   uint64 `json:"event"`
+	Line    int    `json:"line,omitempty"`
+	Message string `json:"error"` // Err's text
+	Err     error  `json:"-"`
 }
 
 // Error returns "line N: what is wrong" (or "event N: ..." without a line).
 func (e *InputError) Error() string {
 	if e.Line > 0 {
-		return fmt.Sprintf("line %d: %s", e.Line, e.Err)
+		return fmt.Sprintf("line %d: %s", e.Line, e.Message)
 	}
-	return fmt.Sprintf("event %d: %s", e.Event, e.Err)
+	return fmt.Sprintf("event %d: %s", e.Event, e.Message)
 }
+
+// Unwrap returns the cause.
+func (e *InputError) Unwrap() error { return e.Err }
 
 // Violation describes a broken invariant.
 type Violation struct {
@@ -287,7 +292,7 @@ func (rp *Replayer) Apply(e trace.Event, line int) error {
 	}
 	if err != nil {
 		rp.inputErrors++
-		inputErr = &InputError{Event: rp.events, Line: line, Err: err.Error()}
+		inputErr = &InputError{Event: rp.events, Line: line, Message: err.Error(), Err: err}
 		if len(rp.ilist) < rp.opts.MaxDetails {
 			rp.ilist = append(rp.ilist, *inputErr)
 		}

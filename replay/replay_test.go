@@ -462,3 +462,47 @@ func TestResultJSON(t *testing.T) {
 		}
 	}
 }
+
+// TestInputErrors: an impossible machine is not replayed, whether the
+// Validator or the library finds it, and every later event that needs it is
+// an input error too.
+func TestInputErrors(t *testing.T) {
+	for _, c := range []struct {
+		name, trace string
+		line        int
+		why         string
+	}{
+		{"RAM after a request", ram1G + `{"op":"convert","gpa":"0","size":"4KiB","to":"shared"}
+{"op":"ram","name":"late","gpa":"2GiB","size":"1GiB"}`, 3, "declared first"},
+		{"a request before any RAM", `{"op":"convert","gpa":"0","size":"4KiB","to":"shared"}`, 1, "before any RAM"},
+		{"RAM past the address space", `{"op":"ram","name":"far","gpa":"0x10000000000000","size":"1GiB"}
+{"op":"convert","gpa":"0","size":"4KiB","to":"shared"}`, 2, "the library refuses the machine"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			tr, err := trace.Parse(strings.NewReader(c.trace), trace.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rp := New(Options{})
+			var first *InputError
+			for i, e := range tr.Events {
+				var ie *InputError
+				if err := rp.Apply(e, tr.Lines[i]); errors.As(err, &ie) && first == nil {
+					first = ie
+				} else if err != nil && !errors.As(err, &ie) {
+					t.Fatal(err)
+				}
+			}
+			if err := rp.Finish(); err != nil {
+				t.Fatal(err)
+			}
+			res := rp.Result()
+			if first == nil || first.Line != c.line || !strings.Contains(first.Error(), c.why) || !errors.Is(first, trace.ErrMachine) {
+				t.Fatalf("first input error %v, want line %d: %q", first, c.line, c.why)
+			}
+			if res.InputErrors == 0 || res.Rejected != 0 || res.Violations != 0 {
+				t.Errorf("result %+v", res)
+			}
+		})
+	}
+}

@@ -230,7 +230,7 @@ func (r *run) finish() {
 		r.checkDevice(d, span.Range{Start: 0, End: ^uint64(0)})
 		if err := d.att.Check(d.model.Mappings()); err != nil {
 			inv := "I1"
-			var v *invariant.Violation
+			var v *guestmem.Violation
 			if errors.As(err, &v) {
 				inv = v.Invariant
 			}
