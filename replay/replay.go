@@ -48,6 +48,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/span"
 	"github.com/gmemproject/gmem/trace"
 )
@@ -78,6 +79,9 @@ type Options struct {
 	// Logger receives the library's own logs (default: discarded). A
 	// baseline running out of type1 entries logs every refusal.
 	Logger *slog.Logger
+	// MaxExtent is the gmem run's dma.Options.MaxExtent (0: the default,
+	// dma.Unbounded: none).
+	MaxExtent uint64
 }
 
 // RunStats is what one run (baseline or gmem) did.
@@ -91,6 +95,20 @@ type RunStats struct {
 	LimitFailures uint64  `json:"limit_failures"` // valid events refused with ENOSPC
 	Failures      uint64  `json:"failures"`       // valid events refused, for any reason
 	NsPerEvent    float64 `json:"ns_per_event"`   // time in the library per event
+	// What the mappers cost the kernel and the devices (dma.Stats).
+	PinnedBytes    uint64 `json:"pinned_bytes"`    // bytes pinned by map requests
+	RepinnedBytes  uint64 `json:"repinned_bytes"`  // bytes unmapped and pinned again within one notification
+	WindowBytes    uint64 `json:"window_bytes"`    // bytes a notification left mapped but hid from the device meanwhile
+	MaxWindow      uint64 `json:"max_window"`      // the largest window of one notification
+	PrivateRefused uint64 `json:"private_refused"` // valid conversions to private refused
+}
+
+// addCosts adds a mapper's pin and window counters to s.
+func (s *RunStats) addCosts(st dma.Stats) {
+	s.PinnedBytes += st.PinnedBytes
+	s.RepinnedBytes += st.RepinnedBytes
+	s.WindowBytes += st.WindowBytes
+	s.MaxWindow = max(s.MaxWindow, st.MaxWindow)
 }
 
 // Result summarises a replay.
@@ -287,7 +305,13 @@ func (rp *Replayer) apply(e trace.Event) {
 		rp.both(func(r *run) error { return r.detach(e.Dev) })
 	case trace.Convert:
 		parts := rp.split(e.Range())
-		rp.stateEvent(e.Range(), parts, func(r *run) error { return r.convert(parts, e.To) },
+		rp.stateEvent(e.Range(), parts, func(r *run) error {
+			err := r.convert(parts, e.To)
+			if err != nil && e.To == trace.Private {
+				r.privateRefused++
+			}
+			return err
+		},
 			func(r *run, reg *region, off span.Range) string {
 				if e.To == trace.Shared {
 					if !reg.attrs.IsShared(off) {

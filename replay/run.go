@@ -32,6 +32,9 @@ type run struct {
 	// Counters of mappers no longer registered (detached devices, refused
 	// attaches), so that map and unmap calls are never lost.
 	goneMaps, goneUnmaps, goneSplits uint64
+	goneCosts                        RunStats
+
+	privateRefused uint64
 
 	failures, limitFailures uint64
 	elapsed                 time.Duration
@@ -125,7 +128,11 @@ func (r *run) addRAM(e trace.RAM) error {
 }
 
 func (r *run) newMapper(d *device) (*dma.Mapper, error) {
-	return dma.New(d.model, nil, dma.Options{Policy: r.policy(), Logger: r.rp.log})
+	opts := dma.Options{Policy: r.policy(), Logger: r.rp.log}
+	if !r.baseline {
+		opts.MaxExtent = r.rp.opts.MaxExtent
+	}
+	return dma.New(d.model, nil, opts)
 }
 
 // retire keeps the counters of a mapper that is no longer registered.
@@ -134,6 +141,7 @@ func (r *run) retire(m *dma.Mapper) {
 	r.goneMaps += s.MapCalls
 	r.goneUnmaps += s.UnmapCalls
 	r.goneSplits += s.Splits
+	r.goneCosts.addCosts(s)
 }
 
 // attach creates the device's IOMMU and registers a mapper for every region,
@@ -530,6 +538,9 @@ func (r *run) stats(events uint64) RunStats {
 		LimitFailures: r.limitFailures,
 		Failures:      r.failures,
 	}
+	s.addCosts(dma.Stats{PinnedBytes: r.goneCosts.PinnedBytes, RepinnedBytes: r.goneCosts.RepinnedBytes,
+		WindowBytes: r.goneCosts.WindowBytes, MaxWindow: r.goneCosts.MaxWindow})
+	s.PrivateRefused = r.privateRefused
 	for _, d := range r.order {
 		s.EntriesFinal += uint64(d.model.Len())
 		for _, m := range d.mappers {
@@ -538,6 +549,7 @@ func (r *run) stats(events uint64) RunStats {
 				s.MapCalls += st.MapCalls
 				s.UnmapCalls += st.UnmapCalls
 				s.Splits += st.Splits
+				s.addCosts(st)
 			}
 		}
 	}
