@@ -5,13 +5,16 @@
 // Two policies shape the mappings:
 //
 //   - Extent (the default) maps each populated section as notified with one
-//     entry. A discard that cuts an entry unmaps it and maps what remains
-//     (the kernel cannot split a mapping: type1 v2 answers EINVAL, iommufd
-//     ENOENT), which is counted as a split. Between that unmap and the remap
-//     the remainder is unreachable for a moment, so a device DMAing there
-//     then faults. Extent never merges separate notifications into one
-//     entry, so a guest that converts back exactly what it converted (bounce
-//     buffers, coherent buffers) never causes a split.
+//     entry, cut at multiples of Options.MaxExtent (2 MiB by default). A
+//     discard that cuts an entry unmaps it and maps what remains (the kernel
+//     cannot split a mapping: type1 v2 answers EINVAL, iommufd ENOENT),
+//     which is counted as a split. Between that unmap and the remap the
+//     remainder is unreachable for a moment, so a device DMAing there then
+//     faults, and the kernel unpins and pins it again; the bound keeps that
+//     to the chunks the cut falls in. Extent never merges separate
+//     notifications into one entry, so a guest that converts back exactly
+//     what it converted (bounce buffers, coherent buffers) never causes a
+//     split.
 //   - Granule is QEMU's: one entry per granule (4 KiB by default), so any
 //     granule can be unmapped alone and nothing is ever split, at the cost of
 //     one entry and one map call per granule. It is the baseline.
@@ -19,7 +22,11 @@
 // A Mapper knows the IOMMU's entry budget (type1's dma_entry_limit): a
 // populate that would need more entries than are left fails with ENOSPC
 // before any mapping is made, and a discard that must split an entry with no
-// entry left fails the same way, leaving everything as it was.
+// entry left fails the same way, leaving everything as it was. So that the
+// second happens only in extremes, Extent populates leave
+// Options.SplitReserve entries free for splits: with at most that many
+// splits outstanding (one per vCPU converting, say), a conversion to private
+// is never refused; conversions to shared are refused earlier instead.
 //
 // Populate and Discard are all or nothing: on any failure the mapper restores
 // the entries it had before the call. A Mapper is safe for concurrent use; its
