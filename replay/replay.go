@@ -52,6 +52,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/span"
 	"github.com/gmemproject/gmem/trace"
@@ -83,6 +84,9 @@ type Options struct {
 	// Logger receives the library's own logs (default: discarded). A
 	// baseline running out of type1 entries logs every refusal.
 	Logger *slog.Logger
+	// MaxExtent is the gmem run's dma.Options.MaxExtent (0: the default,
+	// dma.Unbounded: none).
+	MaxExtent uint64
 }
 
 // RunStats is what one run (baseline or gmem) did.
@@ -96,6 +100,20 @@ type RunStats struct {
 	LimitFailures uint64  `json:"limit_failures"` // valid events refused with ENOSPC
 	Failures      uint64  `json:"failures"`       // valid events refused, for any reason
 	NsPerEvent    float64 `json:"ns_per_event"`   // time in the library per event
+	// What the mappers cost the kernel and the devices (dma.Stats).
+	PinnedBytes    uint64 `json:"pinned_bytes"`    // bytes pinned by map requests
+	RepinnedBytes  uint64 `json:"repinned_bytes"`  // bytes unmapped and pinned again within one notification
+	WindowBytes    uint64 `json:"window_bytes"`    // bytes a notification left mapped but hid from the device meanwhile
+	MaxWindow      uint64 `json:"max_window"`      // the largest window of one notification
+	PrivateRefused uint64 `json:"private_refused"` // valid conversions to private refused
+}
+
+// addCosts adds a mapper's pin and window counters to s.
+func (s *RunStats) addCosts(st dma.Stats) {
+	s.PinnedBytes += st.PinnedBytes
+	s.RepinnedBytes += st.RepinnedBytes
+	s.WindowBytes += st.WindowBytes
+	s.MaxWindow = max(s.MaxWindow, st.MaxWindow)
 }
 
 // Result summarises a replay.
@@ -368,7 +386,15 @@ func (rp *Replayer) apply(e trace.Event) {
 		if e.To == trace.Private {
 			want = guestmem.KindPrivate
 		}
-		rp.stateEvent(rp.eventWindow(e.GPA, e.Size), func(rn *run) error { return rn.convert(e) }, want)
+		rp.stateEvent(rp.eventWindow(e.GPA, e.Size), func(rn *run) error {
+			err := rn.convert(e)
+			// A guest giving memory back must never be refused for want
+			// of IOMMU entries (or anything else the VMM runs out of).
+			if err != nil && e.To == trace.Private && Reason(err) == ReasonNoEntries {
+				rn.privateRefused++
+			}
+			return err
+		}, want)
 	case trace.Plug:
 		rp.stateEvent(rp.eventWindow(e.GPA, e.Size), func(rn *run) error { return rn.mem.Plug(e.GPA, e.Size) },
 			guestmem.KindPrivate)

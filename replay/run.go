@@ -34,6 +34,9 @@ type run struct {
 	// Counters of mappers no longer attached (detached devices), so that
 	// map and unmap calls are never lost.
 	goneMaps, goneUnmaps, goneSplits uint64
+	goneCosts                        RunStats
+
+	privateRefused uint64
 
 	failures, limitFailures uint64
 	elapsed                 time.Duration
@@ -87,6 +90,16 @@ func (r *run) start(ram []trace.RAM, mmio []trace.MMIO) error {
 	return nil
 }
 
+// dmaOptions is the mapper configuration of this run: QEMU's granule policy
+// for the baseline, the extent policy with the replay's bound for gmem.
+func (r *run) dmaOptions() dma.Options {
+	opts := dma.Options{Policy: r.policy(), Logger: r.rp.log}
+	if !r.baseline {
+		opts.MaxExtent = r.rp.opts.MaxExtent
+	}
+	return opts
+}
+
 // attach attaches the device's IOMMU, which maps what is shared. If the
 // executor refuses (out of entries), the device is not attached in this run.
 func (r *run) attach(e trace.Attach) error {
@@ -95,7 +108,7 @@ func (r *run) attach(e trace.Attach) error {
 		caps = iommu.Caps{Rules: iommu.IOMMUFD}
 	}
 	model := iommu.NewModel(caps)
-	att, err := r.mem.AttachIOMMU(model, dma.Options{Policy: r.policy(), Logger: r.rp.log})
+	att, err := r.mem.AttachIOMMU(model, r.dmaOptions())
 	if err != nil {
 		if n := model.Len(); n != 0 {
 			r.rp.violate(r.name, "I3", "refused attach of %q left %d IOMMU entries", e.Dev, n)
@@ -124,6 +137,7 @@ func (r *run) detach(name string) error {
 		r.goneMaps += s.MapCalls
 		r.goneUnmaps += s.UnmapCalls
 		r.goneSplits += s.Splits
+		r.goneCosts.addCosts(s)
 	}
 	if n := d.model.Len(); n != 0 {
 		r.rp.violate(r.name, "I1", "detached device %q still has %d IOMMU entries", name, n)
@@ -357,12 +371,16 @@ func (r *run) stats(events uint64) RunStats {
 		LimitFailures: r.limitFailures,
 		Failures:      r.failures,
 	}
+	s.addCosts(dma.Stats{PinnedBytes: r.goneCosts.PinnedBytes, RepinnedBytes: r.goneCosts.RepinnedBytes,
+		WindowBytes: r.goneCosts.WindowBytes, MaxWindow: r.goneCosts.MaxWindow})
+	s.PrivateRefused = r.privateRefused
 	for _, d := range r.order {
 		s.EntriesFinal += uint64(d.model.Len())
 		st := d.att.Stats()
 		s.MapCalls += st.MapCalls
 		s.UnmapCalls += st.UnmapCalls
 		s.Splits += st.Splits
+		s.addCosts(st)
 	}
 	if r.mem != nil {
 		s.StateBytes = r.mem.StateStats().MapBytes

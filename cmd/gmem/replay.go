@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/replay"
 	"github.com/gmemproject/gmem/trace"
 )
@@ -66,7 +67,29 @@ type replayFlags struct {
 	limit     uint64
 	mode      trace.Mode
 	format    trace.Format
+	maxExtent maxExtentFlag
 	file      string
+}
+
+// maxExtentFlag is --max-extent: a size, or "none" for dma.Unbounded.
+type maxExtentFlag struct{ v uint64 }
+
+func (f *maxExtentFlag) String() string {
+	switch f.v {
+	case 0:
+		return ""
+	case dma.Unbounded:
+		return "none"
+	}
+	return trace.FormatSize(f.v)
+}
+
+func (f *maxExtentFlag) Set(s string) error {
+	if s == "none" {
+		f.v = dma.Unbounded
+		return nil
+	}
+	return sizeFlag{&f.v}.Set(s)
 }
 
 func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -83,6 +106,7 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 	fs.Var(enumFlag[trace.IOMMU]{&f.iommu, trace.ParseIOMMU}, "iommu", "QEMU logs: devices' IOMMU, type1 or iommufd (default type1)")
 	fs.Uint64Var(&f.limit, "limit", 0, "QEMU logs: type1 dma_entry_limit (0: the kernel's default, 65535)")
 	fs.Var(enumFlag[trace.Mode]{&f.mode, trace.ParseMode}, "mode", "QEMU logs: RAM backing, split or inplace (default split, as QEMU's guest_memfd RAM)")
+	fs.Var(&f.maxExtent, "max-extent", fmt.Sprintf("gmem's largest IOMMU entry, a power-of-two `SIZE`, or none (default %s)", trace.FormatSize(dma.DefaultMaxExtent)))
 
 	// Flags may come before or after the file name.
 	for rest := args; ; {
@@ -145,7 +169,7 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 
 	start := time.Now()
 	prog := &progress{w: stderr, start: start, on: env.terminal(stderr)}
-	rp := env.newReplayer(replay.Options{Progress: prog.report})
+	rp := env.newReplayer(replay.Options{Progress: prog.report, MaxExtent: f.maxExtent.v})
 	s := &replaySession{rp: rp, name: name, stderr: stderr, keepGoing: f.keepGoing, ctx: ctx}
 	rd := trace.NewReader(in, opts)
 	err := s.read(rd, qemuOnly)
@@ -415,8 +439,13 @@ func printResult(w io.Writer, name string, in inputStats, res replay.Result, too
 		{"map calls", float64(b.MapCalls), float64(g.MapCalls), count},
 		{"unmap calls", float64(b.UnmapCalls), float64(g.UnmapCalls), count},
 		{"entry splits", float64(b.Splits), float64(g.Splits), count},
-		{"state memory", float64(b.StateBytes), float64(g.StateBytes), func(v float64) string { return human(uint64(v)) }},
+		{"state memory", float64(b.StateBytes), float64(g.StateBytes), bytesCell},
+		{"pinned", float64(b.PinnedBytes), float64(g.PinnedBytes), bytesCell},
+		{"re-pinned", float64(b.RepinnedBytes), float64(g.RepinnedBytes), bytesCell},
+		{"window", float64(b.WindowBytes), float64(g.WindowBytes), bytesCell},
+		{"largest window", float64(b.MaxWindow), float64(g.MaxWindow), bytesCell},
 		{"refused: out of entries", float64(b.LimitFailures), float64(g.LimitFailures), count},
+		{"refused: to private", float64(b.PrivateRefused), float64(g.PrivateRefused), count},
 		{"refused: any reason", float64(b.Failures), float64(g.Failures), count},
 		{"time per event", b.NsPerEvent, g.NsPerEvent, func(v float64) string { return duration(v) }},
 	}
@@ -474,6 +503,8 @@ func ratio(b, g float64) string {
 }
 
 func count(v float64) string { return commas(uint64(v)) }
+
+func bytesCell(v float64) string { return human(uint64(v)) }
 
 // commas formats n with thousands separators.
 func commas(n uint64) string {
