@@ -121,6 +121,13 @@ func writeInitramfs(w io.Writer, busybox, test []byte, testTimeout time.Duration
 	return zw.Close()
 }
 
+// guestCPU is the emulated CPU: an AMD model with SVM and nested paging,
+// so the guest kernel's kvm_amd can offer KVM_X86_SW_PROTECTED_VM (private
+// memory needs a TDP MMU). It is named explicitly so that another QEMU's
+// "max" cannot change it; TCG cannot emulate VMX, so there is no Intel
+// choice.
+const guestCPU = "qemu64,+svm,+npt"
+
 // qemuArgs is the QEMU command of vfio-rig.md.
 func qemuArgs(kernel, initrd, backend string, entryLimit int) []string {
 	// no_timer_check: under TCG on a busy host the kernel's check that the
@@ -129,7 +136,7 @@ func qemuArgs(kernel, initrd, backend string, entryLimit int) []string {
 	appendLine := fmt.Sprintf("console=ttyS0 intel_iommu=on no_timer_check panic=-1 loglevel=4 "+
 		"vfio_iommu_type1.dma_entry_limit=%d GMEM_RIG_ENTRY_LIMIT=%d GMEM_RIG_BACKEND=%s", entryLimit, entryLimit, backend)
 	return []string{
-		"-machine", "q35,kernel-irqchip=split", "-accel", "tcg", "-cpu", "max",
+		"-machine", "q35,kernel-irqchip=split", "-accel", "tcg", "-cpu", guestCPU,
 		"-m", "1G", "-smp", "1",
 		"-device", "intel-iommu,intremap=on,caching-mode=on", "-device", "edu",
 		"-kernel", kernel, "-initrd", initrd, "-append", appendLine,

@@ -250,7 +250,7 @@ func TestQEMUArgs(t *testing.T) {
 	joined := strings.Join(args, " ")
 	for _, s := range []string{
 		"-machine q35,kernel-irqchip=split", "-accel tcg", "-device intel-iommu,intremap=on,caching-mode=on",
-		"-device edu", "-kernel K", "-initrd I", "-nographic", "-no-reboot", "no_timer_check",
+		"-device edu", "-cpu qemu64,+svm,+npt", "-kernel K", "-initrd I", "-nographic", "-no-reboot", "no_timer_check",
 		"vfio_iommu_type1.dma_entry_limit=16", "GMEM_RIG_ENTRY_LIMIT=16", "intel_iommu=on", "GMEM_RIG_BACKEND=all",
 	} {
 		if !strings.Contains(joined, s) {
