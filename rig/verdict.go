@@ -20,13 +20,13 @@ import (
 const Marker = "GMEM-RIG"
 
 var (
-	checkRE = regexp.MustCompile(Marker + ` check (type1|iommufd) (\S+) (pass|fail|skip)\b`)
+	checkRE = regexp.MustCompile(Marker + ` check (type1|iommufd|kvm) (\S+) (pass|fail|skip)\b`)
 	endRE   = regexp.MustCompile(Marker + ` end rc=(-?\d+)\b`)
 	bootRE  = regexp.MustCompile(Marker + ` boot\b`)
 )
 
 // Backends are the backends the rig knows, in the order the guest runs them.
-var Backends = []string{"type1", "iommufd"}
+var Backends = []string{"type1", "iommufd", "kvm"}
 
 // Verdicts collects what the guest reported.
 type Verdicts struct {
@@ -134,5 +134,5 @@ func parseBackend(s string) ([]string, error) {
 	if slices.Contains(Backends, s) {
 		return []string{s}, nil
 	}
-	return nil, fmt.Errorf("backend must be type1, iommufd or all, not %q", s)
+	return nil, fmt.Errorf("backend must be type1, iommufd, kvm or all, not %q", s)
 }
