@@ -165,12 +165,21 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("vmm: %w", err)
 	}
+	// KVM checks the 64-bit EFER of the boot state against the guest's
+	// CPUID (long mode), so every vCPU gets what KVM supports first.
+	cpuid, err := v.sys.GetSupportedCPUID()
+	if err != nil {
+		return nil, err
+	}
 	for cpu := range s.Programs {
 		vc, err := v.vm.CreateVCPU(cpu)
 		if err != nil {
 			return nil, err
 		}
 		v.vcpus = append(v.vcpus, vc)
+		if err := vc.SetCPUID2(cpuid); err != nil {
+			return nil, err
+		}
 		boot.Regs.RIP, boot.Regs.RSP = entries[cpu], stackTop(cpu)
 		if err := boot.Load(vc); err != nil {
 			return nil, fmt.Errorf("vmm: %w", err)

@@ -155,18 +155,18 @@ func runKVM(t *testing.T, bdf string) {
 	} {
 		check(t, b, "device-dma-"+be.name, func(t *testing.T) {
 			sp, edu, done := be.open(t)
-			defer done()
+			t.Cleanup(done) // after the VM's own cleanups
 			kvmDevice(t, sp, edu)
 		})
 	}
 	check(t, b, "rollback-type1", func(t *testing.T) {
 		sp, edu, done := openKVMType1(t, bdf)
-		defer done()
+		t.Cleanup(done)
 		kvmRollback(t, sp, edu)
 	})
 	check(t, b, "soak", func(t *testing.T) {
 		sp, edu, done := openKVMType1(t, bdf)
-		defer done()
+		t.Cleanup(done)
 		kvmSoak(t, sp, edu)
 	})
 }
@@ -517,7 +517,9 @@ func kvmRollback(t *testing.T, space iommu.Space, edu *Edu) {
 		}
 	}
 	r.host[20] = func() {
-		availFull++ // page 0 went back to private
+		// Page 0 went back to private: one entry free, its memfd page punched.
+		availFull++
+		punches = r.v.Memory().Stats().Punches
 		failOp.Store(int32(guestmem.OpSetAttributes))
 	}
 	r.host[21] = func() {
@@ -602,7 +604,7 @@ func kvmSoak(t *testing.T, space iommu.Space, edu *Edu) {
 			}
 			st = append(st, vmm.Convert("to private", p, 2*pg, pr, vmm.ConvStatusOK))
 		}
-		func() {
+		t.Run(fmt.Sprintf("round-%d", round), func(t *testing.T) {
 			r := newKVMRig(t, space, edu, vmm.Scenario{Programs: []vmm.Program{{Steps: st}}}, nil)
 			for id, f := range host {
 				r.host[id] = func() { f(r) }
@@ -611,7 +613,7 @@ func kvmSoak(t *testing.T, space iommu.Space, edu *Edu) {
 			ms := r.v.Memory().Stats()
 			total += int(ms.Conversions)
 			viol += r.v.Machine().Stats().Violations
-		}()
+		})
 		fds = append(fds, countFDs(t))
 		rss = append(rss, rssKiB(t))
 	}
