@@ -421,7 +421,15 @@ func kvmDevice(t *testing.T, space iommu.Space, edu *Edu) {
 // failNext is the real space with one call made to fail on demand.
 type failNext struct {
 	iommu.Space
-	unmap atomic.Bool
+	mapping, unmap atomic.Bool
+}
+
+// Map fails once with EIO, without calling the kernel, when armed.
+func (f *failNext) Map(iova, size uint64, host []byte) error {
+	if f.mapping.CompareAndSwap(true, false) {
+		return unix.EIO
+	}
+	return f.Space.Map(iova, size, host)
 }
 
 // Unmap fails once with EIO, without calling the kernel, when armed.
@@ -437,7 +445,8 @@ func (f *failNext) Unmap(iova, size uint64) (uint64, error) {
 // guest still reads its private bytes, not the ones the host planted in
 // the memfd; DMA_AVAIL as before; the device still reaches the old shared
 // pages; nothing punched). Then a failure is injected once at each other
-// backend step: KVM_SET_MEMORY_ATTRIBUTES, the IOMMU unmap, the punch.
+// backend step: KVM_SET_MEMORY_ATTRIBUTES, the IOMMU unmap, the IOMMU map,
+// the punch.
 func kvmRollback(t *testing.T, space iommu.Space, edu *Edu) {
 	sp := &failNext{Space: space}
 	var failOp atomic.Int32 // a guestmem.Op to fail once
@@ -482,7 +491,10 @@ func kvmRollback(t *testing.T, space iommu.Space, edu *Edu) {
 		vmm.Verify("Q still private after the punch failure", q, eduBytes, seedPrivate+3),
 		vmm.Host(22), // check, then arm the IOMMU unmap
 		vmm.Convert("page 1 to private, unmap fails: EINVAL", page(1), pg, pr, inval),
-		vmm.Host(23),
+		vmm.Host(23), // check, then arm the IOMMU map
+		vmm.Convert("Q to shared, map fails: EINVAL", q, pg, sh, inval),
+		vmm.Verify("Q still private after the map failure", q, eduBytes, seedPrivate+3),
+		vmm.Host(24),
 		vmm.Convert("Q to shared at last", q, pg, sh, ok),
 		vmm.Verify("shared Q reads the bytes the host planted", q, eduBytes, seedPlant),
 	)
@@ -544,13 +556,20 @@ func kvmRollback(t *testing.T, space iommu.Space, edu *Edu) {
 		if !bytes.Equal(r.backing(page(1), eduBytes), qwords(eduBytes, seedDevice+4)) {
 			t.Errorf("after the unmap failure the device no longer reaches page 1")
 		}
+		sp.mapping.Store(true)
+	}
+	r.host[24] = func() {
+		if sp.mapping.Load() {
+			t.Errorf("no map was attempted")
+		}
+		expectUndone("after the map failure")
 	}
 	rep := r.run()
 	ms := r.v.Memory().Stats()
 	t.Logf("type1 budget %d: %d conversions fit, the next answered EAGAIN; guest: %d checks passed; "+
 		"executor: %d failed, %d undo failures", before, k, rep.ChecksPassed, ms.Failed, ms.UndoFailures)
-	if ms.Failed != 4 || ms.UndoFailures != 0 {
-		t.Errorf("%d failed conversions, %d undo failures; want 4 and 0", ms.Failed, ms.UndoFailures)
+	if ms.Failed != 5 || ms.UndoFailures != 0 {
+		t.Errorf("%d failed conversions, %d undo failures; want 5 and 0", ms.Failed, ms.UndoFailures)
 	}
 }
 
