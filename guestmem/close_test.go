@@ -99,7 +99,13 @@ var closedCalls = map[string]struct {
 		b.RecordedRuns()
 		return nil
 	}},
-	"Block.Section":   {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Section(); return nil }},
+	"Block.Section": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Section(); return nil }},
+	"Block.SharedBacking": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error {
+		if b.SharedBacking() != nil {
+			return errors.New("SharedBacking after Close is not nil")
+		}
+		return nil
+	}},
 	"Block.Size":      {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Size(); return nil }},
 	"Block.Slot":      {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Slot(); return nil }},
 	"Block.StateRuns": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.StateRuns(); return nil }},
