@@ -48,6 +48,10 @@ type benchRow struct {
 	GmemRange     []float64 `json:"gmem_range,omitempty"`
 	Spread        float64   `json:"spread"`
 	Noisy         bool      `json:"noisy"`
+	// Baseline says how the baseline column was obtained when it was not
+	// run: "computed" (exact arithmetic, e.g. a bitmap's size) or "not run"
+	// (Baseline 0, no ratio: the baseline cannot run at this scale).
+	BaselineHow string `json:"baseline_how,omitempty"`
 }
 
 // benchReport is the output of gmem bench --json.
@@ -64,6 +68,7 @@ type benchReport struct {
 type benchSizes struct {
 	stateRegion  uint64 // region of the state-memory rows
 	scattered    int    // scattered shared pages of the realistic state
+	hugeRegion   uint64 // region of the scale rows (past 2^32 pages)
 	advRegion    uint64 // region of the adversarial state row
 	replayRegion uint64 // region of the listener replay row
 	replayRuns   int    // runs (shared and private) in it
@@ -81,7 +86,7 @@ type benchSizes struct {
 
 var (
 	fullSizes = benchSizes{
-		stateRegion: 1 << 40, scattered: 50_000, advRegion: 1 << 40,
+		stateRegion: 1 << 40, scattered: 50_000, advRegion: 1 << 40, hugeRegion: 64 << 40,
 		replayRegion: 1 << 40, replayRuns: 100_000,
 		churnRegion: 16 << 30, churnOps: 100_000,
 		wideRegion: 1 << 40, wideShared: 500_000,
@@ -89,7 +94,7 @@ var (
 		bootEvents: trace.DefaultEvents, rounds: 9, warmup: true,
 	}
 	quickSizes = benchSizes{
-		stateRegion: 1 << 40, scattered: 50_000, advRegion: 1 << 30,
+		stateRegion: 1 << 40, scattered: 50_000, advRegion: 1 << 30, hugeRegion: 64 << 40,
 		replayRegion: 16 << 30, replayRuns: 10_000,
 		churnRegion: 1 << 30, churnOps: 5_000,
 		wideRegion: 16 << 30, wideShared: 5_000,
@@ -160,7 +165,7 @@ type scenario func(sz benchSizes) ([]benchRow, error)
 // benchScenarios lists the scenarios in the order of the table. A new row
 // is a scenario added here.
 func benchScenarios() []scenario {
-	return []scenario{benchState, benchListenerReplay, benchChurn, benchWideChurn, benchRoundTrip, benchParallel, benchBoot}
+	return []scenario{benchState, benchListenerReplay, benchChurn, benchWideChurn, benchRoundTrip, benchParallel, benchBoot, benchHuge}
 }
 
 // benchRows runs every scenario in order and fills in ratios and noise.
@@ -183,8 +188,12 @@ func benchRows(ctx context.Context, sz benchSizes, maxSpread float64) ([]benchRo
 	return rows, nil
 }
 
-// improvement returns how many times better gmem is than the baseline.
+// improvement returns how many times better gmem is than the baseline (NaN
+// for a row whose baseline was not run).
 func improvement(r benchRow) float64 {
+	if r.BaselineHow == notRun {
+		return math.NaN()
+	}
 	b, g := r.Baseline, r.Gmem
 	if r.Better == "higher" {
 		b, g = g, b
@@ -215,8 +224,13 @@ func (r benchRow) MarshalJSON() ([]byte, error) {
 // its value (time per op, throughput, ...). They alternate for sz.rounds
 // rounds, the order swapped every round, so that load that comes and goes
 // touches both sides alike (after one untimed round of each when
-// sz.warmup). The row gets the medians, ranges and spread.
+// sz.warmup). The row gets the medians, ranges and spread. A nil base
+// times gmem alone.
 func timed(sz benchSizes, row benchRow, base, gm func() (float64, error)) (benchRow, error) {
+	alone := base == nil
+	if alone {
+		base = func() (float64, error) { return 0, nil }
+	}
 	if sz.warmup {
 		if _, err := base(); err != nil {
 			return row, err
@@ -250,6 +264,9 @@ func timed(sz benchSizes, row benchRow, base, gm func() (float64, error)) (bench
 	row.Gmem, row.GmemRange, gSpread = summarize(gs)
 	row.Rounds = rounds
 	row.Spread = max(bSpread, gSpread)
+	if alone {
+		row.Baseline, row.BaselineRange = 0, nil
+	}
 	return row, nil
 }
 
@@ -688,6 +705,90 @@ func benchBoot(sz benchSizes) ([]benchRow, error) {
 	return rows, nil
 }
 
+// Values of benchRow.BaselineHow.
+const (
+	computed = "computed"
+	notRun   = "not run"
+)
+
+// benchHuge runs gmem alone on a region past 2^32 pages, where the
+// baseline's bitmap is computed, not allocated, and its per-granule replay
+// and churn are not run: state memory, listener replay and 4 KiB churn.
+func benchHuge(sz benchSizes) ([]benchRow, error) {
+	region := sz.hugeRegion
+	pages := region / page
+	size := trace.FormatSize(region)
+	bitmap := float64((pages + 63) / 64 * 8)
+	why := fmt.Sprintf("%s pages, past 2^32: the baseline would need a %s bitmap", commas(pages), human(uint64(bitmap)))
+
+	// State memory: as the realistic row, at this size.
+	rm, err := pagemap.NewRuns(pages, 1)
+	if err != nil {
+		return nil, err
+	}
+	if err := rm.Set(span.Range{Start: 3 << 30 / page, End: 4 << 30 / page}, 1); err != nil {
+		return nil, err
+	}
+	rng := rand.New(rand.NewPCG(11, 12))
+	for range sz.scattered {
+		p := rng.Uint64N(pages)
+		if err := rm.Set(span.Range{Start: p, End: p + 1}, 1); err != nil {
+			return nil, err
+		}
+	}
+	rows := []benchRow{{
+		Name: "scale: state memory, realistic", Unit: "bytes", Baseline: bitmap, Gmem: float64(rm.Bytes()), Better: "lower", Scale: size,
+		BaselineHow: computed, Note: why + " (1 bit a page, computed); gmem's state as in row 1",
+	}}
+
+	// Listener replay and churn through the whole stack.
+	s, err := newStack(region, false)
+	if err != nil {
+		return nil, err
+	}
+	shared := sz.replayRuns / 2
+	slot := region / uint64(shared) / page
+	for i := range uint64(shared) {
+		off := (i*slot + rng.Uint64N(slot-64)) * page
+		if err := s.attrs.Convert(off, (1+rng.Uint64N(64))*page, memattr.Shared); err != nil {
+			return nil, err
+		}
+	}
+	var l countListener
+	reg := benchRow{Name: "scale: listener replay", Unit: "ns", Better: "lower", BaselineHow: notRun,
+		Scale: fmt.Sprintf("%s, %s runs", size, commas(uint64(sz.replayRuns))),
+		Note:  why + " and would ask is_populated 2^34 times per replay; gmem walks the runs"}
+	reg, err = timed(sz, reg, nil, func() (float64, error) {
+		l = countListener{}
+		t0 := time.Now()
+		err := s.m.Register(&l, discard.Section{Size: region})
+		d := time.Since(t0)
+		if err != nil {
+			return 0, err
+		}
+		return float64(d.Nanoseconds()), s.m.Unregister(&l)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if l.calls != uint64(shared) {
+		return nil, fmt.Errorf("listener replay of %s: %d runs notified, want %d", size, l.calls, shared)
+	}
+	ops := make([]churnOp, sz.churnOps)
+	for i := range ops {
+		ops[i] = churnOp{rng.Uint64N(pages) * page, memattr.State(rng.IntN(2))}
+	}
+	side := &churnSide{s: s, ops: ops}
+	churn := benchRow{Name: "scale: 4 KiB churn time", Unit: "ns/op", Better: "lower", BaselineHow: notRun,
+		Scale: fmt.Sprintf("%s, %s runs, %s conversions", size, commas(uint64(sz.replayRuns)), commas(uint64(sz.churnOps))),
+		Note:  why + "; gmem: the churn of row 4 among the replay row's runs"}
+	churn, err = timed(sz, churn, nil, side.round)
+	if err != nil {
+		return nil, err
+	}
+	return append(rows, reg, churn), nil
+}
+
 // printBench writes the table, then what each row measures.
 func printBench(w io.Writer, rows []benchRow, sz benchSizes, quick bool, maxSpread float64) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -695,8 +796,14 @@ func printBench(w io.Writer, rows []benchRow, sz benchSizes, quick bool, maxSpre
 	noisy := 0
 	for i, r := range rows {
 		ratio := fmt.Sprintf("%.2fx", r.Ratio)
-		if math.IsInf(r.Ratio, 1) {
+		base := benchValue(r.Unit, r.Baseline)
+		switch {
+		case math.IsInf(r.Ratio, 1):
 			ratio = "inf"
+		case r.BaselineHow == notRun:
+			ratio, base = "-", "not run"
+		case r.BaselineHow == computed:
+			base += " (computed)"
 		}
 		spread := "exact"
 		if r.Rounds > 0 {
@@ -706,7 +813,7 @@ func printBench(w io.Writer, rows []benchRow, sz benchSizes, quick bool, maxSpre
 			ratio += "  NOISY"
 			noisy++
 		}
-		fmt.Fprintf(tw, "%2d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", i+1, r.Name, r.Scale, benchValue(r.Unit, r.Baseline), benchValue(r.Unit, r.Gmem), spread, ratio)
+		fmt.Fprintf(tw, "%2d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", i+1, r.Name, r.Scale, base, benchValue(r.Unit, r.Gmem), spread, ratio)
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "\nbaseline: QEMU's algorithm (bitmap, one IOMMU entry per 4 KiB); gmem: runs, one entry per extent")
@@ -758,6 +865,9 @@ one row per measurement with what it means:
   parallel conversions  throughput with GOMAXPROCS goroutines against 1
   boot DMA entries      peak IOMMU entries of the boot trace of a 16 GiB
                         and a 1 TiB guest
+  scale                 state memory, listener replay and churn of a
+                        64 TiB region (2^34 pages): gmem alone, the
+                        baseline's bitmap size computed
 
 The ratio column says how many times better gmem is (baseline/gmem where
 lower is better, gmem/baseline where higher is). Timed rows run baseline and

@@ -30,6 +30,7 @@ func TestBenchQuickJSON(t *testing.T) {
 			GRange   []float64 `json:"gmem_range"`
 			Spread   *float64  `json:"spread"`
 			Noisy    *bool     `json:"noisy"`
+			How      string    `json:"baseline_how"`
 		} `json:"rows"`
 		Quick     bool    `json:"quick"`
 		Rounds    int     `json:"rounds"`
@@ -51,11 +52,21 @@ func TestBenchQuickJSON(t *testing.T) {
 		"parallel conversions":               "ops/s",
 		"boot DMA entries peak, 16GiB guest": "entries",
 		"boot DMA entries peak, 1TiB guest":  "entries",
+		"scale: state memory, realistic":     "bytes",
+		"scale: listener replay":             "ns",
+		"scale: 4 KiB churn time":            "ns/op",
 	}
 	got := map[string]float64{}
 	for _, r := range rep.Rows {
 		if want, ok := units[r.Name]; !ok || r.Unit != want {
 			t.Errorf("row %q in %q: unexpected (want unit %q)", r.Name, r.Unit, want)
+		}
+		if r.How == "not run" {
+			// gmem alone: no baseline, no ratio.
+			if r.Baseline != 0 || r.Ratio != nil || r.Gmem <= 0 || len(r.BRange) != 0 || r.Rounds != rep.Rounds {
+				t.Errorf("row %q without baseline: baseline %v ratio %v gmem %v", r.Name, r.Baseline, r.Ratio, r.Gmem)
+			}
+			continue
 		}
 		if r.Baseline <= 0 || r.Gmem <= 0 || r.Ratio == nil || *r.Ratio <= 0 || r.Note == "" {
 			t.Errorf("row %q: baseline %v gmem %v ratio %v note %q", r.Name, r.Baseline, r.Gmem, r.Ratio, r.Note)
@@ -106,6 +117,8 @@ func TestBenchQuickJSON(t *testing.T) {
 		"state memory, adversarial/b": 32 << 10,
 		"round trip map calls/b":      16384,
 		"round trip map calls/g":      1,
+		// 64 TiB is 2^34 pages: a 2 GiB bitmap.
+		"scale: state memory, realistic/b": 2 << 30,
 	} {
 		if got[k] != want {
 			t.Errorf("%s = %v, want %v", k, got[k], want)
