@@ -246,7 +246,13 @@ func TestStream(t *testing.T) {
 }
 
 func TestQEMUArgs(t *testing.T) {
-	args := qemuArgs("K", "I", "all", 16)
+	if joined := strings.Join(qemuArgs("K", "I", "all", 16, false), " "); strings.Contains(joined, "GMEM_RIG_BENCH") {
+		t.Errorf("QEMU command without bench sets GMEM_RIG_BENCH: %s", joined)
+	}
+	if joined := strings.Join(qemuArgs("K", "I", "all", 16, true), " "); !strings.Contains(joined, "GMEM_RIG_BENCH=1") {
+		t.Errorf("QEMU command with bench lacks GMEM_RIG_BENCH=1: %s", joined)
+	}
+	args := qemuArgs("K", "I", "all", 16, false)
 	joined := strings.Join(args, " ")
 	for _, s := range []string{
 		"-machine q35,kernel-irqchip=split", "-accel tcg", "-device intel-iommu,intremap=on,caching-mode=on",

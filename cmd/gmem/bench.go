@@ -9,8 +9,10 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
+	"os"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
@@ -52,6 +54,9 @@ type benchRow struct {
 	// run: "computed" (exact arithmetic, e.g. a bitmap's size) or "not run"
 	// (Baseline 0, no ratio: the baseline cannot run at this scale).
 	BaselineHow string `json:"baseline_how,omitempty"`
+	// Source names where a row was measured when not in this process on
+	// the model IOMMU: "rig type1, TCG guest" for rows read with --rig.
+	Source string `json:"source,omitempty"`
 }
 
 // benchReport is the output of gmem bench --json.
@@ -115,6 +120,8 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	asJSON := fs.Bool("json", false, `print {"rows":[...]} as JSON`)
 	quick := fs.Bool("quick", false, "smaller sizes and 3 rounds: fast, for tests; the numbers are rougher")
 	rounds := fs.Int("rounds", 0, "rounds of each timed row, baseline and gmem alternating (default 9, 3 with --quick)")
+	only := fs.String("only", "", "run only these `scenarios` (comma-separated: state, replay, churn, churn-runs, roundtrip, parallel, boot, scale)")
+	rigLog := fs.String("rig", "", "also print the real-kernel rows from the console `log` of scripts/rig --bench")
 	maxSpread := fs.Float64("max-spread", defaultMaxSpread, "mark a timed row noisy when (slowest-fastest)/median exceeds this")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -139,11 +146,35 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	if *rounds > 0 {
 		sz.rounds = *rounds
 	}
-	rows, err := benchRows(ctx, sz, *maxSpread)
+	scenarios, err := selectScenarios(*only)
+	if err != nil {
+		fmt.Fprintf(stderr, "gmem bench: %v\n", err)
+		return exitUsage
+	}
+	var rig []benchRow
+	if *rigLog != "" {
+		// Read first: a bad log fails before minutes of measuring.
+		f, err := os.Open(*rigLog)
+		if err != nil {
+			fmt.Fprintf(stderr, "gmem bench: %v\n", err)
+			return exitUsage
+		}
+		ms, backends, err := readRig(f)
+		f.Close()
+		if err == nil {
+			rig, err = rigRows(ms, backends)
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "gmem bench: %s: %v\n", *rigLog, err)
+			return exitUsage
+		}
+	}
+	rows, err := benchRows(ctx, scenarios, sz, *maxSpread)
 	if err != nil {
 		fmt.Fprintf(stderr, "gmem bench: %v\n", err)
 		return exitFail
 	}
+	rows = append(rows, rig...)
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -162,20 +193,51 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 // Gmem directly; timed ones come from timed, which alternates the two sides.
 type scenario func(sz benchSizes) ([]benchRow, error)
 
-// benchScenarios lists the scenarios in the order of the table. A new row
-// is a scenario added here.
-func benchScenarios() []scenario {
-	return []scenario{benchState, benchListenerReplay, benchChurn, benchWideChurn, benchRoundTrip, benchParallel, benchBoot, benchHuge}
+// namedScenario is a scenario with the name --only selects it by.
+type namedScenario struct {
+	name string
+	run  scenario
 }
 
-// benchRows runs every scenario in order and fills in ratios and noise.
-func benchRows(ctx context.Context, sz benchSizes, maxSpread float64) ([]benchRow, error) {
+// benchScenarios lists the scenarios in the order of the table. A new row
+// is a scenario added here.
+func benchScenarios() []namedScenario {
+	return []namedScenario{
+		{"state", benchState}, {"replay", benchListenerReplay}, {"churn", benchChurn}, {"churn-runs", benchWideChurn},
+		{"roundtrip", benchRoundTrip}, {"parallel", benchParallel}, {"boot", benchBoot}, {"scale", benchHuge},
+	}
+}
+
+// selectScenarios returns the scenarios named in only (comma-separated; all
+// when empty).
+func selectScenarios(only string) ([]namedScenario, error) {
+	all := benchScenarios()
+	if only == "" {
+		return all, nil
+	}
+	var out []namedScenario
+	for _, name := range strings.Split(only, ",") {
+		i := slices.IndexFunc(all, func(s namedScenario) bool { return s.name == name })
+		if i < 0 {
+			var names []string
+			for _, s := range all {
+				names = append(names, s.name)
+			}
+			return nil, fmt.Errorf("unknown scenario %q (want %s)", name, strings.Join(names, ", "))
+		}
+		out = append(out, all[i])
+	}
+	return out, nil
+}
+
+// benchRows runs the scenarios in order and fills in ratios and noise.
+func benchRows(ctx context.Context, scenarios []namedScenario, sz benchSizes, maxSpread float64) ([]benchRow, error) {
 	var rows []benchRow
-	for _, s := range benchScenarios() {
+	for _, s := range scenarios {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("interrupted: %w", err)
 		}
-		rs, err := s(sz)
+		rs, err := s.run(sz)
 		if err != nil {
 			return nil, err
 		}
@@ -806,8 +868,11 @@ func printBench(w io.Writer, rows []benchRow, sz benchSizes, quick bool, maxSpre
 			base += " (computed)"
 		}
 		spread := "exact"
-		if r.Rounds > 0 {
+		switch {
+		case r.Rounds > 0:
 			spread = fmt.Sprintf("%.0f%%", 100*r.Spread)
+		case r.Source != "" && (r.Unit == "ns" || r.Unit == "ns/op"):
+			spread = "1 run"
 		}
 		if r.Noisy {
 			ratio += "  NOISY"
@@ -849,7 +914,7 @@ func benchValue(unit string, v float64) string {
 }
 
 func benchHelp(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprint(w, `usage: gmem bench [--quick] [--json] [--rounds N] [--max-spread F]
+	fmt.Fprint(w, `usage: gmem bench [--quick] [--json] [--rounds N] [--max-spread F] [--only LIST] [--rig LOG]
 
 Runs the standard scenarios with the baseline (QEMU's algorithm: one bit
 per 4 KiB page, one IOMMU entry per 4 KiB granule) and with gmem (state as
@@ -868,6 +933,11 @@ one row per measurement with what it means:
   scale                 state memory, listener replay and churn of a
                         64 TiB region (2^34 pages): gmem alone, the
                         baseline's bitmap size computed
+  rig                   with --rig LOG: the 1 GiB round trip (map calls,
+                        time, pinned pages) and churn measured on the real
+                        type1 and iommufd drivers inside the rig's TCG
+                        guest (scripts/rig --bench), granule policy against
+                        extent; one run each, only the ratio is meaningful
 
 The ratio column says how many times better gmem is (baseline/gmem where
 lower is better, gmem/baseline where higher is). Timed rows run baseline and
@@ -876,7 +946,8 @@ gmem alternately for several rounds and show medians; their spread is
 marked NOISY (a busy machine: do not quote it). Counted rows are exact. A
 full run takes a few minutes on two cores. --json prints
 {"rows":[{"name","unit","baseline","gmem","ratio","better","scale","note",
-"rounds","baseline_range","gmem_range","spread","noisy"}]}.
+"rounds","baseline_range","gmem_range","spread","noisy","baseline_how",
+"source"}]}.
 
 flags:
 `)

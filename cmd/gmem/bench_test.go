@@ -146,6 +146,12 @@ func TestBenchUsage(t *testing.T) {
 	if code, _, errOut := runCmd(ctx, "bench", "--rounds", "-1"); code != exitUsage || !strings.Contains(errOut, "--rounds") {
 		t.Errorf("bench --rounds -1: exit %d, %q", code, errOut)
 	}
+	if code, _, errOut := runCmd(ctx, "bench", "--only", "nope"); code != exitUsage || !strings.Contains(errOut, `unknown scenario "nope"`) {
+		t.Errorf("bench --only nope: exit %d, %q", code, errOut)
+	}
+	if code, out, errOut := runCmd(ctx, "bench", "--quick", "--only", "state,roundtrip"); code != exitOK || !strings.Contains(out, "round trip map calls") || strings.Contains(out, "boot") {
+		t.Errorf("bench --only state,roundtrip: exit %d, %q %q", code, out, errOut)
+	}
 	if code, out, _ := runCmd(ctx, "bench", "-h"); code != exitOK || !strings.Contains(out, "usage: gmem bench") {
 		t.Errorf("bench -h: exit %d, %q", code, out)
 	}
