@@ -55,7 +55,7 @@
 // run slices (at most 8 or 16 KiB) or a scan of its dense words (at most
 // 1024 or 2048, and only where the chunk holds thousands of runs).
 //
-// Memory is 640 bytes (the header with a cache of 64 recently edited chunk
+// Memory is 1152 bytes (the header with a cache of 64 recently edited chunk
 // segments, which spares Get and Set the index search), plus 48 bytes per
 // segment, plus per chunk segment an
 // 80-byte header and its slices, every capacity counted (Bytes is checked

@@ -17,7 +17,7 @@ const (
 
 // runsStructBytes is the allocation size of a Runs header (checked against
 // the type by a test).
-const runsStructBytes = 640
+const runsStructBytes = 1152
 
 // Runs is a Map stored as runs; see the package documentation for its
 // layout and costs.
@@ -40,10 +40,17 @@ type Runs struct {
 	// hot caches chunk segments by chunk index modulo hotChunks, so that
 	// Get and Set of a page in a chunk edited before skip the search of the
 	// index (a region converted page by page at random keeps every chunk it
-	// touches as a chunk segment). Only Set fills it and only changes of the
-	// index clear it, so Get stays read-only and callers may still run Gets
-	// at once under a read lock.
-	hot [hotChunks]*seg
+	// touches as a chunk segment). Only Set fills it, so Get stays read-only
+	// and callers may still run Gets at once under a read lock. A change of
+	// the index invalidates every entry at once by moving on hotGen.
+	hot    [hotChunks]hotEntry
+	hotGen uint64
+}
+
+// hotEntry is a cached chunk segment, valid while its gen is the map's.
+type hotEntry struct {
+	s   *seg
+	gen uint64
 }
 
 // hotChunks is the number of chunk segments hot holds.
@@ -194,7 +201,7 @@ func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
 		m.putUniform(ci, ci+1, u)
 		return
 	}
-	m.hot[ci%hotChunks] = s
+	m.hot[ci%hotChunks] = hotEntry{s, m.hotGen}
 }
 
 // Runs implements Map.

@@ -92,14 +92,15 @@ func (m *Runs) find(ci uint64) *seg {
 
 // lookup is find, answered from the hot cache when it holds the chunk.
 func (m *Runs) lookup(ci uint64) *seg {
-	if s := m.hot[ci%hotChunks]; s != nil && s.start == ci {
-		return s
+	if e := m.hot[ci%hotChunks]; e.gen == m.hotGen && e.s != nil && e.s.start == ci {
+		return e.s
 	}
 	return m.find(ci)
 }
 
-// forget empties the hot cache: the index is about to change.
-func (m *Runs) forget() { clear(m.hot[:]) }
+// forget invalidates the hot cache: the index is about to change. (A
+// uint64 generation does not wrap in practice.)
+func (m *Runs) forget() { m.hotGen++ }
 
 // split cuts the tree n into the segments starting before chunk k and the
 // others.
