@@ -15,12 +15,16 @@ import "slices"
 //     kept up to date by every Set so that the switch back to runs needs no
 //     scan.
 //
-// The runs form is kept only while its allocations are no larger than the
-// dense form's data (denseLimit); a chunk that would outgrow that becomes
-// dense, and a dense chunk becomes runs again once its runs would take less
-// than half of that, so that a pattern oscillating around the limit does not
-// convert on every Set. Hence a chunk never costs more than its dense form
-// plus the chunk header.
+// The runs form is kept only while its allocations are no larger than an
+// eighth of the dense form's data (runsLimit); a chunk that would outgrow
+// that becomes dense, and a dense chunk becomes runs again once its runs
+// would take less than half of that, so that a pattern oscillating around the
+// limit does not convert on every Set. Hence a chunk never costs more than its
+// dense form plus the chunk header. An eighth, not the whole: an edit of the
+// runs form costs a binary search and a move of the slices behind it, which
+// past about 500 runs (1 KiB) costs many times the dense form's constant-time
+// write, while the memory the runs form would still save is at most 7 KiB per
+// 2^16 pages (256 MiB of guest memory).
 //
 // A chunk never holds a single run: the owner turns it back into a uniform
 // segment. The chunk's size (pages) and width are passed in by the owner.
@@ -51,8 +55,12 @@ func runBytes(width uint) int {
 }
 
 // denseLimit returns the size of the dense form's data for a chunk of size
-// pages: the most the runs form may allocate.
+// pages.
 func denseLimit(size int, width uint) int { return denseWords(size, width) * 8 }
+
+// runsLimit returns the most the runs form of a chunk of size pages may
+// allocate: an eighth of the dense form's data.
+func runsLimit(size int, width uint) int { return denseLimit(size, width) / 8 }
 
 // newChunk returns a chunk in runs form holding one run of value v; the
 // caller is about to change part of it.
@@ -123,7 +131,11 @@ func (c *chunk) set(width uint, size, a, b int, v uint8) {
 		c.setDense(width, size, a, b, v)
 		return
 	}
-	i, j := c.runAt(a), c.runAt(b-1)
+	i := c.runAt(a)
+	j := i
+	if b-1 >= c.runEnd(i, size) {
+		j = c.runAt(b - 1)
+	}
 	// The runs i..j are replaced by at most three: what is left of run i
 	// before a, the new run, what is left of run j after b.
 	var e [3]entry
@@ -168,12 +180,11 @@ func (c *chunk) set(width uint, size, a, b int, v uint8) {
 
 // splice replaces runs [lo, hi) by es (runs form), reallocating to grow or
 // to shrink when the slices are four times larger than needed. It reports
-// false, changing nothing, if the result would allocate more than the dense
-// form.
+// false, changing nothing, if the result would allocate more than runsLimit.
 func (c *chunk) splice(width uint, size, lo, hi int, es []entry) bool {
 	n := len(c.starts)
 	n2 := n - (hi - lo) + len(es)
-	limit := denseLimit(size, width)
+	limit := runsLimit(size, width)
 	capBytes := func(s []uint16, v []uint8) int { return cap(s)*2 + cap(v) }
 	fits := n2 <= cap(c.starts) && (width == 1 || n2 <= cap(c.vals)) && capBytes(c.starts, c.vals) <= limit
 	shrink := 4*n2 <= cap(c.starts) && cap(c.starts)*2 > 64
@@ -231,6 +242,10 @@ func (c *chunk) splice(width uint, size, lo, hi int, es []entry) bool {
 // setDense gives offsets [a, b) the value v (dense form) and updates the run
 // count from the boundaries the write can change: those at a..b.
 func (c *chunk) setDense(width uint, size, a, b int, v uint8) {
+	if b-a == 1 {
+		c.setDenseOne(width, size, a, v)
+		return
+	}
 	lo, hi := max(a, 1), min(b+1, size)
 	before := 0
 	if lo < hi {
@@ -242,9 +257,45 @@ func (c *chunk) setDense(width uint, size, a, b int, v uint8) {
 		after = denseBoundaries(c.dense, width, lo, hi)
 	}
 	c.nruns = uint32(int(c.nruns) - before + after)
-	if c.nruns > 1 && 2*int(c.nruns)*runBytes(width) < denseLimit(size, width) {
+	c.maybeRuns(width, size)
+}
+
+// setDenseOne is setDense for the single page a, the most common edit: only
+// the boundaries with its two neighbours can change.
+func (c *chunk) setDenseOne(width uint, size, a int, v uint8) {
+	old := denseGet(c.dense, width, a)
+	if old == v {
+		return
+	}
+	n := int(c.nruns)
+	if a > 0 {
+		l := denseGet(c.dense, width, a-1)
+		n += b2i(l != v) - b2i(l != old)
+	}
+	if a+1 < size {
+		r := denseGet(c.dense, width, a+1)
+		n += b2i(r != v) - b2i(r != old)
+	}
+	bit := uint(a) * width
+	w := &c.dense[bit/64]
+	*w = *w&^((1<<width-1)<<(bit%64)) | uint64(v)<<(bit%64)
+	c.nruns = uint32(n)
+	c.maybeRuns(width, size)
+}
+
+// maybeRuns turns a dense chunk back into runs once they would take less
+// than half of runsLimit.
+func (c *chunk) maybeRuns(width uint, size int) {
+	if c.nruns > 1 && 2*int(c.nruns)*runBytes(width) < runsLimit(size, width) {
 		c.toRuns(width, size)
 	}
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // toDense converts the chunk from runs form to dense form.

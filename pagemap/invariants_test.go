@@ -66,7 +66,7 @@ func checkInvariants(m *Runs) error {
 }
 
 func checkChunk(c *chunk, width uint, size int) error {
-	limit := denseLimit(size, width)
+	limit := runsLimit(size, width)
 	if c.dense != nil {
 		if c.starts != nil || c.vals != nil {
 			return fmt.Errorf("dense chunk keeps run slices")
@@ -115,7 +115,7 @@ func checkChunk(c *chunk, width uint, size int) error {
 		}
 	}
 	if b := cap(c.starts)*2 + cap(c.vals); b > limit {
-		return fmt.Errorf("runs chunk holds %d bytes, more than the dense form's %d", b, limit)
+		return fmt.Errorf("runs chunk holds %d bytes, more than the runs limit %d", b, limit)
 	}
 	if 4*n <= cap(c.starts) && cap(c.starts)*2 > 64 {
 		return fmt.Errorf("runs chunk has capacity %d for %d runs", cap(c.starts), n)

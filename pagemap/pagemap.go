@@ -39,8 +39,10 @@
 //     differ and values therefore alternate. 2 or 3 bytes per run.
 //   - dense: bits per page in []uint64, with the run count kept up to date.
 //
-// A chunk turns dense when its runs would allocate more than the dense form,
-// and back to runs when they would take less than half of it; the gap keeps
+// A chunk turns dense when its runs would allocate more than an eighth of the
+// dense form (about 500 runs: past that an edit's binary search and slice
+// move cost many times a dense write), and back to runs when they
+// would take less than half of that; the gap keeps
 // a pattern hovering near the limit from converting on every Set. Run slices
 // shrink when a quarter full, so memory follows the number of runs down as
 // well as up.
@@ -53,7 +55,9 @@
 // run slices (at most 8 or 16 KiB) or a scan of its dense words (at most
 // 1024 or 2048, and only where the chunk holds thousands of runs).
 //
-// Memory is 64 bytes, plus 48 bytes per segment, plus per chunk segment an
+// Memory is 1152 bytes (the header with a cache of 64 recently edited chunk
+// segments, which spares Get and Set the index search), plus 48 bytes per
+// segment, plus per chunk segment an
 // 80-byte header and its slices, every capacity counted (Bytes is checked
 // against the heap by a test). The worst case, every page its own run, is
 // every chunk dense: bits per page plus 128 bytes per chunk of 2^16 pages,

@@ -17,7 +17,7 @@ const (
 
 // runsStructBytes is the allocation size of a Runs header (checked against
 // the type by a test).
-const runsStructBytes = 80
+const runsStructBytes = 1152
 
 // Runs is a Map stored as runs; see the package documentation for its
 // layout and costs.
@@ -37,7 +37,24 @@ type Runs struct {
 	// Bytes counts them.
 	spareSeg   *seg
 	spareChunk *chunk
+	// hot caches chunk segments by chunk index modulo hotChunks, so that
+	// Get and Set of a page in a chunk edited before skip the search of the
+	// index (a region converted page by page at random keeps every chunk it
+	// touches as a chunk segment). Only Set fills it, so Get stays read-only
+	// and callers may still run Gets at once under a read lock. A change of
+	// the index invalidates every entry at once by moving on hotGen.
+	hot    [hotChunks]hotEntry
+	hotGen uint64
 }
+
+// hotEntry is a cached chunk segment, valid while its gen is the map's.
+type hotEntry struct {
+	s   *seg
+	gen uint64
+}
+
+// hotChunks is the number of chunk segments hot holds.
+const hotChunks = 64
 
 var _ Map = (*Runs)(nil)
 
@@ -94,7 +111,7 @@ func (m *Runs) Get(p uint64) uint8 {
 	if p >= m.pages {
 		panic("pagemap: page out of range")
 	}
-	s := m.find(p >> chunkShift)
+	s := m.lookup(p >> chunkShift)
 	if s.c == nil {
 		return s.val
 	}
@@ -151,12 +168,13 @@ func (m *Runs) setChunks(fa, fb uint64, v uint8) {
 	mid, r := split(rest, fb)
 	m.dropAll(mid)
 	m.root = merge(l, r)
+	m.forget()
 	m.putUniform(fa, fb, v)
 }
 
 // setPartial gives offsets [a, b) of chunk ci the value v.
 func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
-	s := m.find(ci)
+	s := m.lookup(ci)
 	if s.c == nil {
 		if s.val == v {
 			return
@@ -181,7 +199,9 @@ func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
 		m.remove(s)
 		m.drop(s)
 		m.putUniform(ci, ci+1, u)
+		return
 	}
+	m.hot[ci%hotChunks] = hotEntry{s, m.hotGen}
 }
 
 // Runs implements Map.

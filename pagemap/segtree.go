@@ -90,6 +90,18 @@ func (m *Runs) find(ci uint64) *seg {
 	}
 }
 
+// lookup is find, answered from the hot cache when it holds the chunk.
+func (m *Runs) lookup(ci uint64) *seg {
+	if e := m.hot[ci%hotChunks]; e.gen == m.hotGen && e.s != nil && e.s.start == ci {
+		return e.s
+	}
+	return m.find(ci)
+}
+
+// forget invalidates the hot cache: the index is about to change. (A
+// uint64 generation does not wrap in practice.)
+func (m *Runs) forget() { m.hotGen++ }
+
 // split cuts the tree n into the segments starting before chunk k and the
 // others.
 func split(n *seg, k uint64) (l, r *seg) {
@@ -122,12 +134,14 @@ func merge(l, r *seg) *seg {
 
 // insert adds s, whose chunks are not covered by any segment of the tree.
 func (m *Runs) insert(s *seg) {
+	m.forget()
 	l, r := split(m.root, s.start)
 	m.root = merge(merge(l, s), r)
 }
 
 // remove takes s out of the tree (it stays counted; see drop).
 func (m *Runs) remove(s *seg) {
+	m.forget()
 	l, r := split(m.root, s.start)
 	_, r = split(r, s.start+1)
 	m.root = merge(l, r)
@@ -157,6 +171,7 @@ func (m *Runs) cut(k uint64) {
 		return
 	}
 	// s spans more than one chunk, so it is uniform.
+	m.forget()
 	t := m.newSeg(k, s.end, s.val)
 	s.end = k
 	m.insert(t)
@@ -179,6 +194,7 @@ func (m *Runs) putUniform(start, end uint64, v uint8) {
 		}
 	}
 	if p != nil {
+		m.forget()
 		p.end = end // p keeps its start, so the tree's order holds
 		return
 	}

@@ -156,8 +156,11 @@ func writeInitramfs(w io.Writer, busybox, test, gmem []byte, testTimeout time.Du
 // choice.
 const guestCPU = "qemu64,+svm,+npt"
 
-// qemuArgs is the QEMU command of vfio-rig.md.
-func qemuArgs(kernel, initrd, backend string, entryLimit int, demo string) []string {
+// qemuArgs is the QEMU command of vfio-rig.md. bench adds GMEM_RIG_BENCH=1
+// to the kernel command line, which /init passes on to the guest tests: they
+// then also measure the bench rows (rig/guesttest/bench_test.go). The guest
+// has 2 GiB, room for the bench's 1 GiB region next to the tests.
+func qemuArgs(kernel, initrd, backend string, entryLimit int, demo string, bench bool) []string {
 	// no_timer_check: under TCG on a busy host the kernel's check that the
 	// timer interrupt arrives through the remapped IO-APIC can time out and
 	// panic; skipping it changes nothing the tests look at.
@@ -170,9 +173,12 @@ func qemuArgs(kernel, initrd, backend string, entryLimit int, demo string) []str
 		}
 		appendLine += fmt.Sprintf(" GMEM_RIG_DEMO=%s GMEM_RIG_VFIO=%s", demo, vfio)
 	}
+	if bench {
+		appendLine += " GMEM_RIG_BENCH=1"
+	}
 	return []string{
 		"-machine", "q35,kernel-irqchip=split", "-accel", "tcg", "-cpu", guestCPU,
-		"-m", "1G", "-smp", "1",
+		"-m", "2G", "-smp", "1",
 		"-device", "intel-iommu,intremap=on,caching-mode=on", "-device", "edu",
 		"-kernel", kernel, "-initrd", initrd, "-append", appendLine,
 		"-nographic", "-no-reboot",
@@ -189,6 +195,7 @@ func bootCmd(args []string) (bool, error) {
 	entryLimit := fs.Int("dma-entry-limit", 16, "vfio_iommu_type1.dma_entry_limit on the kernel command line")
 	qemu := fs.String("qemu", "qemu-system-x86_64", "QEMU binary")
 	demo := fs.String("demo", "", "run gmem demo instead of the tests: text or json (its report, or its JSON object, ends the output)")
+	bench := fs.Bool("bench", false, "also run the bench rows in the guest (GMEM-RIG bench lines, for gmem bench --rig)")
 	if err := fs.Parse(args); err != nil {
 		return false, err
 	}
@@ -214,7 +221,7 @@ func bootCmd(args []string) (bool, error) {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	qargs := qemuArgs(*kernel, *initrd, *backend, *entryLimit, *demo)
+	qargs := qemuArgs(*kernel, *initrd, *backend, *entryLimit, *demo, *bench)
 	out := io.MultiWriter(os.Stdout, logw)
 	var v *Verdicts
 	// A TCG guest on a loaded host occasionally dies in early boot, before

@@ -246,7 +246,13 @@ func TestStream(t *testing.T) {
 }
 
 func TestQEMUArgs(t *testing.T) {
-	args := qemuArgs("K", "I", "all", 16, "")
+	if joined := strings.Join(qemuArgs("K", "I", "all", 16, "", false), " "); strings.Contains(joined, "GMEM_RIG_BENCH") {
+		t.Errorf("QEMU command without bench sets GMEM_RIG_BENCH: %s", joined)
+	}
+	if joined := strings.Join(qemuArgs("K", "I", "all", 16, "", true), " "); !strings.Contains(joined, "GMEM_RIG_BENCH=1") {
+		t.Errorf("QEMU command with bench lacks GMEM_RIG_BENCH=1: %s", joined)
+	}
+	args := qemuArgs("K", "I", "all", 16, "", false)
 	joined := strings.Join(args, " ")
 	for _, s := range []string{
 		"-machine q35,kernel-irqchip=split", "-accel tcg", "-device intel-iommu,intremap=on,caching-mode=on",
@@ -348,13 +354,13 @@ func TestDemoVerdict(t *testing.T) {
 	if rc, _ := v.Demo(); rc != 1 {
 		t.Errorf("Demo rc = %d, want 1", rc)
 	}
-	args := strings.Join(qemuArgs("K", "I", "iommufd", 65535, "json"), " ")
+	args := strings.Join(qemuArgs("K", "I", "iommufd", 65535, "json", false), " ")
 	for _, s := range []string{"GMEM_RIG_DEMO=json", "GMEM_RIG_VFIO=iommufd", "dma_entry_limit=65535"} {
 		if !strings.Contains(args, s) {
 			t.Errorf("demo QEMU command lacks %q: %s", s, args)
 		}
 	}
-	if strings.Contains(strings.Join(qemuArgs("K", "I", "all", 16, ""), " "), "GMEM_RIG_DEMO") {
+	if strings.Contains(strings.Join(qemuArgs("K", "I", "all", 16, "", false), " "), "GMEM_RIG_DEMO") {
 		t.Error("test boot sets GMEM_RIG_DEMO")
 	}
 }

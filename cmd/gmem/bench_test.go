@@ -20,15 +20,23 @@ func TestBenchQuickJSON(t *testing.T) {
 	}
 	var rep struct {
 		Rows []struct {
-			Name     string   `json:"name"`
-			Unit     string   `json:"unit"`
-			Baseline float64  `json:"baseline"`
-			Gmem     float64  `json:"gmem"`
-			Ratio    *float64 `json:"ratio"`
-			Better   string   `json:"better"`
-			Note     string   `json:"note"`
+			Name     string    `json:"name"`
+			Unit     string    `json:"unit"`
+			Baseline float64   `json:"baseline"`
+			Gmem     float64   `json:"gmem"`
+			Ratio    *float64  `json:"ratio"`
+			Better   string    `json:"better"`
+			Note     string    `json:"note"`
+			Rounds   int       `json:"rounds"`
+			BRange   []float64 `json:"baseline_range"`
+			GRange   []float64 `json:"gmem_range"`
+			Spread   *float64  `json:"spread"`
+			Noisy    *bool     `json:"noisy"`
+			How      string    `json:"baseline_how"`
 		} `json:"rows"`
-		Quick bool `json:"quick"`
+		Quick     bool    `json:"quick"`
+		Rounds    int     `json:"rounds"`
+		MaxSpread float64 `json:"max_spread"`
 	}
 	if err := json.Unmarshal([]byte(out), &rep); err != nil {
 		t.Fatalf("not JSON: %v\n%s", err, out)
@@ -39,6 +47,8 @@ func TestBenchQuickJSON(t *testing.T) {
 		"listener replay":                    "ns",
 		"4 KiB churn time":                   "ns/op",
 		"4 KiB churn map calls":              "calls/op",
+		"4 KiB churn among runs time":        "ns/op",
+		"4 KiB churn among runs map calls":   "calls/op",
 		"round trip map calls":               "calls",
 		"round trip time":                    "ns",
 		"parallel conversions":               "ops/s",
@@ -48,6 +58,9 @@ func TestBenchQuickJSON(t *testing.T) {
 		"split: window of one cut":           "bytes",
 		"split trace: window":                "bytes",
 		"split trace: entries peak":          "entries",
+		"scale: state memory, realistic":     "bytes",
+		"scale: listener replay":             "ns",
+		"scale: 4 KiB churn time":            "ns/op",
 	}
 	got := map[string]float64{}
 	for _, r := range rep.Rows {
@@ -56,6 +69,13 @@ func TestBenchQuickJSON(t *testing.T) {
 		}
 		if strings.HasPrefix(r.Name, "split") {
 			continue // costs the baseline never has; TestBenchSplit checks them
+		}
+		if r.How == "not run" {
+			// gmem alone: no baseline, no ratio.
+			if r.Baseline != 0 || r.Ratio != nil || r.Gmem <= 0 || len(r.BRange) != 0 || r.Rounds != rep.Rounds {
+				t.Errorf("row %q without baseline: baseline %v ratio %v gmem %v", r.Name, r.Baseline, r.Ratio, r.Gmem)
+			}
+			continue
 		}
 		if r.Baseline <= 0 || r.Gmem <= 0 || r.Ratio == nil || *r.Ratio <= 0 || r.Note == "" {
 			t.Errorf("row %q: baseline %v gmem %v ratio %v note %q", r.Name, r.Baseline, r.Gmem, r.Ratio, r.Note)
@@ -73,6 +93,27 @@ func TestBenchQuickJSON(t *testing.T) {
 			t.Errorf("row %q: ratio %v, want %v", r.Name, *r.Ratio, want)
 		}
 		got[r.Name+"/b"], got[r.Name+"/g"] = r.Baseline, r.Gmem
+		if r.Spread == nil || r.Noisy == nil {
+			t.Errorf("row %q: no spread or noisy field", r.Name)
+			continue
+		}
+		if r.Unit == "ns" || r.Unit == "ns/op" || r.Unit == "ops/s" {
+			// Timed: medians inside their ranges, the spread computed from
+			// them, noisy exactly when the spread passes the bound.
+			if r.Rounds != rep.Rounds || len(r.BRange) != 2 || len(r.GRange) != 2 {
+				t.Errorf("row %q: rounds %d (report %d), ranges %v %v", r.Name, r.Rounds, rep.Rounds, r.BRange, r.GRange)
+				continue
+			}
+			if r.BRange[0] > r.Baseline || r.Baseline > r.BRange[1] || r.GRange[0] > r.Gmem || r.Gmem > r.GRange[1] {
+				t.Errorf("row %q: median outside its range: %v in %v, %v in %v", r.Name, r.Baseline, r.BRange, r.Gmem, r.GRange)
+			}
+			want := max((r.BRange[1]-r.BRange[0])/r.Baseline, (r.GRange[1]-r.GRange[0])/r.Gmem)
+			if math.Abs(*r.Spread-want) > 1e-9*want || *r.Noisy != (*r.Spread > rep.MaxSpread) {
+				t.Errorf("row %q: spread %v noisy %v, want %v against bound %v", r.Name, *r.Spread, *r.Noisy, want, rep.MaxSpread)
+			}
+		} else if r.Rounds != 0 || *r.Spread != 0 || *r.Noisy {
+			t.Errorf("counted row %q: rounds %d spread %v noisy %v", r.Name, r.Rounds, *r.Spread, *r.Noisy)
+		}
 	}
 	if len(rep.Rows) != len(units) || !rep.Quick {
 		t.Errorf("%d rows, quick %v; want %d rows", len(rep.Rows), rep.Quick, len(units))
@@ -85,13 +126,17 @@ func TestBenchQuickJSON(t *testing.T) {
 		"state memory, adversarial/b": 32 << 10,
 		"round trip map calls/b":      16384,
 		"round trip map calls/g":      float64(64<<20) / dma.DefaultMaxExtent, // one entry per chunk
+				// 64 TiB is 2^34 pages: a 2 GiB bitmap.
+		"scale: state memory, realistic/b": 2 << 30,
 	} {
 		if got[k] != want {
 			t.Errorf("%s = %v, want %v", k, got[k], want)
 		}
 	}
-	if b, g := got["4 KiB churn map calls/b"], got["4 KiB churn map calls/g"]; b != g {
-		t.Errorf("4 KiB churn map calls: baseline %v, gmem %v; want equal", b, g)
+	for _, name := range []string{"4 KiB churn map calls", "4 KiB churn among runs map calls"} {
+		if b, g := got[name+"/b"], got[name+"/g"]; b != g || b == 0 {
+			t.Errorf("%s: baseline %v, gmem %v; want equal and above 0", name, b, g)
+		}
 	}
 	// The baseline maps the swiotlb pool page by page: at least 64 MiB / 4 KiB.
 	if b := got["boot DMA entries peak, 16GiB guest/b"]; b < 16384 {
@@ -107,6 +152,15 @@ func TestBenchUsage(t *testing.T) {
 	if code, _, errOut := runCmd(ctx, "bench", "--nope"); code != exitUsage || !strings.Contains(errOut, "not defined") {
 		t.Errorf("bench --nope: exit %d, %q", code, errOut)
 	}
+	if code, _, errOut := runCmd(ctx, "bench", "--rounds", "-1"); code != exitUsage || !strings.Contains(errOut, "--rounds") {
+		t.Errorf("bench --rounds -1: exit %d, %q", code, errOut)
+	}
+	if code, _, errOut := runCmd(ctx, "bench", "--only", "nope"); code != exitUsage || !strings.Contains(errOut, `unknown scenario "nope"`) {
+		t.Errorf("bench --only nope: exit %d, %q", code, errOut)
+	}
+	if code, out, errOut := runCmd(ctx, "bench", "--quick", "--only", "state,roundtrip"); code != exitOK || !strings.Contains(out, "round trip map calls") || strings.Contains(out, "boot") {
+		t.Errorf("bench --only state,roundtrip: exit %d, %q %q", code, out, errOut)
+	}
 	if code, out, _ := runCmd(ctx, "bench", "-h"); code != exitOK || !strings.Contains(out, "usage: gmem bench") {
 		t.Errorf("bench -h: exit %d, %q", code, out)
 	}
@@ -114,5 +168,35 @@ func TestBenchUsage(t *testing.T) {
 	cancel()
 	if code, _, errOut := runCmd(ctx, "bench", "--quick"); code != exitFail || !strings.Contains(errOut, "interrupted") {
 		t.Errorf("cancelled bench: exit %d, %q", code, errOut)
+	}
+}
+
+func TestTimedAlternates(t *testing.T) {
+	var order []string
+	vals := map[string][]float64{"b": {5, 1, 3, 4, 2}, "g": {10, 30, 20, 50, 40}}
+	side := func(name string) func() (float64, error) {
+		return func() (float64, error) {
+			order = append(order, name)
+			v := vals[name][0]
+			vals[name] = vals[name][1:]
+			return v, nil
+		}
+	}
+	row, err := timed(benchSizes{rounds: 5}, benchRow{Name: "x"}, side("b"), side("g"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(order, ""); got != "bggbbggbbg" {
+		t.Errorf("order %q, want the sides swapped every round", got)
+	}
+	if row.Baseline != 3 || row.Gmem != 30 || row.Rounds != 5 {
+		t.Errorf("medians %v %v rounds %d, want 3 30 5", row.Baseline, row.Gmem, row.Rounds)
+	}
+	if row.BaselineRange[0] != 1 || row.BaselineRange[1] != 5 || row.GmemRange[0] != 10 || row.GmemRange[1] != 50 {
+		t.Errorf("ranges %v %v", row.BaselineRange, row.GmemRange)
+	}
+	// (5-1)/3 against (50-10)/30: the worse side's.
+	if want := 4.0 / 3; math.Abs(row.Spread-want) > 1e-12 {
+		t.Errorf("spread %v, want %v", row.Spread, want)
 	}
 }

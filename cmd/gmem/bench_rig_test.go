@@ -1,0 +1,97 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// rigLogSample is a console log as scripts/rig --bench writes it, kernel
+// noise and a message glued in front of a marker included.
+const rigLogSample = `[    1.0] vfio-pci 0000:00:03.0: enabling device
+GMEM-RIG bench type1 roundtrip granule bytes=1073741824 map_calls=262144 unmap_calls=1 entries_peak=262144 pinned_pages=262144 ns=50000000000 ns_to_shared=45000000000 ns_to_private=5000000000
+GMEM-RIG check type1 bench-roundtrip-granule pass
+GMEM-RIG bench type1 churn granule ops=10000 map_calls=4881 ns=2000000000 ns_per_op=200000
+[    9.9] some kernel message GMEM-RIG bench type1 roundtrip extent bytes=1073741824 map_calls=1 unmap_calls=1 entries_peak=1 pinned_pages=262144 ns=1000000000 ns_to_shared=900000000 ns_to_private=100000000
+GMEM-RIG bench type1 churn extent ops=10000 map_calls=4881 ns=1000000000 ns_per_op=100000
+`
+
+func TestRigRows(t *testing.T) {
+	ms, backends, err := readRig(strings.NewReader(rigLogSample))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows, err := rigRows(ms, backends)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][3]float64{ // baseline, gmem, ratio
+		"rig type1: round trip map calls":    {262144, 1, 262144},
+		"rig type1: round trip time":         {50e9, 1e9, 50},
+		"rig type1: round trip pinned pages": {262144, 262144, 1},
+		"rig type1: 4 KiB churn time":        {200000, 100000, 2},
+	}
+	if len(rows) != len(want) {
+		t.Fatalf("%d rows, want %d: %+v", len(rows), len(want), rows)
+	}
+	for _, r := range rows {
+		w, ok := want[r.Name]
+		if !ok || r.Baseline != w[0] || r.Gmem != w[1] || r.Ratio != w[2] || !strings.Contains(r.Source, "TCG guest") {
+			t.Errorf("row %q: %v %v %v %q, want %v", r.Name, r.Baseline, r.Gmem, r.Ratio, r.Source, w)
+		}
+	}
+}
+
+func TestRigRowsBad(t *testing.T) {
+	for name, log := range map[string]string{
+		"none":      "no bench here\n",
+		"malformed": "GMEM-RIG bench type1 roundtrip granule ns=abc\n",
+		"short":     "GMEM-RIG bench type1\n",
+		"twice":     "GMEM-RIG bench type1 churn extent ns=1\nGMEM-RIG bench type1 churn extent ns=1\n",
+	} {
+		if _, _, err := readRig(strings.NewReader(log)); err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+	// One policy missing.
+	ms, backends, err := readRig(strings.NewReader("GMEM-RIG bench iommufd roundtrip extent bytes=1 ns=1 map_calls=1 pinned_pages=1\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rigRows(ms, backends); err == nil || !strings.Contains(err.Error(), "granule") {
+		t.Errorf("rigRows without the granule run: %v", err)
+	}
+}
+
+func TestBenchRigFlag(t *testing.T) {
+	if testing.Short() {
+		t.Skip("bench --quick takes seconds; skipped in -short")
+	}
+	path := filepath.Join(t.TempDir(), "rig.log")
+	if err := os.WriteFile(path, []byte(rigLogSample), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := runCmd(context.Background(), "bench", "--quick", "--json", "--rig", path)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	var rep benchReport
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, r := range rep.Rows {
+		if strings.HasPrefix(r.Name, "rig type1: ") {
+			n++
+		}
+	}
+	if n != 4 {
+		t.Errorf("%d rig rows, want 4", n)
+	}
+	if code, _, errOut := runCmd(context.Background(), "bench", "--rig", filepath.Join(t.TempDir(), "missing")); code != exitUsage || errOut == "" {
+		t.Errorf("missing rig log: exit %d, %q", code, errOut)
+	}
+}
