@@ -60,8 +60,7 @@ func (s Side) String() string {
 // Backing is the memory behind one RAM block: gmem's own ([KVMBacking],
 // [MemfdBacking], [ModelBacking]) or a VMM's. guestmem never closes a
 // Backing it was given in BlockConfig.Backing; it closes only the backings
-// it creates. guestmem/backingtest's Run checks an implementation against
-// this contract.
+// it creates.
 type Backing interface {
 	// Size is the block's length in bytes, a positive multiple of
 	// PageSize. It never changes.

@@ -430,3 +430,40 @@ func TestCheckViolation(t *testing.T) {
 		}
 	}
 }
+
+// TestErrorMessages: every message says whether its numbers are GPAs or
+// offsets, and IOMMU entry counts name what they count.
+func TestErrorMessages(t *testing.T) {
+	mem, err := guestmem.New(guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "ram", GPA: 1 * mib, Size: 1 * mib}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	model := iommu.NewModel(iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 1})
+	if _, err := mem.AttachIOMMU(model, dma.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mem.Convert(guestmem.Request{GPA: 1 * mib, Size: page, To: memattr.Shared}); err != nil {
+		t.Fatal(err)
+	}
+	_, convErr := mem.Convert(guestmem.Request{GPA: 1*mib + 4*page, Size: page, To: memattr.Shared})
+	_, readErr := mem.ReadAt(make([]byte, 8), 1*mib+4*page)
+	_, holeErr := mem.Convert(guestmem.Request{GPA: 0, Size: page, To: memattr.Private})
+	layoutErr := guestmem.Config{Blocks: []guestmem.BlockConfig{{Name: "a", GPA: 0, Size: 2 * page}, {Name: "b", GPA: page, Size: page}}}.Validate()
+	for _, c := range []struct {
+		err  error
+		want string
+	}{
+		{convErr, "guestmem: convert GPA [0x104000, +0x1000) to shared: block ram: memattr: convert offset [0x4000, 0x5000) to shared: discard: populate offset 0x4000 size 0x1000 gpa 0x104000: dma: mapping GPA [0x104000, 0x105000) needs 1 more IOMMU entry, 0 left: no space left on device"},
+		{readErr, "guestmem: read of 0x8 bytes at GPA 0x104000: page is private"},
+		{holeErr, "guestmem: convert GPA [0x0, +0x1000) to private: not guest RAM: GPA [0x0, 0x1000) is unbacked"},
+		{layoutErr, "guestmem: bad memory layout: block a at GPA [0x0, 0x2000) overlaps block b at GPA [0x1000, 0x2000)"},
+	} {
+		if c.err == nil || c.err.Error() != c.want {
+			t.Errorf("error\n%v\nwant\n%s", c.err, c.want)
+		}
+	}
+	if !errors.Is(convErr, unix.ENOSPC) || guestmem.HypercallRet(convErr) != kvm.HypercallRetEAGAIN {
+		t.Errorf("ENOSPC conversion: %v", convErr)
+	}
+}

@@ -9,6 +9,9 @@ import (
 
 // ioctlPtr issues ioctl(fd, req, p); the kernel reads and writes *p.
 func ioctlPtr[T any](fd int, req uintptr, p *T) error {
+	if fd < 0 {
+		return ErrClosed
+	}
 	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(unsafe.Pointer(p))); errno != 0 {
 		return errno
 	}

@@ -80,12 +80,24 @@ func Open() (*IOMMUFD, error) {
 	return &IOMMUFD{fd: fd}, nil
 }
 
-// Fd returns the file descriptor, what VFIO_DEVICE_BIND_IOMMUFD takes.
+// Fd returns the file descriptor, what VFIO_DEVICE_BIND_IOMMUFD takes, or
+// -1 after Close.
 func (f *IOMMUFD) Fd() int { return f.fd }
 
 // Close closes the iommufd; the kernel destroys every object it holds once
-// no device is bound to it.
-func (f *IOMMUFD) Close() error { return unix.Close(f.fd) }
+// no device is bound to it. Later calls, a second Close included, return
+// ErrClosed; Close must not race with the other methods.
+func (f *IOMMUFD) Close() error {
+	if f.fd < 0 {
+		return ErrClosed
+	}
+	err := unix.Close(f.fd)
+	f.fd = -1
+	if err != nil {
+		return fmt.Errorf("iommufd: close: %w", err)
+	}
+	return nil
+}
 
 // Destroy destroys the object id: an IOAS, a hardware page table... It
 // fails with EBUSY while the object is in use, e.g. an IOAS a device is

@@ -26,7 +26,8 @@ var _ iommu.Space = (*Space)(nil)
 // NewSpace describes ioas as an iommu.Space. Attach the devices first: the
 // IOVA ranges, read here with IOMMU_IOAS_IOVA_RANGES, narrow at attach.
 // PageSize is the IOAS's IOVA alignment, at least the host page size (the
-// kernel pins whole host pages).
+// kernel pins whole host pages). The Space borrows f: f must outlive it,
+// and once f is closed its calls fail with ErrClosed.
 func NewSpace(f *IOMMUFD, ioas uint32) (*Space, error) {
 	r, err := f.IOASIOVARanges(ioas)
 	if err != nil {

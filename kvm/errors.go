@@ -5,12 +5,14 @@ package kvm
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 
 	"golang.org/x/sys/unix"
 )
 
 // ErrClosed is returned by methods called on a closed fd wrapper.
-var ErrClosed = errors.New("kvm: file descriptor already closed")
+// errors.Is(err, fs.ErrClosed) holds for it too.
+var ErrClosed = fmt.Errorf("kvm: %w", fs.ErrClosed)
 
 // UnsupportedError reports that a probed capability rules a request out, so
 // the ioctl was not issued. errors.Is(err, errors.ErrUnsupported) is true;

@@ -160,7 +160,7 @@ func (a *Attributes) ConvertRuns(offset, size uint64, to State) ([]span.Range, e
 	changed, err := a.src.Change(r, to == Shared, steps)
 	if err != nil {
 		a.failures.Add(1)
-		return nil, fmt.Errorf("memattr: convert %v to %v: %w", r, to, err)
+		return nil, fmt.Errorf("memattr: convert offset %v to %v: %w", r, to, err)
 	}
 	if len(changed) == 0 {
 		a.noops.Add(1)

@@ -25,14 +25,14 @@ func OpenContainer() (*Container, error) {
 	return &Container{fd: fd}, nil
 }
 
-// Fd returns the container's file descriptor.
+// Fd returns the container's file descriptor, or -1 after Close.
 func (c *Container) Fd() int { return c.fd }
 
 // Close closes the container. The kernel removes every mapping once the
-// last reference (the groups set to it hold one) is gone.
-func (c *Container) Close() error {
-	return unix.Close(c.fd)
-}
+// last reference (the groups set to it hold one) is gone. Later calls,
+// a second Close included, return ErrClosed; Close must not race with the
+// other methods.
+func (c *Container) Close() error { return closeFd(&c.fd) }
 
 // GetAPIVersion returns the VFIO API version, APIVersion on every kernel
 // (VFIO_GET_API_VERSION).

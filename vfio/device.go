@@ -49,7 +49,7 @@ func OpenCdev(path string) (*Device, error) {
 	return &Device{fd: fd, name: path}, nil
 }
 
-// Fd returns the device's file descriptor.
+// Fd returns the device's file descriptor, or -1 after Close.
 func (d *Device) Fd() int { return d.fd }
 
 // Name returns the device name or cdev path the device was opened with.
@@ -57,7 +57,7 @@ func (d *Device) Name() string { return d.name }
 
 // Close closes the device. For a cdev this also unbinds it from its
 // iommufd.
-func (d *Device) Close() error { return unix.Close(d.fd) }
+func (d *Device) Close() error { return closeFd(&d.fd) }
 
 // GetInfo returns the device's flags and region and IRQ counts
 // (VFIO_DEVICE_GET_INFO).
@@ -102,6 +102,9 @@ func (d *Device) ReadRegion(r RegionInfo, off uint64, b []byte) error {
 	if err := regionIO(r, off, len(b)); err != nil {
 		return err
 	}
+	if d.fd < 0 {
+		return fmt.Errorf("read %s region %d at %#x: %w", d.name, r.Index, off, ErrClosed)
+	}
 	n, err := unix.Pread(d.fd, b, int64(r.Offset+off))
 	if err != nil {
 		return fmt.Errorf("read %s region %d at %#x: %w", d.name, r.Index, off, err)
@@ -117,6 +120,9 @@ func (d *Device) ReadRegion(r RegionInfo, off uint64, b []byte) error {
 func (d *Device) WriteRegion(r RegionInfo, off uint64, b []byte) error {
 	if err := regionIO(r, off, len(b)); err != nil {
 		return err
+	}
+	if d.fd < 0 {
+		return fmt.Errorf("write %s region %d at %#x: %w", d.name, r.Index, off, ErrClosed)
 	}
 	n, err := unix.Pwrite(d.fd, b, int64(r.Offset+off))
 	if err != nil {
@@ -134,6 +140,9 @@ func (d *Device) WriteRegion(r RegionInfo, off uint64, b []byte) error {
 func (d *Device) MmapRegion(r RegionInfo) ([]byte, error) {
 	if r.Flags&RegionMmap == 0 {
 		return nil, fmt.Errorf("mmap %s region %d: region is not mmap-able: %w", d.name, r.Index, unix.EINVAL)
+	}
+	if d.fd < 0 {
+		return nil, fmt.Errorf("mmap %s region %d: %w", d.name, r.Index, ErrClosed)
 	}
 	b, err := unix.Mmap(d.fd, int64(r.Offset), int(r.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {

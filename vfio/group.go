@@ -36,7 +36,7 @@ func OpenGroup(id int) (*Group, error) {
 	return &Group{fd: fd, id: id}, nil
 }
 
-// Fd returns the group's file descriptor.
+// Fd returns the group's file descriptor, or -1 after Close.
 func (g *Group) Fd() int { return g.fd }
 
 // ID returns the IOMMU group number.
@@ -44,7 +44,7 @@ func (g *Group) ID() int { return g.id }
 
 // Close closes the group. Device file descriptors obtained from it keep it
 // in use until they are closed too.
-func (g *Group) Close() error { return unix.Close(g.fd) }
+func (g *Group) Close() error { return closeFd(&g.fd) }
 
 // GetStatus returns the group's status (VFIO_GROUP_GET_STATUS).
 func (g *Group) GetStatus() (GroupStatus, error) {
@@ -57,6 +57,9 @@ func (g *Group) GetStatus() (GroupStatus, error) {
 
 // SetContainer adds the group to c (VFIO_GROUP_SET_CONTAINER).
 func (g *Group) SetContainer(c *Container) error {
+	if c.fd < 0 {
+		return fmt.Errorf("VFIO_GROUP_SET_CONTAINER: container: %w", ErrClosed)
+	}
 	fd := int32(c.fd)
 	if _, err := ioctlPtr(g.fd, ioctlGroupSetContainer, &fd); err != nil {
 		return fmt.Errorf("VFIO_GROUP_SET_CONTAINER group %d: %w", g.id, err)

@@ -10,6 +10,9 @@ import (
 // read and write for the duration of the call; Go's heap does not move, and
 // the pointer argument keeps the object alive until the call returns.
 func ioctlPtr[T any](fd int, req uintptr, p *T) (uintptr, error) {
+	if fd < 0 {
+		return 0, ErrClosed
+	}
 	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(unsafe.Pointer(p)))
 	if errno != 0 {
 		return r, errno
@@ -20,6 +23,9 @@ func ioctlPtr[T any](fd int, req uintptr, p *T) (uintptr, error) {
 // ioctlBuf issues ioctl(fd, req, &buf[0]) for ioctls whose argument is a
 // variable-length buffer (a struct followed by a capability chain).
 func ioctlBuf(fd int, req uintptr, buf []byte) (uintptr, error) {
+	if fd < 0 {
+		return 0, ErrClosed
+	}
 	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(unsafe.Pointer(unsafe.SliceData(buf))))
 	if errno != 0 {
 		return r, errno
@@ -29,6 +35,9 @@ func ioctlBuf(fd int, req uintptr, buf []byte) (uintptr, error) {
 
 // ioctlVal issues ioctl(fd, req, arg) with an integer argument.
 func ioctlVal(fd int, req, arg uintptr) (uintptr, error) {
+	if fd < 0 {
+		return 0, ErrClosed
+	}
 	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
 	if errno != 0 {
 		return r, errno
@@ -39,6 +48,9 @@ func ioctlVal(fd int, req, arg uintptr) (uintptr, error) {
 // ioctlString issues ioctl(fd, req, s) with s passed as a NUL-terminated C
 // string (VFIO_GROUP_GET_DEVICE_FD).
 func ioctlString(fd int, req uintptr, s string) (uintptr, error) {
+	if fd < 0 {
+		return 0, ErrClosed
+	}
 	p, err := unix.BytePtrFromString(s)
 	if err != nil {
 		return 0, err

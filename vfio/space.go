@@ -24,7 +24,8 @@ var _ iommu.Space = (*Space)(nil)
 // VFIO_IOMMU_GET_INFO at this moment: PageSize is the smallest of
 // iova_pgsizes, Ranges the IOVA_RANGE capability, and EntryLimit the
 // DMA_AVAIL count (so create the Space before mapping anything if
-// EntryLimit is to be the container's whole budget).
+// EntryLimit is to be the container's whole budget). The Space borrows c:
+// c must outlive it, and once c is closed its calls fail with ErrClosed.
 func NewSpace(c *Container) (*Space, error) {
 	info, err := c.GetIOMMUInfo()
 	if err != nil {

@@ -111,7 +111,7 @@ func (d *Device) change(offset, size uint64, plug bool) error {
 	}
 	if _, err := d.src.Change(r, plug, steps); err != nil {
 		d.failures.Add(1)
-		return fmt.Errorf("virtiomem: %s %v: %w", verb, r, err)
+		return fmt.Errorf("virtiomem: %s offset %v: %w", verb, r, err)
 	}
 	if plug {
 		d.plugs.Add(1)
