@@ -60,7 +60,8 @@ func (s Side) String() string {
 // Backing is the memory behind one RAM block: gmem's own ([KVMBacking],
 // [MemfdBacking], [ModelBacking]) or a VMM's. guestmem never closes a
 // Backing it was given in BlockConfig.Backing; it closes only the backings
-// it creates.
+// it creates. backingtest.Run checks an implementation against this
+// contract.
 type Backing interface {
 	// Size is the block's length in bytes, a positive multiple of
 	// PageSize. It never changes.

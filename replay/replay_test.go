@@ -12,8 +12,10 @@ import (
 	"github.com/google/go-cmp/cmp/cmpopts"
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
 	"github.com/gmemproject/gmem/trace"
 )
 
@@ -255,6 +257,43 @@ func TestViolationsDetected(t *testing.T) {
 			t.Errorf("the entry count mismatch was not reported: %+v", res.ViolationDetails)
 		}
 	})
+	// The executor's backend hook reports a device reaching memory between
+	// the steps of a change: memory made private in place, or shared memory
+	// discarded, while an entry still covers it.
+	for _, c := range []struct {
+		mode, when string
+		fault      guestmem.Fault
+	}{
+		{"inplace", "in-place conversion to private", guestmem.Fault{Op: guestmem.OpSetAttributes, To: memattr.Private}},
+		{"split", "discard of the shared memory", guestmem.Fault{Op: guestmem.OpPunch, To: memattr.Private, File: "shared"}},
+	} {
+		t.Run("mapping between steps, "+c.mode, func(t *testing.T) {
+			rp, _ := replayTextOpen(t, `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB","mode":"`+c.mode+`"}
+{"op":"attach","dev":"dev0","iommu":"iommufd"}`)
+			gmem := rp.runs[1]
+			if err := gmem.devices["dev0"].model.Map(0x600000, 4096, nil); err != nil {
+				t.Fatal(err)
+			}
+			c.fault.GPA = span.Range{Start: 0x600000, End: 0x602000}
+			if err := gmem.observe(c.fault); err != nil {
+				t.Fatal(err)
+			}
+			// The other steps are not checked: devices may map memory about
+			// to be made private while it is still shared.
+			other := c.fault
+			other.Op, other.File = guestmem.OpPunch, "private"
+			if c.mode == "inplace" {
+				other.Op, other.To = guestmem.OpSetAttributes, memattr.Shared
+			}
+			if err := gmem.observe(other); err != nil {
+				t.Fatal(err)
+			}
+			res := rp.Result()
+			if res.Violations != 1 || res.ViolationDetails[0].Invariant != "I2" || !strings.Contains(res.ViolationDetails[0].Detail, c.when) {
+				t.Fatalf("violations %+v, want one I2 at the %s", res.ViolationDetails, c.when)
+			}
+		})
+	}
 	t.Run("mapping removed", func(t *testing.T) {
 		rp, _ := replayTextOpen(t, setup)
 		dev := rp.runs[0].devices["dev0"]

@@ -126,7 +126,7 @@ func TestBenchQuickJSON(t *testing.T) {
 		"state memory, adversarial/b": 32 << 10,
 		"round trip map calls/b":      16384,
 		"round trip map calls/g":      float64(64<<20) / dma.DefaultMaxExtent, // one entry per chunk
-				// 64 TiB is 2^34 pages: a 2 GiB bitmap.
+		// 64 TiB is 2^34 pages: a 2 GiB bitmap.
 		"scale: state memory, realistic/b": 2 << 30,
 	} {
 		if got[k] != want {

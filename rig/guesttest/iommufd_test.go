@@ -206,6 +206,29 @@ func runIOMMUFD(t *testing.T, bdf string) {
 		}
 	})
 
+	// A VMM's own iommufd, adopted by a duplicate, drives guestmem.
+	check(t, b, "adopt-embed", func(t *testing.T) {
+		var fe *iommufd.FdError
+		if _, err := iommufd.NewIOMMUFD(d.Fd()); !errors.As(err, &fe) {
+			t.Errorf("NewIOMMUFD(device fd) = %v, want an *FdError", err)
+		}
+		f2, err := iommufd.FromFile(dupFile(t, f.Fd(), "iommufd"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		sp2, err := iommufd.NewSpace(f2, ioas)
+		if err != nil {
+			t.Fatal(err)
+		}
+		embedChecks(t, sp2, edu, 0x800000)
+		if err := f2.Close(); err != nil {
+			t.Error(err)
+		}
+		if _, err := f.IOASIOVARanges(ioas); err != nil {
+			t.Errorf("the original iommufd after closing its dup: %v", err)
+		}
+	})
+
 	dmaChecks(t, b, sp, edu, 0x400000)
 
 	check(t, b, "model-fidelity", func(t *testing.T) {

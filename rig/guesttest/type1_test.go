@@ -300,6 +300,54 @@ func runType1(t *testing.T, bdf string) {
 		}
 	})
 
+	// A VMM's own descriptors, adopted by duplicates, drive guestmem.
+	check(t, b, "adopt-embed", func(t *testing.T) {
+		var fe *vfio.FdError
+		if _, err := vfio.NewContainer(s.d.Fd()); !errors.As(err, &fe) {
+			t.Errorf("NewContainer(device fd) = %v, want an *FdError", err)
+		}
+		if _, err := vfio.NewDevice(s.c.Fd(), "container"); !errors.As(err, &fe) {
+			t.Errorf("NewDevice(container fd) = %v, want an *FdError", err)
+		}
+		if _, err := vfio.NewGroup(s.c.Fd(), group); !errors.As(err, &fe) {
+			t.Errorf("NewGroup(container fd) = %v, want an *FdError", err)
+		}
+		c, err := vfio.ContainerFromFile(dupFile(t, s.c.Fd(), "container"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		g, err := vfio.GroupFromFile(dupFile(t, s.g.Fd(), "group"), group)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st, err := g.GetStatus(); err != nil || !st.ContainerSet() {
+			t.Errorf("adopted group status %#x, %v; want CONTAINER_SET", st.Flags, err)
+		}
+		d, err := vfio.DeviceFromFile(dupFile(t, s.d.Fd(), "edu"), bdf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sp, err := vfio.NewSpace(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		embedChecks(t, sp, s.edu, 0x800000)
+		for _, cl := range []interface{ Close() error }{d, g, c} {
+			if err := cl.Close(); err != nil {
+				t.Error(err)
+			}
+		}
+		if _, err := c.GetAPIVersion(); !errors.Is(err, vfio.ErrClosed) {
+			t.Errorf("adopted container after Close: %v, want ErrClosed", err)
+		}
+		if v, err := s.c.GetAPIVersion(); err != nil || v != vfio.APIVersion {
+			t.Errorf("the original container after closing its dup: %d, %v", v, err)
+		}
+		if _, err := s.d.GetInfo(); err != nil {
+			t.Errorf("the original device after closing its dup: %v", err)
+		}
+	})
+
 	dmaChecks(t, b, s.sp, s.edu, 0x400000)
 
 	check(t, b, "model-fidelity", func(t *testing.T) {
