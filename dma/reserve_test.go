@@ -2,6 +2,7 @@ package dma_test
 
 import (
 	"errors"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -104,4 +105,71 @@ func TestReserveUnderConcurrency(t *testing.T) {
 	t.Logf("reserve %d: %d splits, %d populates refused, %d conversions to private refused", vcpus, cuts, rs, rp)
 	rp, rs, cuts = run(dma.NoReserve)
 	t.Logf("no reserve: %d splits, %d populates refused, %d conversions to private refused", cuts, rs, rp)
+}
+
+// TestReserveUserWorkload replays, deterministically, the workload a new
+// user tried on a type1 table of 200 entries: 8 vCPUs (taking turns, each
+// with its own generator and 64 MiB lane), 3,000 conversions each of 4 KiB
+// to 4 MiB, aligned, to a random state. Without the reserve conversions to
+// private are refused once the table fills; with the default reserve, none
+// is, bounded extents or not. The counts are logged.
+func TestReserveUserWorkload(t *testing.T) {
+	const (
+		vcpus = 8
+		lane  = 64 << 20
+		limit = 200
+	)
+	run := func(reserve, maxExtent uint64) (refusedPrivate, refusedShared uint64) {
+		model := iommu.NewModel(iommu.Caps{Rules: iommu.Type1v2, EntryLimit: limit})
+		mgr := discard.New(vcpus*lane, nil)
+		attrs, err := memattr.New(mgr, memattr.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := dma.New(model, nil, dma.Options{SplitReserve: reserve, MaxExtent: maxExtent})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := mgr.Register(m, discard.Section{Size: vcpus * lane}); err != nil {
+			t.Fatal(err)
+		}
+		var rngs [vcpus]*rand.Rand
+		for v := range rngs {
+			rngs[v] = rand.New(rand.NewPCG(uint64(v), 9))
+		}
+		for range 3000 {
+			for v, rng := range rngs {
+				pages := uint64(1) << rng.IntN(11)
+				off := uint64(v)*lane + rng.Uint64N(lane/(pages*pg))*pages*pg
+				to := memattr.State(rng.IntN(2))
+				err := attrs.Convert(off, pages*pg, to)
+				switch {
+				case err == nil:
+				case !errors.Is(err, unix.ENOSPC):
+					t.Fatalf("vcpu %d: %v", v, err)
+				case to == memattr.Private:
+					refusedPrivate++
+				default:
+					refusedShared++
+				}
+			}
+		}
+		return refusedPrivate, refusedShared
+	}
+	for _, c := range []struct {
+		name      string
+		reserve   uint64
+		maxExtent uint64
+	}{
+		{"unbounded, no reserve", dma.NoReserve, dma.Unbounded},
+		{"bounded, no reserve", dma.NoReserve, 0},
+		{"unbounded, default reserve", 0, dma.Unbounded},
+		{"bounded, default reserve", 0, 0},
+	} {
+		rp, rs := run(c.reserve, c.maxExtent)
+		t.Logf("%s: %d conversions to private refused, %d to shared", c.name, rp, rs)
+		if withReserve := c.reserve != dma.NoReserve; withReserve && rp != 0 || !withReserve && rp == 0 {
+			t.Errorf("%s: %d conversions to private refused", c.name, rp)
+		}
+	}
 }

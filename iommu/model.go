@@ -28,6 +28,10 @@ import (
 //	unmap covering no mapping         success, 0 bytes     ENOENT
 //	unmap covering whole mappings     success, their size  success, their size
 //
+// It also counts what the kernel would pin and unpin (Pins: every page of a
+// successful map is pinned, of a successful unmap unpinned) and measures the
+// window of an operation between BeginOp and EndOp (see Window).
+//
 // A Model is safe for concurrent use.
 type Model struct {
 	caps Caps

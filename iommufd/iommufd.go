@@ -24,6 +24,7 @@ const (
 	ioctlDestroy        = iommufdType<<8 | 0x80 // IOMMU_DESTROY
 	ioctlIOASAlloc      = iommufdType<<8 | 0x81 // IOMMU_IOAS_ALLOC
 	ioctlIOASAllowIOVAs = iommufdType<<8 | 0x82 // IOMMU_IOAS_ALLOW_IOVAS
+	ioctlIOASCopy       = iommufdType<<8 | 0x83 // IOMMU_IOAS_COPY
 	ioctlIOASIOVARanges = iommufdType<<8 | 0x84 // IOMMU_IOAS_IOVA_RANGES
 	ioctlIOASMap        = iommufdType<<8 | 0x85 // IOMMU_IOAS_MAP
 	ioctlIOASUnmap      = iommufdType<<8 | 0x86 // IOMMU_IOAS_UNMAP
@@ -179,6 +180,27 @@ func (f *IOMMUFD) IOASMap(ioas uint32, iova uint64, host []byte, flags MapFlags)
 		return 0, fmt.Errorf("IOMMU_IOAS_MAP ioas %d iova %#x length %#x: %w", ioas, iova, m.Length, err)
 	}
 	return m.IOVA, nil
+}
+
+// IOASCopy maps into dst, at dstIOVA, the pages src maps at [srcIOVA,
+// srcIOVA+length), and returns the IOVA used (IOMMU_IOAS_COPY). The range
+// must be mapped in src, and may be part of an area; the new area shares the
+// source's pinned pages, so nothing is pinned again. flags are those of
+// IOASMap (MapFixedIOVA, MapWriteable, MapReadable).
+func (f *IOMMUFD) IOASCopy(dst uint32, dstIOVA uint64, src uint32, srcIOVA, length uint64, flags MapFlags) (uint64, error) {
+	c := ioasCopy{
+		Size:      sizeofIOASCopy,
+		Flags:     uint32(flags),
+		DstIOASID: dst,
+		SrcIOASID: src,
+		Length:    length,
+		DstIOVA:   dstIOVA,
+		SrcIOVA:   srcIOVA,
+	}
+	if err := ioctlPtr(f.fd, ioctlIOASCopy, &c); err != nil {
+		return 0, fmt.Errorf("IOMMU_IOAS_COPY ioas %d iova %#x to ioas %d iova %#x length %#x: %w", src, srcIOVA, dst, dstIOVA, length, err)
+	}
+	return c.DstIOVA, nil
 }
 
 // IOASUnmap removes the whole areas inside [iova, iova+length) from ioas

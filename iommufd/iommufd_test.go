@@ -20,6 +20,7 @@ func TestIoctlNumbers(t *testing.T) {
 		{"IOMMU_DESTROY", ioctlDestroy, 0x3B80},
 		{"IOMMU_IOAS_ALLOC", ioctlIOASAlloc, 0x3B81},
 		{"IOMMU_IOAS_ALLOW_IOVAS", ioctlIOASAllowIOVAs, 0x3B82},
+		{"IOMMU_IOAS_COPY", ioctlIOASCopy, 0x3B83},
 		{"IOMMU_IOAS_IOVA_RANGES", ioctlIOASIOVARanges, 0x3B84},
 		{"IOMMU_IOAS_MAP", ioctlIOASMap, 0x3B85},
 		{"IOMMU_IOAS_UNMAP", ioctlIOASUnmap, 0x3B86},

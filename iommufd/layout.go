@@ -53,6 +53,17 @@ type ioasMap struct {
 	IOVA     uint64
 }
 
+// ioasCopy is struct iommu_ioas_copy (40 bytes).
+type ioasCopy struct {
+	Size      uint32
+	Flags     uint32
+	DstIOASID uint32
+	SrcIOASID uint32
+	Length    uint64
+	DstIOVA   uint64
+	SrcIOVA   uint64
+}
+
 // ioasUnmap is struct iommu_ioas_unmap (24 bytes).
 type ioasUnmap struct {
 	Size   uint32
@@ -80,6 +91,7 @@ const (
 	sizeofIOASIOVARanges = 32
 	sizeofIOASAllowIOVAs = 24
 	sizeofIOASMap        = 40
+	sizeofIOASCopy       = 40
 	sizeofIOASUnmap      = 24
 	sizeofOption         = 24
 )

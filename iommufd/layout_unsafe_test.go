@@ -26,6 +26,7 @@ func TestLayoutSizes(t *testing.T) {
 		{"iommu_ioas_iova_ranges", unsafe.Sizeof(ioasIOVARanges{}), sizeofIOASIOVARanges, 32},
 		{"iommu_ioas_allow_iovas", unsafe.Sizeof(ioasAllowIOVAs{}), sizeofIOASAllowIOVAs, 24},
 		{"iommu_ioas_map", unsafe.Sizeof(ioasMap{}), sizeofIOASMap, 40},
+		{"iommu_ioas_copy", unsafe.Sizeof(ioasCopy{}), sizeofIOASCopy, 40},
 		{"iommu_ioas_unmap", unsafe.Sizeof(ioasUnmap{}), sizeofIOASUnmap, 24},
 		{"iommu_option", unsafe.Sizeof(option{}), sizeofOption, 24},
 	}
@@ -44,6 +45,7 @@ func TestLayoutOffsets(t *testing.T) {
 		rs ioasIOVARanges
 		al ioasAllowIOVAs
 		m  ioasMap
+		c  ioasCopy
 		u  ioasUnmap
 		o  option
 	)
@@ -75,6 +77,11 @@ func TestLayoutOffsets(t *testing.T) {
 				{"ioas_id", unsafe.Offsetof(m.IOASID)}, {"__reserved", unsafe.Offsetof(m.Reserved)},
 				{"user_va", unsafe.Offsetof(m.UserVA)}, {"length", unsafe.Offsetof(m.Length)}, {"iova", unsafe.Offsetof(m.IOVA)}},
 			[]field{{"size", 0}, {"flags", 4}, {"ioas_id", 8}, {"__reserved", 12}, {"user_va", 16}, {"length", 24}, {"iova", 32}}},
+		{"iommu_ioas_copy",
+			[]field{{"size", unsafe.Offsetof(c.Size)}, {"flags", unsafe.Offsetof(c.Flags)},
+				{"dst_ioas_id", unsafe.Offsetof(c.DstIOASID)}, {"src_ioas_id", unsafe.Offsetof(c.SrcIOASID)},
+				{"length", unsafe.Offsetof(c.Length)}, {"dst_iova", unsafe.Offsetof(c.DstIOVA)}, {"src_iova", unsafe.Offsetof(c.SrcIOVA)}},
+			[]field{{"size", 0}, {"flags", 4}, {"dst_ioas_id", 8}, {"src_ioas_id", 12}, {"length", 16}, {"dst_iova", 24}, {"src_iova", 32}}},
 		{"iommu_ioas_unmap",
 			[]field{{"size", unsafe.Offsetof(u.Size)}, {"ioas_id", unsafe.Offsetof(u.IOASID)},
 				{"iova", unsafe.Offsetof(u.IOVA)}, {"length", unsafe.Offsetof(u.Length)}},

@@ -121,6 +121,27 @@ func (e *Edu) ToRAM(iova uint64, n int) error { return e.dma(EduBuffer, iova, n,
 var ErrDMATimeout = errors.New("edu: DMA did not complete")
 
 func (e *Edu) dma(src, dst uint64, n int, dir uint64) error {
+	if err := e.start(src, dst, n, dir); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(e.DMATimeout)
+	for e.Busy() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w in %v (src %#x dst %#x count %d)", ErrDMATimeout, e.DMATimeout, src, dst, n)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return nil
+}
+
+// StartToRAM starts copying n bytes from the device buffer to iova and
+// returns at once; the transfer runs until Busy reports false.
+func (e *Edu) StartToRAM(iova uint64, n int) error { return e.start(EduBuffer, iova, n, eduCmdToRAM) }
+
+// Busy reports whether a transfer is still running.
+func (e *Edu) Busy() bool { return vfio.Load64(e.mmio, eduRegDMACmd)&eduCmdStart != 0 }
+
+func (e *Edu) start(src, dst uint64, n int, dir uint64) error {
 	if n <= 0 || n > EduMaxCount {
 		return fmt.Errorf("edu: DMA of %d bytes (1..%d)", n, EduMaxCount)
 	}
@@ -131,12 +152,5 @@ func (e *Edu) dma(src, dst uint64, n int, dir uint64) error {
 	vfio.Store64(e.mmio, eduRegDMADst, dst)
 	vfio.Store64(e.mmio, eduRegDMACount, uint64(n))
 	vfio.Store64(e.mmio, eduRegDMACmd, eduCmdStart|dir)
-	deadline := time.Now().Add(e.DMATimeout)
-	for vfio.Load64(e.mmio, eduRegDMACmd)&eduCmdStart != 0 {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%w in %v (src %#x dst %#x count %d)", ErrDMATimeout, e.DMATimeout, src, dst, n)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
 	return nil
 }
