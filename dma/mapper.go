@@ -221,7 +221,7 @@ func (m *Mapper) populate(s discard.Section) error {
 		m.journal[s] = change{}
 		return nil
 	}
-	if err := m.budget(uint64(len(pieces)), "mapping GPA "+s.GPARange().String()); err != nil {
+	if err := m.budget(uint64(len(pieces))); err != nil {
 		return err
 	}
 	for i, p := range pieces {
@@ -277,7 +277,7 @@ func (m *Mapper) discard(s discard.Section) error {
 		}
 	}
 	if freed := uint64(len(cut) + len(inside)); uint64(len(rest)) > freed {
-		if err := m.budget(uint64(len(rest))-freed, "unmapping GPA "+r.String()+" splits entries and"); err != nil {
+		if err := m.budget(uint64(len(rest)) - freed); err != nil {
 			return err
 		}
 	}
@@ -396,20 +396,14 @@ func (m *Mapper) Settle(s discard.Section) {
 	m.mu.Unlock()
 }
 
-// budget fails with ENOSPC when the space has fewer than n entries left
-// for what (one notification: the count is this section's, not the whole
-// conversion's).
-func (m *Mapper) budget(n uint64, what string) error {
+// budget fails with ENOSPC when the space has fewer than n entries left.
+func (m *Mapper) budget(n uint64) error {
 	avail, limited, err := m.space.Avail()
 	if err != nil {
 		return fmt.Errorf("dma: reading the entry budget: %w", err)
 	}
 	if limited && avail < n {
-		entries := "entries"
-		if n == 1 {
-			entries = "entry"
-		}
-		return fmt.Errorf("dma: %s needs %d more IOMMU %s, %d left: %w", what, n, entries, avail, unix.ENOSPC)
+		return fmt.Errorf("dma: %d IOMMU entries needed, %d left: %w", n, avail, unix.ENOSPC)
 	}
 	return nil
 }
