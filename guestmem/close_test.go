@@ -99,7 +99,11 @@ var closedCalls = map[string]struct {
 		b.RecordedRuns()
 		return nil
 	}},
-	"Block.Section":   {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Section(); return nil }},
+	"Block.Section": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Section(); return nil }},
+	"Block.SharedBacking": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error {
+		b.SharedBacking()
+		return nil
+	}},
 	"Block.Size":      {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Size(); return nil }},
 	"Block.Slot":      {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Slot(); return nil }},
 	"Block.StateRuns": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.StateRuns(); return nil }},
