@@ -26,6 +26,8 @@ func FuzzMapper(f *testing.F) {
 	f.Add([]byte{0x20, 0x00, 0, 4, 0x00, 8, 4, 0x80, 2, 8, 0xc0, 2, 8, 0x80, 0, 12})
 	// Two straddlers and an entry inside; the second split's unmap fails.
 	f.Add([]byte{0x01, 0x00, 0x00, 0, 4, 0x00, 4, 2, 0x00, 6, 2, 0x00, 8, 4, 0xa2, 2, 8})
+	// 4-page extents: a populate of 20 pages is five entries, cut twice.
+	f.Add([]byte{0x01, 0x04, 0x00, 1, 20, 0x80, 6, 1, 0x80, 9, 5})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		const pages = 48
 		if len(data) < 2 || len(data) > 2+3*160 {
@@ -39,6 +41,12 @@ func FuzzMapper(f *testing.F) {
 		opts := dma.Options{}
 		if data[1]&3 != 0 {
 			opts = dma.Options{Policy: dma.Granule, Granularity: pg << (data[1]&3 - 1)}
+		} else {
+			opts.MaxExtent = [4]uint64{0, 4 * pg, 16 * pg, dma.Unbounded}[data[1]>>2&3]
+		}
+		chunk := opts.MaxExtent
+		if chunk == 0 {
+			chunk = dma.DefaultMaxExtent
 		}
 		model := iommu.NewModel(caps)
 		host := make([]byte, pages*pg)
@@ -118,8 +126,18 @@ func FuzzMapper(f *testing.F) {
 				if opts.Policy == dma.Granule && (x.IOVA-gpa)/opts.Granularity != (x.IOVA-gpa+x.Size-1)/opts.Granularity {
 					t.Fatalf("op %d: granule entry %v crosses a granule of %#x", op, x, opts.Granularity)
 				}
+				if opts.Policy == dma.Extent && chunk != dma.Unbounded && (x.IOVA-gpa)/chunk != (x.IOVA-gpa+x.Size-1)/chunk {
+					t.Fatalf("op %d: extent entry %v crosses a multiple of MaxExtent %#x", op, x, chunk)
+				}
 			}
 			st := m.Stats()
+			if st.PinnedBytes-st.UnpinnedBytes != st.MappedBytes || st.WindowBytes > st.RepinnedBytes || st.MaxWindow > st.WindowBytes {
+				t.Fatalf("op %d: pinned %d, unpinned %d, mapped %d, re-pinned %d, window %d (largest %d)",
+					op, st.PinnedBytes, st.UnpinnedBytes, st.MappedBytes, st.RepinnedBytes, st.WindowBytes, st.MaxWindow)
+			}
+			if opts.Policy == dma.Extent && chunk != dma.Unbounded && st.MaxWindow > 2*chunk {
+				t.Fatalf("op %d: a window of %#x bytes with MaxExtent %#x", op, st.MaxWindow, chunk)
+			}
 			if st.Entries != uint64(len(got)) || st.MappedBytes != bytes || st.PeakEntries < st.Entries {
 				t.Fatalf("op %d: stats %+v for %d entries of %#x bytes", op, st, len(got), bytes)
 			}

@@ -5,13 +5,16 @@
 // Two policies shape the mappings:
 //
 //   - Extent (the default) maps each populated section as notified with one
-//     entry. A discard that cuts an entry unmaps it and maps what remains
-//     (the kernel cannot split a mapping: type1 v2 answers EINVAL, iommufd
-//     ENOENT), which is counted as a split. Between that unmap and the remap
-//     the remainder is unreachable for a moment, so a device DMAing there
-//     then faults. Extent never merges separate notifications into one
-//     entry, so a guest that converts back exactly what it converted (bounce
-//     buffers, coherent buffers) never causes a split.
+//     entry, cut at multiples of Options.MaxExtent (2 MiB by default). A
+//     discard that cuts an entry unmaps it and maps what remains (the kernel
+//     cannot split a mapping: type1 v2 answers EINVAL, iommufd ENOENT),
+//     which is counted as a split. Between that unmap and the remap the
+//     remainder is unreachable for a moment, so a device DMAing there then
+//     faults, and the kernel unpins and pins it again; the bound keeps that
+//     to the chunks the cut falls in. Extent never merges separate
+//     notifications into one entry, so a guest that converts back exactly
+//     what it converted (bounce buffers, coherent buffers) never causes a
+//     split.
 //   - Granule is QEMU's: one entry per granule (4 KiB by default), so any
 //     granule can be unmapped alone and nothing is ever split, at the cost of
 //     one entry and one map call per granule. It is the baseline.
@@ -19,7 +22,11 @@
 // A Mapper knows the IOMMU's entry budget (type1's dma_entry_limit): a
 // populate that would need more entries than are left fails with ENOSPC
 // before any mapping is made, and a discard that must split an entry with no
-// entry left fails the same way, leaving everything as it was.
+// entry left fails the same way, leaving everything as it was. So that the
+// second happens only in extremes, Extent populates leave
+// Options.SplitReserve entries free for splits: with at most that many
+// splits outstanding (one per vCPU converting, say), a conversion to private
+// is never refused; conversions to shared are refused earlier instead.
 //
 // Populate and Discard are all or nothing: on any failure the mapper restores
 // the entries it had before the call. A Mapper is safe for concurrent use; its
@@ -78,19 +85,69 @@ type Options struct {
 	// Granularity is the granule of the Granule policy in bytes, a power of
 	// two (default 4096).
 	Granularity uint64
+	// MaxExtent bounds the entries of the Extent policy: no entry crosses a
+	// multiple of MaxExtent (in region offsets), so a split unmaps, re-pins
+	// and hides from the device at most one chunk of MaxExtent bytes at each
+	// end of the discarded range, and the rest of a large extent stays
+	// mapped. A power of two; 0 means DefaultMaxExtent, Unbounded none.
+	MaxExtent uint64
+	// SplitReserve is the number of IOMMU entries a populate must leave free
+	// in a limited space, so that a discard that splits an entry finds one:
+	// populates are refused (ENOSPC) while the space is that close to full,
+	// discards may use the reserve. 0 means DefaultSplitReserve of the
+	// space's limit for Extent, none for Granule (whose discards of whole
+	// granules never split, as in QEMU); NoReserve none.
+	SplitReserve uint64
 	// Logger receives splits and failures (default: discard).
 	Logger *slog.Logger
 }
 
+// DefaultMaxExtent is the default Options.MaxExtent: 2 MiB, the largest
+// IOMMU page below 1 GiB. A 4 KiB cut then re-pins and blinds at most
+// 4 MiB (two chunks), which real type1 unmaps and maps again in about a
+// millisecond, instead of a whole extent (262,143 pages for 1 GiB); the
+// generators' traces need at most one entry per 2 MiB of shared memory
+// (8,192 for 16 GiB shared), well inside type1's 65,535.
+const DefaultMaxExtent = 2 << 20
+
+// Unbounded as Options.MaxExtent lets an entry be as large as the section
+// notified.
+const Unbounded = ^uint64(0)
+
+// NoReserve as Options.SplitReserve keeps no entries for splits.
+const NoReserve = ^uint64(0)
+
+// DefaultSplitReserve returns the split reserve for a space of limit
+// entries: one in sixteen, rounded up, so 4,096 of type1's default 65,535,
+// and never all of them.
+func DefaultSplitReserve(limit uint64) uint64 {
+	if limit <= 1 {
+		return 0
+	}
+	return min((limit+15)/16, limit-1)
+}
+
 // Stats counts what a Mapper did.
+//
+// Pinned and unpinned bytes are what the kernel pins for the map requests and
+// unpins for the unmap requests. An operation is one Populate, Discard or
+// Revert; its window is the memory whose state it does not change that the
+// device cannot reach at some moment during it (iommu.Window), and re-pinned
+// bytes are what it mapped again after unmapping them itself. A split's
+// remainders are both; with MaxExtent they are bounded by two chunks.
 type Stats struct {
-	Entries     uint64 // IOMMU entries held now
-	PeakEntries uint64 // most entries held at once
-	MappedBytes uint64 // bytes mapped now
-	MapCalls    uint64 // map requests sent to the IOMMU
-	UnmapCalls  uint64 // unmap requests sent to the IOMMU
-	Splits      uint64 // entries cut by a discard and remapped in pieces
-	Failures    uint64 // Populate or Discard calls that failed
+	Entries       uint64 // IOMMU entries held now
+	PeakEntries   uint64 // most entries held at once
+	MappedBytes   uint64 // bytes mapped now
+	MapCalls      uint64 // map requests sent to the IOMMU
+	UnmapCalls    uint64 // unmap requests sent to the IOMMU
+	Splits        uint64 // entries cut by a discard and remapped in pieces
+	Failures      uint64 // Populate or Discard calls that failed
+	PinnedBytes   uint64 // bytes pinned by successful map requests
+	UnpinnedBytes uint64 // bytes unpinned by successful unmap requests
+	RepinnedBytes uint64 // bytes an operation mapped again after unmapping them
+	WindowBytes   uint64 // the windows of all operations, summed
+	MaxWindow     uint64 // the largest window of one operation
 }
 
 // Mapper is a discard.Listener that mirrors its section's populated pages
@@ -104,6 +161,8 @@ type Mapper struct {
 	mu      sync.Mutex
 	entries *btree.BTreeG[entry]
 	stats   Stats
+	// op measures the window of the running operation.
+	op iommu.Window
 	// journal holds, for each section notified in an operation that has not
 	// ended, what the last notification of it changed, so Revert can restore
 	// it exactly.
@@ -139,6 +198,12 @@ func New(space iommu.Space, host []byte, opts Options) (*Mapper, error) {
 	}
 	if opts.Policy != Extent && opts.Policy != Granule {
 		return nil, fmt.Errorf("dma: unknown policy %d", opts.Policy)
+	}
+	if opts.MaxExtent == 0 {
+		opts.MaxExtent = DefaultMaxExtent
+	}
+	if opts.MaxExtent != Unbounded && (!span.IsPowerOfTwo(opts.MaxExtent) || opts.MaxExtent < 4096) {
+		return nil, fmt.Errorf("dma: maximum extent %#x is not a power of two of at least 4 KiB", opts.MaxExtent)
 	}
 	log := opts.Logger
 	if log == nil {
@@ -180,6 +245,8 @@ func (m *Mapper) Entries() []iommu.Mapping {
 func (m *Mapper) Populate(s discard.Section) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.op.Reset()
+	defer m.endOp()
 	if err := m.populate(s); err != nil {
 		m.stats.Failures++
 		m.log.Warn("dma populate failed", "section", s, "err", err)
@@ -194,13 +261,18 @@ func (m *Mapper) populate(s discard.Section) error {
 	}
 	var pieces []entry
 	at := s.GPA
+	unit := m.opts.MaxExtent
+	if m.opts.Policy == Granule {
+		unit = m.opts.Granularity
+	}
 	emit := func(from, to uint64) {
 		for from < to {
 			n := to - from
-			if m.opts.Policy == Granule {
+			if unit != Unbounded {
 				off := s.Offset + (from - s.GPA)
-				next := (off | (m.opts.Granularity - 1)) + 1
-				n = min(n, next-off)
+				if next := (off | (unit - 1)) + 1; next > off {
+					n = min(n, next-off)
+				}
 			}
 			pieces = append(pieces, entry{iova: from, size: n, off: s.Offset + (from - s.GPA)})
 			from += n
@@ -221,7 +293,7 @@ func (m *Mapper) populate(s discard.Section) error {
 		m.journal[s] = change{}
 		return nil
 	}
-	if err := m.budget(uint64(len(pieces))); err != nil {
+	if err := m.budget(uint64(len(pieces)), m.reserve(), "mapping GPA "+s.GPARange().String()); err != nil {
 		return err
 	}
 	for i, p := range pieces {
@@ -243,6 +315,8 @@ func (m *Mapper) populate(s discard.Section) error {
 func (m *Mapper) Discard(s discard.Section) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.op.Reset()
+	defer m.endOp()
 	if err := m.discard(s); err != nil {
 		m.stats.Failures++
 		m.log.Warn("dma discard failed", "section", s, "err", err)
@@ -277,7 +351,7 @@ func (m *Mapper) discard(s discard.Section) error {
 		}
 	}
 	if freed := uint64(len(cut) + len(inside)); uint64(len(rest)) > freed {
-		if err := m.budget(uint64(len(rest)) - freed); err != nil {
+		if err := m.budget(uint64(len(rest))-freed, 0, "unmapping GPA "+r.String()+" splits entries and"); err != nil {
 			return err
 		}
 	}
@@ -344,6 +418,8 @@ func (m *Mapper) Revert(s discard.Section) error {
 		return fmt.Errorf("dma: nothing to revert for %v", s)
 	}
 	delete(m.journal, s)
+	m.op.Reset()
+	defer m.endOp()
 	var err error
 	if m.holds(c.added) {
 		err = m.restore(c)
@@ -396,16 +472,58 @@ func (m *Mapper) Settle(s discard.Section) {
 	m.mu.Unlock()
 }
 
-// budget fails with ENOSPC when the space has fewer than n entries left.
-func (m *Mapper) budget(n uint64) error {
+// budget fails with ENOSPC when the space has fewer than n entries left
+// beyond reserve, for what (one notification: the count is this section's,
+// not the whole conversion's).
+func (m *Mapper) budget(n, reserve uint64, what string) error {
 	avail, limited, err := m.space.Avail()
 	if err != nil {
 		return fmt.Errorf("dma: reading the entry budget: %w", err)
 	}
-	if limited && avail < n {
-		return fmt.Errorf("dma: %d IOMMU entries needed, %d left: %w", n, avail, unix.ENOSPC)
+	if limited && (avail < n || avail-n < reserve) {
+		entries := "entries"
+		if n == 1 {
+			entries = "entry"
+		}
+		if reserve > 0 {
+			return fmt.Errorf("dma: %s needs %d more IOMMU %s, %d left, %d of them kept for splits: %w", what, n, entries, avail, reserve, unix.ENOSPC)
+		}
+		return fmt.Errorf("dma: %s needs %d more IOMMU %s, %d left: %w", what, n, entries, avail, unix.ENOSPC)
 	}
 	return nil
+}
+
+// reserve returns the entries a populate must leave free.
+func (m *Mapper) reserve() uint64 {
+	switch r := m.opts.SplitReserve; r {
+	case NoReserve:
+		return 0
+	case 0:
+		if m.opts.Policy == Granule {
+			return 0
+		}
+		return DefaultSplitReserve(m.space.Caps().EntryLimit)
+	default:
+		return r
+	}
+}
+
+// endOp ends the measurement of the running operation.
+func (m *Mapper) endOp() {
+	w := m.op.Bytes(m.mappedIn)
+	m.stats.WindowBytes += w
+	m.stats.MaxWindow = max(m.stats.MaxWindow, w)
+	m.stats.RepinnedBytes += m.op.Repinned()
+	m.op.Reset()
+}
+
+// mappedIn returns how many bytes of r the mapper has mapped.
+func (m *Mapper) mappedIn(r span.Range) uint64 {
+	var n uint64
+	for _, e := range m.overlapping(r) {
+		n += span.Range{Start: e.iova, End: e.end()}.Intersect(r).Len()
+	}
+	return n
 }
 
 // mapEntry maps e and records it.
@@ -422,8 +540,10 @@ func (m *Mapper) mapEntry(e entry) error {
 		return fmt.Errorf("dma: map iova %#x size %#x: %w", e.iova, e.size, err)
 	}
 	m.entries.ReplaceOrInsert(e)
+	m.op.Mapped(span.Range{Start: e.iova, End: e.end()})
 	m.stats.Entries++
 	m.stats.MappedBytes += e.size
+	m.stats.PinnedBytes += e.size
 	m.stats.PeakEntries = max(m.stats.PeakEntries, m.stats.Entries)
 	return nil
 }
@@ -449,8 +569,10 @@ func (m *Mapper) unmapEntries(es []entry) error {
 	}
 	for _, e := range es {
 		m.entries.Delete(e)
+		m.op.Unmapped(span.Range{Start: e.iova, End: e.end()})
 		m.stats.Entries--
 		m.stats.MappedBytes -= e.size
+		m.stats.UnpinnedBytes += e.size
 	}
 	if n != want {
 		m.log.Error("dma: unmap removed an unexpected size", "iova", first.iova, "size", size, "unmapped", n, "expected", want)

@@ -132,7 +132,7 @@ func TestExtentEntries(t *testing.T) {
 	f.entries(ent(0, 16), ent(16, 4), ent(20, 10), ent(30, 2), ent(32, 8))
 	f.populate(sec(0, 40)) // all mapped: no call at all
 	st := f.mapper.Stats()
-	want := dma.Stats{Entries: 5, PeakEntries: 5, MappedBytes: 40 * pg, MapCalls: 5}
+	want := dma.Stats{Entries: 5, PeakEntries: 5, MappedBytes: 40 * pg, MapCalls: 5, PinnedBytes: 40 * pg}
 	if diff := cmp.Diff(want, st); diff != "" {
 		t.Fatalf("stats (-want +got):\n%s", diff)
 	}
@@ -191,7 +191,8 @@ func TestDiscardSplit(t *testing.T) {
 			f.discard(sec(4, 4))
 			f.entries(ent(0, 4), ent(8, 8))
 			f.reach(append(rangeOf(0, 4), rangeOf(8, 8)...)...)
-			want := dma.Stats{Entries: 2, PeakEntries: 2, MappedBytes: 12 * pg, MapCalls: 3, UnmapCalls: 1, Splits: 1}
+			want := dma.Stats{Entries: 2, PeakEntries: 2, MappedBytes: 12 * pg, MapCalls: 3, UnmapCalls: 1, Splits: 1,
+				PinnedBytes: 28 * pg, UnpinnedBytes: 16 * pg, RepinnedBytes: 12 * pg, WindowBytes: 12 * pg, MaxWindow: 12 * pg}
 			if diff := cmp.Diff(want, f.mapper.Stats()); diff != "" {
 				t.Fatalf("stats (-want +got):\n%s", diff)
 			}
@@ -222,7 +223,7 @@ func TestDiscardSplit(t *testing.T) {
 // TestPopulateBudget checks that a populate needing more entries than are
 // left fails with ENOSPC before any map call.
 func TestPopulateBudget(t *testing.T) {
-	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 4}, dma.Options{Policy: dma.Granule})
+	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 4}, dma.Options{Policy: dma.Granule, SplitReserve: dma.NoReserve})
 	f.populate(sec(0, 1))
 	maps, unmaps := f.model.Calls()
 	err := f.mapper.Populate(sec(8, 4)) // needs 4, 3 left
@@ -245,7 +246,7 @@ func TestPopulateBudget(t *testing.T) {
 // fails with ENOSPC and changes nothing, while a discard whose splits give
 // back as many entries as they take succeeds at the limit.
 func TestDiscardBudget(t *testing.T) {
-	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 2}, dma.Options{})
+	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 2}, dma.Options{SplitReserve: dma.NoReserve})
 	f.populate(sec(0, 4))
 	f.populate(sec(8, 4))
 	maps, unmaps := f.model.Calls()
@@ -272,7 +273,7 @@ func TestDiscardBudget(t *testing.T) {
 // TestRevert checks that Revert restores the exact entries a notification
 // replaced, and the split count, and that it needs a pending notification.
 func TestRevert(t *testing.T) {
-	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 3}, dma.Options{})
+	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 3}, dma.Options{SplitReserve: dma.NoReserve})
 	f.populate(sec(0, 16))
 	f.mapper.Settle(sec(0, 16))
 	if err := f.mapper.Revert(sec(0, 16)); err == nil {
@@ -373,6 +374,17 @@ func TestFailureRestores(t *testing.T) {
 				beforeStats.Failures++
 				beforeStats.MapCalls, beforeStats.UnmapCalls = after.MapCalls, after.UnmapCalls
 				beforeStats.PeakEntries = after.PeakEntries
+				// Pins follow the calls made and undone; what was mapped
+				// stays pinned, and only what the undo restored was
+				// hidden from the device.
+				if after.PinnedBytes-after.UnpinnedBytes != after.MappedBytes {
+					t.Fatalf("fault at call %d: pinned %d - unpinned %d != mapped %d", n, after.PinnedBytes, after.UnpinnedBytes, after.MappedBytes)
+				}
+				if after.WindowBytes-beforeStats.WindowBytes > after.RepinnedBytes-beforeStats.RepinnedBytes {
+					t.Fatalf("fault at call %d: window %d, re-pinned %d: a window is memory mapped again", n, after.WindowBytes, after.RepinnedBytes)
+				}
+				beforeStats.PinnedBytes, beforeStats.UnpinnedBytes = after.PinnedBytes, after.UnpinnedBytes
+				beforeStats.RepinnedBytes, beforeStats.WindowBytes, beforeStats.MaxWindow = after.RepinnedBytes, after.WindowBytes, after.MaxWindow
 				if diff := cmp.Diff(beforeStats, after); diff != "" {
 					t.Fatalf("fault at call %d: stats (-want +got):\n%s", n, diff)
 				}
@@ -389,11 +401,17 @@ func TestStats(t *testing.T) {
 		s        discard.Section
 		want     dma.Stats
 	}{
-		{true, sec(0, 8), dma.Stats{Entries: 1, PeakEntries: 1, MappedBytes: 8 * pg, MapCalls: 1}},
-		{true, sec(8, 8), dma.Stats{Entries: 2, PeakEntries: 2, MappedBytes: 16 * pg, MapCalls: 2}},
-		{false, sec(2, 2), dma.Stats{Entries: 3, PeakEntries: 3, MappedBytes: 14 * pg, MapCalls: 4, UnmapCalls: 1, Splits: 1}},
-		{false, sec(6, 4), dma.Stats{Entries: 3, PeakEntries: 3, MappedBytes: 10 * pg, MapCalls: 6, UnmapCalls: 3, Splits: 3}},
-		{false, sec(0, 16), dma.Stats{Entries: 0, PeakEntries: 3, MappedBytes: 0, MapCalls: 6, UnmapCalls: 4, Splits: 3}},
+		{true, sec(0, 8), dma.Stats{Entries: 1, PeakEntries: 1, MappedBytes: 8 * pg, MapCalls: 1, PinnedBytes: 8 * pg}},
+		{true, sec(8, 8), dma.Stats{Entries: 2, PeakEntries: 2, MappedBytes: 16 * pg, MapCalls: 2, PinnedBytes: 16 * pg}},
+		// [0,8) unmapped, [0,2) and [4,8) mapped again: 6 pages re-pinned
+		// and unreachable for a moment.
+		{false, sec(2, 2), dma.Stats{Entries: 3, PeakEntries: 3, MappedBytes: 14 * pg, MapCalls: 4, UnmapCalls: 1, Splits: 1,
+			PinnedBytes: 22 * pg, UnpinnedBytes: 8 * pg, RepinnedBytes: 6 * pg, WindowBytes: 6 * pg, MaxWindow: 6 * pg}},
+		// [4,8) and [8,16) cut: [4,6) and [10,16) re-pinned.
+		{false, sec(6, 4), dma.Stats{Entries: 3, PeakEntries: 3, MappedBytes: 10 * pg, MapCalls: 6, UnmapCalls: 3, Splits: 3,
+			PinnedBytes: 30 * pg, UnpinnedBytes: 20 * pg, RepinnedBytes: 14 * pg, WindowBytes: 14 * pg, MaxWindow: 8 * pg}},
+		{false, sec(0, 16), dma.Stats{Entries: 0, PeakEntries: 3, MappedBytes: 0, MapCalls: 6, UnmapCalls: 4, Splits: 3,
+			PinnedBytes: 30 * pg, UnpinnedBytes: 30 * pg, RepinnedBytes: 14 * pg, WindowBytes: 14 * pg, MaxWindow: 8 * pg}},
 	}
 	for i, st := range steps {
 		var err error
@@ -422,4 +440,127 @@ func TestHostBounds(t *testing.T) {
 		t.Fatalf("Populate beyond host memory = %v, want EINVAL", err)
 	}
 	f.entries()
+}
+
+// probingSpace is a Model whose device, while probing is set, DMAs to one
+// IOVA after every map and unmap call: what a device with a transfer in
+// flight sees between the calls of an operation.
+type probingSpace struct {
+	*iommu.Model
+	probing      bool
+	iova         uint64
+	hits, faults int
+}
+
+func (p *probingSpace) probe() {
+	if !p.probing {
+		return
+	}
+	if err := p.DMAWrite(p.iova, []byte{1}); err == nil {
+		p.hits++
+	} else {
+		p.faults++
+	}
+}
+
+func (p *probingSpace) Map(iova, size uint64, host []byte) error {
+	err := p.Model.Map(iova, size, host)
+	p.probe()
+	return err
+}
+
+func (p *probingSpace) Unmap(iova, size uint64) (uint64, error) {
+	n, err := p.Model.Unmap(iova, size)
+	p.probe()
+	return n, err
+}
+
+// TestMaxExtent checks that Extent entries stop at multiples of MaxExtent,
+// and that a cut then unmaps only the chunk it falls in: a device DMAing to
+// another chunk while the split runs (between its unmap and its map) reaches
+// memory, while without the bound it faults. The model measures the same
+// window and re-pinned bytes as the mapper.
+func TestMaxExtent(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		max       uint64
+		entries   []iommu.Mapping
+		window    uint64 // bytes hidden from the device by the cut
+		probeHits bool   // a DMA to page 40 during the split lands
+	}{
+		{"bounded", 16 * pg, []iommu.Mapping{ent(0, 16), ent(16, 4), ent(21, 11), ent(32, 16), ent(48, 16)}, 15 * pg, true},
+		{"unbounded", dma.Unbounded, []iommu.Mapping{ent(0, 20), ent(21, 43)}, 63 * pg, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			space := &probingSpace{Model: iommu.NewModel(iommu.Caps{Rules: iommu.Type1v2}), iova: gpa + 40*pg}
+			host := make([]byte, 64*pg)
+			m, err := dma.New(space, host, dma.Options{MaxExtent: c.max})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := m.Populate(sec(0, 64)); err != nil {
+				t.Fatal(err)
+			}
+			if st := m.Stats(); st.WindowBytes != 0 || st.RepinnedBytes != 0 {
+				t.Fatalf("a populate of nothing mapped had a window: %+v", st)
+			}
+			space.BeginOp()
+			space.probing = true
+			if err := m.Discard(sec(20, 1)); err != nil {
+				t.Fatal(err)
+			}
+			space.probing = false
+			hidden, repinned := space.EndOp()
+			var window uint64
+			for _, r := range hidden {
+				window += r.Len()
+			}
+			if diff := cmp.Diff(c.entries, space.Mappings()); diff != "" {
+				t.Fatalf("entries after the cut (-want +got):\n%s", diff)
+			}
+			st := m.Stats()
+			if window != c.window || st.WindowBytes != c.window || st.MaxWindow != c.window || repinned != c.window || st.RepinnedBytes != c.window {
+				t.Fatalf("window: model %d (re-pinned %d), mapper %d (max %d, re-pinned %d), want %d", window, repinned, st.WindowBytes, st.MaxWindow, st.RepinnedBytes, c.window)
+			}
+			if pins := space.Pins(); pins.Pinned*pg != st.PinnedBytes || pins.Unpinned*pg != st.UnpinnedBytes {
+				t.Fatalf("model pinned %d / unpinned %d pages, mapper counted %d / %d bytes", pins.Pinned, pins.Unpinned, st.PinnedBytes, st.UnpinnedBytes)
+			}
+			if space.hits+space.faults == 0 {
+				t.Fatal("the split made no IOMMU call")
+			}
+			if c.probeHits != (space.faults == 0) {
+				t.Fatalf("DMA to page 40 during the split: %d landed, %d faulted", space.hits, space.faults)
+			}
+		})
+	}
+	if _, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, dma.Options{MaxExtent: 3 << 20}); err == nil {
+		t.Error("New accepted a maximum extent that is not a power of two")
+	}
+}
+
+// TestSplitReserve checks that populates leave the reserve free and a
+// splitting discard may use it.
+func TestSplitReserve(t *testing.T) {
+	f := newFixture(t, iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 4}, dma.Options{SplitReserve: 1})
+	f.populate(sec(0, 8))
+	f.populate(sec(10, 8))
+	f.populate(sec(20, 8))
+	if err := f.mapper.Populate(sec(30, 1)); !errors.Is(err, unix.ENOSPC) {
+		t.Fatalf("a populate into the reserve = %v, want ENOSPC", err)
+	}
+	f.discard(sec(2, 1)) // takes the reserved entry
+	f.entries(ent(0, 2), ent(3, 5), ent(10, 8), ent(20, 8))
+	var want []uint64
+	for _, r := range [][2]uint64{{0, 2}, {3, 5}, {10, 8}, {20, 8}} {
+		want = append(want, rangeOf(r[0], r[1])...)
+	}
+	f.reach(want...)
+	if got := dma.DefaultSplitReserve(65535); got != 4096 {
+		t.Errorf("DefaultSplitReserve(65535) = %d", got)
+	}
+	for _, limit := range []uint64{0, 1, 2, 16, 200} {
+		if r := dma.DefaultSplitReserve(limit); limit > 0 && r >= limit || limit > 1 && r == 0 {
+			t.Errorf("DefaultSplitReserve(%d) = %d", limit, r)
+		}
+	}
 }

@@ -435,6 +435,13 @@ func (a *Asm) Hlt() { a.buf = append(a.buf, 0xF4) }
 // sees as a shutdown exit.
 func (a *Asm) Ud2() { a.buf = append(a.buf, 0x0F, 0x0B) }
 
+// Vmmcall is vmmcall (0F 01 D9), AMD's hypercall instruction: rax the
+// hypercall number, rbx, rcx, rdx, rsi its arguments, the result in rax.
+// Under SVM without NRIPS, KVM finds the instruction's length by decoding
+// it through the memslot's userspace mapping, so it must run from a page
+// whose userspace alias holds the same bytes (a shared page).
+func (a *Asm) Vmmcall() { a.buf = append(a.buf, 0x0F, 0x01, 0xD9) }
+
 // Nop is nop (90).
 func (a *Asm) Nop() { a.buf = append(a.buf, 0x90) }
 

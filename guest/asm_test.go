@@ -78,6 +78,7 @@ func TestEncodings(t *testing.T) {
 		{"in eax, dx", func(a *Asm) { a.InDX(Dword) }, []byte{0xED}},
 		{"hlt", func(a *Asm) { a.Hlt() }, []byte{0xF4}},
 		{"ud2", func(a *Asm) { a.Ud2() }, []byte{0x0F, 0x0B}},
+		{"vmmcall", func(a *Asm) { a.Vmmcall() }, []byte{0x0F, 0x01, 0xD9}},
 		{"nop", func(a *Asm) { a.Nop() }, []byte{0x90}},
 		{"pause", func(a *Asm) { a.Pause() }, []byte{0xF3, 0x90}},
 		{"raw", func(a *Asm) { a.Raw(1, 2, 3) }, []byte{1, 2, 3}},

@@ -101,7 +101,9 @@ var closedCalls = map[string]struct {
 	}},
 	"Block.Section": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Section(); return nil }},
 	"Block.SharedBacking": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error {
-		b.SharedBacking()
+		if b.SharedBacking() != nil {
+			return errors.New("SharedBacking after Close is not nil")
+		}
 		return nil
 	}},
 	"Block.Size":      {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Size(); return nil }},

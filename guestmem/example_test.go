@@ -281,7 +281,9 @@ func ExampleNewModelBacking() {
 	})
 	defer mem.Close()
 	dev := iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD})
-	mem.AttachIOMMU(dev, dma.Options{})
+	// One IOMMU entry for the whole extent (the default bounds entries at
+	// dma.DefaultMaxExtent so that a split re-pins little).
+	mem.AttachIOMMU(dev, dma.Options{MaxExtent: dma.Unbounded})
 	mem.Convert(guestmem.Request{GPA: 1 << 40, Size: 1 << 40, To: memattr.Shared})
 
 	fmt.Println("entries:", dev.Mappings())

@@ -116,6 +116,11 @@ func (a *Attachment) Stats() dma.Stats {
 		s.UnmapCalls += x.UnmapCalls
 		s.Splits += x.Splits
 		s.Failures += x.Failures
+		s.PinnedBytes += x.PinnedBytes
+		s.UnpinnedBytes += x.UnpinnedBytes
+		s.RepinnedBytes += x.RepinnedBytes
+		s.WindowBytes += x.WindowBytes
+		s.MaxWindow = max(s.MaxWindow, x.MaxWindow)
 	}
 	return s
 }

@@ -226,7 +226,7 @@ func TestModelBacking(t *testing.T) {
 			}
 			defer mem.Close()
 			model := iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD})
-			att, err := mem.AttachIOMMU(model, dma.Options{})
+			att, err := mem.AttachIOMMU(model, dma.Options{MaxExtent: dma.Unbounded})
 			if err != nil {
 				t.Fatal(err)
 			}

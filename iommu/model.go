@@ -37,6 +37,17 @@ type Model struct {
 	fault    func(Call) error
 	mapCalls uint64
 	unmaps   uint64
+	pins     Pins
+	// op measures the window of the operation between BeginOp and EndOp.
+	op     Window
+	inOp   bool
+	window uint64 // window bytes of the operations ended so far
+}
+
+// Pins counts the IOMMU pages a Model's successful calls pinned (map) and
+// unpinned (unmap), as the kernel pins and unpins the memory behind them.
+type Pins struct {
+	Pinned, Unpinned uint64
 }
 
 // mapping is one entry of the model: [iova, iova+size) reaching host.
@@ -186,7 +197,19 @@ func (m *Model) Map(iova, size uint64, host []byte) error {
 		return unix.EINVAL
 	}
 	m.maps.ReplaceOrInsert(mapping{iova: iova, size: size, host: host})
+	m.pins.Pinned += size / ps
+	if m.inOp && iova+size > iova {
+		m.op.Mapped(span.Range{Start: iova, End: iova + size})
+	}
 	return nil
+}
+
+// removed accounts for mapping x leaving the table.
+func (m *Model) removed(x mapping) {
+	m.pins.Unpinned += x.size / m.caps.PageSize
+	if m.inOp && x.iova+x.size > x.iova {
+		m.op.Unmapped(span.Range{Start: x.iova, End: x.iova + x.size})
+	}
 }
 
 // Unmap implements Space.
@@ -201,7 +224,7 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 	}
 	if m.caps.Rules == IOMMUFD && iova == 0 && size == math.MaxUint64 {
 		var n uint64
-		m.maps.Ascend(func(x mapping) bool { n += x.size; return true })
+		m.maps.Ascend(func(x mapping) bool { n += x.size; m.removed(x); return true })
 		m.maps.Clear(false)
 		return n, nil
 	}
@@ -227,6 +250,7 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 		var n uint64
 		for _, x := range m.inside(iova, last) {
 			m.maps.Delete(x)
+			m.removed(x)
 			n += x.size
 		}
 		return n, nil
@@ -243,6 +267,7 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 				return n, unix.ENOENT
 			}
 			m.maps.Delete(x)
+			m.removed(x)
 			n += x.size
 		}
 		if n == 0 {
@@ -365,6 +390,72 @@ func (m *Model) Calls() (maps, unmaps uint64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.mapCalls, m.unmaps
+}
+
+// Pins returns the pages pinned and unpinned so far.
+func (m *Model) Pins() Pins {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.pins
+}
+
+// BeginOp starts measuring one operation (see Window): from now until EndOp,
+// the model records what its calls unmap and map.
+func (m *Model) BeginOp() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.op.Reset()
+	m.inOp = true
+}
+
+// EndOp ends the operation BeginOp started and returns its window, as the
+// IOVA ranges that were hidden from the device for a moment and are mapped
+// again, and the bytes it re-pinned. The window's bytes are added to
+// WindowBytes.
+func (m *Model) EndOp() (window []span.Range, repinned uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.op.Bytes(func(r span.Range) uint64 {
+		var n uint64
+		m.visitIn(r, func(x mapping) {
+			lo, hi := max(x.iova, r.Start), min(x.last(), r.End-1)
+			window = append(window, span.Range{Start: lo, End: hi + 1})
+			n += hi - lo + 1
+		})
+		m.window += n
+		return n
+	})
+	repinned = m.op.Repinned()
+	m.op.Reset()
+	m.inOp = false
+	return window, repinned
+}
+
+// WindowBytes returns the sum of the windows of the operations measured.
+func (m *Model) WindowBytes() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.window
+}
+
+// visitIn calls fn for each mapping that meets r, ascending.
+func (m *Model) visitIn(r span.Range, fn func(mapping)) {
+	if r.Empty() {
+		return
+	}
+	first, ok := m.containing(r.Start)
+	if ok {
+		fn(first)
+	}
+	m.maps.AscendGreaterOrEqual(mapping{iova: r.Start}, func(x mapping) bool {
+		if x.iova >= r.End {
+			return false
+		}
+		if !ok || x.iova != first.iova {
+			fn(x)
+		}
+		return true
+	})
 }
 
 // Reaches reports whether a device could touch IOVA a now.

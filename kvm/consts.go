@@ -188,6 +188,8 @@ const (
 	kvmCreateVM             = 0xAE01     // _IO(KVMIO, 0x01)
 	kvmCheckExtension       = 0xAE03     // _IO(KVMIO, 0x03)
 	kvmGetVCPUMmapSize      = 0xAE04     // _IO(KVMIO, 0x04)
+	kvmGetSupportedCPUID    = 0xC008AE05 // _IOWR(KVMIO, 0x05, struct kvm_cpuid2 header 8)
+	kvmSetCPUID2            = 0x4008AE90 // _IOW(KVMIO, 0x90, struct kvm_cpuid2 header 8)
 	kvmCreateVCPU           = 0xAE41     // _IO(KVMIO, 0x41)
 	kvmSetUserMemoryRegion2 = 0x40A0AE49 // _IOW(KVMIO, 0x49, 160)
 	kvmRun                  = 0xAE80     // _IO(KVMIO, 0x80)

@@ -126,6 +126,12 @@ func TestCapabilities(t *testing.T) {
 	if !caps.GuestMemfd && caps.GuestMemfdFlags != 0 {
 		t.Errorf("guest_memfd flags %#x without KVM_CAP_GUEST_MEMFD", caps.GuestMemfdFlags)
 	}
+	if got, err := s.VMTypes(); err != nil || (types != 0 && got != uint64(types)) || got&(1<<VMTypeDefault) == 0 {
+		t.Errorf("VMTypes = %#x, %v; KVM_CAP_VM_TYPES %#x", got, err, types)
+	}
+	if _, err := s.CreateVM(63); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("CreateVM(63) = %v, want unsupported without the ioctl", err)
+	}
 	sw, err := s.CreateVM(VMTypeSWProtected)
 	if (types&(1<<VMTypeSWProtected) != 0) != (err == nil) {
 		t.Errorf("KVM_CREATE_VM(SW_PROTECTED) = %v, but KVM_CAP_VM_TYPES = %#x", err, types)
@@ -436,6 +442,12 @@ func TestEnableCapExitHypercall(t *testing.T) {
 	have := needCap(t, vm, CapExitHypercall, 1<<HCMapGPARange)
 	if err := vm.EnableCap(EnableCap{Cap: CapExitHypercall, Args: [4]uint64{1 << HCMapGPARange}}); err != nil {
 		t.Fatalf("enable MAP_GPA_RANGE exits: %v", err)
+	}
+	if err := vm.EnableExitHypercall(1 << HCMapGPARange); err != nil {
+		t.Errorf("EnableExitHypercall(MAP_GPA_RANGE): %v", err)
+	}
+	if err := vm.EnableExitHypercall(0); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("EnableExitHypercall(0) = %v, want unsupported", err)
 	}
 	for bit := range uint(64) {
 		if have&(1<<bit) == 0 {

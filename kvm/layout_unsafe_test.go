@@ -168,6 +168,29 @@ func TestLayoutRun(t *testing.T) {
 // ioc is the asm-generic _IOC encoding.
 func ioc(dir, nr, size uintptr) uintptr { return dir<<30 | size<<16 | 0xAE<<8 | nr }
 
+// TestLayoutCPUID checks struct kvm_cpuid_entry2 (40 bytes: function,
+// index, flags, eax, ebx, ecx, edx, 3 words of padding) and the 8-byte
+// kvm_cpuid2 header before the entries.
+func TestLayoutCPUID(t *testing.T) {
+	var e CPUIDEntry2
+	for _, c := range []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"sizeof entry", unsafe.Sizeof(e), 40},
+		{"function", unsafe.Offsetof(e.Function), 0},
+		{"index", unsafe.Offsetof(e.Index), 4},
+		{"flags", unsafe.Offsetof(e.Flags), 8},
+		{"eax", unsafe.Offsetof(e.EAX), 12},
+		{"edx", unsafe.Offsetof(e.EDX), 24},
+		{"entries", unsafe.Offsetof(cpuid2{}.Entries), 8},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s = %d, want %d", c.name, c.got, c.want)
+		}
+	}
+}
+
 // TestIoctlNumbers checks each request number twice: against the value in
 // the reference table, and against _IOC recomputed from the Go struct size,
 // so a struct and its ioctl cannot drift apart.
@@ -183,6 +206,8 @@ func TestIoctlNumbers(t *testing.T) {
 		{"KVM_CHECK_EXTENSION", kvmCheckExtension, 0xAE03, none, 0x03, 0},
 		{"KVM_GET_VCPU_MMAP_SIZE", kvmGetVCPUMmapSize, 0xAE04, none, 0x04, 0},
 		{"KVM_CREATE_VCPU", kvmCreateVCPU, 0xAE41, none, 0x41, 0},
+		{"KVM_GET_SUPPORTED_CPUID", kvmGetSupportedCPUID, 0xC008AE05, rw, 0x05, unsafe.Offsetof(cpuid2{}.Entries)},
+		{"KVM_SET_CPUID2", kvmSetCPUID2, 0x4008AE90, w, 0x90, unsafe.Offsetof(cpuid2{}.Entries)},
 		{"KVM_SET_USER_MEMORY_REGION2", kvmSetUserMemoryRegion2, 0x40A0AE49, w, 0x49, unsafe.Sizeof(UserspaceMemoryRegion2{})},
 		{"KVM_RUN", kvmRun, 0xAE80, none, 0x80, 0},
 		{"KVM_GET_REGS", kvmGetRegs, 0x8090AE81, r, 0x81, unsafe.Sizeof(Regs{})},

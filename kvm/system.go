@@ -68,11 +68,17 @@ func (s *System) GetVCPUMmapSize() (int, error) {
 }
 
 // CreateVM creates a VM of the given type (KVM_CREATE_VM), such as
-// [VMTypeDefault]. The kernel may answer EINTR when a signal arrives while it
-// sets the VM up; the call is then repeated.
+// [VMTypeDefault] or [VMTypeSWProtected]. A type other than the default is
+// first looked up in [System.VMTypes]; one the host does not offer gives an
+// *UnsupportedError matching unix.EINVAL without the ioctl. The kernel may
+// answer EINTR when a signal arrives while it sets the VM up; the call is
+// then repeated.
 func (s *System) CreateVM(vmType uint64) (*VM, error) {
 	if s.fd < 0 {
 		return nil, ErrClosed
+	}
+	if err := s.checkVMType(vmType); err != nil {
+		return nil, err
 	}
 	mmapSize, err := s.GetVCPUMmapSize()
 	if err != nil {
@@ -89,7 +95,7 @@ func (s *System) CreateVM(vmType uint64) (*VM, error) {
 		if err != nil {
 			return nil, ioctlError(fmt.Sprintf("KVM_CREATE_VM(%d)", vmType), err)
 		}
-		return &VM{fd: int(r), vcpuMmapSize: mmapSize}, nil
+		return &VM{fd: int(r), vcpuMmapSize: mmapSize, vmType: vmType}, nil
 	}
 }
 

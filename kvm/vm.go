@@ -13,6 +13,7 @@ import (
 type VM struct {
 	fd           int
 	vcpuMmapSize int
+	vmType       uint64
 }
 
 // Fd returns the file descriptor, or -1 after Close.

@@ -1,40 +1,42 @@
-// Package replay drives a conversion trace through the real gmem library
-// twice, side by side, and reports what each run cost and whether gmem's
+// Package replay drives a conversion trace through the gmem library twice,
+// side by side, and reports what each run cost and whether gmem's
 // invariants held after every event.
 //
-// The two runs differ only in representation and mapping policy:
+// Each run is a guestmem.Memory, the executor a VMM uses, on model backings
+// (no memory behind them): the RAM and MMIO events of the trace are its
+// blocks and holes, created at the first other event. The two runs differ
+// only in representation and mapping policy:
 //
-//   - baseline is QEMU's algorithm: page state in dense bitmaps (memattr and
-//     virtiomem with Bitmap set) and one IOMMU entry per 4 KiB granule
+//   - baseline is QEMU's algorithm: page state in dense bitmaps
+//     (guestmem.Config.Bitmap) and one IOMMU entry per 4 KiB granule
 //     (dma.Granule);
 //   - gmem is the library's own: state stored as runs and one IOMMU entry per
 //     converted extent (dma.Extent).
 //
-// Each RAM event becomes a region: a discard.Manager with memattr as its
-// source (InPlace for "inplace" RAM) and, for hot-pluggable RAM, virtiomem as
-// a second source. Each attached device gets one iommu.Model with the
-// device's rules (type1 with its entry limit, or iommufd) and, for every RAM
-// region, a dma.Mapper registered for the whole region at its guest physical
-// address. Conversions are split across regions; the parts in MMIO holes are
-// ignored (a conversion of a hole to private is refused as invalid). An
-// unplug also makes its range private, since plugged memory starts private.
+// Each attached device gets one iommu.Model with the device's rules (type1
+// with its entry limit, or iommufd), attached with Memory.AttachIOMMU.
+// Conversions go to Memory.Convert, plugs and unplugs to Memory.Plug and
+// Memory.Unplug: what a request does, and which requests are refused, is
+// guestmem's to say, and replay counts the refusals by reason (Reason).
 //
-// After every event the replay checks, for every mapper, I1 and I2 (the
-// entries of its IOMMU are exactly the populated pages; invariant.Mapped) in
-// the window the event could have changed; I2 also between the phases of a
-// conversion (nothing mapped when a page is made private in place or its
-// shared backing is released); for a refused event I3 (state and entries as
-// before); for an accepted one I4 (the range holds the requested state), and
-// that the baseline and gmem hold the same shared, private and plugged runs
+// After every event the replay checks, for every device, I1 and I2 (the
+// entries of its IOMMU are exactly the shared, plugged pages;
+// invariant.Mapped) in the window the event could have changed; I2 also
+// between the steps of a change, from the executor's backend hook (nothing
+// mapped when a page is made private in place or its shared memory is
+// discarded); for a refused event I3 (state and entries as before); for an
+// accepted one I4 (the range holds the requested state), and that the
+// baseline and gmem hold the same shared, private and unplugged runs
 // wherever they accepted the same events. Finish repeats the checks over
-// everything.
+// everything, with Attachment.Check.
 //
-// Events that break the trace's rules (trace.Validator) are refused in both
-// runs; a valid event may still be refused by one run, typically the baseline
-// running out of type1 entries (ENOSPC). Both are counted. Memory stays
-// proportional to the runs and IOMMU entries of the two runs, never to the
-// size of the guest, except for the baseline's bitmaps (one bit per page, as
-// QEMU has).
+// Events that describe an impossible machine (trace.Validator, or a layout
+// guestmem refuses) are not replayed: Apply returns them as *InputError. A
+// guest request may be refused by one run only, typically the baseline
+// running out of type1 entries (ENOSPC); both kinds of refusal are counted.
+// Memory stays proportional to the runs and IOMMU entries of the two runs,
+// never to the size of the guest, except for the baseline's bitmaps (one bit
+// per page, as QEMU has).
 package replay
 
 import (
@@ -43,11 +45,15 @@ import (
 	"fmt"
 	"iter"
 	"log/slog"
+	"maps"
+	"slices"
 	"sort"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/span"
 	"github.com/gmemproject/gmem/trace"
 )
@@ -78,6 +84,9 @@ type Options struct {
 	// Logger receives the library's own logs (default: discarded). A
 	// baseline running out of type1 entries logs every refusal.
 	Logger *slog.Logger
+	// MaxExtent is the gmem run's dma.Options.MaxExtent (0: the default,
+	// dma.Unbounded: none).
+	MaxExtent uint64
 }
 
 // RunStats is what one run (baseline or gmem) did.
@@ -91,19 +100,36 @@ type RunStats struct {
 	LimitFailures uint64  `json:"limit_failures"` // valid events refused with ENOSPC
 	Failures      uint64  `json:"failures"`       // valid events refused, for any reason
 	NsPerEvent    float64 `json:"ns_per_event"`   // time in the library per event
+	// What the mappers cost the kernel and the devices (dma.Stats).
+	PinnedBytes    uint64 `json:"pinned_bytes"`    // bytes pinned by map requests
+	RepinnedBytes  uint64 `json:"repinned_bytes"`  // bytes unmapped and pinned again within one notification
+	WindowBytes    uint64 `json:"window_bytes"`    // bytes a notification left mapped but hid from the device meanwhile
+	MaxWindow      uint64 `json:"max_window"`      // the largest window of one notification
+	PrivateRefused uint64 `json:"private_refused"` // valid conversions to private refused
+}
+
+// addCosts adds a mapper's pin and window counters to s.
+func (s *RunStats) addCosts(st dma.Stats) {
+	s.PinnedBytes += st.PinnedBytes
+	s.RepinnedBytes += st.RepinnedBytes
+	s.WindowBytes += st.WindowBytes
+	s.MaxWindow = max(s.MaxWindow, st.MaxWindow)
 }
 
 // Result summarises a replay.
 type Result struct {
-	Events      uint64 `json:"events"`      // events replayed
+	Events      uint64 `json:"events"`      // events replayed, input errors included
 	Conversions uint64 `json:"conversions"` // convert events among them
-	// Rejected counts the events refused by at least one run, the invalid
-	// ones included.
+	// InputErrors counts the events that describe an impossible machine
+	// (trace.ErrMachine): not replayed, the trace is wrong.
+	InputErrors uint64 `json:"input_errors"`
+	// Rejected counts the guest requests refused by at least one run: what
+	// the VMM answers with an error.
 	Rejected uint64 `json:"rejected"`
-	// Invalid counts the events that break the trace's rules
-	// (trace.Validator); both runs refuse them.
-	Invalid uint64 `json:"invalid"`
-	// Diverged counts the valid events that one run accepted and the other
+	// RejectedBy counts the refused requests by reason (see Reason), the
+	// gmem run's reason where both refused.
+	RejectedBy map[string]uint64 `json:"rejected_by"`
+	// Diverged counts the requests that one run accepted and the other
 	// refused; from then on the two may differ where such events applied.
 	Diverged   uint64 `json:"diverged"`
 	Violations uint64 `json:"violations"` // broken invariants
@@ -118,9 +144,32 @@ type Result struct {
 	Baseline RunStats `json:"baseline"`
 	Gmem     RunStats `json:"gmem"`
 
-	ViolationDetails []Violation `json:"violation_details,omitempty"`
-	Rejections       []Rejection `json:"rejection_details,omitempty"`
+	ViolationDetails  []Violation  `json:"violation_details,omitempty"`
+	Rejections        []Rejection  `json:"rejection_details,omitempty"`
+	InputErrorDetails []InputError `json:"input_error_details,omitempty"`
 }
+
+// InputError is an event that breaks the trace's own structure
+// (trace.Validator): RAM or MMIO overlapping, a device attached twice, a
+// plug where there is no hot-pluggable RAM. It is not replayed.
+// Err wraps trace.ErrMachine or trace.ErrValue.
+type InputError struct {
+	Event   uint64 `json:"event"`
+	Line    int    `json:"line,omitempty"`
+	Message string `json:"error"` // Err's text
+	Err     error  `json:"-"`
+}
+
+// Error returns "line N: what is wrong" (or "event N: ..." without a line).
+func (e *InputError) Error() string {
+	if e.Line > 0 {
+		return fmt.Sprintf("line %d: %s", e.Line, e.Message)
+	}
+	return fmt.Sprintf("event %d: %s", e.Event, e.Message)
+}
+
+// Unwrap returns the cause.
+func (e *InputError) Unwrap() error { return e.Err }
 
 // Violation describes a broken invariant.
 type Violation struct {
@@ -143,12 +192,13 @@ func (v *Violation) Error() string {
 	return fmt.Sprintf("%s: %s violated in %s: %s", where, v.Invariant, v.Run, v.Detail)
 }
 
-// Rejection describes a refused event.
+// Rejection describes a refused guest request.
 type Rejection struct {
 	Event  uint64 `json:"event"`
 	Line   int    `json:"line,omitempty"`
-	Run    string `json:"run"` // "both", "baseline" or "gmem"
-	Reason string `json:"reason"`
+	Run    string `json:"run"`    // "both", "baseline" or "gmem"
+	Reason string `json:"reason"` // the class, a key of Result.RejectedBy
+	Detail string `json:"detail"` // the error
 }
 
 // Replayer replays one trace. Feed it events in order with Apply, then call
@@ -159,13 +209,19 @@ type Replayer struct {
 	val  *trace.Validator
 
 	layout   []area // RAM and MMIO, sorted by GPA
+	ram      []trace.RAM
+	mmio     []trace.MMIO
+	started  bool  // the runs' memory exists
+	startErr error // why it could not be created
 	runs     [2]*run
 	diverged span.Set // GPAs where the runs may differ
 
-	events, conversions, rejected, invalid, divergedEvents uint64
-	violations                                             uint64
-	vlist                                                  []Violation
-	rlist                                                  []Rejection
+	events, conversions, rejected, inputErrors, divergedEvents uint64
+	violations                                                 uint64
+	rejectedBy                                                 map[string]uint64
+	vlist                                                      []Violation
+	rlist                                                      []Rejection
+	ilist                                                      []InputError
 
 	limit    uint64     // largest type1 entry limit attached, for the drawing
 	line     int        // input line of the current event
@@ -176,7 +232,7 @@ type Replayer struct {
 // area is a RAM block or an MMIO hole of the guest physical address space.
 type area struct {
 	r   span.Range
-	ram int // index of the region in each run, or -1 for MMIO
+	ram bool
 }
 
 // New returns a Replayer for a trace with no events yet.
@@ -191,7 +247,7 @@ func New(opts Options) *Replayer {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	rp := &Replayer{opts: opts, log: log, val: trace.NewValidator()}
+	rp := &Replayer{opts: opts, log: log, val: trace.NewValidator(), rejectedBy: map[string]uint64{}}
 	rp.runs[0] = newRun(rp, "baseline", true)
 	rp.runs[1] = newRun(rp, "gmem", false)
 	return rp
@@ -222,16 +278,21 @@ func (rp *Replayer) violate(run, inv, format string, args ...any) {
 	}
 }
 
-// reject records a refused event.
+// reject records a refused request.
 func (rp *Replayer) reject(run string, err error) {
+	why := Reason(err)
+	rp.rejected++
+	rp.rejectedBy[why]++
 	if len(rp.rlist) < rp.opts.MaxDetails {
-		rp.rlist = append(rp.rlist, Rejection{Event: rp.events, Line: rp.line, Run: run, Reason: err.Error()})
+		rp.rlist = append(rp.rlist, Rejection{Event: rp.events, Line: rp.line, Run: run, Reason: why, Detail: err.Error()})
 	}
 }
 
-// Apply replays one event; line is its input line (0 if unknown). It returns
-// the first invariant the event broke, as a *Violation, or nil. An event
-// either run refuses is not an error: it is counted in the Result.
+// Apply replays one event; line is its input line (0 if unknown). An event
+// that breaks the trace's structure is not replayed and returned as an
+// *InputError. Otherwise Apply returns the first invariant the event broke,
+// as a *Violation, or nil. A guest request either run refuses is not an
+// error: it is counted in the Result by reason.
 func (rp *Replayer) Apply(e trace.Event, line int) error {
 	if rp.finished {
 		return errors.New("replay: Apply after Finish")
@@ -242,10 +303,17 @@ func (rp *Replayer) Apply(e trace.Event, line int) error {
 	if _, ok := e.(trace.Convert); ok {
 		rp.conversions++
 	}
-	if err := rp.val.Check(e); err != nil {
-		rp.invalid++
-		rp.rejected++
-		rp.reject("both", err)
+	var inputErr *InputError
+	err := rp.val.Check(e)
+	if err == nil {
+		err = rp.machine(e)
+	}
+	if err != nil {
+		rp.inputErrors++
+		inputErr = &InputError{Event: rp.events, Line: line, Message: err.Error(), Err: err}
+		if len(rp.ilist) < rp.opts.MaxDetails {
+			rp.ilist = append(rp.ilist, *inputErr)
+		}
 	} else {
 		rp.apply(e)
 	}
@@ -255,24 +323,52 @@ func (rp *Replayer) Apply(e trace.Event, line int) error {
 	if rp.opts.Progress != nil && rp.events%rp.opts.ProgressEvery == 0 {
 		rp.opts.Progress(rp.events)
 	}
+	if inputErr != nil {
+		return inputErr
+	}
 	if rp.first != nil {
 		return rp.first
 	}
 	return nil
 }
 
+// machine records a RAM or MMIO event, and creates the runs' memory at the
+// first event that is neither (the Validator has made sure the machine
+// comes first). An error is the library refusing the machine
+// (guestmem.ErrLayout): an input error.
+func (rp *Replayer) machine(e trace.Event) error {
+	switch e := e.(type) {
+	case trace.RAM:
+		rp.ram = append(rp.ram, e)
+		rp.insertArea(area{r: e.Range(), ram: true})
+		return nil
+	case trace.MMIO:
+		rp.mmio = append(rp.mmio, e)
+		rp.insertArea(area{r: e.Range()})
+		return nil
+	}
+	return rp.start()
+}
+
+// start creates the memory of both runs once.
+func (rp *Replayer) start() error {
+	if !rp.started {
+		rp.started = true
+		for _, r := range rp.runs {
+			if err := r.start(rp.ram, rp.mmio); err != nil {
+				rp.startErr = fmt.Errorf("%w: the library refuses the machine: %w", trace.ErrMachine, err)
+				break
+			}
+		}
+	}
+	return rp.startErr
+}
+
 // apply replays a valid event in both runs and checks the invariants.
 func (rp *Replayer) apply(e trace.Event) {
 	switch e := e.(type) {
-	case trace.RAM:
-		idx := len(rp.runs[0].regions)
-		rp.insertArea(area{r: e.Range(), ram: idx})
-		rp.both(func(r *run) error { return r.addRAM(e) })
-		for _, r := range rp.runs {
-			r.checkMapped(e.Range())
-		}
-	case trace.MMIO:
-		rp.insertArea(area{r: e.Range(), ram: -1})
+	case trace.RAM, trace.MMIO:
+		// Part of the machine, created at the first request.
 	case trace.Attach:
 		if e.IOMMU == trace.Type1 {
 			rp.limit = max(rp.limit, cmp.Or(e.Limit, defaultType1Limit))
@@ -286,40 +382,42 @@ func (rp *Replayer) apply(e trace.Event) {
 	case trace.Detach:
 		rp.both(func(r *run) error { return r.detach(e.Dev) })
 	case trace.Convert:
-		parts := rp.split(e.Range())
-		rp.stateEvent(e.Range(), parts, func(r *run) error { return r.convert(parts, e.To) },
-			func(r *run, reg *region, off span.Range) string {
-				if e.To == trace.Shared {
-					if !reg.attrs.IsShared(off) {
-						return "not all shared"
-					}
-				} else if !reg.attrs.IsPrivate(off) {
-					return "not all private"
-				}
-				return ""
-			}, true)
+		want := guestmem.KindShared
+		if e.To == trace.Private {
+			want = guestmem.KindPrivate
+		}
+		rp.stateEvent(rp.eventWindow(e.GPA, e.Size), func(rn *run) error {
+			err := rn.convert(e)
+			// A guest giving memory back must never be refused for want
+			// of IOMMU entries (or anything else the VMM runs out of).
+			if err != nil && e.To == trace.Private && Reason(err) == ReasonNoEntries {
+				rn.privateRefused++
+			}
+			return err
+		}, want)
 	case trace.Plug:
-		parts := rp.split(e.Range())
-		rp.stateEvent(e.Range(), parts, func(r *run) error { return r.plug(parts, true) },
-			func(r *run, reg *region, off span.Range) string {
-				if reg.vmem == nil || !reg.vmem.IsPlugged(off) {
-					return "not all plugged"
-				}
-				return ""
-			}, false)
+		rp.stateEvent(rp.eventWindow(e.GPA, e.Size), func(rn *run) error { return rn.mem.Plug(e.GPA, e.Size) },
+			guestmem.KindPrivate)
 	case trace.Unplug:
-		parts := rp.split(e.Range())
-		rp.stateEvent(e.Range(), parts, func(r *run) error { return r.plug(parts, false) },
-			func(r *run, reg *region, off span.Range) string {
-				if reg.vmem == nil || !reg.vmem.IsUnplugged(off) {
-					return "not all unplugged"
-				}
-				if !reg.attrs.IsPrivate(off) {
-					return "unplugged but not all private"
-				}
-				return ""
-			}, true)
+		rp.stateEvent(rp.eventWindow(e.GPA, e.Size), func(rn *run) error { return rn.mem.Unplug(e.GPA, e.Size) },
+			guestmem.KindUnplugged)
 	}
+}
+
+// eventWindow returns the page-aligned part of [gpa, gpa+size) below the
+// end of the address space: what a request can change, whatever the
+// executor thinks of it (a request that wraps is taken to run to the end).
+func (rp *Replayer) eventWindow(gpa, size uint64) span.Range {
+	limit := rp.runs[1].mem.MaxGPA()
+	end := gpa + size
+	if end < gpa || end > limit {
+		end = limit
+	}
+	r, ok := span.Range{Start: min(gpa, limit), End: end}.Outward(trace.PageSize)
+	if !ok {
+		return span.Range{}
+	}
+	return r.Intersect(span.Range{End: limit})
 }
 
 // both runs fn in each run, timing it, and records the outcomes. It returns
@@ -338,35 +436,15 @@ func (rp *Replayer) both(fn func(*run) error) (errs [2]error) {
 	}
 	switch {
 	case errs[0] != nil && errs[1] != nil:
-		rp.rejected++
 		rp.reject("both", errs[1])
 	case errs[0] != nil:
-		rp.rejected++
 		rp.divergedEvents++
 		rp.reject("baseline", errs[0])
 	case errs[1] != nil:
-		rp.rejected++
 		rp.divergedEvents++
 		rp.reject("gmem", errs[1])
 	}
 	return errs
-}
-
-// part is the piece of a guest physical range inside one area.
-type part struct {
-	r   span.Range // guest physical
-	ram int        // region index, or -1 for MMIO
-}
-
-// split cuts r along the areas; the Validator has made sure r lies in them.
-func (rp *Replayer) split(r span.Range) []part {
-	var out []part
-	i := sort.Search(len(rp.layout), func(i int) bool { return rp.layout[i].r.End > r.Start })
-	for ; i < len(rp.layout) && rp.layout[i].r.Start < r.End; i++ {
-		a := rp.layout[i]
-		out = append(out, part{r: a.r.Intersect(r), ram: a.ram})
-	}
-	return out
 }
 
 func (rp *Replayer) insertArea(a area) {
@@ -376,14 +454,11 @@ func (rp *Replayer) insertArea(a area) {
 	rp.layout[i] = a
 }
 
-// stateEvent replays an event that changes page state over r (split into
-// parts) and checks it: I1/I2 in the window it could change, I3 if a run
-// refused it, I4 (holds reports what is wrong with a part of a region after
-// success, "" if nothing) if it accepted, and the runs against each other.
-// equalizes says whether success in both runs leaves r in the same state in
-// both whatever came before.
-func (rp *Replayer) stateEvent(r span.Range, parts []part, fn func(*run) error,
-	holds func(*run, *region, span.Range) string, equalizes bool) {
+// stateEvent replays a request that changes page state over r and checks
+// it: I1/I2 in the window it could change, I3 if a run refused it, I4 if it
+// accepted (every RAM page of r is of kind want afterwards), and the runs
+// against each other.
+func (rp *Replayer) stateEvent(r span.Range, fn func(*run) error, want guestmem.Kind) {
 	type before struct {
 		window span.Range
 		state  []stateRun
@@ -391,7 +466,7 @@ func (rp *Replayer) stateEvent(r span.Range, parts []part, fn func(*run) error,
 	}
 	var bs [2]before
 	for i, rn := range rp.runs {
-		bs[i] = before{window: rn.window(r), state: rn.state(parts), stats: rn.devStats()}
+		bs[i] = before{window: rn.window(r), state: rn.state(r), stats: rn.devStats()}
 	}
 	errs := rp.both(fn)
 	for i, rn := range rp.runs {
@@ -399,59 +474,51 @@ func (rp *Replayer) stateEvent(r span.Range, parts []part, fn func(*run) error,
 		w2 := rn.window(r)
 		w.Start, w.End = min(w.Start, w2.Start), max(w.End, w2.End)
 		rn.checkMapped(w)
+		after := rn.state(r)
 		if errs[i] != nil {
-			if after := rn.state(parts); !equalRuns(bs[i].state, after) {
+			if !slices.Equal(bs[i].state, after) {
 				rp.violate(rn.name, "I3", "refused event (%v) changed the page state of %v", errs[i], r)
 			}
-			ramParts := 0
-			for _, p := range parts {
-				if p.ram >= 0 {
-					ramParts++
+			blocks := 0
+			for _, a := range rp.layout {
+				if a.ram && a.r.Overlaps(r) {
+					blocks++
 				}
 			}
-			if d := diffStats(bs[i].stats, rn.devStats(), ramParts <= 1); d != "" {
+			if d := diffStats(bs[i].stats, rn.devStats(), blocks <= 1); d != "" {
 				rp.violate(rn.name, "I3", "refused event (%v) changed the IOMMU: %s", errs[i], d)
 			}
 			continue
 		}
-		for _, p := range parts {
-			if p.ram < 0 {
-				continue
-			}
-			reg := rn.regions[p.ram]
-			if msg := holds(rn, reg, reg.offsets(p.r)); msg != "" {
-				rp.violate(rn.name, "I4", "after the event %v is %s", p.r, msg)
+		for _, x := range after {
+			if x.kind != want {
+				rp.violate(rn.name, "I4", "after the event %v is %v, want %v", x.r, x.kind, want)
+				break
 			}
 		}
 	}
 	switch {
-	case errs[0] == nil && errs[1] == nil && equalizes:
-		rp.compare(parts, false)
+	case errs[0] == nil && errs[1] == nil:
+		rp.compare(r, false)
 		rp.diverged.Remove(r)
 	case (errs[0] == nil) == (errs[1] == nil):
-		rp.compare(parts, true)
+		rp.compare(r, true)
 	default:
 		rp.diverged.Add(r)
 	}
 }
 
-// compare checks that the baseline and gmem hold the same state over the RAM
-// parts, leaving out where they may differ if skipDiverged.
-func (rp *Replayer) compare(parts []part, skipDiverged bool) {
-	for _, p := range parts {
-		if p.ram < 0 {
-			continue
-		}
-		pieces := []span.Range{p.r}
-		if skipDiverged {
-			pieces = rp.diverged.Minus(p.r)
-		}
-		for _, x := range pieces {
-			one := []part{{r: x, ram: p.ram}}
-			b, g := rp.runs[0].state(one), rp.runs[1].state(one)
-			if !equalRuns(b, g) {
-				rp.violate("both", "I4", "baseline and gmem disagree on %v: baseline %v, gmem %v", x, fmtRuns(b), fmtRuns(g))
-			}
+// compare checks that the baseline and gmem hold the same state over r,
+// leaving out where they may differ if skipDiverged.
+func (rp *Replayer) compare(r span.Range, skipDiverged bool) {
+	pieces := []span.Range{r}
+	if skipDiverged {
+		pieces = rp.diverged.Minus(r)
+	}
+	for _, x := range pieces {
+		b, g := rp.runs[0].state(x), rp.runs[1].state(x)
+		if !slices.Equal(b, g) {
+			rp.violate("both", "I4", "baseline and gmem disagree on %v: baseline %v, gmem %v", x, fmtRuns(b), fmtRuns(g))
 		}
 	}
 }
@@ -466,13 +533,14 @@ func (rp *Replayer) Finish() error {
 	}
 	rp.finished = true
 	rp.first = nil
-	var parts []part
+	if err := rp.start(); err != nil {
+		return nil // the input error was reported with its event
+	}
 	for _, a := range rp.layout {
-		if a.ram >= 0 {
-			parts = append(parts, part(a))
+		if a.ram {
+			rp.compare(a.r, true)
 		}
 	}
-	rp.compare(parts, true)
 	for _, rn := range rp.runs {
 		rn.finish()
 	}
@@ -486,22 +554,33 @@ func (rp *Replayer) Finish() error {
 // time.
 func (rp *Replayer) Result() Result {
 	res := Result{
-		Events:           rp.events,
-		Conversions:      rp.conversions,
-		Rejected:         rp.rejected,
-		Invalid:          rp.invalid,
-		Diverged:         rp.divergedEvents,
-		Violations:       rp.violations,
-		ViolationDetails: append([]Violation(nil), rp.vlist...),
-		Rejections:       append([]Rejection(nil), rp.rlist...),
+		Events:            rp.events,
+		Conversions:       rp.conversions,
+		InputErrors:       rp.inputErrors,
+		Rejected:          rp.rejected,
+		RejectedBy:        maps.Clone(rp.rejectedBy),
+		Diverged:          rp.divergedEvents,
+		Violations:        rp.violations,
+		ViolationDetails:  append([]Violation(nil), rp.vlist...),
+		Rejections:        append([]Rejection(nil), rp.rlist...),
+		InputErrorDetails: append([]InputError(nil), rp.ilist...),
 	}
 	g := rp.runs[1]
-	for _, reg := range g.regions {
-		c := reg.classify()
-		res.RAMBytes += reg.ram.Size
-		res.SharedBytes += c[classShared]
-		res.PrivateBytes += c[classPrivate]
-		res.UnpluggedBytes += c[classUnplugged]
+	for _, e := range rp.ram {
+		res.RAMBytes += e.Size
+	}
+	if g.mem != nil {
+		st := g.mem.StateStats()
+		res.SharedBytes, res.PrivateBytes, res.UnpluggedBytes = st.SharedBytes, st.PrivateBytes, st.UnpluggedBytes
+	} else {
+		// Not started: every page as created, hot-pluggable RAM unplugged.
+		for _, e := range rp.ram {
+			if e.Block != 0 {
+				res.UnpluggedBytes += e.Size
+			} else {
+				res.PrivateBytes += e.Size
+			}
+		}
 	}
 	res.Devices = len(g.order)
 	res.Baseline = rp.runs[0].stats(rp.events)

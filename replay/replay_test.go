@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	"golang.org/x/sys/unix"
 
 	"github.com/gmemproject/gmem/iommu"
@@ -25,7 +26,8 @@ func replayText(t *testing.T, text string) (*Replayer, Result) {
 	}
 	rp := New(Options{})
 	for i, e := range tr.Events {
-		if err := rp.Apply(e, tr.Lines[i]); err != nil {
+		var ie *InputError
+		if err := rp.Apply(e, tr.Lines[i]); err != nil && !errors.As(err, &ie) {
 			t.Fatalf("line %d: %v", tr.Lines[i], err)
 		}
 	}
@@ -37,10 +39,11 @@ func replayText(t *testing.T, text string) (*Replayer, Result) {
 
 // want is what a golden test checks of a Result; every field is compared.
 type want struct {
-	events, conversions, rejected, invalid, diverged uint64
-	shared, unplugged                                uint64
-	devices                                          int
-	base, gmem                                       runWant
+	events, conversions, rejected, inputErrors, diverged uint64
+	reasons                                              map[string]uint64
+	shared, unplugged                                    uint64
+	devices                                              int
+	base, gmem                                           runWant
 }
 
 type runWant struct {
@@ -50,14 +53,14 @@ type runWant struct {
 func (w want) check(t *testing.T, res Result) {
 	t.Helper()
 	got := want{
-		events: res.Events, conversions: res.Conversions, rejected: res.Rejected, invalid: res.Invalid,
+		events: res.Events, conversions: res.Conversions, rejected: res.Rejected, inputErrors: res.InputErrors, reasons: res.RejectedBy,
 		diverged: res.Diverged, shared: res.SharedBytes, unplugged: res.UnpluggedBytes, devices: res.Devices,
 		base: runWant{res.Baseline.EntriesFinal, res.Baseline.EntriesPeak, res.Baseline.MapCalls, res.Baseline.UnmapCalls,
 			res.Baseline.Splits, res.Baseline.LimitFailures, res.Baseline.Failures},
 		gmem: runWant{res.Gmem.EntriesFinal, res.Gmem.EntriesPeak, res.Gmem.MapCalls, res.Gmem.UnmapCalls,
 			res.Gmem.Splits, res.Gmem.LimitFailures, res.Gmem.Failures},
 	}
-	if diff := cmp.Diff(w, got, cmp.AllowUnexported(want{}, runWant{})); diff != "" {
+	if diff := cmp.Diff(w, got, cmp.AllowUnexported(want{}, runWant{}), cmpopts.EquateEmpty()); diff != "" {
 		t.Errorf("result (-want +got):\n%s\nviolations %v\nrejections %v", diff, res.ViolationDetails, res.Rejections)
 	}
 	if res.Violations != 0 {
@@ -123,15 +126,16 @@ func TestGolden(t *testing.T) {
 {"op":"convert","gpa":"0x100000","size":"1MiB","to":"private"}
 {"op":"convert","gpa":"0x0","size":"400KiB","to":"shared"}`,
 			// 400 KiB = 100 granules: exactly the limit.
-			want: want{events: 5, conversions: 3, rejected: 1, diverged: 1, shared: 400 << 10, devices: 1,
+			want: want{events: 5, conversions: 3, rejected: 1, diverged: 1, reasons: map[string]uint64{ReasonNoEntries: 1}, shared: 400 << 10, devices: 1,
 				base: runWant{final: 100, peak: 100, maps: 100, limit: 1, failures: 1},
 				gmem: runWant{final: 1, peak: 1, maps: 2, unmaps: 1}},
 		},
 		{
 			// A conversion across RAM, the PCI hole and RAM again: the RAM
 			// parts (one page each side) are mapped by each region's mapper,
-			// the hole is ignored. Converting the hole to private, or memory
-			// that is neither RAM nor MMIO, is invalid.
+			// the hole is ignored. Converting the hole to private is refused;
+			// converting memory that is neither RAM nor MMIO to shared is
+			// accepted and ignored, as QEMU does.
 			name: "MMIO hole",
 			trace: `{"op":"ram","name":"low","gpa":"0","size":"2GiB","mode":"split"}
 {"op":"mmio","gpa":"2GiB","size":"2GiB"}
@@ -140,15 +144,15 @@ func TestGolden(t *testing.T) {
 {"op":"convert","gpa":"0x7ffff000","size":"0x80002000","to":"shared"}
 {"op":"convert","gpa":"2GiB","size":"4KiB","to":"private"}
 {"op":"convert","gpa":"5GiB","size":"4KiB","to":"shared"}`,
-			want: want{events: 7, conversions: 3, rejected: 2, invalid: 2, shared: 8192, devices: 1,
-				base: runWant{final: 2, peak: 2, maps: 2},
-				gmem: runWant{final: 2, peak: 2, maps: 2}},
+			want: want{events: 7, conversions: 3, rejected: 1, reasons: map[string]uint64{ReasonNotRAM: 1}, shared: 8192, devices: 1,
+				base: runWant{final: 2, peak: 2, maps: 2, failures: 1},
+				gmem: runWant{final: 2, peak: 2, maps: 2, failures: 1}},
 		},
 		{
 			// virtio-mem: plug 4 MiB (2 blocks), share 2 pages in the first
 			// block (baseline 2 entries, gmem 1), unplug that block: the
 			// mappings go and its pages are private again. Converting
-			// unplugged memory is invalid.
+			// unplugged memory is refused.
 			name: "hotplug",
 			trace: ram1G + `{"op":"ram","name":"vmem","gpa":"4GiB","size":"1GiB","mode":"split","block":"2MiB"}
 {"op":"attach","dev":"dev0","iommu":"type1"}
@@ -157,9 +161,9 @@ func TestGolden(t *testing.T) {
 {"op":"convert","gpa":"0x100200000","size":"4KiB","to":"shared"}
 {"op":"unplug","gpa":"4GiB","size":"2MiB"}
 {"op":"convert","gpa":"4GiB","size":"4KiB","to":"shared"}`,
-			want: want{events: 8, conversions: 3, rejected: 1, invalid: 1, shared: 4096, unplugged: 1<<30 - 2<<20, devices: 1,
-				base: runWant{final: 1, peak: 3, maps: 3, unmaps: 1},
-				gmem: runWant{final: 1, peak: 2, maps: 2, unmaps: 1}},
+			want: want{events: 8, conversions: 3, rejected: 1, reasons: map[string]uint64{ReasonUnplugged: 1}, shared: 4096, unplugged: 1<<30 - 2<<20, devices: 1,
+				base: runWant{final: 1, peak: 3, maps: 3, unmaps: 1, failures: 1},
+				gmem: runWant{final: 1, peak: 2, maps: 2, unmaps: 1, failures: 1}},
 		},
 		{
 			// In place: the mapping goes before the kernel converts (the
@@ -182,7 +186,7 @@ func TestGolden(t *testing.T) {
 {"op":"ram","name":"b","gpa":"1GiB","size":"1GiB","mode":"split"}
 {"op":"attach","dev":"dev0","iommu":"type1","limit":1}
 {"op":"convert","gpa":"0x3ffff000","size":"8KiB","to":"shared"}`,
-			want: want{events: 4, conversions: 1, rejected: 1, devices: 1,
+			want: want{events: 4, conversions: 1, rejected: 1, reasons: map[string]uint64{ReasonNoEntries: 1}, devices: 1,
 				base: runWant{maps: 1, unmaps: 1, limit: 1, failures: 1},
 				gmem: runWant{maps: 1, unmaps: 1, limit: 1, failures: 1}},
 		},
@@ -197,13 +201,14 @@ func TestGolden(t *testing.T) {
 {"op":"detach","dev":"dev0"}
 {"op":"attach","dev":"dev1","iommu":"iommufd"}
 {"op":"detach","dev":"dev1"}`,
-			want: want{events: 6, conversions: 1, rejected: 1, diverged: 1, shared: 2 << 20,
+			want: want{events: 6, conversions: 1, rejected: 1, diverged: 1, reasons: map[string]uint64{ReasonNoEntries: 1}, shared: 2 << 20,
 				base: runWant{peak: 512, maps: 512, unmaps: 1, limit: 1, failures: 1},
 				gmem: runWant{peak: 1, maps: 2, unmaps: 2}},
 		},
 		{
-			// Events that break the trace's rules are refused by both runs.
-			name: "invalid events",
+			// Events that describe an impossible machine are input errors,
+			// not replayed; a request to share unbacked memory is accepted.
+			name: "input errors",
 			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"type1"}
 {"op":"attach","dev":"dev0","iommu":"type1"}
 {"op":"detach","dev":"nope"}
@@ -211,7 +216,7 @@ func TestGolden(t *testing.T) {
 {"op":"ram","name":"ram0","gpa":"2GiB","size":"1GiB","mode":"split"}
 {"op":"ram","name":"other","gpa":"512MiB","size":"1GiB","mode":"split"}
 {"op":"convert","gpa":"0xfffff000","size":"8KiB","to":"shared"}`,
-			want: want{events: 8, conversions: 1, rejected: 6, invalid: 6, devices: 1},
+			want: want{events: 8, conversions: 1, inputErrors: 5, devices: 1},
 		},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -265,7 +270,7 @@ func TestViolationsDetected(t *testing.T) {
 	t.Run("runs disagree", func(t *testing.T) {
 		rp, _ := replayTextOpen(t, setup)
 		// Share a page in gmem only, with no device to notice.
-		if err := rp.runs[1].regions[0].attrs.Convert(0x800000, 4096, memattr.Shared); err != nil {
+		if err := rp.runs[1].mem.Blocks()[0].Attributes().Convert(0x800000, 4096, memattr.Shared); err != nil {
 			t.Fatal(err)
 		}
 		err := rp.Finish()
@@ -347,8 +352,13 @@ func TestGenerators(t *testing.T) {
 					t.Fatal(err)
 				}
 				res := Events(seq, Options{})
-				if res.Violations != 0 || res.Invalid != 0 {
-					t.Fatalf("%d violations, %d invalid: %v %v", res.Violations, res.Invalid, res.ViolationDetails, res.Rejections)
+				if res.Violations != 0 || res.InputErrors != 0 {
+					t.Fatalf("%d violations, %d input errors: %v %v", res.Violations, res.InputErrors, res.ViolationDetails, res.InputErrorDetails)
+				}
+				// A generator asks only what a VMM grants: the only refusals
+				// are the baseline's, for want of type1 entries.
+				if res.Rejected != res.RejectedBy[ReasonNoEntries] || res.Rejected != res.Baseline.LimitFailures {
+					t.Errorf("rejections other than the baseline's type1 limit: %v %v", res.RejectedBy, res.Rejections)
 				}
 				if res.Gmem.Failures != 0 {
 					t.Errorf("gmem refused %d events: %v", res.Gmem.Failures, res.Rejections)
@@ -375,8 +385,8 @@ func TestTerabyte(t *testing.T) {
 		t.Fatal(err)
 	}
 	res := Events(seq, Options{})
-	if res.Violations != 0 || res.Invalid != 0 || res.Gmem.Failures != 0 {
-		t.Fatalf("%d violations, %d invalid, gmem refused %d: %v", res.Violations, res.Invalid, res.Gmem.Failures, res.ViolationDetails)
+	if res.Violations != 0 || res.InputErrors != 0 || res.Gmem.Failures != 0 {
+		t.Fatalf("%d violations, %d input errors, gmem refused %d: %v", res.Violations, res.InputErrors, res.Gmem.Failures, res.ViolationDetails)
 	}
 	if res.RAMBytes != 1<<40 {
 		t.Errorf("RAM %d, want 1 TiB", res.RAMBytes)
@@ -402,13 +412,13 @@ func TestProgress(t *testing.T) {
 	rp := New(Options{ProgressEvery: 10, Progress: func(n uint64) { calls = append(calls, n) }})
 	e := trace.RAM{Name: "r", GPA: 0, Size: 1 << 30, Mode: trace.Split}
 	for range 35 {
-		_ = rp.Apply(e, 0) // the repeats are invalid; they still count
+		_ = rp.Apply(e, 0) // the repeats are input errors; they still count
 	}
 	if diff := cmp.Diff([]uint64{10, 20, 30}, calls); diff != "" {
 		t.Errorf("progress calls (-want +got):\n%s", diff)
 	}
-	if res := rp.Result(); res.Invalid != 34 {
-		t.Errorf("invalid %d, want 34", res.Invalid)
+	if res := rp.Result(); res.InputErrors != 34 || len(res.InputErrorDetails) != DefaultMaxDetails {
+		t.Errorf("input errors %d (%d described), want 34 (%d)", res.InputErrors, len(res.InputErrorDetails), DefaultMaxDetails)
 	}
 	if err := rp.Finish(); err != nil {
 		t.Fatal(err)
@@ -432,7 +442,10 @@ func TestResultJSON(t *testing.T) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"events", "conversions", "rejected", "violations", "shared_bytes", "private_bytes", "unplugged_bytes"} {
+	if _, ok := m["rejected_by"].(map[string]any); !ok {
+		t.Errorf("field rejected_by missing or not an object")
+	}
+	for _, k := range []string{"events", "conversions", "input_errors", "rejected", "violations", "shared_bytes", "private_bytes", "unplugged_bytes"} {
 		if _, ok := m[k].(float64); !ok {
 			t.Errorf("field %q missing or not a number", k)
 		}
@@ -447,5 +460,49 @@ func TestResultJSON(t *testing.T) {
 				t.Errorf("%s.%s missing or not a number", run, k)
 			}
 		}
+	}
+}
+
+// TestInputErrors: an impossible machine is not replayed, whether the
+// Validator or the library finds it, and every later event that needs it is
+// an input error too.
+func TestInputErrors(t *testing.T) {
+	for _, c := range []struct {
+		name, trace string
+		line        int
+		why         string
+	}{
+		{"RAM after a request", ram1G + `{"op":"convert","gpa":"0","size":"4KiB","to":"shared"}
+{"op":"ram","name":"late","gpa":"2GiB","size":"1GiB"}`, 3, "declared first"},
+		{"a request before any RAM", `{"op":"convert","gpa":"0","size":"4KiB","to":"shared"}`, 1, "before any RAM"},
+		{"RAM past the address space", `{"op":"ram","name":"far","gpa":"0x10000000000000","size":"1GiB"}
+{"op":"convert","gpa":"0","size":"4KiB","to":"shared"}`, 2, "the library refuses the machine"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			tr, err := trace.Parse(strings.NewReader(c.trace), trace.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rp := New(Options{})
+			var first *InputError
+			for i, e := range tr.Events {
+				var ie *InputError
+				if err := rp.Apply(e, tr.Lines[i]); errors.As(err, &ie) && first == nil {
+					first = ie
+				} else if err != nil && !errors.As(err, &ie) {
+					t.Fatal(err)
+				}
+			}
+			if err := rp.Finish(); err != nil {
+				t.Fatal(err)
+			}
+			res := rp.Result()
+			if first == nil || first.Line != c.line || !strings.Contains(first.Error(), c.why) || !errors.Is(first, trace.ErrMachine) {
+				t.Fatalf("first input error %v, want line %d: %q", first, c.line, c.why)
+			}
+			if res.InputErrors == 0 || res.Rejected != 0 || res.Violations != 0 {
+				t.Errorf("result %+v", res)
+			}
+		})
 	}
 }

@@ -1,3 +1,5 @@
+//go:build linux
+
 package replay
 
 import (
@@ -8,30 +10,33 @@ import (
 	"strings"
 	"time"
 
-	"github.com/gmemproject/gmem/discard"
 	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/internal/invariant"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/memattr"
 	"github.com/gmemproject/gmem/span"
 	"github.com/gmemproject/gmem/trace"
-	"github.com/gmemproject/gmem/virtiomem"
 )
 
-// run is one of the two replays: the library configured as the baseline or
-// as gmem.
+// run is one of the two replays: a guestmem.Memory configured as the
+// baseline or as gmem, and the devices attached to it.
 type run struct {
 	rp       *Replayer
 	name     string
 	baseline bool
 
-	regions []*region
+	mem     *guestmem.Memory
+	inPlace bool
 	devices map[string]*device
 	order   []*device // attached devices in attach order
 
-	// Counters of mappers no longer registered (detached devices, refused
-	// attaches), so that map and unmap calls are never lost.
+	// Counters of mappers no longer attached (detached devices), so that
+	// map and unmap calls are never lost.
 	goneMaps, goneUnmaps, goneSplits uint64
+	goneCosts                        RunStats
+
+	privateRefused uint64
 
 	failures, limitFailures uint64
 	elapsed                 time.Duration
@@ -39,35 +44,16 @@ type run struct {
 	timeline                series // entries of the busiest device
 }
 
-// region is one RAM block of one run.
-type region struct {
-	ram   trace.RAM
-	m     *discard.Manager
-	attrs *memattr.Attributes
-	vmem  *virtiomem.Device
-}
-
-// device is one assigned device of one run: its IOMMU and one mapper per
-// region (index = region index).
+// device is one assigned device of one run: its IOMMU and the attachment
+// that keeps it equal to the shared, plugged pages.
 type device struct {
-	name    string
-	model   *iommu.Model
-	mappers []*dma.Mapper
+	name  string
+	model *iommu.Model
+	att   *guestmem.Attachment
 }
 
 func newRun(rp *Replayer, name string, baseline bool) *run {
 	return &run{rp: rp, name: name, baseline: baseline, devices: map[string]*device{}}
-}
-
-// section returns the whole region as a section at its GPA.
-func (reg *region) section() discard.Section {
-	return discard.Section{Offset: 0, Size: reg.ram.Size, GPA: reg.ram.GPA}
-}
-
-// offsets converts a guest physical range inside the region to region
-// offsets.
-func (reg *region) offsets(r span.Range) span.Range {
-	return span.Range{Start: r.Start - reg.ram.GPA, End: r.End - reg.ram.GPA}
 }
 
 func (r *run) policy() dma.Policy {
@@ -77,129 +63,81 @@ func (r *run) policy() dma.Policy {
 	return dma.Extent
 }
 
-// addRAM creates a region and registers every attached device's mapper for
-// it.
-func (r *run) addRAM(e trace.RAM) error {
-	// The Validator has checked the block, so the sources accept it: a
-	// refusal here is a bug in gmem, not in the trace.
-	reg := &region{ram: e, m: discard.New(e.Size, r.rp.log)}
-	var err error
-	reg.attrs, err = memattr.New(reg.m, memattr.Config{
-		Backend: phaseCheck{r, reg},
-		InPlace: e.Mode == trace.InPlace,
-		Bitmap:  r.baseline,
-	})
+// start creates the run's memory: one model-backed block per RAM event, the
+// MMIO holes, and, for the baseline, QEMU's bitmaps. The executor's backend
+// calls go through observe, which checks I2 between the steps.
+func (r *run) start(ram []trace.RAM, mmio []trace.MMIO) error {
+	mode := guestmem.Split
+	if len(ram) > 0 && ram[0].Mode == trace.InPlace {
+		mode = guestmem.InPlace
+	}
+	cfg := guestmem.Config{Mode: mode, Bitmap: r.baseline, Logger: r.rp.log, Inject: r.observe}
+	for _, e := range ram {
+		b, err := guestmem.NewModelBacking(e.Size, mode)
+		if err != nil {
+			return err
+		}
+		cfg.Blocks = append(cfg.Blocks, guestmem.BlockConfig{Name: e.Name, GPA: e.GPA, Size: e.Size, Backing: b, Hotplug: e.Block})
+	}
+	for i, e := range mmio {
+		cfg.MMIO = append(cfg.MMIO, guestmem.Hole{Name: fmt.Sprintf("mmio%d", i), GPA: e.GPA, Size: e.Size})
+	}
+	m, err := guestmem.New(cfg)
 	if err != nil {
-		panic(fmt.Sprintf("replay: memattr refused validated RAM block %q: %v", e.Name, err))
+		return err
 	}
-	if e.Block != 0 {
-		reg.vmem, err = virtiomem.New(reg.m, virtiomem.Config{
-			BlockSize: e.Block,
-			Bitmap:    r.baseline,
-			Release: func(runs []span.Range) error {
-				r.unreachable(reg, runs, "release of unplugged memory")
-				return nil
-			},
-		})
-		if err != nil {
-			panic(fmt.Sprintf("replay: virtiomem refused validated RAM block %q: %v", e.Name, err))
-		}
-	}
-	r.regions = append(r.regions, reg)
-	var errs []error
-	for _, d := range r.order {
-		// Nothing of a new region is populated, so this maps nothing.
-		m, err := r.newMapper(d)
-		if err == nil {
-			if err = reg.m.Register(m, reg.section()); err != nil {
-				r.retire(m)
-			}
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("device %q: %w", d.name, err))
-			m = nil
-		}
-		d.mappers = append(d.mappers, m)
-	}
-	return errors.Join(errs...)
+	r.mem, r.inPlace = m, mode == guestmem.InPlace
+	return nil
 }
 
-func (r *run) newMapper(d *device) (*dma.Mapper, error) {
-	return dma.New(d.model, nil, dma.Options{Policy: r.policy(), Logger: r.rp.log})
+// dmaOptions is the mapper configuration of this run: QEMU's granule policy
+// for the baseline, the extent policy with the replay's bound for gmem.
+func (r *run) dmaOptions() dma.Options {
+	opts := dma.Options{Policy: r.policy(), Logger: r.rp.log}
+	if !r.baseline {
+		opts.MaxExtent = r.rp.opts.MaxExtent
+	}
+	return opts
 }
 
-// retire keeps the counters of a mapper that is no longer registered.
-func (r *run) retire(m *dma.Mapper) {
-	s := m.Stats()
-	r.goneMaps += s.MapCalls
-	r.goneUnmaps += s.UnmapCalls
-	r.goneSplits += s.Splits
-}
-
-// attach creates the device's IOMMU and registers a mapper for every region,
-// which maps what is populated. If one refuses (out of entries), the ones
-// registered are unregistered and the device is not attached in this run.
+// attach attaches the device's IOMMU, which maps what is shared. If the
+// executor refuses (out of entries), the device is not attached in this run.
 func (r *run) attach(e trace.Attach) error {
 	caps := iommu.Caps{Rules: iommu.Type1v2, EntryLimit: e.Limit}
 	if e.IOMMU == trace.IOMMUFD {
 		caps = iommu.Caps{Rules: iommu.IOMMUFD}
 	}
 	model := iommu.NewModel(caps)
-	d := &device{name: e.Dev, model: model}
-	for i, reg := range r.regions {
-		m, err := r.newMapper(d)
-		if err == nil {
-			err = reg.m.Register(m, reg.section())
+	att, err := r.mem.AttachIOMMU(model, r.dmaOptions())
+	if err != nil {
+		if n := model.Len(); n != 0 {
+			r.rp.violate(r.name, "I3", "refused attach of %q left %d IOMMU entries", e.Dev, n)
 		}
-		if err != nil {
-			if m != nil {
-				r.retire(m)
-			}
-			var errs []error
-			for j := i - 1; j >= 0; j-- {
-				if uerr := r.regions[j].m.Unregister(d.mappers[j]); uerr != nil {
-					errs = append(errs, uerr)
-				}
-				r.retire(d.mappers[j])
-			}
-			if len(errs) > 0 {
-				r.rp.violate(r.name, "I3", "undoing the refused attach of %q: %v", e.Dev, errors.Join(errs...))
-			}
-			if n := model.Len(); n != 0 {
-				r.rp.violate(r.name, "I3", "refused attach of %q left %d IOMMU entries", e.Dev, n)
-			}
-			return fmt.Errorf("attach %q: %w", e.Dev, err)
-		}
-		d.mappers = append(d.mappers, m)
+		return fmt.Errorf("attach %q: %w", e.Dev, err)
 	}
+	d := &device{name: e.Dev, model: model, att: att}
 	r.devices[e.Dev] = d
 	r.order = append(r.order, d)
 	return nil
 }
 
-// detach unregisters the device's mappers. A device whose attach this run
-// refused is not there, which is not an error.
+// detach detaches the device. A device whose attach this run refused is not
+// there, which is not an error.
 func (r *run) detach(name string) error {
 	d := r.devices[name]
 	if d == nil {
 		return nil
 	}
-	var errs []error
-	for i, m := range d.mappers {
-		if m == nil {
-			continue
-		}
-		if err := r.regions[i].m.Unregister(m); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
+	mappers := d.att.Mappers()
+	if err := d.att.Detach(); err != nil {
 		r.rp.violate(r.name, "I1", "detaching %q: %v", name, err)
 	}
-	for _, m := range d.mappers {
-		if m != nil {
-			r.retire(m)
-		}
+	for _, m := range mappers {
+		s := m.Stats()
+		r.goneMaps += s.MapCalls
+		r.goneUnmaps += s.UnmapCalls
+		r.goneSplits += s.Splits
+		r.goneCosts.addCosts(s)
 	}
 	if n := d.model.Len(); n != 0 {
 		r.rp.violate(r.name, "I1", "detached device %q still has %d IOMMU entries", name, n)
@@ -209,100 +147,42 @@ func (r *run) detach(name string) error {
 	return nil
 }
 
-// convert converts the RAM parts, all or nothing: if a part is refused, the
-// parts already converted are converted back, run by run.
-func (r *run) convert(parts []part, to trace.State) error {
-	st, back := memattr.Shared, memattr.Private
-	if to == trace.Private {
-		st, back = back, st
+// convert hands the request to the executor.
+func (r *run) convert(e trace.Convert) error {
+	to := memattr.Shared
+	if e.To == trace.Private {
+		to = memattr.Private
 	}
-	type done struct {
-		reg     *region
-		changed []span.Range
-	}
-	var ok []done
-	for _, p := range parts {
-		if p.ram < 0 {
-			continue // an MMIO hole converted to shared: accepted, ignored
-		}
-		reg := r.regions[p.ram]
-		off := reg.offsets(p.r)
-		changed, err := reg.attrs.ConvertRuns(off.Start, off.Len(), st)
-		if err != nil {
-			for i := len(ok) - 1; i >= 0; i-- {
-				for _, c := range ok[i].changed {
-					if uerr := ok[i].reg.attrs.Convert(c.Start, c.Len(), back); uerr != nil {
-						r.rp.violate(r.name, "I3", "undoing the conversion of %v in RAM block %q: %v", c, ok[i].reg.ram.Name, uerr)
-					}
-				}
-			}
-			return fmt.Errorf("convert %v to %v: %w", p.r, to, err)
-		}
-		ok = append(ok, done{reg, changed})
+	_, err := r.mem.Convert(guestmem.Request{GPA: e.GPA, Size: e.Size, To: to})
+	return err
+}
+
+// observe is the executor's hook before every backend call: it checks I2
+// between the steps of a change (no device maps a page being made private
+// in place, nor one whose shared memory is being discarded) and lets the
+// call go ahead.
+func (r *run) observe(f guestmem.Fault) error {
+	switch {
+	case f.Op == guestmem.OpSetAttributes && f.To == memattr.Private && r.inPlace:
+		r.unreachable(f.GPA, "in-place conversion to private")
+	case f.Op == guestmem.OpPunch && f.File == guestmem.SharedSide.String():
+		r.unreachable(f.GPA, "discard of the shared memory")
 	}
 	return nil
 }
 
-// plug plugs or unplugs a range of one hot-pluggable region (the Validator
-// has made sure there is one part). Unplugged memory is discarded whatever
-// its state, and plugged memory starts private, so an unplug also makes the
-// range private; with the range unplugged that notifies no listener.
-func (r *run) plug(parts []part, plug bool) error {
-	p := parts[0]
-	reg := r.regions[p.ram]
-	off := reg.offsets(p.r)
-	if plug {
-		return reg.vmem.Plug(off.Start, off.Len())
-	}
-	if err := reg.vmem.Unplug(off.Start, off.Len()); err != nil {
-		return err
-	}
-	if err := reg.attrs.Convert(off.Start, off.Len(), memattr.Private); err != nil {
-		r.rp.violate(r.name, "I4", "making unplugged %v private: %v", p.r, err)
-	}
-	return nil
-}
-
-// phaseCheck is the memattr.Backend of a region: it does nothing in the
-// kernel (there is none) and checks I2 between the phases of a conversion.
-type phaseCheck struct {
-	r   *run
-	reg *region
-}
-
-// SetAttributes checks that no device reaches memory being made private in
-// place (the kernel refuses to convert pinned pages).
-func (p phaseCheck) SetAttributes(runs []span.Range, to memattr.State) error {
-	if to == memattr.Private && p.reg.ram.Mode == trace.InPlace {
-		p.r.unreachable(p.reg, runs, "in-place conversion to private")
-	}
-	return nil
-}
-
-// Release checks that no device reaches memory whose shared backing is freed.
-func (p phaseCheck) Release(runs []span.Range, to memattr.State) error {
-	if to == memattr.Private {
-		p.r.unreachable(p.reg, runs, "release of the shared backing")
-	}
-	return nil
-}
-
-// unreachable records an I2 violation if any device maps part of runs
-// (region offsets).
-func (r *run) unreachable(reg *region, runs []span.Range, when string) {
+// unreachable records an I2 violation if any device maps part of g.
+func (r *run) unreachable(g span.Range, when string) {
 	for _, d := range r.order {
-		for _, x := range runs {
-			g := span.Range{Start: reg.ram.GPA + x.Start, End: reg.ram.GPA + x.End}
-			if got := d.model.MappingsIn(g); len(got) > 0 {
-				r.rp.violate(r.name, "I2", "%s of %v while device %q maps IOVA %#x+%#x", when, g, d.name, got[0].IOVA, got[0].Size)
-				return
-			}
+		if got := d.model.MappingsIn(g); len(got) > 0 {
+			r.rp.violate(r.name, "I2", "%s of %v while device %q maps IOVA %#x+%#x", when, g, d.name, got[0].IOVA, got[0].Size)
+			return
 		}
 	}
 }
 
-// window returns r grown to cover the entries of every device that meet it:
-// what an event on r can change.
+// window returns g grown to cover the entries of every device that meet it:
+// what an event on g can change.
 func (r *run) window(g span.Range) span.Range {
 	w := g
 	for _, d := range r.order {
@@ -312,7 +192,7 @@ func (r *run) window(g span.Range) span.Range {
 	return w
 }
 
-// checkMapped checks I1 and I2 for every mapper within the guest physical
+// checkMapped checks I1 and I2 for every device within the guest physical
 // window w.
 func (r *run) checkMapped(w span.Range) {
 	for _, d := range r.order {
@@ -320,35 +200,25 @@ func (r *run) checkMapped(w span.Range) {
 	}
 }
 
-// checkDevice checks I1 and I2 for the device's mappers within w, and that
-// its mappers hold as many entries as its IOMMU.
+// checkDevice checks I1 and I2 for the device within w, block by block, and
+// that its mappers hold as many entries as its IOMMU.
 func (r *run) checkDevice(d *device, w span.Range) {
-	for i, reg := range r.regions {
-		m := d.mappers[i]
-		if m == nil {
-			continue
-		}
-		x := reg.ram.Range().Intersect(w)
+	for _, b := range r.mem.Blocks() {
+		x := b.Range().Intersect(w)
 		if x.Empty() {
 			continue
 		}
-		sec, _ := reg.section().Intersect(reg.offsets(x))
-		if err := invariant.Mapped(reg.m, sec, d.model.MappingsIn(x)); err != nil {
+		sec, _ := b.Section().Intersect(span.Range{Start: x.Start - b.GPA(), End: x.End - b.GPA()})
+		if err := invariant.Mapped(b.Manager(), sec, d.model.MappingsIn(x)); err != nil {
 			inv := "I1"
 			var v *invariant.Violation
 			if errors.As(err, &v) {
 				inv = v.Invariant
 			}
-			r.rp.violate(r.name, inv, "device %q, RAM block %q: %v", d.name, reg.ram.Name, err)
+			r.rp.violate(r.name, inv, "device %q, RAM block %q: %v", d.name, b.Name(), err)
 		}
 	}
-	var entries uint64
-	for _, m := range d.mappers {
-		if m != nil {
-			entries += m.Stats().Entries
-		}
-	}
-	if n := uint64(d.model.Len()); n != entries {
+	if n, entries := uint64(d.model.Len()), d.att.Stats().Entries; n != entries {
 		r.rp.violate(r.name, "I1", "device %q: mappers hold %d entries, its IOMMU %d", d.name, entries, n)
 	}
 }
@@ -366,16 +236,23 @@ func (r *run) afterEvent() {
 	r.timeline.add(busiest)
 }
 
-// finish checks every mapper over its whole section, and that the mappers'
-// tables together hold exactly the IOMMU's entries.
+// finish checks every device over the whole guest with the library's own
+// check, and that the mappers' tables together hold exactly the IOMMU's
+// entries.
 func (r *run) finish() {
 	for _, d := range r.order {
 		r.checkDevice(d, span.Range{Start: 0, End: ^uint64(0)})
-		var have []iommu.Mapping
-		for _, m := range d.mappers {
-			if m != nil {
-				have = append(have, m.Entries()...)
+		if err := d.att.Check(d.model.Mappings()); err != nil {
+			inv := "I1"
+			var v *guestmem.Violation
+			if errors.As(err, &v) {
+				inv = v.Invariant
 			}
+			r.rp.violate(r.name, inv, "device %q: %v", d.name, err)
+		}
+		var have []iommu.Mapping
+		for _, m := range d.att.Mappers() {
+			have = append(have, m.Entries()...)
 		}
 		slices.SortFunc(have, func(a, b iommu.Mapping) int { return cmp.Compare(a.IOVA, b.IOVA) })
 		if want := d.model.Mappings(); !slices.Equal(have, want) {
@@ -393,36 +270,30 @@ func hull(m *iommu.Model, r span.Range) span.Range {
 	return r
 }
 
-// stateRun is a run of one region's state: shared/private (plug false) or
-// plugged/unplugged (plug true).
+// stateRun is a maximal run of one kind of guest RAM: shared, private or
+// unplugged.
 type stateRun struct {
 	r    span.Range
-	on   bool
-	plug bool
+	kind guestmem.Kind
 }
 
-// state returns the state runs of the RAM parts, for comparison.
-func (r *run) state(parts []part) []stateRun {
+// state returns the kinds of RAM in g (page aligned, below MaxGPA), for
+// comparison.
+func (r *run) state(g span.Range) []stateRun {
+	if r.mem == nil || g.Empty() {
+		return nil
+	}
+	seq, err := r.mem.Walk(g.Start, g.Len())
+	if err != nil {
+		r.rp.violate(r.name, "I4", "walking %v: %v", g, err)
+		return nil
+	}
 	var out []stateRun
-	for _, p := range parts {
-		if p.ram < 0 {
-			continue
-		}
-		reg := r.regions[p.ram]
-		off := reg.offsets(p.r)
-		reg.attrs.Runs(off, func(x span.Range, s memattr.State) {
-			out = append(out, stateRun{r: x, on: s == memattr.Shared})
-		})
-		if reg.vmem != nil {
-			reg.vmem.Runs(off, func(x span.Range, plugged bool) {
-				out = append(out, stateRun{r: x, on: plugged, plug: true})
-			})
-		}
+	for e := range seq {
+		out = append(out, stateRun{r: e.GPA, kind: e.Kind})
 	}
 	return out
 }
-
-func equalRuns(a, b []stateRun) bool { return slices.Equal(a, b) }
 
 // fmtRuns formats the first few runs for a message.
 func fmtRuns(rs []stateRun) string {
@@ -432,19 +303,10 @@ func fmtRuns(rs []stateRun) string {
 			fmt.Fprintf(&b, " ... (%d runs)", len(rs))
 			break
 		}
-		kind := "private"
-		switch {
-		case x.plug && x.on:
-			kind = "plugged"
-		case x.plug:
-			kind = "unplugged"
-		case x.on:
-			kind = "shared"
-		}
 		if i > 0 {
 			b.WriteByte(' ')
 		}
-		fmt.Fprintf(&b, "%v:%s", x.r, kind)
+		fmt.Fprintf(&b, "%v:%v", x.r, x.kind)
 	}
 	return b.String()
 }
@@ -458,15 +320,8 @@ type devStats struct {
 func (r *run) devStats() []devStats {
 	out := make([]devStats, 0, len(r.order))
 	for _, d := range r.order {
-		s := devStats{name: d.name}
-		for _, m := range d.mappers {
-			if m != nil {
-				st := m.Stats()
-				s.entries += st.Entries
-				s.bytes += st.MappedBytes
-			}
-		}
-		out = append(out, s)
+		st := d.att.Stats()
+		out = append(out, devStats{name: d.name, entries: st.Entries, bytes: st.MappedBytes})
 	}
 	return out
 }
@@ -488,7 +343,7 @@ func diffStats(before, after []devStats, exact bool) string {
 	return ""
 }
 
-// The classes of guest memory in a Result and a drawing.
+// The classes of guest memory in a drawing, by guestmem.Kind.
 const (
 	classShared = iota
 	classPrivate
@@ -496,28 +351,14 @@ const (
 	numClasses
 )
 
-// extents calls fn for each extent of the region with its class, ascending.
-func (reg *region) extents(fn func(g span.Range, class int)) {
-	var srcs []discard.Source
-	for e := range reg.m.Walk(span.Range{End: reg.ram.Size}, &srcs) {
-		c := classShared
-		if !e.Populated() {
-			c = classPrivate
-			for i, s := range srcs {
-				if reg.vmem != nil && s == reg.vmem.Source() && e.DiscardedBy&(1<<i) != 0 {
-					c = classUnplugged
-				}
-			}
-		}
-		fn(span.Range{Start: reg.ram.GPA + e.Start, End: reg.ram.GPA + e.End}, c)
+func class(k guestmem.Kind) int {
+	switch k {
+	case guestmem.KindShared:
+		return classShared
+	case guestmem.KindUnplugged:
+		return classUnplugged
 	}
-}
-
-// classify returns the bytes of the region in each class.
-func (reg *region) classify() [numClasses]uint64 {
-	var c [numClasses]uint64
-	reg.extents(func(g span.Range, class int) { c[class] += g.Len() })
-	return c
+	return classPrivate
 }
 
 // stats returns the run's counters after events events.
@@ -530,22 +371,19 @@ func (r *run) stats(events uint64) RunStats {
 		LimitFailures: r.limitFailures,
 		Failures:      r.failures,
 	}
+	s.addCosts(dma.Stats{PinnedBytes: r.goneCosts.PinnedBytes, RepinnedBytes: r.goneCosts.RepinnedBytes,
+		WindowBytes: r.goneCosts.WindowBytes, MaxWindow: r.goneCosts.MaxWindow})
+	s.PrivateRefused = r.privateRefused
 	for _, d := range r.order {
 		s.EntriesFinal += uint64(d.model.Len())
-		for _, m := range d.mappers {
-			if m != nil {
-				st := m.Stats()
-				s.MapCalls += st.MapCalls
-				s.UnmapCalls += st.UnmapCalls
-				s.Splits += st.Splits
-			}
-		}
+		st := d.att.Stats()
+		s.MapCalls += st.MapCalls
+		s.UnmapCalls += st.UnmapCalls
+		s.Splits += st.Splits
+		s.addCosts(st)
 	}
-	for _, reg := range r.regions {
-		s.StateBytes += reg.attrs.StateBytes()
-		if reg.vmem != nil {
-			s.StateBytes += reg.vmem.StateBytes()
-		}
+	if r.mem != nil {
+		s.StateBytes = r.mem.StateStats().MapBytes
 	}
 	if events > 0 {
 		s.NsPerEvent = float64(r.elapsed.Nanoseconds()) / float64(events)

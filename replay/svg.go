@@ -198,11 +198,13 @@ func (d *drawing) memoryMap(devs int) {
 	const kinds = numClasses + 1 // and MMIO
 	c := newCoverage(space, kinds)
 	for _, a := range d.rp.layout {
-		if a.ram < 0 {
+		if !a.ram {
 			c.add(numClasses, a.r)
 			continue
 		}
-		g.regions[a.ram].extents(func(r span.Range, class int) { c.add(class, r) })
+		for _, x := range g.state(a.r) {
+			c.add(class(x.kind), x.r)
+		}
 	}
 	const bandH = 40
 	d.text(svgLeft-6, d.y+bandH/2+4, "end", "", "state")

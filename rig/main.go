@@ -4,8 +4,13 @@
 // file, and turns the guest's verdict lines into one summary line per
 // backend and its exit status.
 //
-//	rig initramfs -busybox /bin/busybox -test guesttest -o initrd.gz
+//	rig initramfs -busybox /bin/busybox -test guesttest [-gmem gmem] -o initrd.gz
 //	rig boot -kernel bzImage -initrd initrd.gz -backend all -log console.log
+//	rig boot -kernel bzImage -initrd initrd.gz -demo json -log console.log
+//
+// With -demo the guest runs gmem demo (the initramfs needs -gmem) on KVM
+// with private memory and a real VFIO IOMMU instead of the tests, and the
+// rig ends with the demo's report (or its JSON object, last).
 //
 // scripts/rig installs the packages, builds and caches the kernel, builds
 // the static guest test binary (rig/guesttest) and then runs these.
@@ -39,6 +44,19 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 echo "GMEM-RIG boot kernel $(uname -r), backend ${GMEM_RIG_BACKEND:-all}"
+if [ -n "$GMEM_RIG_DEMO" ]; then
+	bdf=
+	for d in /sys/bus/pci/devices/*; do
+		[ "$(cat $d/vendor)" = 0x1234 ] && [ "$(cat $d/device)" = 0x11e8 ] && bdf=${d##*/}
+	done
+	echo vfio-pci >/sys/bus/pci/devices/$bdf/driver_override
+	echo $bdf >/sys/bus/pci/drivers_probe
+	json=
+	[ "$GMEM_RIG_DEMO" = json ] && json=--json
+	/gmem demo --mode split --vfio $GMEM_RIG_VFIO --vfio-device $bdf $json
+	echo "GMEM-RIG demo rc=$?"
+	poweroff -f
+fi
 GMEM_RIG=1 GMEM_RIG_BACKEND=${GMEM_RIG_BACKEND:-all} GMEM_RIG_ENTRY_LIMIT=$GMEM_RIG_ENTRY_LIMIT /guesttest -test.v -test.timeout=%s
 echo "GMEM-RIG end rc=$?"
 poweroff -f
@@ -74,6 +92,7 @@ func initramfsCmd(args []string) error {
 	test := fs.String("test", "", "static guest test binary (go test -c of rig/guesttest)")
 	out := fs.String("o", "", "output initramfs (gzip'ed newc cpio)")
 	testTimeout := fs.Duration("test-timeout", 5*time.Minute, "-test.timeout of the guest test binary")
+	gmem := fs.String("gmem", "", "static gmem binary for -demo boots (optional)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -88,21 +107,27 @@ func initramfsCmd(args []string) error {
 	if err != nil {
 		return err
 	}
+	var gb []byte
+	if *gmem != "" {
+		if gb, err = os.ReadFile(*gmem); err != nil {
+			return err
+		}
+	}
 	f, err := os.Create(*out)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	if err := writeInitramfs(f, bb, tb, *testTimeout); err != nil {
+	if err := writeInitramfs(f, bb, tb, gb, *testTimeout); err != nil {
 		return err
 	}
 	return f.Close()
 }
 
 // writeInitramfs writes the gzip'ed cpio archive: /init, /bin/busybox,
-// /guesttest, the mount points and /dev/console (so the kernel can give
-// /init the console before devtmpfs is mounted).
-func writeInitramfs(w io.Writer, busybox, test []byte, testTimeout time.Duration) error {
+// /guesttest, /gmem if given, the mount points and /dev/console (so the
+// kernel can give /init the console before devtmpfs is mounted).
+func writeInitramfs(w io.Writer, busybox, test, gmem []byte, testTimeout time.Duration) error {
 	zw, err := gzip.NewWriterLevel(w, gzip.BestSpeed)
 	if err != nil {
 		return err
@@ -115,21 +140,38 @@ func writeInitramfs(w io.Writer, busybox, test []byte, testTimeout time.Duration
 	c.File("bin/busybox", 0o755, busybox)
 	c.File("init", 0o755, []byte(fmt.Sprintf(initScript, testTimeout)))
 	c.File("guesttest", 0o755, test)
+	if gmem != nil {
+		c.File("gmem", 0o755, gmem)
+	}
 	if err := c.Close(); err != nil {
 		return err
 	}
 	return zw.Close()
 }
 
+// guestCPU is the emulated CPU: an AMD model with SVM and nested paging,
+// so the guest kernel's kvm_amd can offer KVM_X86_SW_PROTECTED_VM (private
+// memory needs a TDP MMU). It is named explicitly so that another QEMU's
+// "max" cannot change it; TCG cannot emulate VMX, so there is no Intel
+// choice.
+const guestCPU = "qemu64,+svm,+npt"
+
 // qemuArgs is the QEMU command of vfio-rig.md.
-func qemuArgs(kernel, initrd, backend string, entryLimit int) []string {
+func qemuArgs(kernel, initrd, backend string, entryLimit int, demo string) []string {
 	// no_timer_check: under TCG on a busy host the kernel's check that the
 	// timer interrupt arrives through the remapped IO-APIC can time out and
 	// panic; skipping it changes nothing the tests look at.
 	appendLine := fmt.Sprintf("console=ttyS0 intel_iommu=on no_timer_check panic=-1 loglevel=4 "+
 		"vfio_iommu_type1.dma_entry_limit=%d GMEM_RIG_ENTRY_LIMIT=%d GMEM_RIG_BACKEND=%s", entryLimit, entryLimit, backend)
+	if demo != "" {
+		vfio := "type1"
+		if backend == "iommufd" {
+			vfio = "iommufd"
+		}
+		appendLine += fmt.Sprintf(" GMEM_RIG_DEMO=%s GMEM_RIG_VFIO=%s", demo, vfio)
+	}
 	return []string{
-		"-machine", "q35,kernel-irqchip=split", "-accel", "tcg", "-cpu", "max",
+		"-machine", "q35,kernel-irqchip=split", "-accel", "tcg", "-cpu", guestCPU,
 		"-m", "1G", "-smp", "1",
 		"-device", "intel-iommu,intremap=on,caching-mode=on", "-device", "edu",
 		"-kernel", kernel, "-initrd", initrd, "-append", appendLine,
@@ -146,8 +188,12 @@ func bootCmd(args []string) (bool, error) {
 	timeout := fs.Duration("timeout", 10*time.Minute, "how long the guest may run")
 	entryLimit := fs.Int("dma-entry-limit", 16, "vfio_iommu_type1.dma_entry_limit on the kernel command line")
 	qemu := fs.String("qemu", "qemu-system-x86_64", "QEMU binary")
+	demo := fs.String("demo", "", "run gmem demo instead of the tests: text or json (its report, or its JSON object, ends the output)")
 	if err := fs.Parse(args); err != nil {
 		return false, err
+	}
+	if *demo != "" && *demo != "text" && *demo != "json" {
+		return false, fmt.Errorf("boot: -demo must be text or json, not %q", *demo)
 	}
 	backends, err := parseBackend(*backend)
 	if err != nil {
@@ -168,7 +214,7 @@ func bootCmd(args []string) (bool, error) {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	qargs := qemuArgs(*kernel, *initrd, *backend, *entryLimit)
+	qargs := qemuArgs(*kernel, *initrd, *backend, *entryLimit, *demo)
 	out := io.MultiWriter(os.Stdout, logw)
 	var v *Verdicts
 	// A TCG guest on a loaded host occasionally dies in early boot, before
@@ -181,6 +227,9 @@ func bootCmd(args []string) (bool, error) {
 		}
 		fmt.Fprintln(out, "rig: the guest did not reach /init; booting it once more")
 	}
+	if *demo != "" {
+		return demoSummary(v, *demo, logw)
+	}
 	lines, ok := v.Summary(backends)
 	for _, l := range lines {
 		fmt.Println(l)
@@ -191,6 +240,31 @@ func bootCmd(args []string) (bool, error) {
 		}
 	}
 	return ok, nil
+}
+
+// demoSummary ends a -demo boot: the demo's exit status, and in json mode
+// its JSON object as the last line.
+func demoSummary(v *Verdicts, mode string, logw io.Writer) (bool, error) {
+	rc, ran := v.Demo()
+	var line string
+	switch {
+	case !ran:
+		line = "rig: demo fail: the guest never reported the demo's end"
+	case rc != 0:
+		line = fmt.Sprintf("rig: demo fail: gmem demo exited with %d", rc)
+	default:
+		line = "rig: demo pass"
+	}
+	fmt.Fprintln(os.Stderr, line)
+	fmt.Fprintln(logw, line)
+	if mode == "json" {
+		js := v.JSON()
+		if js == "" {
+			return false, errors.New("the demo printed no JSON object")
+		}
+		fmt.Println(js)
+	}
+	return ran && rc == 0, nil
 }
 
 // runQEMU boots the guest once under timeout(1), copying the console to out

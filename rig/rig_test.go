@@ -65,7 +65,7 @@ func readCPIO(t *testing.T, b []byte) []cpioEntry {
 
 func TestInitramfs(t *testing.T) {
 	var buf bytes.Buffer
-	if err := writeInitramfs(&buf, []byte("BUSYBOX"), []byte("TEST-BINARY-123"), 90*time.Second); err != nil {
+	if err := writeInitramfs(&buf, []byte("BUSYBOX"), []byte("TEST-BINARY-123"), nil, 90*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	zr, err := gzip.NewReader(&buf)
@@ -246,11 +246,11 @@ func TestStream(t *testing.T) {
 }
 
 func TestQEMUArgs(t *testing.T) {
-	args := qemuArgs("K", "I", "all", 16)
+	args := qemuArgs("K", "I", "all", 16, "")
 	joined := strings.Join(args, " ")
 	for _, s := range []string{
 		"-machine q35,kernel-irqchip=split", "-accel tcg", "-device intel-iommu,intremap=on,caching-mode=on",
-		"-device edu", "-kernel K", "-initrd I", "-nographic", "-no-reboot", "no_timer_check",
+		"-device edu", "-cpu qemu64,+svm,+npt", "-kernel K", "-initrd I", "-nographic", "-no-reboot", "no_timer_check",
 		"vfio_iommu_type1.dma_entry_limit=16", "GMEM_RIG_ENTRY_LIMIT=16", "intel_iommu=on", "GMEM_RIG_BACKEND=all",
 	} {
 		if !strings.Contains(joined, s) {
@@ -263,7 +263,7 @@ func TestParseBackend(t *testing.T) {
 	for _, tt := range []struct {
 		in   string
 		want []string
-	}{{"all", Backends}, {"type1", []string{"type1"}}, {"iommufd", []string{"iommufd"}}} {
+	}{{"all", Backends}, {"type1", []string{"type1"}}, {"iommufd", []string{"iommufd"}}, {"kvm", []string{"kvm"}}} {
 		got, err := parseBackend(tt.in)
 		if err != nil || !slices.Equal(got, tt.want) {
 			t.Errorf("parseBackend(%q) = %v, %v", tt.in, got, err)
@@ -325,5 +325,36 @@ func TestStreamStripsEscapes(t *testing.T) {
 	}
 	if !v.Booted() {
 		t.Error("boot line not seen")
+	}
+}
+
+func TestDemoVerdict(t *testing.T) {
+	v := NewVerdicts()
+	for _, l := range []string{
+		"GMEM-RIG boot kernel 6.12",
+		`{"guest_ran":true,"vfio":"type1"}`,
+		"[ 1.0] {not json",
+		"GMEM-RIG demo rc=0",
+	} {
+		v.Line(l)
+	}
+	if rc, ended := v.Demo(); rc != 0 || !ended {
+		t.Errorf("Demo = %d, %v", rc, ended)
+	}
+	if got := v.JSON(); got != `{"guest_ran":true,"vfio":"type1"}` {
+		t.Errorf("JSON = %q", got)
+	}
+	v.Line("GMEM-RIG demo rc=1")
+	if rc, _ := v.Demo(); rc != 1 {
+		t.Errorf("Demo rc = %d, want 1", rc)
+	}
+	args := strings.Join(qemuArgs("K", "I", "iommufd", 65535, "json"), " ")
+	for _, s := range []string{"GMEM_RIG_DEMO=json", "GMEM_RIG_VFIO=iommufd", "dma_entry_limit=65535"} {
+		if !strings.Contains(args, s) {
+			t.Errorf("demo QEMU command lacks %q: %s", s, args)
+		}
+	}
+	if strings.Contains(strings.Join(qemuArgs("K", "I", "all", 16, ""), " "), "GMEM_RIG_DEMO") {
+		t.Error("test boot sets GMEM_RIG_DEMO")
 	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"regexp"
 	"slices"
@@ -14,19 +15,21 @@ import (
 //	GMEM-RIG boot <details>                   (from /init, before the tests)
 //	GMEM-RIG check <backend> <check> pass|fail|skip
 //	GMEM-RIG end rc=<exit status of the test binary>
+//	GMEM-RIG demo rc=<exit status of gmem demo>   (-demo boots)
 //
 // Kernel messages may still land in front of a marker on the same console
 // line, so the marker is searched anywhere in a line.
 const Marker = "GMEM-RIG"
 
 var (
-	checkRE = regexp.MustCompile(Marker + ` check (type1|iommufd) (\S+) (pass|fail|skip)\b`)
+	checkRE = regexp.MustCompile(Marker + ` check (type1|iommufd|kvm) (\S+) (pass|fail|skip)\b`)
 	endRE   = regexp.MustCompile(Marker + ` end rc=(-?\d+)\b`)
 	bootRE  = regexp.MustCompile(Marker + ` boot\b`)
+	demoRE  = regexp.MustCompile(Marker + ` demo rc=(-?\d+)\b`)
 )
 
 // Backends are the backends the rig knows, in the order the guest runs them.
-var Backends = []string{"type1", "iommufd"}
+var Backends = []string{"type1", "iommufd", "kvm"}
 
 // Verdicts collects what the guest reported.
 type Verdicts struct {
@@ -34,6 +37,11 @@ type Verdicts struct {
 	booted bool
 	ended  bool
 	rc     int
+	// demoEnded and demoRC are the demo's end; json is the last console
+	// line that is a JSON object.
+	demoEnded bool
+	demoRC    int
+	json      string
 }
 
 type checkResult struct {
@@ -51,6 +59,18 @@ func (v *Verdicts) Line(line string) bool {
 		v.checks[m[1]] = append(v.checks[m[1]], checkResult{name: m[2], result: m[3]})
 		return true
 	}
+	if m := demoRE.FindStringSubmatch(line); m != nil {
+		rc, err := strconv.Atoi(m[1])
+		if err != nil {
+			rc = -1
+		}
+		v.demoEnded, v.demoRC = true, rc
+		return true
+	}
+	if t := strings.TrimSpace(line); strings.HasPrefix(t, "{") && json.Valid([]byte(t)) {
+		v.json = t
+		return false
+	}
 	if bootRE.MatchString(line) {
 		v.booted = true
 		return true
@@ -65,6 +85,12 @@ func (v *Verdicts) Line(line string) bool {
 	}
 	return false
 }
+
+// Demo returns gmem demo's exit status and whether the guest reported it.
+func (v *Verdicts) Demo() (rc int, ended bool) { return v.demoRC, v.demoEnded }
+
+// JSON returns the last console line that was a JSON object, or "".
+func (v *Verdicts) JSON() string { return v.json }
 
 // Booted reports whether the guest's /init announced itself.
 func (v *Verdicts) Booted() bool { return v.booted }
@@ -134,5 +160,5 @@ func parseBackend(s string) ([]string, error) {
 	if slices.Contains(Backends, s) {
 		return []string{s}, nil
 	}
-	return nil, fmt.Errorf("backend must be type1, iommufd or all, not %q", s)
+	return nil, fmt.Errorf("backend must be type1, iommufd, kvm or all, not %q", s)
 }

@@ -10,14 +10,19 @@
 // DMA mappings follow all RAM), Convert asks for a range to become shared or
 // private, Plug and Unplug change the plugged part of hot-pluggable
 // (virtio-mem) RAM. A replay switches on the concrete type. Each event checks
-// itself (Event.Check); the Validator checks the rules that tie events
-// together (conversions inside RAM, plugs block-aligned in hot-pluggable RAM,
-// conversions there only where plugged).
+// itself (Event.Check); the Validator checks the trace's structure, the
+// machine it describes (the machine first, no overlaps, devices attached
+// once, plugs where there is hot-pluggable RAM). What a guest's request
+// does, and whether the VMM refuses it, is the executor's (guestmem) to say:
+// a trace may hold misaligned, empty or unbacked requests, as a buggy
+// guest's log does.
 //
 // # Formats
 //
-// Two input formats are read, and told apart by the first non-blank line: if
-// it starts with '{' the input is JSON Lines, otherwise a QEMU trace log.
+// Two input formats are read, given by Options.Format or told apart by the
+// first line that is neither blank nor a comment ('#' first): if it starts
+// with '{' the input is JSON Lines, otherwise a QEMU trace log. Comment
+// lines are skipped in both and counted.
 //
 // JSON Lines is gmem's own format, one event per line (see ParseEvent for the
 // fields). Addresses and sizes may be JSON numbers or strings; strings accept
@@ -26,9 +31,9 @@
 // Writer writes the format back, and what it writes parses to the same
 // events.
 //
-// A QEMU trace log holds kvm_convert_memory and kvm_memory_fault lines, with
-// or without the "PID@SEC.USEC:" prefix, among any other lines, which are
-// skipped and counted. The log does not describe the machine, so Options
+// A QEMU trace log holds kvm_convert_memory and kvm_memory_fault lines,
+// whatever precedes the event name (the "PID@SEC.USEC:" prefix, a
+// timestamp), among any other lines, which are counted as unrecognised. The log does not describe the machine, so Options
 // does: a RAM layout (ParseRAMLayout parses the command line form), a number
 // of devices and their IOMMU, and the RAM and attach events made from them
 // come first.
@@ -39,7 +44,8 @@
 //
 // Malformed input is reported as a *ParseError with the line number and a
 // cause that wraps ErrSyntax, ErrSchema or ErrValue; with Options.KeepGoing,
-// Parse collects them all (ParseErrors) and keeps the good lines.
+// Parse collects them all (ParseErrors) and keeps the good lines. Empty input
+// is ErrEmpty and binary input ErrNotText.
 //
 // # Generators
 //

@@ -35,9 +35,10 @@ const (
 //
 // The set of event types is closed; Check reports whether the event is well
 // formed on its own (fields present and in range, sizes non-zero, addresses
-// page aligned, no overflow). Rules that involve more than one event (a
-// conversion must lie in RAM declared earlier, and so on) are the
-// Validator's.
+// page aligned, no overflow): what gmem writes and generates always is.
+// Parsers require it of the machine's events only; a guest request is read
+// as written and answered by the executor. Rules that involve more than one
+// event are the Validator's.
 type Event interface {
 	// Op returns the event kind.
 	Op() Op
@@ -356,6 +357,13 @@ var (
 	// ErrSchema means an unknown op or field, or a missing or repeated field.
 	ErrSchema = errors.New("schema error")
 	// ErrValue means a field's value is out of range: a malformed or
-	// overflowing number, an unknown enum, a misaligned or empty range.
+	// overflowing number, an unknown enum, or a misaligned or empty range
+	// where the machine is described (a guest's request may be misaligned
+	// or empty: that is for the VMM to refuse).
 	ErrValue = errors.New("invalid value")
+	// ErrNotText means the input is not a text file (a NUL byte where the
+	// first line should be).
+	ErrNotText = errors.New("input is not text")
+	// ErrEmpty means the input holds no line but blanks and comments.
+	ErrEmpty = errors.New("empty input")
 )

@@ -52,7 +52,7 @@ func fieldBit(key string) fieldSet {
 func opFields(op Op) (required, optional fieldSet, ok bool) {
 	switch op {
 	case OpRAM:
-		return fName | fGPA | fSize | fMode, fBlock, true
+		return fName | fGPA | fSize, fMode | fBlock, true
 	case OpMMIO, OpPlug, OpUnplug:
 		return fGPA | fSize, 0, true
 	case OpAttach:
@@ -67,7 +67,8 @@ func opFields(op Op) (required, optional fieldSet, ok bool) {
 
 // ParseEvent parses one line of JSON Lines into an event. A line is a flat
 // JSON object with an "op" field naming the event and the fields below (in a
-// file, blank lines are skipped; there are no comments):
+// file, blank lines are skipped, and so are comment lines, whose first
+// non-blank character is '#'):
 //
 //	{"op":"ram","name":"ram-below-4g","gpa":"0x0","size":"2GiB","mode":"split"}
 //	{"op":"ram","name":"virtio-mem0","gpa":"0x400000000","size":"16GiB","mode":"split","block":"2MiB"}
@@ -81,8 +82,14 @@ func opFields(op Op) (required, optional fieldSet, ok bool) {
 // Addresses and sizes (gpa, size, block) are JSON numbers or strings in the
 // forms ParseSize accepts ("0x80000000", "16GiB", "2 MiB", "4096"); a JSON
 // number must be a whole non-negative value (4096, 4.096e3). limit is a count:
-// a JSON number, or a decimal or 0x string without unit. Unknown ops, unknown
+// a JSON number, or a decimal or 0x string without unit. A RAM block's mode
+// defaults to split (QEMU's guest_memfd RAM since 9.2). Unknown ops, unknown
 // or repeated fields and missing required fields are errors.
+//
+// A guest's request (convert, plug, unplug) is parsed as written, even
+// misaligned, empty or wrapping: a real guest can ask that, and refusing it
+// is the VMM's answer, not the trace's fault. The machine (ram, mmio,
+// attach, detach) must be well formed (Event.Check).
 //
 // Errors wrap ErrSyntax (not JSON), ErrSchema (unknown op or field, missing
 // or repeated field, a value of the wrong JSON type) or ErrValue (a value
@@ -174,12 +181,15 @@ func ParseEvent(line []byte) (Event, error) {
 		if e.Size, err = size(fSize); err != nil {
 			return nil, err
 		}
-		var m string
-		if m, err = str(fMode); err != nil {
-			return nil, err
-		}
-		if e.Mode, err = ParseMode(m); err != nil {
-			return nil, err
+		e.Mode = Split
+		if seen&fMode != 0 {
+			var m string
+			if m, err = str(fMode); err != nil {
+				return nil, err
+			}
+			if e.Mode, err = ParseMode(m); err != nil {
+				return nil, err
+			}
 		}
 		if e.Block, err = size(fBlock); err != nil {
 			return nil, err
@@ -249,10 +259,21 @@ func ParseEvent(line []byte) (Event, error) {
 		}
 		ev = e
 	}
-	if err := ev.Check(); err != nil {
+	if err := checkParsed(ev); err != nil {
 		return nil, err
 	}
 	return ev, nil
+}
+
+// checkParsed is what a parser requires of an event: a machine event must
+// pass Check; a guest request needs only what it was parsed with (a valid
+// target state), since the executor answers every request it can represent.
+func checkParsed(e Event) error {
+	switch e.(type) {
+	case Convert, Plug, Unplug:
+		return nil
+	}
+	return e.Check()
 }
 
 func bitIndex(b fieldSet) int {

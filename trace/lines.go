@@ -102,6 +102,11 @@ func (lr *lineReader) next() (text []byte, long bool, err error) {
 	return b, long, nil
 }
 
+// comment reports whether b's first non-blank character is '#'.
+func comment(b []byte) bool {
+	return bytes.HasPrefix(bytes.TrimLeft(b, " \t"), []byte("#"))
+}
+
 // blank reports whether b holds only spaces and tabs.
 func blank(b []byte) bool {
 	return len(bytes.Trim(b, " \t")) == 0

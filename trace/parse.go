@@ -2,6 +2,7 @@ package trace
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +22,17 @@ const (
 	// lines among others.
 	QEMULog
 )
+
+// ParseFormat parses "jsonl" or "qemu".
+func ParseFormat(s string) (Format, error) {
+	switch s {
+	case "jsonl":
+		return JSONLines, nil
+	case "qemu":
+		return QEMULog, nil
+	}
+	return 0, fmt.Errorf("%w: format %q: want jsonl or qemu", ErrValue, s)
+}
 
 // String returns "jsonl" or "qemu".
 func (f Format) String() string {
@@ -44,6 +56,10 @@ const ramAlign = 1 << 30
 
 // Options controls Parse. The zero Options is valid.
 type Options struct {
+	// Format is the input's format; 0 detects it from the first line that
+	// is neither blank nor a comment (see Reader).
+	Format Format
+
 	// KeepGoing makes Parse record malformed lines and continue; it then
 	// returns every error found as ParseErrors, along with the events of the
 	// good lines. Without it Parse stops at the first malformed line.
@@ -74,22 +90,33 @@ type Trace struct {
 	// Events are the events in order. For a QEMU log the RAM blocks and
 	// device attachments described by Options come first.
 	Events []Event
+	// FormatReason says why Format was chosen: given by Options, or what
+	// the detection saw.
+	FormatReason string
 	// Lines holds, for each event, the input line it came from; 0 for events
 	// made from Options.
 	Lines []int
-	// Skipped counts the non-blank QEMU log lines that are not conversion
-	// events.
+	// Skipped counts the comment lines (first non-blank character '#').
 	Skipped int
+	// Unrecognised counts the non-blank QEMU log lines, comments aside,
+	// that hold no conversion event: other trace events and QEMU's own
+	// messages.
+	Unrecognised int
 	// Folded counts kvm_convert_memory lines that repeat the kvm_memory_fault
 	// just before them on the same thread: QEMU traces both for one implicit
 	// conversion, and the conversion is kept once.
 	Folded int
 }
 
-// Reader reads a trace in either format one event at a time. The format is
-// detected from the first non-blank line: one starting with '{' means JSON
-// Lines, anything else a QEMU trace log; an input with no non-blank line is
-// an empty JSON Lines trace.
+// Reader reads a trace in either format one event at a time. Unless
+// Options.Format says which, the format is detected from the first line that
+// is neither blank nor a comment: one starting with '{' means JSON Lines,
+// anything else a QEMU trace log. In both formats a line whose first
+// non-blank character is '#' is a comment, skipped and counted.
+//
+// Input that is not text (a NUL byte in that first line, as binaries have)
+// is refused with ErrNotText, and input without any
+// line but blanks and comments with ErrEmpty.
 //
 // JSON Lines are read one line at a time, in constant memory whatever the
 // length of the input. A QEMU log is read whole at the first call to Next,
@@ -100,12 +127,13 @@ type Reader struct {
 	lr     *lineReader
 	opts   Options
 	format Format
+	reason string
 	items  []item // a QEMU log's events and errors, in order
 	next   int
 	line   int
 	err    error // returned by every later call: io.EOF, I/O or option errors
 
-	skipped, folded int
+	skipped, unrecognised, folded int
 }
 
 // item is an event or a malformed line of a QEMU log.
@@ -133,24 +161,15 @@ func (rd *Reader) Next() (Event, error) {
 		return nil, rd.err
 	}
 	if rd.format == 0 {
-		for {
-			line, long, err := rd.lr.next()
-			if err != nil {
-				rd.format = JSONLines
-				return nil, rd.fail(err)
-			}
-			if blank(line) {
-				continue
-			}
-			if bytes.HasPrefix(bytes.TrimLeft(line, " \t"), []byte("{")) {
-				rd.format = JSONLines
-				return rd.jsonLine(line, long)
-			}
-			rd.format = QEMULog
-			if err := rd.readQEMU(line, long); err != nil {
-				return nil, rd.fail(err)
-			}
-			break
+		line, long, err := rd.first()
+		if err != nil {
+			return nil, rd.fail(err)
+		}
+		if rd.format == JSONLines {
+			return rd.jsonLine(line, long)
+		}
+		if err := rd.readQEMU(line, long); err != nil {
+			return nil, rd.fail(err)
 		}
 	}
 	if rd.format == QEMULog {
@@ -171,10 +190,52 @@ func (rd *Reader) Next() (Event, error) {
 		if err != nil {
 			return nil, rd.fail(err)
 		}
-		if !blank(line) {
+		switch {
+		case blank(line):
+		case comment(line):
+			rd.skipped++
+		default:
 			return rd.jsonLine(line, long)
 		}
 	}
+}
+
+// first reads up to the first line that is neither blank nor a comment,
+// checks that it is text, and settles the format.
+func (rd *Reader) first() (line []byte, long bool, err error) {
+	for {
+		line, long, err = rd.lr.next()
+		if errors.Is(err, io.EOF) {
+			rd.format, rd.reason = cmp.Or(rd.opts.Format, JSONLines), "empty input"
+			return nil, false, fmt.Errorf("%w: no line but blanks and comments", ErrEmpty)
+		}
+		if err != nil {
+			return nil, false, err
+		}
+		switch {
+		case blank(line):
+			continue
+		case comment(line):
+			rd.skipped++
+			continue
+		}
+		break
+	}
+	if i := bytes.IndexByte(line, 0); i >= 0 {
+		return nil, false, fmt.Errorf("%w: line %d has a NUL byte at column %d", ErrNotText, rd.lr.line, i+1)
+	}
+	jsonLike := bytes.HasPrefix(bytes.TrimLeft(line, " \t"), []byte("{"))
+	switch {
+	case rd.opts.Format != 0:
+		rd.format, rd.reason = rd.opts.Format, "given"
+	case jsonLike:
+		rd.format = JSONLines
+		rd.reason = fmt.Sprintf("detected from line %d: starts with '{'", rd.lr.line)
+	default:
+		rd.format = QEMULog
+		rd.reason = fmt.Sprintf("detected from line %d: does not start with '{'", rd.lr.line)
+	}
+	return line, long, nil
 }
 
 func (rd *Reader) fail(err error) error {
@@ -204,12 +265,19 @@ func (rd *Reader) readQEMU(first []byte, firstLong bool) error {
 	line, long := first, firstLong
 	for {
 		q, ok, err := parseQEMULine(line, long)
+		if comment(line) {
+			q, ok, err = qemuLine{}, false, nil
+		}
 		switch {
 		case err != nil:
 			rd.items = append(rd.items, item{line: rd.lr.line, err: err})
 		case !ok:
-			if !blank(line) {
+			switch {
+			case blank(line):
+			case comment(line):
 				rd.skipped++
+			default:
+				rd.unrecognised++
 			}
 		default:
 			fold := false
@@ -225,7 +293,10 @@ func (rd *Reader) readQEMU(first []byte, firstLong bool) error {
 				break
 			}
 			rd.items = append(rd.items, item{line: rd.lr.line, ev: q.conv})
-			highest = max(highest, q.conv.GPA+q.conv.Size)
+			if r, err := span.FromSize(q.conv.GPA, q.conv.Size); err == nil {
+				// A request that wraps says nothing of the guest's size.
+				highest = max(highest, r.End)
+			}
 			seen = true
 		}
 		var err2 error
@@ -253,12 +324,24 @@ func (rd *Reader) readQEMU(first []byte, firstLong bool) error {
 // returned last; 0 for events made from Options.
 func (rd *Reader) Line() int { return rd.line }
 
-// Format returns the detected format; 0 before the first call to Next.
+// Lines returns the number of lines read so far.
+func (rd *Reader) Lines() int { return rd.lr.line }
+
+// Format returns the format read, given or detected; 0 before the first
+// call to Next.
 func (rd *Reader) Format() Format { return rd.format }
 
-// Skipped returns the number of non-blank QEMU log lines that are not
-// conversion events (known once Next has been called).
+// FormatReason says why Format was chosen (see Trace.FormatReason).
+func (rd *Reader) FormatReason() string { return rd.reason }
+
+// Skipped returns the number of comment lines read so far. A QEMU log is
+// read whole at the first call to Next, so its count is final then.
 func (rd *Reader) Skipped() int { return rd.skipped }
+
+// Unrecognised returns the number of QEMU log lines that hold no
+// conversion event (see Trace.Unrecognised), final once Next has been
+// called.
+func (rd *Reader) Unrecognised() int { return rd.unrecognised }
 
 // Folded returns the number of kvm_convert_memory lines folded into the
 // kvm_memory_fault before them (see Trace.Folded).
@@ -295,7 +378,8 @@ func Parse(r io.Reader, opts Options) (*Trace, error) {
 		t.Events = append(t.Events, ev)
 		t.Lines = append(t.Lines, rd.Line())
 	}
-	t.Format, t.Skipped, t.Folded = rd.Format(), rd.Skipped(), rd.Folded()
+	t.Format, t.FormatReason = rd.Format(), rd.FormatReason()
+	t.Skipped, t.Unrecognised, t.Folded = rd.Skipped(), rd.Unrecognised(), rd.Folded()
 	if len(errs) > 0 {
 		return t, errs
 	}
@@ -304,6 +388,11 @@ func Parse(r io.Reader, opts Options) (*Trace, error) {
 
 // check validates the options.
 func (o Options) check() error {
+	switch o.Format {
+	case 0, JSONLines, QEMULog:
+	default:
+		return fmt.Errorf("%w: invalid %v", ErrValue, o.Format)
+	}
 	if o.Devices < 0 || o.Devices > MaxDevices {
 		return fmt.Errorf("%w: devices %d not in [0, %d]", ErrValue, o.Devices, MaxDevices)
 	}

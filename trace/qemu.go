@@ -12,15 +12,20 @@ import (
 
 // QEMU's "log" trace backend prints an event as its name followed by the
 // event's format string, optionally preceded by "PID@SEC.USEC:" (thread id
-// and time of day) when timestamps are on:
+// and time of day) when timestamps are on, and by whatever else the log's
+// writer adds in front (an ISO timestamp from -msg timestamp=on, a journal
+// or syslog header):
 //
 //	kvm_convert_memory start 0x80000000 size 0x200000 shared_to_private
 //	12345@1700000000.123456:kvm_memory_fault start 0x1000 size 0x1000 flags 0x8
+//	2026-12-01T19:50:00.123456Z 12345@1700000000.123456:kvm_convert_memory start 0x1000 size 0x1000 private_to_shared
 //
 // kvm_convert_memory is traced at the start of every conversion, whatever
-// asked for it; kvm_memory_fault is traced when a vCPU exits with
-// KVM_EXIT_MEMORY_FAULT, right before the conversion that the fault causes
-// (which then traces kvm_convert_memory itself, with the same range).
+// asked for it and before any check of the request, so a log of a buggy
+// guest holds misaligned and empty requests too; kvm_memory_fault is traced
+// when a vCPU exits with KVM_EXIT_MEMORY_FAULT, right before the conversion
+// that the fault causes (which then traces kvm_convert_memory itself, with
+// the same range).
 
 // Names of the QEMU trace events read.
 const (
@@ -43,22 +48,16 @@ type qemuLine struct {
 // is not a conversion event; such lines are skipped. long says the line was
 // cut at MaxLineLen.
 func parseQEMULine(line []byte, long bool) (q qemuLine, ok bool, err error) {
-	b := bytes.TrimLeft(line, " \t")
 	q.tid = -1
-	if tid, rest, found := cutPrefix(b); found {
-		q.tid, b = tid, rest
-	}
-	name := b
-	if i := bytes.IndexAny(b, " \t"); i >= 0 {
-		name = b[:i]
-	}
-	switch string(name) {
-	case qemuConvert:
-	case qemuFault:
-		q.fault = true
-	default:
+	at, name := findEvent(line)
+	if at < 0 {
 		return q, false, nil
 	}
+	q.fault = name == qemuFault
+	if tid, found := threadID(line[:at]); found {
+		q.tid = tid
+	}
+	b := line[at:]
 	if long {
 		return q, false, fmt.Errorf("%w: %s line longer than %d bytes", ErrSyntax, name, MaxLineLen)
 	}
@@ -108,10 +107,51 @@ func parseQEMULine(line []byte, long bool) (q qemuLine, ok bool, err error) {
 			return q, false, fmt.Errorf("%w: direction %q: want shared_to_private or private_to_shared", ErrValue, f[5])
 		}
 	}
-	if err := q.conv.Check(); err != nil {
-		return q, false, err
-	}
+	// The request is kept as traced, misaligned or empty: QEMU traced it
+	// before checking it, and refusing it is the executor's answer.
 	return q, true, nil
+}
+
+// findEvent returns where a conversion event's name starts in line, and the
+// name; -1 if there is none. The name must start the line or follow a
+// blank or a ':' (the end of a prefix), and end the line or be followed by
+// a blank.
+func findEvent(line []byte) (int, string) {
+	best, name := -1, ""
+	for _, n := range [...]string{qemuConvert, qemuFault} {
+		for off := 0; ; {
+			i := bytes.Index(line[off:], []byte(n))
+			if i < 0 {
+				break
+			}
+			i += off
+			off = i + len(n)
+			if i > 0 && !bytes.ContainsAny(line[i-1:i], " \t:") {
+				continue
+			}
+			if rest := line[i+len(n):]; len(rest) > 0 && rest[0] != ' ' && rest[0] != '\t' {
+				continue
+			}
+			if best < 0 || i < best {
+				best, name = i, n
+			}
+			break
+		}
+	}
+	return best, name
+}
+
+// threadID reads the thread id of a "PID@SEC.USEC:" prefix that ends
+// right before the event name; prefix is everything before the name.
+func threadID(prefix []byte) (int64, bool) {
+	if i := bytes.LastIndexAny(prefix, " \t"); i >= 0 {
+		prefix = prefix[i+1:]
+	}
+	tid, rest, ok := cutPrefix(prefix)
+	if !ok || len(rest) != 0 {
+		return 0, false
+	}
+	return tid, true
 }
 
 // cutPrefix strips a "PID@SEC.USEC:" prefix.

@@ -1,33 +1,46 @@
 package trace
 
 import (
+	"errors"
 	"fmt"
 	"sort"
 
 	"github.com/gmemproject/gmem/span"
 )
 
-// Validator checks the rules that tie events of one trace together, the
-// rules a replay enforces:
+// ErrMachine means the trace describes an impossible machine: RAM blocks
+// with the same name, RAM or MMIO overlapping, a device attached twice or
+// detached without being attached, a plug or unplug where there is no
+// hot-pluggable RAM block. Such a trace is wrong input, unlike a guest's
+// request that the VMM refuses.
+var ErrMachine = errors.New("bad machine description")
+
+// Validator checks the rules about a trace's own structure, the machine it
+// describes:
 //
+//   - The machine comes first: RAM and MMIO are declared before the first
+//     other event, at least one RAM block, all of one mode (one VM's
+//     memory is backed one way).
 //   - RAM block names are unique; RAM blocks and MMIO holes do not overlap.
 //   - A device is attached under a name not attached at the moment, and only
 //     an attached device is detached.
-//   - Every byte of a conversion lies in RAM, or in an MMIO hole if the
-//     conversion is to shared (a VMM accepts and ignores that; to private is
-//     an error).
-//   - In hot-pluggable RAM, conversions touch only plugged memory.
-//   - Plug and unplug lie inside one hot-pluggable RAM block, are aligned to
-//     its block size, and plug only unplugged memory or unplug only plugged
-//     memory (as a virtio-mem device answers such requests with an error).
+//   - A plug or unplug starts in a hot-pluggable RAM block (the virtio-mem
+//     device it is addressed to).
+//
+// It says nothing of what a guest's request does: a conversion of unbacked
+// memory, a misaligned one, a plug of memory already plugged are requests
+// the VMM answers (guestmem decides, and replay counts its refusals), not
+// broken traces.
 //
 // Feed events in order with Check; an event that breaks a rule is refused
 // and leaves the Validator as it was. Memory grows with the number of RAM
-// blocks, devices and plugged runs, not with the size of the guest.
+// blocks, MMIO holes and devices, not with the size of the guest.
 type Validator struct {
 	regions []region        // RAM and MMIO, sorted by GPA
 	names   map[string]bool // RAM block names
 	devs    map[string]bool // attached devices
+	mode    Mode            // of the first RAM block
+	running bool            // an event other than RAM or MMIO was accepted
 }
 
 // region is a RAM block or an MMIO hole.
@@ -35,8 +48,7 @@ type region struct {
 	r       span.Range
 	ram     bool
 	name    string
-	block   uint64    // hot-plug block size, 0 if not hot-pluggable
-	plugged *span.Set // plugged memory of a hot-pluggable block
+	hotplug bool
 }
 
 // NewValidator returns a Validator for a trace with no events yet.
@@ -45,59 +57,66 @@ func NewValidator() *Validator {
 }
 
 // Check checks e against the rules and the events checked before it, and
-// records its effect if it passes. Errors wrap ErrValue.
+// records its effect if it passes. A machine event must also pass its own
+// Check (ErrValue); a broken rule wraps ErrMachine.
 func (v *Validator) Check(e Event) error {
 	if e == nil {
 		return fmt.Errorf("%w: nil event", ErrValue)
 	}
-	if err := e.Check(); err != nil {
+	if err := checkParsed(e); err != nil {
 		return err
 	}
+	switch e.(type) {
+	case RAM, MMIO:
+		if v.running {
+			return fmt.Errorf("%w: %s after the first attach or request: the machine is declared first", ErrMachine, e.Op())
+		}
+	default:
+		if v.mode == 0 {
+			return fmt.Errorf("%w: %s before any RAM block", ErrMachine, e.Op())
+		}
+	}
+	if err := v.check(e); err != nil {
+		return err
+	}
+	switch e.(type) {
+	case RAM, MMIO:
+	default:
+		v.running = true
+	}
+	return nil
+}
+
+func (v *Validator) check(e Event) error {
 	switch e := e.(type) {
 	case RAM:
+		if v.mode != 0 && e.Mode != v.mode {
+			return fmt.Errorf("%w: RAM block %q is %v, the blocks before it %v: one VM's memory is backed one way", ErrMachine, e.Name, e.Mode, v.mode)
+		}
 		if v.names[e.Name] {
-			return fmt.Errorf("%w: RAM block %q declared twice", ErrValue, e.Name)
+			return fmt.Errorf("%w: RAM block %q declared twice", ErrMachine, e.Name)
 		}
-		reg := region{r: e.Range(), ram: true, name: e.Name, block: e.Block}
-		if e.Block != 0 {
-			reg.plugged = &span.Set{}
-		}
-		if err := v.insert(reg); err != nil {
+		if err := v.insert(region{r: e.Range(), ram: true, name: e.Name, hotplug: e.Block != 0}); err != nil {
 			return err
 		}
 		v.names[e.Name] = true
+		v.mode = e.Mode
 	case MMIO:
 		return v.insert(region{r: e.Range()})
 	case Attach:
 		if v.devs[e.Dev] {
-			return fmt.Errorf("%w: device %q attached twice", ErrValue, e.Dev)
+			return fmt.Errorf("%w: device %q attached twice", ErrMachine, e.Dev)
 		}
 		v.devs[e.Dev] = true
 	case Detach:
 		if !v.devs[e.Dev] {
-			return fmt.Errorf("%w: device %q is not attached", ErrValue, e.Dev)
+			return fmt.Errorf("%w: device %q is not attached", ErrMachine, e.Dev)
 		}
 		delete(v.devs, e.Dev)
-	case Convert:
-		return v.convert(e)
 	case Plug:
-		reg, err := v.hotplug("plug", e.Range())
-		if err != nil {
-			return err
-		}
-		if reg.plugged.Overlaps(e.Range()) {
-			return fmt.Errorf("%w: plug %v: part of it is already plugged", ErrValue, e.Range())
-		}
-		reg.plugged.Add(e.Range())
+		return v.hotplug("plug", e.GPA)
 	case Unplug:
-		reg, err := v.hotplug("unplug", e.Range())
-		if err != nil {
-			return err
-		}
-		if !reg.plugged.Covers(e.Range()) {
-			return fmt.Errorf("%w: unplug %v: part of it is not plugged", ErrValue, e.Range())
-		}
-		reg.plugged.Remove(e.Range())
+		return v.hotplug("unplug", e.GPA)
 	}
 	return nil
 }
@@ -106,7 +125,11 @@ func (v *Validator) Check(e Event) error {
 func (v *Validator) insert(reg region) error {
 	i := sort.Search(len(v.regions), func(i int) bool { return v.regions[i].r.End > reg.r.Start })
 	if i < len(v.regions) && v.regions[i].r.Overlaps(reg.r) {
-		return fmt.Errorf("%w: %v overlaps %s %v", ErrValue, reg.r, v.regions[i].what(), v.regions[i].r)
+		what := "MMIO hole"
+		if reg.ram {
+			what = fmt.Sprintf("RAM block %q", reg.name)
+		}
+		return fmt.Errorf("%w: %s %v overlaps %s %v", ErrMachine, what, reg.r, v.regions[i].what(), v.regions[i].r)
 	}
 	v.regions = append(v.regions, region{})
 	copy(v.regions[i+1:], v.regions[i:])
@@ -130,38 +153,15 @@ func (v *Validator) find(x uint64) *region {
 	return nil
 }
 
-func (v *Validator) convert(e Convert) error {
-	want := e.Range()
-	for cur := want.Start; cur < want.End; {
-		reg := v.find(cur)
-		if reg == nil {
-			return fmt.Errorf("%w: convert %v: %#x is neither RAM nor MMIO", ErrValue, want, cur)
-		}
-		part := reg.r.Intersect(want)
-		switch {
-		case !reg.ram && e.To == Private:
-			return fmt.Errorf("%w: convert %v to private: %v is an MMIO hole", ErrValue, want, part)
-		case reg.plugged != nil && !reg.plugged.Covers(part):
-			return fmt.Errorf("%w: convert %v: part of %v in RAM block %q is not plugged", ErrValue, want, part, reg.name)
-		}
-		cur = part.End
-	}
-	return nil
-}
-
-// hotplug returns the hot-pluggable RAM block that holds all of r, checking
-// that r is aligned to its block size.
-func (v *Validator) hotplug(what string, r span.Range) (*region, error) {
-	reg := v.find(r.Start)
+// hotplug checks that a plug or unplug request starting at gpa has a
+// virtio-mem device to go to: a hot-pluggable RAM block holding gpa.
+func (v *Validator) hotplug(what string, gpa uint64) error {
+	reg := v.find(gpa)
 	switch {
 	case reg == nil || !reg.ram:
-		return nil, fmt.Errorf("%w: %s %v: not in RAM", ErrValue, what, r)
-	case reg.plugged == nil:
-		return nil, fmt.Errorf("%w: %s %v: RAM block %q is not hot-pluggable", ErrValue, what, r, reg.name)
-	case !reg.r.ContainsRange(r):
-		return nil, fmt.Errorf("%w: %s %v: runs past the end of RAM block %q", ErrValue, what, r, reg.name)
-	case !r.Aligned(reg.block):
-		return nil, fmt.Errorf("%w: %s %v: not aligned to the block size %s of RAM block %q", ErrValue, what, r, FormatSize(reg.block), reg.name)
+		return fmt.Errorf("%w: %s at %#x: no RAM block there", ErrMachine, what, gpa)
+	case !reg.hotplug:
+		return fmt.Errorf("%w: %s at %#x: RAM block %q is not hot-pluggable", ErrMachine, what, gpa, reg.name)
 	}
-	return reg, nil
+	return nil
 }

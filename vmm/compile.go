@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/gmemproject/gmem/guest"
+	"github.com/gmemproject/gmem/kvm"
 )
 
 // Compile turns vCPU cpu's program into x86-64 machine code that runs at
@@ -12,10 +13,38 @@ import (
 // writes ResultDone and halts. The port accesses are exactly those Interpret
 // makes for the same program.
 func Compile(p Program, cpu, firstID int) ([]byte, error) {
+	return CompileFor(p, cpu, firstID, ViaPort)
+}
+
+// RequestPath is how compiled code asks for conversions.
+type RequestPath int
+
+const (
+	// ViaPort rings the conversion port and reads its status.
+	ViaPort RequestPath = iota
+	// ViaHypercall executes vmmcall with KVM_HC_MAP_GPA_RANGE (rax 12, rbx
+	// the GPA, rcx the page count, rdx the attributes) and takes the answer
+	// from rax. It needs a VM with KVM_CAP_EXIT_HYPERCALL enabled for it
+	// (on the default VM type of some hosts the instruction hangs the vCPU),
+	// and code in shared pages (see guest.Asm.Vmmcall).
+	ViaHypercall
+)
+
+// CompileFor is Compile with conversions asked for the given way. With
+// ViaHypercall a Convert step's size becomes a page count (a size below a
+// page asks for 0 pages) and its ConvAttr becomes the attributes word
+// (ConvToPrivate: KVM_MAP_GPA_RANGE_ENCRYPTED; ConvToShared: 0; any other
+// value passes through as is). A step that wants ConvStatusEINVAL also
+// passes when KVM itself refuses the request (-KVM_EINVAL in rax, for
+// requests it never passes on: unaligned GPA, no pages, wrap-around).
+func CompileFor(p Program, cpu, firstID int, path RequestPath) ([]byte, error) {
 	if cpu < 0 || cpu >= MaxVCPUs {
 		return nil, fmt.Errorf("%w: vCPU %d", ErrScenario, cpu)
 	}
-	c := compiler{cpu: cpu, id: firstID}
+	if path != ViaPort && path != ViaHypercall {
+		return nil, fmt.Errorf("%w: request path %d", ErrScenario, path)
+	}
+	c := compiler{cpu: cpu, id: firstID, path: path}
 	for _, st := range p.Steps {
 		c.step(st)
 	}
@@ -31,9 +60,45 @@ func Compile(p Program, cpu, firstID int) ([]byte, error) {
 }
 
 type compiler struct {
-	a   guest.Asm
-	cpu int
-	id  int
+	a    guest.Asm
+	cpu  int
+	id   int
+	path RequestPath
+}
+
+// kvmEINVAL is -KVM_EINVAL in rax: KVM's own refusal of a hypercall.
+const kvmEINVAL = ^uint64(kvm.HypercallRetEINVAL - 1)
+
+// hypercallAttrs is the KVM_HC_MAP_GPA_RANGE attributes word for a raw
+// ConvAttr value.
+func hypercallAttrs(attr uint32) uint64 {
+	switch attr {
+	case ConvToShared:
+		return 0
+	case ConvToPrivate:
+		return kvm.MapGPARangeEncrypted
+	}
+	return uint64(attr)
+}
+
+// convertHypercall emits a Convert step as vmmcall.
+func (c *compiler) convertHypercall(st Step) {
+	c.a.MovImm32(guest.RAX, kvm.HCMapGPARange)
+	c.a.MovImm64(guest.RBX, st.GPA)
+	c.a.MovImm64(guest.RCX, st.Size/kvm.PageSize)
+	c.a.MovImm64(guest.RDX, hypercallAttrs(st.Attr))
+	c.a.Vmmcall()
+	c.a.Mov(guest.RBX, guest.RAX)
+	done := c.a.NewLabel()
+	if st.Want == ConvStatusEINVAL {
+		c.a.MovImm64(guest.RCX, kvmEINVAL)
+		c.a.Cmp(guest.RBX, guest.RCX)
+		c.a.J(guest.Equal, done)
+	}
+	c.a.MovImm32(guest.RCX, st.Want)
+	c.a.Cmp(guest.RBX, guest.RCX)
+	c.a.Bind(done)
+	c.report()
 }
 
 // out emits out dx, eax with constant port and value.
@@ -84,6 +149,10 @@ func (c *compiler) status(port uint16, want uint32) {
 func (c *compiler) step(st Step) {
 	switch st.Kind {
 	case StepConvert:
+		if c.path == ViaHypercall {
+			c.convertHypercall(st)
+			return
+		}
 		c.out64(convPort(c.cpu, ConvGPALo), st.GPA)
 		c.out64(convPort(c.cpu, ConvSizeLo), st.Size)
 		c.out(convPort(c.cpu, ConvAttr), st.Attr)
@@ -101,6 +170,14 @@ func (c *compiler) step(st Step) {
 		c.out(dmaPort(c.cpu, DMALen), uint32(st.Size))
 		c.out(dmaPort(c.cpu, DMACmd), st.Cmd)
 		c.status(dmaPort(c.cpu, DMAStatus), st.Want)
+	case StepHost:
+		c.out(HostCallPort, uint32(st.Seed))
+	case StepTouch:
+		c.a.MovImm64(guest.RSI, st.GPA)
+		c.a.Load(guest.RBX, guest.RSI, 0)
+		c.a.MovImm64(guest.RAX, st.Seed)
+		c.a.Cmp(guest.RBX, guest.RAX)
+		c.report()
 	case StepFill:
 		// for rcx = n; rcx != 0; rcx-- { [rsi] = rax; rsi += 8; rax++ }
 		c.a.MovImm64(guest.RSI, st.GPA)

@@ -471,6 +471,9 @@ func FuzzCompile(f *testing.F) {
 	f.Add(uint8(StepDMA), uint64(buf), uint64(pg), uint32(0), uint64(0), uint32(DMACmdToRAM), uint32(2))
 	f.Add(uint8(StepDeviceFill), uint64(0), uint64(0), uint32(0), uint64(1<<63), uint32(0), uint32(0))
 	f.Add(uint8(StepFill), uint64(1<<64-8), uint64(16), uint32(0), uint64(7), uint32(0), uint32(0))
+	f.Add(uint8(StepHost), uint64(0), uint64(0), uint32(0), uint64(9), uint32(0), uint32(0))
+	f.Add(uint8(StepTouch), uint64(HoleGPA), uint64(0), uint32(0), ^uint64(0), uint32(0), uint32(0))
+	f.Add(uint8(StepConvert), uint64(buf+1), uint64(pg/2), uint32(7), uint64(0), uint32(0), uint32(ConvStatusEINVAL))
 	tm := newTestMachine(f, guestmem.Split, Builtin(1), nil)
 	f.Fuzz(func(t *testing.T, kind uint8, gpa, size uint64, attr uint32, seed uint64, cmd, want uint32) {
 		st := Step{Kind: StepKind(kind), Name: "fuzz", GPA: gpa, Size: size, Attr: attr, Seed: seed, Cmd: cmd, Want: want}
@@ -478,9 +481,11 @@ func FuzzCompile(f *testing.F) {
 		if err := s.Validate(); err != nil {
 			return
 		}
-		code, err := Compile(s.Programs[0], 0, 0)
-		if err != nil || len(code) == 0 {
-			t.Fatalf("valid step %+v did not compile: %v", st, err)
+		for _, path := range []RequestPath{ViaPort, ViaHypercall} {
+			code, err := CompileFor(s.Programs[0], 0, 0, path)
+			if err != nil || len(code) == 0 {
+				t.Fatalf("valid step %+v did not compile (path %d): %v", st, path, err)
+			}
 		}
 		if err := Interpret(context.Background(), tm.Machine, 0, s.Programs[0], 0, tm.Memory().Guest()); err != nil {
 			t.Fatalf("valid step %+v: %v", st, err)

@@ -59,6 +59,18 @@ func Interpret(ctx context.Context, m *Machine, cpu int, p Program, firstID int,
 			out(dmaPort(cpu, DMALen), uint32(st.Size))
 			out(dmaPort(cpu, DMACmd), st.Cmd)
 			status(dmaPort(cpu, DMAStatus), st.Want)
+		case StepHost:
+			out(HostCallPort, uint32(st.Seed))
+		case StepTouch:
+			v := ^uint64(0) // nothing decodes what is not RAM
+			if m.Memory().Block(st.GPA) != nil {
+				var b [8]byte
+				if _, err := mem.ReadAt(b[:], int64(st.GPA)); err != nil {
+					return fmt.Errorf("vmm: vCPU %d step %d: %w", cpu, i, err)
+				}
+				v = binary.LittleEndian.Uint64(b[:])
+			}
+			report(v == st.Seed, uint32(v))
 		case StepFill:
 			if _, err := mem.WriteAt(pattern(st.Size, st.Seed), int64(st.GPA)); err != nil {
 				return fmt.Errorf("vmm: vCPU %d step %d: %w", cpu, i, err)

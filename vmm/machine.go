@@ -71,6 +71,16 @@ type MachineConfig struct {
 	OnCheck func(CheckResult)
 	// OnConversion, if set, is called after every conversion request.
 	OnConversion func(ConversionEvent)
+	// OnHostCall, if set, runs every host call (a write to HostCallPort) on
+	// the writing vCPU's goroutine while that vCPU waits.
+	OnHostCall func(cpu int, id uint32)
+	// SetKVMAttributes, if set, sets attributes in KVM directly
+	// (KVM_SET_MEMORY_ATTRIBUTES). The machine uses it for one thing: a
+	// memory fault on a private access to a range that is not guest RAM
+	// means KVM holds a PRIVATE attribute gmem never set (gmem refuses to
+	// make non-RAM private); the machine clears it, and the access goes on
+	// as one to memory no device decodes.
+	SetKVMAttributes func(kvm.MemoryAttributes) error
 	// portTrace, if set, sees every port access.
 	portTrace func(cpu int, port uint16, out bool, v uint32)
 	// MaxFaultRepeats is how many times in a row one vCPU may raise the
@@ -95,6 +105,8 @@ type Machine struct {
 	onConv  func(ConversionEvent)
 	repeats int
 	trace   func(cpu int, port uint16, out bool, v uint32)
+	onHost  func(cpu int, id uint32)
+	setKVM  func(kvm.MemoryAttributes) error
 
 	// checkMu lets conversions run in parallel (read side) while the
 	// invariant check after each one sees no conversion in flight.
@@ -117,6 +129,7 @@ type machineCounters struct {
 	portRequests, hypercallRequests, faultRequests atomic.Uint64
 	retOK, retEINVAL, retEAGAIN, rejected, failed  atomic.Uint64
 	dmaAllowed, dmaBlocked, violations, unknownIO  atomic.Uint64
+	hostCalls, strayAttributes                     atomic.Uint64
 }
 
 // peakSpace is the model IOMMU with a record of its most entries at once.
@@ -157,6 +170,8 @@ func NewMachine(cfg MachineConfig) (*Machine, error) {
 		onConv:  cfg.OnConversion,
 		repeats: cfg.MaxFaultRepeats,
 		trace:   cfg.portTrace,
+		onHost:  cfg.OnHostCall,
+		setKVM:  cfg.SetKVMAttributes,
 	}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
@@ -248,6 +263,11 @@ func (m *Machine) PortOut(cpu int, port uint16, size int, v uint32) {
 	switch {
 	case port == ConsolePort:
 		m.result(cpu, v)
+	case port == HostCallPort:
+		m.stats.hostCalls.Add(1)
+		if m.onHost != nil {
+			m.onHost(cpu, v)
+		}
 	case port >= convPort(cpu, 0) && port < convPort(cpu, ConvPortStride):
 		m.convOut(cpu, port-convPort(cpu, 0), v)
 	case port >= dmaPort(cpu, 0) && port < dmaPort(cpu, DMAPortStride):
@@ -474,6 +494,9 @@ func (m *Machine) HandleExit(cpu int, run []byte, e kvm.Exit, decodeErr error) (
 		m.stats.faultRequests.Add(1)
 		req := guestmem.Request{GPA: e.GPA, Size: e.Size, To: faultTarget(e)}
 		_, err := m.convert(cpu, SourceMemoryFault, req)
+		if err != nil && errors.Is(err, guestmem.ErrNotRAM) && e.Private() && m.setKVM != nil {
+			err = m.clearStray(cpu, e)
+		}
 		if err != nil {
 			return m.guardFault(cpu, e, err)
 		}
@@ -491,6 +514,18 @@ func (m *Machine) HandleExit(cpu int, run []byte, e kvm.Exit, decodeErr error) (
 		return Stop, fmt.Errorf("vmm: vCPU %d: no exit", cpu)
 	}
 	return Stop, fmt.Errorf("vmm: vCPU %d: unexpected exit %s", cpu, e.Reason())
+}
+
+// clearStray clears the PRIVATE attribute KVM holds for a range that is
+// not guest RAM, the cause of a private memory fault there.
+func (m *Machine) clearStray(cpu int, f kvm.MemoryFaultExit) error {
+	if err := m.setKVM(kvm.MemoryAttributes{Address: f.GPA, Size: f.Size}); err != nil {
+		return fmt.Errorf("vmm: clear the stray private attribute of [%#x, +%#x): %w", f.GPA, f.Size, err)
+	}
+	m.stats.strayAttributes.Add(1)
+	m.log.Warn("vmm: cleared a private attribute KVM held for memory that is not guest RAM",
+		"cpu", cpu, "gpa", f.GPA, "size", f.Size)
+	return nil
 }
 
 // faultTarget is the state a memory fault asks for: the access's kind.
@@ -585,6 +620,11 @@ type Stats struct {
 	Violations uint64
 	// UnknownIO counts port accesses no device decodes.
 	UnknownIO uint64
+	// HostCalls counts writes to HostCallPort.
+	HostCalls uint64
+	// StrayAttributes counts private attributes KVM held for memory that is
+	// not guest RAM, cleared after the memory faults they caused.
+	StrayAttributes uint64
 	// IOMMUEntries is the current number of IOMMU entries, PeakEntries the
 	// most at once.
 	IOMMUEntries, PeakEntries int
@@ -602,6 +642,7 @@ func (m *Machine) Stats() Stats {
 		Rejected: s.rejected.Load(), Failed: s.failed.Load(),
 		DMAAllowed: s.dmaAllowed.Load(), DMABlocked: s.dmaBlocked.Load(),
 		Violations: s.violations.Load(), UnknownIO: s.unknownIO.Load(),
+		HostCalls: s.hostCalls.Load(), StrayAttributes: s.strayAttributes.Load(),
 		IOMMUEntries: m.model.Len(), PeakEntries: int(m.space.peak.Load()),
 	}
 }

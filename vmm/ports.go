@@ -16,6 +16,11 @@ const (
 
 	// ConsolePort takes result words (see ResultWord).
 	ConsolePort = 0x0E00
+	// HostCallPort: a 4-byte write stops the vCPU while the VMM runs the
+	// host call with that number (MachineConfig.OnHostCall), so a test can
+	// act between two guest steps (drive a real device, look at the
+	// backing memory).
+	HostCallPort = 0x0E04
 
 	// MaxVCPUs is the most vCPUs the port map has banks for.
 	MaxVCPUs = 8

@@ -25,10 +25,17 @@ const (
 	// StepDMA runs DMA command Cmd (DMACmdToBuffer from GPA, DMACmdToRAM to
 	// GPA) for Size bytes and checks the status against Want.
 	StepDMA
+	// StepHost writes Seed to HostCallPort: the VMM runs host call Seed
+	// before the guest goes on. It is not a check.
+	StepHost
+	// StepTouch checks that the qword at GPA reads Seed. GPA may be any
+	// address the guest maps, RAM or not (what no device decodes reads as
+	// all ones).
+	StepTouch
 )
 
-// Step is one thing a program does. Convert, Verify and DMA steps are
-// checks: each reports one result word on the console.
+// Step is one thing a program does. Convert, Verify, DMA and Touch steps
+// are checks: each reports one result word on the console.
 type Step struct {
 	Kind StepKind
 	// Name describes the check.
@@ -48,7 +55,7 @@ type Step struct {
 
 // IsCheck reports whether the step reports a result.
 func (s Step) IsCheck() bool {
-	return s.Kind == StepConvert || s.Kind == StepVerify || s.Kind == StepDMA
+	return s.Kind == StepConvert || s.Kind == StepVerify || s.Kind == StepDMA || s.Kind == StepTouch
 }
 
 // Convert is a conversion request to `to` that must answer want.
@@ -86,6 +93,14 @@ func DMAToRAM(name string, gpa, size uint64, want uint32) Step {
 // DMAFromRAM has the device read size bytes at gpa into its buffer.
 func DMAFromRAM(name string, gpa, size uint64, want uint32) Step {
 	return Step{Kind: StepDMA, Name: name, GPA: gpa, Size: size, Cmd: DMACmdToBuffer, Want: want}
+}
+
+// Host has the VMM run host call id between two guest steps.
+func Host(id uint32) Step { return Step{Kind: StepHost, Seed: uint64(id)} }
+
+// Touch checks that the guest reads want at gpa.
+func Touch(name string, gpa, want uint64) Step {
+	return Step{Kind: StepTouch, Name: name, GPA: gpa, Seed: want}
 }
 
 // Program is what one vCPU does, in order.
@@ -157,6 +172,14 @@ func (s Scenario) Validate() error {
 			}
 			switch st.Kind {
 			case StepConvert, StepDeviceFill:
+			case StepHost:
+				if st.Seed > 1<<32-1 {
+					return fail("host call %#x does not fit the port", st.Seed)
+				}
+			case StepTouch:
+				if st.GPA%8 != 0 || st.GPA > MapSize-8 {
+					return fail("touch at %#x: not an aligned qword the guest maps", st.GPA)
+				}
 			case StepFill, StepVerify:
 				if st.Size == 0 || st.Size%8 != 0 || st.GPA%8 != 0 || st.Size/8 > 1<<31 {
 					return fail("pattern of %#x bytes at %#x is not whole qwords", st.Size, st.GPA)
@@ -199,8 +222,15 @@ const (
 // mixed and partial ranges, ranges spanning the two RAM blocks, and requests
 // the VMM must reject. Each other vCPU converts its own window of ram1 back
 // and forth at the same time, with DMA checks after each conversion.
-func Builtin(vcpus int) Scenario {
-	s := Scenario{Programs: []Program{mainProgram()}}
+func Builtin(vcpus int) Scenario { return builtin(vcpus, false) }
+
+// BuiltinSharedCode is Builtin for a VM whose code and tables stay shared
+// (New on a VM with KVM private memory): the device reads the guest's code
+// instead of being refused.
+func BuiltinSharedCode(vcpus int) Scenario { return builtin(vcpus, true) }
+
+func builtin(vcpus int, codeShared bool) Scenario {
+	s := Scenario{Programs: []Program{mainProgram(codeShared)}}
 	for cpu := 1; cpu < vcpus; cpu++ {
 		s.Programs = append(s.Programs, workerProgram(cpu))
 	}
@@ -209,7 +239,7 @@ func Builtin(vcpus int) Scenario {
 
 const pg = 4096
 
-func mainProgram() Program {
+func mainProgram(codeShared bool) Program {
 	const (
 		a = BuffersGPA           // 1 MiB: share, DMA, back to private
 		b = BuffersGPA + 0x20000 // mixed and partial conversions
@@ -242,8 +272,12 @@ func mainProgram() Program {
 		DMAToRAM("device still writes A[2] next to it", a+2*pg, pg, dOK),
 		Verify("A[2] holds the device's bytes", a+2*pg, pg, seedDevice+2),
 		DMAToRAM("device refused a transfer from A[0] into A[1]", a+pg/2, pg, dBlocked),
-		Verify("A[0] unchanged by the refused transfer", a, pg, seedDevice+1),
-		DMAFromRAM("device refused reading guest code", CodeGPA, pg, dBlocked))
+		Verify("A[0] unchanged by the refused transfer", a, pg, seedDevice+1))
+	if codeShared {
+		add(DMAFromRAM("device reads the guest's shared code", CodeGPA, pg, dOK))
+	} else {
+		add(DMAFromRAM("device refused reading guest code", CodeGPA, pg, dBlocked))
+	}
 
 	// Mixed and partial conversions of B[0:8].
 	add(Convert("B[0:8] to shared", b, 8*pg, sh, ok),

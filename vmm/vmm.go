@@ -12,6 +12,7 @@ import (
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
 )
 
 // Config configures a VM or a host-driven run.
@@ -38,6 +39,11 @@ type Config struct {
 	Inject func(guestmem.Fault) error
 	// KVMPath is the KVM device (default /dev/kvm).
 	KVMPath string
+	// DefaultVMType keeps a split VM on the default VM type even where the
+	// host offers KVM_X86_SW_PROTECTED_VM (see New).
+	DefaultVMType bool
+	// OnHostCall is passed to the Machine.
+	OnHostCall func(cpu int, id uint32)
 
 	// portTrace, if set, sees every port access (tests compare the
 	// compiled guest with the interpreter).
@@ -62,7 +68,7 @@ func (c *Config) scenario() (Scenario, error) {
 func (c *Config) machine(mem *guestmem.Memory, s Scenario) MachineConfig {
 	return MachineConfig{
 		Memory: mem, Scenario: s, IOMMU: c.IOMMU, Policy: c.Policy, Logger: c.Logger,
-		OnCheck: c.OnCheck, OnConversion: c.OnConversion, portTrace: c.portTrace,
+		OnCheck: c.OnCheck, OnConversion: c.OnConversion, OnHostCall: c.OnHostCall, portTrace: c.portTrace,
 	}
 }
 
@@ -74,18 +80,29 @@ type VM struct {
 	mach     *Machine
 	vcpus    []*kvm.VCPU
 	scenario Scenario
+	path     RequestPath
 	ran      bool
 }
 
 // New creates a KVM VM with the machine's memory and devices, loads the
 // compiled programs and page tables, and puts every vCPU at its program's
 // first instruction in long mode.
+//
+// Split memory goes on a KVM_X86_SW_PROTECTED_VM where the host offers one
+// (KVM_CAP_VM_TYPES), unless cfg.DefaultVMType: KVM then keeps the
+// attributes and the private pages live in guest_memfd, out of the host's
+// reach. On such a VM the guest's tables, code and stacks, [0, BuffersGPA),
+// are made shared before they are written (the host cannot write
+// guest_memfd, and without NRIPS KVM decodes trapping instructions through
+// the shared alias), and the guest asks for conversions with vmmcall
+// (KVM_HC_MAP_GPA_RANGE, answered through KVM_EXIT_HYPERCALL). Otherwise
+// the VM has the default type and the guest uses the conversion port.
 func New(cfg Config) (_ *VM, err error) {
 	s, err := cfg.scenario()
 	if err != nil {
 		return nil, err
 	}
-	v := &VM{scenario: s}
+	v := &VM{}
 	defer func() {
 		if err != nil {
 			v.Close()
@@ -98,10 +115,21 @@ func New(cfg Config) (_ *VM, err error) {
 	if v.sys, err = kvm.OpenPath(path); err != nil {
 		return nil, err
 	}
-	if v.vm, err = v.sys.CreateVM(kvm.VMTypeDefault); err != nil {
+	vmType := uint64(kvm.VMTypeDefault)
+	if cfg.Mode == guestmem.Split && !cfg.DefaultVMType {
+		ok, err := v.sys.SupportsVMType(kvm.VMTypeSWProtected)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			vmType = kvm.VMTypeSWProtected
+		}
+	}
+	if v.vm, err = v.sys.CreateVM(vmType); err != nil {
 		return nil, err
 	}
-	if err := enableHypercallExits(v.vm); err != nil {
+	exits, err := enableHypercallExits(v.vm)
+	if err != nil {
 		return nil, err
 	}
 	mcfg := memoryConfig(cfg.Mode)
@@ -109,10 +137,25 @@ func New(cfg Config) (_ *VM, err error) {
 	if v.mem, err = guestmem.New(mcfg); err != nil {
 		return nil, err
 	}
-	if v.mach, err = NewMachine(cfg.machine(v.mem, s)); err != nil {
+	mach := cfg.machine(v.mem, s)
+	if v.mem.Enforcement() == guestmem.EnforceKVM {
+		if _, err := v.mem.Convert(guestmem.Request{GPA: RAM0GPA, Size: BuffersGPA, To: memattr.Shared}); err != nil {
+			return nil, fmt.Errorf("vmm: share the guest's code and tables: %w", err)
+		}
+		if cfg.Scenario == nil {
+			s = builtin(len(s.Programs), true)
+			mach.Scenario = s
+		}
+		if exits {
+			v.path = ViaHypercall
+		}
+		mach.SetKVMAttributes = v.vm.SetMemoryAttributes
+	}
+	v.scenario = s
+	if v.mach, err = NewMachine(mach); err != nil {
 		return nil, err
 	}
-	entries, err := Load(v.mem.Guest(), s)
+	entries, err := LoadFor(v.mem.Guest(), s, v.path)
 	if err != nil {
 		return nil, err
 	}
@@ -122,12 +165,21 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("vmm: %w", err)
 	}
+	// KVM checks the 64-bit EFER of the boot state against the guest's
+	// CPUID (long mode), so every vCPU gets what KVM supports first.
+	cpuid, err := v.sys.GetSupportedCPUID()
+	if err != nil {
+		return nil, err
+	}
 	for cpu := range s.Programs {
 		vc, err := v.vm.CreateVCPU(cpu)
 		if err != nil {
 			return nil, err
 		}
 		v.vcpus = append(v.vcpus, vc)
+		if err := vc.SetCPUID2(cpuid); err != nil {
+			return nil, err
+		}
 		boot.Regs.RIP, boot.Regs.RSP = entries[cpu], stackTop(cpu)
 		if err := boot.Load(vc); err != nil {
 			return nil, fmt.Errorf("vmm: %w", err)
@@ -137,17 +189,17 @@ func New(cfg Config) (_ *VM, err error) {
 }
 
 // enableHypercallExits makes KVM_HC_MAP_GPA_RANGE exit to the VMM
-// (KVM_CAP_EXIT_HYPERCALL) where KVM offers it; otherwise KVM answers the
-// guest -KVM_ENOSYS itself and the conversion port remains.
-func enableHypercallExits(vm *kvm.VM) error {
+// (KVM_CAP_EXIT_HYPERCALL) where KVM offers it and reports whether it did;
+// otherwise KVM answers the guest -KVM_ENOSYS itself.
+func enableHypercallExits(vm *kvm.VM) (bool, error) {
 	have, err := vm.CheckExtension(kvm.CapExitHypercall)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if uint64(have)&(1<<kvm.HCMapGPARange) == 0 {
-		return nil
+		return false, nil
 	}
-	return vm.EnableCap(kvm.EnableCap{Cap: kvm.CapExitHypercall, Args: [4]uint64{1 << kvm.HCMapGPARange}})
+	return true, vm.EnableExitHypercall(1 << kvm.HCMapGPARange)
 }
 
 // stackTop is vCPU cpu's initial stack pointer.
@@ -156,12 +208,15 @@ func stackTop(cpu int) uint64 { return StacksGPA + uint64(cpu+1)*4096 }
 // Load compiles the scenario's programs and writes them into guest memory
 // from CodeGPA on, each starting on a page boundary. It returns each
 // program's entry point.
-func Load(mem GuestMemory, s Scenario) ([]uint64, error) {
+func Load(mem GuestMemory, s Scenario) ([]uint64, error) { return LoadFor(mem, s, ViaPort) }
+
+// LoadFor is Load with conversions asked for the given way.
+func LoadFor(mem GuestMemory, s Scenario, path RequestPath) ([]uint64, error) {
 	at := uint64(CodeGPA)
 	first := s.firstIDs()
 	var entries []uint64
 	for cpu, p := range s.Programs {
-		code, err := Compile(p, cpu, first[cpu])
+		code, err := CompileFor(p, cpu, first[cpu], path)
 		if err != nil {
 			return nil, err
 		}
@@ -176,6 +231,12 @@ func Load(mem GuestMemory, s Scenario) ([]uint64, error) {
 	}
 	return entries, nil
 }
+
+// KVM returns the KVM VM (for tests that act on the kernel directly).
+func (v *VM) KVM() *kvm.VM { return v.vm }
+
+// RequestPath returns how the loaded guest asks for conversions.
+func (v *VM) RequestPath() RequestPath { return v.path }
 
 // Machine returns the VM's machine.
 func (v *VM) Machine() *Machine { return v.mach }

@@ -128,7 +128,7 @@ type scenario func(sz benchSizes) ([]benchRow, error)
 // benchRows runs every scenario in order.
 func benchRows(ctx context.Context, sz benchSizes) ([]benchRow, error) {
 	var rows []benchRow
-	for _, s := range []scenario{benchState, benchListenerReplay, benchChurn, benchRoundTrip, benchParallel, benchBoot} {
+	for _, s := range []scenario{benchState, benchListenerReplay, benchChurn, benchRoundTrip, benchParallel, benchBoot, benchSplit} {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("interrupted: %w", err)
 		}

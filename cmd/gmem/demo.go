@@ -42,6 +42,9 @@ type demoFlags struct {
 	noKVM   bool
 	quiet   bool
 	timeout time.Duration
+	// vfio ("type1" or "iommufd") and vfioDevice: a real IOMMU that gmem
+	// keeps in step with the guest's shared pages, next to the model.
+	vfio, vfioDevice string
 }
 
 // parseDemoFlags parses the command line. It returns flag.ErrHelp for -h.
@@ -60,6 +63,8 @@ func parseDemoFlags(args []string) (demoFlags, *flag.FlagSet, error) {
 	fs.BoolVar(&f.noKVM, "no-kvm", false, "run the scenario host-driven, without KVM")
 	fs.BoolVar(&f.quiet, "quiet", false, "no progress lines on stderr")
 	fs.DurationVar(&f.timeout, "timeout", f.timeout, "stop the guest after this long")
+	fs.StringVar(&f.vfio, "vfio", "", "also keep a real IOMMU in step: `type1` or iommufd (needs --vfio-device and KVM)")
+	fs.StringVar(&f.vfioDevice, "vfio-device", "", "PCI address of the device bound to vfio-pci whose IOMMU --vfio opens")
 	if err := fs.Parse(args); err != nil {
 		return f, fs, err
 	}
@@ -86,6 +91,12 @@ func parseDemoFlags(args []string) (demoFlags, *flag.FlagSet, error) {
 	}
 	if f.timeout <= 0 {
 		return f, fs, fmt.Errorf("--timeout %v: want a positive duration", f.timeout)
+	}
+	switch {
+	case f.vfio != "" && f.vfio != "type1" && f.vfio != "iommufd":
+		return f, fs, fmt.Errorf("--vfio: want type1 or iommufd, not %q", f.vfio)
+	case (f.vfio == "") != (f.vfioDevice == ""):
+		return f, fs, errors.New("--vfio and --vfio-device go together")
 	}
 	return f, fs, nil
 }
@@ -136,17 +147,35 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 	} else if err := probeKVM(env.kvmPath); err != nil {
 		useKVM = false
 		progress("KVM is not available (%v): running the scenario host-driven (no vCPU), through the same executor and devices", err)
+		progress("to see it on real KVM with private memory (guest_memfd, KVM_SET_MEMORY_ATTRIBUTES, vmmcall) and real VFIO, run scripts/rig --demo (a QEMU guest; no /dev/kvm needed)")
 	}
-	var rep vmm.Report
+	var rep demoReport
 	if useKVM {
 		v, err := vmm.New(cfg)
 		if err != nil {
 			fmt.Fprintf(stderr, "gmem demo: %v\n", err)
 			return exitFail
 		}
-		progress("booting the built-in guest: mode %v, %d vCPU(s), IOMMU %v (%v), enforcement %s",
-			f.mode, v.Machine().VCPUs(), f.rules, f.policy, v.Memory().Enforcement())
-		rep, err = v.Run(ctx)
+		var real *realIOMMU
+		if f.vfio != "" {
+			if real, err = openRealIOMMU(f.vfio, f.vfioDevice); err == nil {
+				err = real.attach(v.Memory(), f.policy)
+			}
+			if err != nil {
+				fmt.Fprintf(stderr, "gmem demo: --vfio %s --vfio-device %s: %v\n", f.vfio, f.vfioDevice, err)
+				if real != nil {
+					real.close()
+				}
+				v.Close()
+				return exitFail
+			}
+		}
+		progress("booting the built-in guest: mode %v, %d vCPU(s), IOMMU %v (%v), enforcement %s, conversions by %s%s",
+			f.mode, v.Machine().VCPUs(), f.rules, f.policy, v.Memory().Enforcement(), requestPathName(v.RequestPath()), vfioNote(f))
+		rep.Report, err = v.Run(ctx)
+		if real != nil {
+			err = errors.Join(err, real.detach(&rep), real.close())
+		}
 		if cerr := v.Close(); cerr != nil && err == nil {
 			err = cerr
 		}
@@ -154,7 +183,11 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 			fmt.Fprintf(stderr, "gmem demo: %v\n", err)
 		}
 	} else {
-		rep, err = vmm.RunHostDriven(ctx, cfg)
+		if f.vfio != "" {
+			fmt.Fprintf(stderr, "gmem demo: --vfio needs KVM (a guest whose memory the device reaches)\n")
+			return exitFail
+		}
+		rep.Report, err = vmm.RunHostDriven(ctx, cfg)
 		if err != nil {
 			fmt.Fprintf(stderr, "gmem demo: %v\n", err)
 		}
@@ -187,8 +220,24 @@ func probeKVM(path string) error {
 	return fd.Close()
 }
 
+// requestPathName says how the guest asks for conversions.
+func requestPathName(p vmm.RequestPath) string {
+	if p == vmm.ViaHypercall {
+		return "vmmcall (KVM_HC_MAP_GPA_RANGE)"
+	}
+	return "the conversion port"
+}
+
+// vfioNote names the real IOMMU, if any.
+func vfioNote(f demoFlags) string {
+	if f.vfio == "" {
+		return ""
+	}
+	return fmt.Sprintf(", real VFIO %s for %s", f.vfio, f.vfioDevice)
+}
+
 // writeDemoReport prints the human report.
-func writeDemoReport(w io.Writer, r vmm.Report) {
+func writeDemoReport(w io.Writer, r demoReport) {
 	where := "guest ran on KVM"
 	if !r.GuestRan {
 		where = "scenario ran host-driven (no guest)"
@@ -211,6 +260,10 @@ func writeDemoReport(w io.Writer, r vmm.Report) {
 		enf += " (KVM_SET_MEMORY_ATTRIBUTES)"
 	}
 	fmt.Fprintf(w, "  enforcement   %s\n", enf)
+	if r.VFIO != "" {
+		fmt.Fprintf(w, "  VFIO          %s for %s: %d map and %d unmap calls, entries peak %d, now %d\n",
+			r.VFIO, r.VFIODevice, r.VFIOMapCalls, r.VFIOUnmapCalls, r.VFIOEntriesPeak, r.VFIOEntriesNow)
+	}
 	for _, f := range r.FailedChecks {
 		fmt.Fprintf(w, "  failed: %s\n", f)
 	}
@@ -235,8 +288,16 @@ mixed, partial and block-spanning conversions, and sends requests the VMM must
 reject. It reports each check on a console port; progress goes to stderr, the
 report to stdout. The IOMMU invariants are checked after every conversion.
 
+Split memory goes on a KVM_X86_SW_PROTECTED_VM where KVM offers one: KVM then
+keeps the attributes (enforcement kvm-attributes), private pages live in
+guest_memfd, and the guest asks with vmmcall. With --vfio, gmem also keeps a
+real IOMMU (VFIO type1 or iommufd, of the device at --vfio-device) equal to the
+guest's shared pages.
+
 Without /dev/kvm, or with --no-kvm, the same scenario runs host-driven (no
-vCPU) through the same executor and devices, and guest_ran is false.
+vCPU) through the same executor and devices, and guest_ran is false. To see the
+real thing anyway, run scripts/rig --demo [--json]: it boots a QEMU guest with
+KVM (SVM emulated), an IOMMU and a PCI device, and runs this demo inside it.
 
 flags:
 `)

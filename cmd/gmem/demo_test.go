@@ -96,6 +96,9 @@ func TestDemoUsageErrors(t *testing.T) {
 		{[]string{"--timeout", "0s"}, "--timeout"},
 		{[]string{"--nope"}, "flag provided but not defined"},
 		{[]string{"extra"}, `unexpected argument "extra"`},
+		{[]string{"--vfio", "type2", "--vfio-device", "0000:00:03.0"}, "--vfio: want type1 or iommufd"},
+		{[]string{"--vfio", "type1"}, "--vfio and --vfio-device go together"},
+		{[]string{"--vfio-device", "0000:00:03.0"}, "--vfio and --vfio-device go together"},
 	} {
 		code, out, errOut := runDemoEnv(realKVM, c.args...)
 		if code != exitUsage || out != "" || !strings.Contains(errOut, c.stderr) || !strings.Contains(errOut, "gmem demo -h") {
@@ -124,12 +127,24 @@ func TestDemoNoKVM(t *testing.T) {
 			if !strings.Contains(errOut, c.says) || !strings.Contains(errOut, "[vCPU 0] pass") {
 				t.Errorf("stderr does not say so or show progress:\n%s", errOut)
 			}
+			if c.name == "missing device" && !strings.Contains(errOut, "run scripts/rig --demo") {
+				t.Errorf("stderr does not say how to see the real thing:\n%s", errOut)
+			}
 			d := decodeDemo(t, out)
 			if d.GuestRan || d.ChecksFailed != 0 || d.ChecksPassed == 0 || d.Violations != 0 ||
 				d.Conversions == 0 || d.DMAAllowed == 0 || d.DMABlocked == 0 || d.Enforcement != string(guestmem.EnforceUserSpace) {
 				t.Errorf("report %+v", d)
 			}
 		})
+	}
+}
+
+// TestDemoVFIOWithoutKVM: a real IOMMU needs a guest, so without KVM the
+// demo refuses --vfio and says how to see the real thing.
+func TestDemoVFIOWithoutKVM(t *testing.T) {
+	code, _, errOut := runDemoEnv(demoEnv{kvmPath: "/nonexistent/kvm"}, "--vfio", "type1", "--vfio-device", "0000:00:03.0")
+	if code != exitFail || !strings.Contains(errOut, "--vfio needs KVM") || !strings.Contains(errOut, "scripts/rig --demo") {
+		t.Errorf("exit %d, stderr %s", code, errOut)
 	}
 }
 

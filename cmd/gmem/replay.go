@@ -1,19 +1,23 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/replay"
 	"github.com/gmemproject/gmem/trace"
 )
@@ -62,7 +66,30 @@ type replayFlags struct {
 	iommu     trace.IOMMU
 	limit     uint64
 	mode      trace.Mode
+	format    trace.Format
+	maxExtent maxExtentFlag
 	file      string
+}
+
+// maxExtentFlag is --max-extent: a size, or "none" for dma.Unbounded.
+type maxExtentFlag struct{ v uint64 }
+
+func (f *maxExtentFlag) String() string {
+	switch f.v {
+	case 0:
+		return ""
+	case dma.Unbounded:
+		return "none"
+	}
+	return trace.FormatSize(f.v)
+}
+
+func (f *maxExtentFlag) Set(s string) error {
+	if s == "none" {
+		f.v = dma.Unbounded
+		return nil
+	}
+	return sizeFlag{&f.v}.Set(s)
 }
 
 func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -72,12 +99,14 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 	fs.Usage = func() {}
 	fs.BoolVar(&f.json, "json", false, "print the result as one JSON object")
 	fs.StringVar(&f.svg, "svg", "", "draw the memory map and the entries timeline to `FILE` (SVG)")
-	fs.BoolVar(&f.keepGoing, "keep-going", false, "skip malformed lines and continue after a violation, reporting each")
+	fs.BoolVar(&f.keepGoing, "keep-going", false, "skip malformed lines and impossible machine events, and continue after a violation, reporting each")
+	fs.Var(enumFlag[trace.Format]{&f.format, trace.ParseFormat}, "format", "input format, jsonl or qemu (default: detected from the first line that is neither blank nor a comment)")
 	fs.StringVar(&f.ram, "ram", "", "QEMU logs: RAM layout `GPA:SIZE[,GPA:SIZE...]` (default: one block from 0 to the highest converted address, rounded up to 1GiB)")
 	fs.IntVar(&f.devices, "devices", 1, "QEMU logs: number of devices attached")
 	fs.Var(enumFlag[trace.IOMMU]{&f.iommu, trace.ParseIOMMU}, "iommu", "QEMU logs: devices' IOMMU, type1 or iommufd (default type1)")
 	fs.Uint64Var(&f.limit, "limit", 0, "QEMU logs: type1 dma_entry_limit (0: the kernel's default, 65535)")
-	fs.Var(enumFlag[trace.Mode]{&f.mode, trace.ParseMode}, "mode", "QEMU logs: RAM backing, split or inplace (default split)")
+	fs.Var(enumFlag[trace.Mode]{&f.mode, trace.ParseMode}, "mode", "QEMU logs: RAM backing, split or inplace (default split, as QEMU's guest_memfd RAM)")
+	fs.Var(&f.maxExtent, "max-extent", fmt.Sprintf("gmem's largest IOMMU entry, a power-of-two `SIZE`, or none (default %s)", trace.FormatSize(dma.DefaultMaxExtent)))
 
 	// Flags may come before or after the file name.
 	for rest := args; ; {
@@ -102,7 +131,7 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 		fmt.Fprintln(stderr, "usage: gmem replay [flags] FILE|-\nRun 'gmem replay -h' for its flags.")
 		return exitUsage
 	}
-	opts := trace.Options{KeepGoing: f.keepGoing, Devices: f.devices, IOMMU: f.iommu, Limit: f.limit, Mode: f.mode}
+	opts := trace.Options{KeepGoing: f.keepGoing, Format: f.format, Devices: f.devices, IOMMU: f.iommu, Limit: f.limit, Mode: f.mode}
 	qemuOnly := f.ram != "" || f.iommu != 0 || f.limit != 0 || f.mode != 0
 	fs.Visit(func(fl *flag.Flag) {
 		if fl.Name == "devices" {
@@ -140,7 +169,7 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 
 	start := time.Now()
 	prog := &progress{w: stderr, start: start, on: env.terminal(stderr)}
-	rp := env.newReplayer(replay.Options{Progress: prog.report})
+	rp := env.newReplayer(replay.Options{Progress: prog.report, MaxExtent: f.maxExtent.v})
 	s := &replaySession{rp: rp, name: name, stderr: stderr, keepGoing: f.keepGoing, ctx: ctx}
 	rd := trace.NewReader(in, opts)
 	err := s.read(rd, qemuOnly)
@@ -155,22 +184,36 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 		}
 	}
 	res := rp.Result()
+	st := inputStats{
+		Format:       rd.Format().String(),
+		FormatReason: rd.FormatReason(),
+		Lines:        rd.Lines(),
+		Events:       s.events,
+		Malformed:    s.malformed,
+		Skipped:      rd.Skipped(),
+		Unrecognised: rd.Unrecognised(),
+		Folded:       rd.Folded(),
+	}
+	if rd.Format() == trace.QEMULog && res.Conversions == 0 {
+		fmt.Fprintf(stderr, "gmem replay: warning: %s: no %s or %s event recognised in %d lines (%d unrecognised); is it a QEMU trace log with those events enabled?\n",
+			name, "kvm_convert_memory", "kvm_memory_fault", st.Lines, st.Unrecognised)
+	}
 
 	if f.svg != "" {
 		if err := writeSVG(rp, f.svg); err != nil {
 			fmt.Fprintf(stderr, "gmem replay: --svg: %v\n", err)
-			return exitFail
+			return exitUsage
 		}
 	}
 	if f.json {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(res); err != nil {
+		if err := enc.Encode(replayJSON{Result: res, Input: st}); err != nil {
 			fmt.Fprintf(stderr, "gmem replay: %v\n", err)
-			return exitFail
+			return exitUsage
 		}
 	} else {
-		printResult(stdout, name, rd.Format(), res, time.Since(start))
+		printResult(stdout, name, st, res, time.Since(start))
 	}
 	switch {
 	case res.Violations > 0:
@@ -178,11 +221,31 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 	case s.stopped == stopInterrupted:
 		fmt.Fprintf(stderr, "gmem replay: interrupted after %d events\n", res.Events)
 		return exitFail
-	case s.malformed > 0:
-		fmt.Fprintf(stderr, "gmem replay: %s: %d malformed lines skipped\n", name, s.malformed)
+	case s.malformed > 0 || res.InputErrors > 0:
+		fmt.Fprintf(stderr, "gmem replay: %s: %d malformed lines and %d impossible machine events skipped\n", name, s.malformed, res.InputErrors)
 		return exitUsage
 	}
 	return exitOK
+}
+
+// inputStats is what gmem replay read: the format and why, and what became
+// of the lines.
+type inputStats struct {
+	Format       string `json:"format"`
+	FormatReason string `json:"format_reason"`
+	Lines        int    `json:"lines"`        // lines read
+	Events       uint64 `json:"events"`       // events replayed, the machine of a QEMU log included
+	Malformed    int    `json:"malformed"`    // lines skipped as malformed (--keep-going)
+	Skipped      int    `json:"skipped"`      // comment lines
+	Unrecognised int    `json:"unrecognised"` // QEMU log lines with no conversion event
+	Folded       int    `json:"folded"`       // kvm_convert_memory lines repeating a kvm_memory_fault
+}
+
+// replayJSON is the --json output: the replay's result and the input's
+// statistics.
+type replayJSON struct {
+	replay.Result
+	Input inputStats `json:"input"`
 }
 
 // replaySession feeds events to a replayer and reports what goes wrong.
@@ -193,16 +256,19 @@ type replaySession struct {
 	stderr    io.Writer
 	keepGoing bool
 
-	events     uint64
-	malformed  int
-	violations int
-	stopped    string // why the replay stopped early, or ""
+	events      uint64
+	malformed   int
+	inputErrors int
+	violations  int
+	stopped     string             // why the replay stopped early, or ""
+	inputErr    *replay.InputError // the input error it stopped at
 }
 
 // Reasons to stop early.
 const (
 	stopViolation   = "violation"
 	stopInterrupted = "interrupted"
+	stopInput       = "input"
 )
 
 // apply replays one event and reports whether to go on.
@@ -212,7 +278,18 @@ func (s *replaySession) apply(e trace.Event, line int) bool {
 		s.stopped = stopInterrupted
 		return false
 	}
-	if err := s.rp.Apply(e, line); err != nil {
+	err := s.rp.Apply(e, line)
+	var ie *replay.InputError
+	switch {
+	case errors.As(err, &ie):
+		s.inputErrors++
+		if !s.keepGoing {
+			s.stopped = stopInput
+			s.inputErr = ie
+			return false
+		}
+		s.report(&s.inputErrors, "impossible machine events skipped", fmt.Sprintf("%v (skipped)", ie))
+	case err != nil:
 		s.printViolation(err)
 		if !s.keepGoing {
 			s.stopped = stopViolation
@@ -220,6 +297,17 @@ func (s *replaySession) apply(e trace.Event, line int) bool {
 		}
 	}
 	return true
+}
+
+// report prints msg for one of the first maxShownErrors of a kind of error
+// (*n of them so far), then once that there are more.
+func (s *replaySession) report(n *int, more, msg string) {
+	switch {
+	case *n <= maxShownErrors:
+		fmt.Fprintf(s.stderr, "gmem replay: %s: %s\n", s.name, msg)
+	case *n == maxShownErrors+1:
+		fmt.Fprintf(s.stderr, "gmem replay: %s: more %s\n", s.name, more)
+	}
 }
 
 func (s *replaySession) printViolation(err error) {
@@ -239,12 +327,7 @@ func (s *replaySession) malformedLine(pe *trace.ParseError) error {
 		return pe
 	}
 	s.malformed++
-	switch {
-	case s.malformed <= maxShownErrors:
-		fmt.Fprintf(s.stderr, "gmem replay: %s: %v (skipped)\n", s.name, pe)
-	case s.malformed == maxShownErrors+1:
-		fmt.Fprintf(s.stderr, "gmem replay: %s: more malformed lines skipped\n", s.name)
-	}
+	s.report(&s.malformed, "malformed lines skipped", fmt.Sprintf("%v (skipped)", pe))
 	return nil
 }
 
@@ -272,6 +355,9 @@ func (s *replaySession) read(rd *trace.Reader, qemuOnly bool) error {
 			return err
 		}
 		if !s.apply(e, rd.Line()) {
+			if s.inputErr != nil {
+				return s.inputErr
+			}
 			return nil
 		}
 	}
@@ -330,11 +416,13 @@ func isTerminal(w io.Writer) bool {
 	return err == nil
 }
 
-func printResult(w io.Writer, name string, format trace.Format, res replay.Result, took time.Duration) {
-	fmt.Fprintf(w, "trace      %s (%s): %s events, %s conversions, replayed in %s\n",
-		name, format, commas(res.Events), commas(res.Conversions), took.Round(time.Millisecond))
-	fmt.Fprintf(w, "rejected   %s events (%s invalid, %s refused by one run only)\n",
-		commas(res.Rejected), commas(res.Invalid), commas(res.Diverged))
+func printResult(w io.Writer, name string, in inputStats, res replay.Result, took time.Duration) {
+	fmt.Fprintf(w, "trace      %s (%s, %s): %s events, %s conversions, replayed in %s\n",
+		name, in.Format, in.FormatReason, commas(res.Events), commas(res.Conversions), took.Round(time.Millisecond))
+	fmt.Fprintf(w, "input      %s lines: %d malformed, %d comments skipped, %d unrecognised, %d folded; %s impossible machine events\n",
+		commas(uint64(in.Lines)), in.Malformed, in.Skipped, in.Unrecognised, in.Folded, commas(res.InputErrors))
+	fmt.Fprintf(w, "rejected   %s guest requests%s, %s refused by one run only\n",
+		commas(res.Rejected), byReason(res.RejectedBy), commas(res.Diverged))
 	fmt.Fprintf(w, "memory     %s of RAM: %s shared, %s private, %s unplugged; %d devices attached\n",
 		human(res.RAMBytes), human(res.SharedBytes), human(res.PrivateBytes), human(res.UnpluggedBytes), res.Devices)
 	fmt.Fprintf(w, "checks     I1-I4 after every event: %s violations\n\n", commas(res.Violations))
@@ -351,8 +439,13 @@ func printResult(w io.Writer, name string, format trace.Format, res replay.Resul
 		{"map calls", float64(b.MapCalls), float64(g.MapCalls), count},
 		{"unmap calls", float64(b.UnmapCalls), float64(g.UnmapCalls), count},
 		{"entry splits", float64(b.Splits), float64(g.Splits), count},
-		{"state memory", float64(b.StateBytes), float64(g.StateBytes), func(v float64) string { return human(uint64(v)) }},
+		{"state memory", float64(b.StateBytes), float64(g.StateBytes), bytesCell},
+		{"pinned", float64(b.PinnedBytes), float64(g.PinnedBytes), bytesCell},
+		{"re-pinned", float64(b.RepinnedBytes), float64(g.RepinnedBytes), bytesCell},
+		{"window", float64(b.WindowBytes), float64(g.WindowBytes), bytesCell},
+		{"largest window", float64(b.MaxWindow), float64(g.MaxWindow), bytesCell},
 		{"refused: out of entries", float64(b.LimitFailures), float64(g.LimitFailures), count},
+		{"refused: to private", float64(b.PrivateRefused), float64(g.PrivateRefused), count},
 		{"refused: any reason", float64(b.Failures), float64(g.Failures), count},
 		{"time per event", b.NsPerEvent, g.NsPerEvent, func(v float64) string { return duration(v) }},
 	}
@@ -373,9 +466,29 @@ func printResult(w io.Writer, name string, format trace.Format, res replay.Resul
 			if r.Line > 0 {
 				where += ", line " + strconv.Itoa(r.Line)
 			}
-			fmt.Fprintf(w, "  %s, refused by %s: %s\n", where, r.Run, r.Reason)
+			fmt.Fprintf(w, "  %s, refused by %s (%s): %s\n", where, r.Run, r.Reason, r.Detail)
 		}
 	}
+}
+
+// byReason formats the rejection counts, most frequent first: " (3 size
+// 0, 1 misaligned)"; "" for none.
+func byReason(m map[string]uint64) string {
+	if len(m) == 0 {
+		return ""
+	}
+	keys := slices.Collect(maps.Keys(m))
+	slices.SortFunc(keys, func(a, b string) int {
+		if c := cmp.Compare(m[b], m[a]); c != 0 {
+			return c
+		}
+		return strings.Compare(a, b)
+	})
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = commas(m[k]) + " " + k
+	}
+	return " (" + strings.Join(parts, ", ") + ")"
 }
 
 // ratio formats baseline/gmem.
@@ -390,6 +503,8 @@ func ratio(b, g float64) string {
 }
 
 func count(v float64) string { return commas(uint64(v)) }
+
+func bytesCell(v float64) string { return human(uint64(v)) }
 
 // commas formats n with thousands separators.
 func commas(n uint64) string {
@@ -458,7 +573,17 @@ state is what the events asked for, the same in both runs (I4).
 
 A JSON Lines trace is replayed as it is read; a QEMU log is read whole
 first, and describes no machine, so --ram, --devices, --iommu, --limit and
---mode describe it.
+--mode describe it. The format is detected from the first line that is
+neither blank nor a '#' comment ('{' starts JSON Lines), unless --format
+says which; the output says which and why. A QEMU log's lines may carry any
+prefix before the event name (timestamps, journal headers).
+
+Two kinds of bad input: a malformed line, or an event describing an
+impossible machine (RAM or MMIO overlapping, a RAM name or a device
+attached twice, a plug where there is no hot-pluggable RAM), is an input
+error. A well-formed guest request the VMM refuses (misaligned, size 0,
+an MMIO hole or unbacked memory made private, ...) is replayed as the
+refusal it is: counted by reason, listed with --json.
 
 flags:
 `)
@@ -474,9 +599,11 @@ flags:
 		fmt.Fprintf(w, "%-26s %s\n", head, usage)
 	})
 	fmt.Fprint(w, `
-Exit status: 0 all checks passed, 1 an invariant was violated (or the replay
-was interrupted), 2 usage or input errors (a malformed line is reported with
-its line number; with --keep-going every one is reported and skipped, and the
-exit status is 2 at the end unless a violation makes it 1).
+Exit status: 0 all checks passed (refused guest requests included), 1 an
+invariant was violated (or the replay was interrupted), 2 usage, input or
+output errors: empty or binary input, a malformed line or an impossible
+machine event (reported with its line number; with --keep-going every one is
+reported and skipped, and the exit status is 2 at the end unless a violation
+makes it 1), an output file that cannot be written.
 `)
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -277,5 +278,198 @@ func TestFormatting(t *testing.T) {
 		if c.got != c.want {
 			t.Errorf("got %q, want %q", c.got, c.want)
 		}
+	}
+}
+
+// decodeInput reads the "input" object of --json.
+func decodeInput(t *testing.T, out string) inputStats {
+	t.Helper()
+	var v struct {
+		Input inputStats `json:"input"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		t.Fatalf("output is not JSON: %v\n%s", err, out)
+	}
+	return v.Input
+}
+
+func TestReplayInputHandling(t *testing.T) {
+	ctx := context.Background()
+	qemuLog := "2026-12-01T19:50:00.123456Z 7@1700000000.000001:kvm_convert_memory start 0x200000 size 0x200000 private_to_shared\n" +
+		"qemu-system-x86_64: some message\n"
+	commented := "# a hand-written trace\n" + replayTrace
+
+	// Detection says what it chose and why; counts are in --json.
+	for _, c := range []struct {
+		name, in string
+		args     []string
+		format   string
+		reason   string
+		skipped  int
+		unrec    int
+		conv     uint64
+	}{
+		{"jsonl", replayTrace, nil, "jsonl", "starts with '{'", 0, 0, 1},
+		{"jsonl with a comment first", commented, nil, "jsonl", "line 2", 1, 0, 1},
+		{"qemu with a timestamp prefix", qemuLog, []string{"--ram", "0:1GiB"}, "qemu", "does not start with '{'", 0, 1, 1},
+		{"qemu given", qemuLog, []string{"--ram", "0:1GiB", "--format", "qemu"}, "qemu", "given", 0, 1, 1},
+	} {
+		args := append([]string{"--json", "-"}, c.args...)
+		code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(c.in)}, args...)
+		if code != exitOK {
+			t.Errorf("%s: exit %d, stderr %q", c.name, code, errOut)
+			continue
+		}
+		in, res := decodeInput(t, out), decodeResult(t, out)
+		if in.Format != c.format || !strings.Contains(in.FormatReason, c.reason) || in.Skipped != c.skipped || in.Unrecognised != c.unrec || res.Conversions != c.conv {
+			t.Errorf("%s: input %+v, %d conversions; want %s (%q), %d skipped, %d unrecognised, %d conversions",
+				c.name, in, res.Conversions, c.format, c.reason, c.skipped, c.unrec, c.conv)
+		}
+	}
+
+	// The table prints the counts too.
+	code, out, _ := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(commented)}, "-")
+	if code != exitOK || !strings.Contains(out, "(jsonl, detected from line 2: starts with '{')") || !strings.Contains(out, "1 comments skipped, 0 unrecognised") {
+		t.Errorf("table: exit %d\n%s", code, out)
+	}
+
+	// Nothing recognised in a QEMU log: a warning, and 0 conversions.
+	code, _, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(replayTrace)}, "--format", "qemu", "--ram", "0:1GiB", "-")
+	if code != exitOK || !strings.Contains(errOut, "warning") || !strings.Contains(errOut, "no kvm_convert_memory or kvm_memory_fault event recognised in 3 lines (3 unrecognised)") {
+		t.Errorf("nothing recognised: exit %d, stderr %q", code, errOut)
+	}
+
+	// A QEMU log read as JSON Lines is malformed.
+	code, _, errOut = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(qemuLog)}, "--format", "jsonl", "-")
+	if code != exitUsage || !strings.Contains(errOut, "line 1: syntax error") {
+		t.Errorf("--format jsonl on a QEMU log: exit %d, stderr %q", code, errOut)
+	}
+	if code, _, errOut := runReplayEnv(ctx, replayEnv{}, "--format", "json", "-"); code != exitUsage || !strings.Contains(errOut, "jsonl or qemu") {
+		t.Errorf("--format json: exit %d, stderr %q", code, errOut)
+	}
+
+	// Empty input and a binary (this test's own executable) are input
+	// errors, with --ram too.
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	empty := writeFile(t, "empty", "")
+	for _, c := range []struct {
+		args []string
+		why  string
+	}{
+		{[]string{empty}, "empty input"},
+		{[]string{"--ram", "0:1GiB", empty}, "empty input"},
+		{[]string{exe}, "not text"},
+		{[]string{"--ram", "0:1GiB", exe}, "not text"},
+		{[]string{"--format", "qemu", "--ram", "0:1GiB", exe}, "not text"},
+	} {
+		code, out, errOut := runReplayEnv(ctx, replayEnv{}, c.args...)
+		if code != exitUsage || !strings.Contains(errOut, c.why) || out != "" {
+			t.Errorf("%q: exit %d, stdout %.80q, stderr %q; want 2 and %q", c.args, code, out, errOut, c.why)
+		}
+	}
+
+	// An output file that cannot be written is exit 2, not 1.
+	file := writeFile(t, "t.jsonl", replayTrace)
+	code, _, errOut = runReplayEnv(ctx, replayEnv{}, "--svg", filepath.Join(t.TempDir(), "no", "such", "dir.svg"), file)
+	if code != exitUsage || !strings.Contains(errOut, "--svg") {
+		t.Errorf("unwritable --svg: exit %d, stderr %q", code, errOut)
+	}
+
+	// A RAM block without a mode is split.
+	code, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(`{"op":"ram","name":"r","gpa":0,"size":"1GiB"}
+{"op":"attach","dev":"d","iommu":"iommufd"}
+`)}, "--json", "-")
+	if res := decodeResult(t, out); code != exitOK || res.RAMBytes != 1<<30 {
+		t.Errorf("RAM without mode: exit %d, %+v", code, res)
+	}
+}
+
+// TestReplayTwoKindsOfBadInput: an impossible machine is an input error
+// (line number, exit 2, --keep-going skips it); a request the VMM refuses
+// is a rejected event (counted by reason, listed in --json, exit 0).
+func TestReplayTwoKindsOfBadInput(t *testing.T) {
+	ctx := context.Background()
+	machine := `{"op":"ram","name":"ram0","gpa":"0","size":"4GiB"}
+{"op":"mmio","gpa":"0xfe000000","size":"16MiB"}
+{"op":"attach","dev":"d","iommu":"type1"}
+{"op":"attach","dev":"d","iommu":"type1"}
+{"op":"plug","gpa":"0","size":"2MiB"}
+{"op":"convert","gpa":"0","size":"4KiB","to":"shared"}
+`
+	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(machine)}, "-")
+	if code != exitUsage || !strings.Contains(errOut, "line 2: bad machine description: MMIO hole") || out != "" {
+		t.Errorf("impossible machine: exit %d, stdout %.80q, stderr %q", code, out, errOut)
+	}
+	code, out, errOut = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(machine)}, "--keep-going", "--json", "-")
+	res := decodeResult(t, out)
+	if code != exitUsage || res.InputErrors != 3 || len(res.InputErrorDetails) != 3 || res.InputErrorDetails[1].Line != 4 ||
+		!strings.Contains(errOut, "line 5: bad machine description: plug at 0x0: RAM block \"ram0\" is not hot-pluggable (skipped)") ||
+		res.SharedBytes != 4096 {
+		t.Errorf("--keep-going: exit %d, %+v, stderr %q", code, res, errOut)
+	}
+
+	requests := `{"op":"ram","name":"ram0","gpa":"0","size":"2GiB"}
+{"op":"mmio","gpa":"0x80000000","size":"2GiB"}
+{"op":"attach","dev":"d","iommu":"type1"}
+{"op":"convert","gpa":"0x1800","size":"4KiB","to":"shared"}
+{"op":"convert","gpa":"0x2000","size":"0","to":"shared"}
+{"op":"convert","gpa":"0x80000000","size":"4KiB","to":"private"}
+{"op":"convert","gpa":"0x80000000","size":"4KiB","to":"shared"}
+{"op":"convert","gpa":"0x200000000","size":"4KiB","to":"private"}
+{"op":"convert","gpa":"0x0","size":"4KiB","to":"shared"}
+`
+	code, out, errOut = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(requests)}, "--json", "-")
+	res = decodeResult(t, out)
+	want := map[string]uint64{replay.ReasonMisaligned: 1, replay.ReasonEmpty: 1, replay.ReasonNotRAM: 2}
+	if code != exitOK || errOut != "" || res.Rejected != 4 || !maps.Equal(res.RejectedBy, want) || len(res.Rejections) != 4 ||
+		res.Rejections[0].Line != 4 || res.Rejections[0].Reason != replay.ReasonMisaligned || res.SharedBytes != 4096 {
+		t.Errorf("refused requests: exit %d, stderr %q, %+v", code, errOut, res)
+	}
+	code, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(requests)}, "-")
+	if code != exitOK || !strings.Contains(out, "rejected   4 guest requests (2 not RAM, to private, 1 misaligned, 1 size 0), 0 refused by one run only") {
+		t.Errorf("table: exit %d\n%s", code, out)
+	}
+}
+
+// TestReadmeExamples replays the README's JSON Lines and QEMU log examples:
+// they must run clean.
+func TestReadmeExamples(t *testing.T) {
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(b)
+	block := func(after string) string {
+		i := strings.Index(text, after)
+		if i < 0 {
+			t.Fatalf("README has no %q", after)
+		}
+		var lines []string
+		for _, l := range strings.Split(text[i+len(after):], "\n")[1:] {
+			if !strings.HasPrefix(l, "    ") {
+				if len(lines) > 0 {
+					break
+				}
+				continue
+			}
+			lines = append(lines, strings.TrimPrefix(l, "    "))
+		}
+		return strings.Join(lines, "\n") + "\n"
+	}
+	jsonl := block("The JSON Lines format, one event a line")
+	code, out, errOut := runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(jsonl)}, "--json", "-")
+	res := decodeResult(t, out)
+	if code != exitOK || errOut != "" || res.InputErrors != 0 || res.Rejected != 0 || res.Violations != 0 || res.Conversions == 0 {
+		t.Errorf("README JSON Lines example: exit %d, stderr %q, %+v\n%s", code, errOut, res, jsonl)
+	}
+	log := block("$ cat qemu.log")
+	log = log[:strings.Index(log, "$ ")]
+	code, out, errOut = runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(log)}, "--json", "--ram", "0:4GiB", "-")
+	res = decodeResult(t, out)
+	if code != exitOK || errOut != "" || res.Rejected != 0 || res.Violations != 0 || res.Conversions != 3 {
+		t.Errorf("README QEMU example: exit %d, stderr %q, %+v\n%s", code, errOut, res, log)
 	}
 }

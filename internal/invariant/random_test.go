@@ -82,6 +82,8 @@ type listener struct {
 	mapper *dma.Mapper
 	space  *iommu.Model
 	sec    discard.Section
+	// maxExtent is the Extent mapper's bound (dma.Unbounded for none).
+	maxExtent uint64
 }
 
 // world is the system under test plus the naive oracle.
@@ -306,7 +308,11 @@ func (w *world) addListener() error {
 	if w.rng.IntN(3) == 0 {
 		policy = dma.Granule
 	}
-	mapper, err := dma.New(space, w.host, dma.Options{Policy: policy, Logger: slog.New(stopOnFailure{w.inj})})
+	maxExtent := uint64(dma.Unbounded)
+	if w.rng.IntN(2) == 0 {
+		maxExtent = page << w.rng.IntN(5)
+	}
+	mapper, err := dma.New(space, w.host, dma.Options{Policy: policy, MaxExtent: maxExtent, Logger: slog.New(stopOnFailure{w.inj})})
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -318,7 +324,7 @@ func (w *world) addListener() error {
 	if err := w.m.Register(mapper, sec); err != nil {
 		return err
 	}
-	w.listeners = append(w.listeners, &listener{mapper: mapper, space: space, sec: sec})
+	w.listeners = append(w.listeners, &listener{mapper: mapper, space: space, sec: sec, maxExtent: maxExtent})
 	return nil
 }
 
@@ -351,10 +357,20 @@ func (w *world) step() {
 	var apply func() // updates the oracle when the operation succeeds
 	what := ""
 	expectErr := false
+	// changes is the range of region offsets the operation is asked to
+	// change, for I5; nil when the operation changes pages all over.
+	var changes *span.Range
+	measured := slices.Clone(w.listeners)
+	windows := make([]uint64, len(measured))
+	for i, l := range measured {
+		l.space.BeginOp()
+		windows[i] = l.mapper.Stats().WindowBytes
+	}
 	switch k := w.rng.IntN(20); {
 	case k < 10: // convert
 		bad := w.rng.IntN(12) == 0
 		off, size := w.randomRange(page, bad)
+		changes = &span.Range{Start: off, End: off + size}
 		to := memattr.State(w.rng.IntN(2))
 		expectErr = bad
 		err = w.attrs.Convert(off, size, to)
@@ -371,6 +387,7 @@ func (w *world) step() {
 	case k < 14 && w.vmem != nil: // plug / unplug
 		bad := w.rng.IntN(12) == 0
 		off, size := w.randomRange(w.block, bad)
+		changes = &span.Range{Start: off, End: off + size}
 		plug := w.rng.IntN(2) == 0
 		expectErr = bad
 		what = fmt.Sprintf("plug=%v %#x+%#x", plug, off, size)
@@ -418,6 +435,9 @@ func (w *world) step() {
 		}
 	}
 	fired := w.inj.disarm()
+	for i, l := range measured {
+		w.checkWindow(l, changes, err == nil, windows[i])
+	}
 	switch {
 	case err == nil && expectErr:
 		w.t.Fatalf("op %d: an invalid request succeeded", w.ops)
@@ -442,6 +462,48 @@ func (w *world) step() {
 	}
 	w.check()
 	w.dmaProbe()
+}
+
+// checkWindow asserts I5 for one listener after an operation asked to change
+// the region offsets in changes (nil: anywhere): the window its model
+// measured, the memory hidden from the device for a moment although the
+// operation leaves it mapped, lies inside what the operation changes
+// (Granule), or inside the MaxExtent chunks that meet it (bounded Extent).
+// An unbounded Extent mapper promises no bound. For every mapper that
+// succeeded, the window it counted itself is at least the model's.
+func (w *world) checkWindow(l *listener, changes *span.Range, ok bool, mapperBefore uint64) {
+	hidden, _ := l.space.EndOp()
+	var window uint64
+	for _, r := range hidden {
+		window += r.Len()
+	}
+	if counted := l.mapper.Stats().WindowBytes - mapperBefore; ok && counted < window {
+		w.t.Fatalf("op %d: the model measured a window of %#x bytes, the mapper counted %#x", w.ops, window, counted)
+	}
+	if changes == nil || len(hidden) == 0 {
+		return
+	}
+	allowed := span.Range{Start: w.gpa + changes.Start, End: w.gpa + changes.End}
+	bound := "the range it changes"
+	if l.mapper.Policy() == dma.Extent {
+		if l.maxExtent == dma.Unbounded {
+			return
+		}
+		// Chunks are aligned in region offsets; IOVA = GPA = w.gpa + offset.
+		c := l.maxExtent
+		start := changes.Start &^ (c - 1)
+		end := changes.End
+		if end%c != 0 {
+			end = end&^(c-1) + c
+		}
+		allowed = span.Range{Start: w.gpa + start, End: w.gpa + end}
+		bound = fmt.Sprintf("its %#x-byte chunks", c)
+	}
+	for _, r := range hidden {
+		if !allowed.ContainsRange(r) {
+			w.t.Fatalf("op %d: I5: %v mapper hid %v from the device during an operation on %v, outside %s (%v)", w.ops, l.mapper.Policy(), r, *changes, bound, allowed)
+		}
+	}
 }
 
 // dmaProbe has a device of a random listener write and read a random page:

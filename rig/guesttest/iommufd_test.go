@@ -237,6 +237,7 @@ func runIOMMUFD(t *testing.T, bdf string) {
 
 	check(t, b, "gmem-extent", func(t *testing.T) { gmemChecks(t, sp, edu, dmaPolicyExtent) })
 	check(t, b, "gmem-granule", func(t *testing.T) { gmemChecks(t, sp, edu, dmaPolicyGranule) })
+	splitChecks(t, b, sp, edu)
 
 	check(t, b, "detach-destroy", func(t *testing.T) {
 		if err := edu.Close(); err != nil {

@@ -4,9 +4,10 @@ import (
 	"testing"
 )
 
-// TestRig runs every in-guest check, type1 first, then iommufd: the group
-// and the cdev cannot own the device at once, so the type1 run closes all
-// its file descriptors before the iommufd run opens the cdev.
+// TestRig runs every in-guest check, type1 first, then iommufd, then kvm
+// (which opens the device both ways in turn): the group and the cdev cannot
+// own the device at once, so each run closes all its file descriptors
+// before the next opens the device.
 func TestRig(t *testing.T) {
 	requireGuest(t)
 	bdf := findEdu(t)
@@ -15,5 +16,8 @@ func TestRig(t *testing.T) {
 	}
 	if wantBackend("iommufd") {
 		t.Run("iommufd", func(t *testing.T) { runIOMMUFD(t, bdf) })
+	}
+	if wantBackend("kvm") {
+		t.Run("kvm", func(t *testing.T) { runKVM(t, bdf) })
 	}
 }

@@ -357,6 +357,7 @@ func runType1(t *testing.T, bdf string) {
 	check(t, b, "gmem-extent", func(t *testing.T) {
 		gmemChecks(t, s.sp, s.edu, dmaPolicyExtent)
 	})
+	splitChecks(t, b, s.sp, s.edu)
 
 	// The granule policy spends one entry per page: give it a container
 	// with a larger budget, still small enough to run out.

@@ -1,0 +1,113 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/gmemproject/gmem/discard"
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/replay"
+	"github.com/gmemproject/gmem/trace"
+)
+
+// benchSplit measures what a conversion to private that cuts a large shared
+// extent costs the kernel and the device: bytes re-pinned, and the window
+// (bytes that stay shared but are unreachable by the device for a moment).
+// The baseline's granule entries are never split; gmem's extents are, and
+// dma.DefaultMaxExtent bounds the cost. Each row's note gives the unbounded
+// extent's number too, the cost before the bound.
+func benchSplit(sz benchSizes) ([]benchRow, error) {
+	cut := func(baseline bool, maxExtent uint64) (dma.Stats, error) {
+		s, err := newSplitStack(2*sz.roundTrip, baseline, maxExtent)
+		if err != nil {
+			return dma.Stats{}, err
+		}
+		if err := s.attrs.Convert(0, sz.roundTrip, memattr.Shared); err != nil {
+			return dma.Stats{}, err
+		}
+		before := s.mapper.Stats()
+		if err := s.attrs.Convert(sz.roundTrip/2, page, memattr.Private); err != nil {
+			return dma.Stats{}, err
+		}
+		after := s.mapper.Stats()
+		return dma.Stats{
+			RepinnedBytes: after.RepinnedBytes - before.RepinnedBytes,
+			WindowBytes:   after.WindowBytes - before.WindowBytes,
+		}, nil
+	}
+	base, err := cut(true, 0)
+	if err != nil {
+		return nil, err
+	}
+	bounded, err := cut(false, 0)
+	if err != nil {
+		return nil, err
+	}
+	unbounded, err := cut(false, dma.Unbounded)
+	if err != nil {
+		return nil, err
+	}
+	scale := fmt.Sprintf("4 KiB cut in a %s extent", trace.FormatSize(sz.roundTrip))
+	rows := []benchRow{
+		{Name: "split: re-pinned by one cut", Unit: "bytes", Baseline: float64(base.RepinnedBytes), Gmem: float64(bounded.RepinnedBytes), Better: "lower", Scale: scale,
+			Note: fmt.Sprintf("bytes unmapped and pinned again when a page in the middle of a shared extent becomes private; gmem caps entries at %s (unbounded extent: %s)",
+				trace.FormatSize(dma.DefaultMaxExtent), human(unbounded.RepinnedBytes))},
+		{Name: "split: window of one cut", Unit: "bytes", Baseline: float64(base.WindowBytes), Gmem: float64(bounded.WindowBytes), Better: "lower", Scale: scale,
+			Note: fmt.Sprintf("bytes that stay shared but a device cannot reach during that conversion (unbounded extent: %s)", human(unbounded.WindowBytes))},
+	}
+
+	// A trace whose cuts fall inside 1 GiB extents: SNP delivers a large
+	// share as one run, then the guest converts pieces back to private.
+	opts := trace.HugepageOptions{Common: trace.Common{RAM: 16 << 30, Events: sz.bootEvents, Platform: trace.SNP, Seed: 1}, Huge: 1 << 30, Live: 8}
+	run := func(maxExtent uint64) (replay.Result, error) {
+		seq, err := trace.Hugepage(opts)
+		if err != nil {
+			return replay.Result{}, err
+		}
+		res := replay.Events(seq, replay.Options{MaxExtent: maxExtent})
+		if res.Violations > 0 {
+			return res, fmt.Errorf("hugepage trace: %d violations: %+v", res.Violations, res.ViolationDetails)
+		}
+		return res, nil
+	}
+	res, err := run(0)
+	if err != nil {
+		return nil, err
+	}
+	unb, err := run(dma.Unbounded)
+	if err != nil {
+		return nil, err
+	}
+	scale = fmt.Sprintf("hugepage 1GiB, snp, 16GiB, %s events", commas(res.Events))
+	b, g, u := res.Baseline, res.Gmem, unb.Gmem
+	rows = append(rows,
+		benchRow{Name: "split trace: window", Unit: "bytes", Baseline: float64(b.WindowBytes), Gmem: float64(g.WindowBytes), Better: "lower", Scale: scale,
+			Note: fmt.Sprintf("window summed over the trace (unbounded extent: %s, largest %s; bounded: largest %s)", human(u.WindowBytes), human(u.MaxWindow), human(g.MaxWindow))},
+		benchRow{Name: "split trace: entries peak", Unit: "entries", Baseline: float64(b.EntriesPeak), Gmem: float64(g.EntriesPeak), Better: "lower", Scale: scale,
+			Note: fmt.Sprintf("what the bound costs in entries (unbounded extent: %s; the baseline hit type1's limit %s times)", commas(u.EntriesPeak), commas(b.LimitFailures))},
+	)
+	return rows, nil
+}
+
+// newSplitStack is newStack with the extent bound chosen: a region, its
+// attributes and one mapper on an iommufd model.
+func newSplitStack(region uint64, baseline bool, maxExtent uint64) (*stack, error) {
+	m := discard.New(region, nil)
+	attrs, err := memattr.New(m, memattr.Config{Bitmap: baseline})
+	if err != nil {
+		return nil, err
+	}
+	policy := dma.Extent
+	if baseline {
+		policy = dma.Granule
+	}
+	mapper, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, dma.Options{Policy: policy, MaxExtent: maxExtent})
+	if err != nil {
+		return nil, err
+	}
+	if err := m.Register(mapper, discard.Section{Size: region}); err != nil {
+		return nil, err
+	}
+	return &stack{m: m, attrs: attrs, mapper: mapper}, nil
+}

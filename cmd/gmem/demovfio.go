@@ -1,0 +1,146 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/iommufd"
+	"github.com/gmemproject/gmem/vfio"
+	"github.com/gmemproject/gmem/vmm"
+)
+
+// demoReport is the demo's report: the machine's, and what gmem did to a
+// real IOMMU when --vfio is given.
+type demoReport struct {
+	vmm.Report
+	// VFIO is the kernel interface of the real IOMMU ("type1" or
+	// "iommufd"), VFIODevice the PCI device it is attached for.
+	VFIO       string `json:"vfio,omitempty"`
+	VFIODevice string `json:"vfio_device,omitempty"`
+	// VFIOMapCalls, VFIOUnmapCalls and VFIOEntriesPeak are the dma.Mapper
+	// counters of the real space; VFIOEntriesNow its entries at the end.
+	VFIOMapCalls    uint64 `json:"vfio_map_calls,omitempty"`
+	VFIOUnmapCalls  uint64 `json:"vfio_unmap_calls,omitempty"`
+	VFIOEntriesPeak uint64 `json:"vfio_entries_peak,omitempty"`
+	VFIOEntriesNow  uint64 `json:"vfio_entries_now,omitempty"`
+}
+
+// realIOMMU is a device's IOMMU opened through VFIO type1 or iommufd.
+type realIOMMU struct {
+	kind, bdf string
+	space     iommu.Space
+	closers   []func() error
+	att       *guestmem.Attachment
+}
+
+// openRealIOMMU opens the IOMMU of PCI device bdf (bound to vfio-pci) the
+// given way and returns its space, empty.
+func openRealIOMMU(kind, bdf string) (_ *realIOMMU, err error) {
+	r := &realIOMMU{kind: kind, bdf: bdf}
+	defer func() {
+		if err != nil {
+			r.close()
+		}
+	}()
+	switch kind {
+	case "type1":
+		group, err := vfio.IOMMUGroup(bdf)
+		if err != nil {
+			return nil, err
+		}
+		c, err := vfio.OpenContainer()
+		if err != nil {
+			return nil, err
+		}
+		r.closers = append(r.closers, c.Close)
+		g, err := vfio.OpenGroup(group)
+		if err != nil {
+			return nil, err
+		}
+		r.closers = append(r.closers, g.Close)
+		if err := g.SetContainer(c); err != nil {
+			return nil, err
+		}
+		r.closers = append(r.closers, g.UnsetContainer)
+		if err := c.SetIOMMU(vfio.Type1v2IOMMU); err != nil {
+			return nil, err
+		}
+		if r.space, err = vfio.NewSpace(c); err != nil {
+			return nil, err
+		}
+		d, err := g.GetDeviceFD(bdf)
+		if err != nil {
+			return nil, err
+		}
+		r.closers = append(r.closers, d.Close)
+	case "iommufd":
+		f, err := iommufd.Open()
+		if err != nil {
+			return nil, err
+		}
+		r.closers = append(r.closers, f.Close)
+		ioas, err := f.IOASAlloc()
+		if err != nil {
+			return nil, err
+		}
+		path, err := vfio.CdevPath(bdf)
+		if err != nil {
+			return nil, err
+		}
+		d, err := vfio.OpenCdev(path)
+		if err != nil {
+			return nil, err
+		}
+		r.closers = append(r.closers, d.Close)
+		if _, err := d.BindIOMMUFD(f.Fd()); err != nil {
+			return nil, err
+		}
+		if _, err := d.AttachIOMMUFDPT(ioas); err != nil {
+			return nil, err
+		}
+		if r.space, err = iommufd.NewSpace(f, ioas); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("unknown VFIO interface %q", kind)
+	}
+	return r, nil
+}
+
+// attach has a dma.Mapper per block keep the real space equal to the
+// shared pages of mem.
+func (r *realIOMMU) attach(mem *guestmem.Memory, policy dma.Policy) error {
+	att, err := mem.AttachIOMMU(r.space, dma.Options{Policy: policy})
+	if err != nil {
+		return err
+	}
+	r.att = att
+	return nil
+}
+
+// detach unmaps everything and fills in the report's VFIO fields first.
+func (r *realIOMMU) detach(rep *demoReport) error {
+	if r.att == nil {
+		return nil
+	}
+	st := r.att.Stats()
+	rep.VFIO, rep.VFIODevice = r.kind, r.bdf
+	rep.VFIOMapCalls, rep.VFIOUnmapCalls = st.MapCalls, st.UnmapCalls
+	rep.VFIOEntriesPeak, rep.VFIOEntriesNow = st.PeakEntries, st.Entries
+	err := r.att.Detach()
+	r.att = nil
+	return err
+}
+
+// close releases the fds, newest first.
+func (r *realIOMMU) close() error {
+	var errs []error
+	for i := len(r.closers) - 1; i >= 0; i-- {
+		errs = append(errs, r.closers[i]())
+	}
+	r.closers = nil
+	return errors.Join(errs...)
+}

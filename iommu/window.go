@@ -1,0 +1,62 @@
+package iommu
+
+import "github.com/gmemproject/gmem/span"
+
+// Window measures what one operation's map and unmap calls cost a device.
+//
+// The window of an operation is the memory whose state the operation does not
+// change but which the device cannot reach at some moment during it: bytes
+// mapped when the operation began, unmapped by one of its calls, and mapped
+// again when it ends (a split that unmaps a whole entry to map its
+// remainders). Memory the operation maps afresh, or unmaps for good, is its
+// change, not its window.
+//
+// Re-pinned bytes are bytes mapped again after being unmapped within the
+// operation: the kernel unpins and pins those pages anew (type1 and iommufd
+// both pin on map).
+//
+// The zero Window is ready to use. It is not safe for concurrent use; its
+// owner serialises the calls it feeds it.
+type Window struct {
+	lost     span.Set // mapped at the start, unmapped since
+	fresh    span.Set // not mapped at the start, mapped since
+	repinned uint64
+}
+
+// Reset starts a new operation.
+func (w *Window) Reset() {
+	w.lost = span.Set{}
+	w.fresh = span.Set{}
+	w.repinned = 0
+}
+
+// Mapped records a successful map of r.
+func (w *Window) Mapped(r span.Range) {
+	for _, x := range w.lost.Inside(r) {
+		w.repinned += x.Len()
+	}
+	for _, x := range w.lost.Minus(r) {
+		w.fresh.Add(x)
+	}
+}
+
+// Unmapped records that the mapping of r was removed.
+func (w *Window) Unmapped(r span.Range) {
+	for _, x := range w.fresh.Minus(r) {
+		w.lost.Add(x)
+	}
+	w.fresh.Remove(r)
+}
+
+// Repinned returns the bytes re-pinned so far.
+func (w *Window) Repinned() uint64 { return w.repinned }
+
+// Bytes returns the window: the lost bytes that are mapped now, as told by
+// mapped, which returns how many bytes of a range are mapped now.
+func (w *Window) Bytes(mapped func(span.Range) uint64) uint64 {
+	var n uint64
+	for _, r := range w.lost.Ranges() {
+		n += mapped(r)
+	}
+	return n
+}

@@ -1,0 +1,46 @@
+//go:build linux
+
+package replay
+
+import (
+	"errors"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/span"
+)
+
+// Reasons a guest request is refused, the keys of Result.RejectedBy.
+const (
+	ReasonMisaligned = "misaligned"               // start or size not a multiple of 4 KiB (or of the plug granularity)
+	ReasonEmpty      = "size 0"                   // nothing to convert
+	ReasonWraps      = "wraps around"             // start+size overflows
+	ReasonBeyond     = "beyond the address space" // past the guest's highest physical address (guestmem.Config.MaxGPA)
+	ReasonNotRAM     = "not RAM, to private"      // an MMIO hole or unbacked memory made private
+	ReasonUnplugged  = "unplugged memory"         // a conversion of unplugged memory; a plug or unplug outside one hot-pluggable block
+	ReasonNoEntries  = "out of IOMMU entries"     // ENOSPC: a type1 container's dma_entry_limit
+	ReasonOther      = "other"
+)
+
+// Reason classifies why the executor refused a request: the one mapping
+// from guestmem's errors to the counts of a Result.
+func Reason(err error) string {
+	switch {
+	case errors.Is(err, span.ErrAlign):
+		return ReasonMisaligned
+	case errors.Is(err, span.ErrEmpty):
+		return ReasonEmpty
+	case errors.Is(err, span.ErrOverflow):
+		return ReasonWraps
+	case errors.Is(err, span.ErrBounds):
+		return ReasonBeyond
+	case errors.Is(err, guestmem.ErrNotRAM):
+		return ReasonNotRAM
+	case errors.Is(err, guestmem.ErrUnplugged):
+		return ReasonUnplugged
+	case errors.Is(err, unix.ENOSPC):
+		return ReasonNoEntries
+	}
+	return ReasonOther
+}

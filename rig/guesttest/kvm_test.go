@@ -1,0 +1,757 @@
+package guesttest
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/iommufd"
+	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/vfio"
+	"github.com/gmemproject/gmem/vmm"
+)
+
+// The kvm backend runs gmem on real KVM with private memory: a
+// KVM_X86_SW_PROTECTED_VM of the guest kernel's kvm_amd (emulated SVM with
+// nested paging), guest_memfd for the private side, a memfd for the shared
+// side, the built-in guest asking with vmmcall, and the edu device behind
+// real VFIO type1 and iommufd doing DMA into the memfd.
+
+const (
+	pg = 4096
+	// scratchIOVA is a host page the tests map for the device, outside
+	// guest RAM and below edu's 28-bit DMA mask: the device's staging area
+	// for bytes it writes to guest memory and reads from it.
+	scratchIOVA = 0x0F00_0000
+	// eduBytes is the size of one edu transfer in these tests.
+	eduBytes = 2048
+
+	seedDevice  = 0xD0D0_0000_0000_0000
+	seedGuest   = 0x6E57_0000_0000_0000
+	seedPrivate = 0x9121_0000_0000_0000
+	seedPlant   = 0x9A47_0000_0000_0000
+)
+
+func runKVM(t *testing.T, bdf string) {
+	const b = "kvm"
+	var sys *kvm.System
+	t.Cleanup(func() {
+		if sys != nil {
+			sys.Close()
+		}
+	})
+	must(t, check(t, b, "vm-types", func(t *testing.T) {
+		var err error
+		if sys, err = kvm.Open(); err != nil {
+			t.Fatalf("%v (the rig's CPU must have SVM with NPT and the kernel KVM_AMD)", err)
+		}
+		types, err := sys.VMTypes()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES) = %#x", types)
+		if types&(1<<kvm.VMTypeSWProtected) == 0 {
+			t.Fatalf("KVM_CAP_VM_TYPES %#x lacks KVM_X86_SW_PROTECTED_VM", types)
+		}
+		if ok, err := sys.SupportsVMType(kvm.VMTypeSWProtected); !ok || err != nil {
+			t.Errorf("SupportsVMType(SW_PROTECTED) = %v, %v", ok, err)
+		}
+		// A type KVM does not offer is refused without the ioctl.
+		if _, err := sys.CreateVM(13); !errors.Is(err, errors.ErrUnsupported) || !errors.Is(err, unix.EINVAL) {
+			t.Errorf("CreateVM(13) = %v, want an UnsupportedError matching EINVAL", err)
+		}
+	}))
+
+	must(t, check(t, b, "sw-protected-vm", func(t *testing.T) {
+		def, err := sys.CreateVM(kvm.VMTypeDefault)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer def.Close()
+		vm, err := sys.CreateVM(kvm.VMTypeSWProtected)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer vm.Close()
+		if vm.Type() != kvm.VMTypeSWProtected {
+			t.Errorf("Type() = %d", vm.Type())
+		}
+		dc, err := def.ProbeCapabilities()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := vm.ProbeCapabilities()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("default VM: %+v", dc)
+		t.Logf("SW-protected VM: %+v", c)
+		if c.MemoryAttributes&kvm.MemoryAttributePrivate == 0 || dc.MemoryAttributes&kvm.MemoryAttributePrivate != 0 {
+			t.Errorf("KVM_CAP_MEMORY_ATTRIBUTES: SW-protected %#x, default %#x; want PRIVATE on the first only",
+				c.MemoryAttributes, dc.MemoryAttributes)
+		}
+		if !c.GuestMemfd || !c.UserMemory2 || !c.MemoryFaultInfo {
+			t.Errorf("capabilities %+v lack guest_memfd, USER_MEMORY2 or MEMORY_FAULT_INFO", c)
+		}
+		if c.ExitHypercall&(1<<kvm.HCMapGPARange) == 0 {
+			t.Errorf("KVM_CAP_EXIT_HYPERCALL %#x lacks KVM_HC_MAP_GPA_RANGE", c.ExitHypercall)
+		}
+		if err := vm.EnableExitHypercall(1 << kvm.HCMapGPARange); err != nil {
+			t.Errorf("EnableExitHypercall(MAP_GPA_RANGE): %v", err)
+		}
+		if err := vm.EnableExitHypercall(1 << 40); !errors.Is(err, errors.ErrUnsupported) {
+			t.Errorf("EnableExitHypercall(bit 40) = %v, want unsupported", err)
+		}
+		// guest_memfd, a memslot bound to it, and attributes both ways.
+		g, err := vm.CreateGuestMemfd(16*pg, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer g.Close()
+		if _, err := g.Mmap(0, pg); !errors.Is(err, unix.ENODEV) {
+			t.Errorf("mmap of guest_memfd = %v; 6.12 answers ENODEV (why the rig's memory is split)", err)
+		}
+		shared := memfdShared(t, 16*pg)
+		if err := vm.SetUserMemoryRegion2(kvm.UserspaceMemoryRegion2{Slot: 0, Flags: kvm.MemGuestMemfd,
+			GuestPhysAddr: 0x100000, MemorySize: 16 * pg, UserspaceAddr: kvm.HostAddr(shared), GuestMemfd: uint32(g.Fd())}); err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range []uint64{kvm.MemoryAttributePrivate, 0} {
+			if err := vm.SetMemoryAttributes(kvm.MemoryAttributes{Address: 0x100000, Size: 4 * pg, Attributes: a}); err != nil {
+				t.Errorf("KVM_SET_MEMORY_ATTRIBUTES(%#x): %v", a, err)
+			}
+		}
+		if err := vm.SetMemoryAttributes(kvm.MemoryAttributes{Address: 0x100000, Size: pg, Attributes: 1 << 5}); !errors.Is(err, unix.EINVAL) {
+			t.Errorf("unknown attribute bit = %v, want EINVAL", err)
+		}
+		if err := g.Punch(0, 4*pg); err != nil {
+			t.Errorf("punch guest_memfd: %v", err)
+		}
+	}))
+
+	check(t, b, "builtin-guest", func(t *testing.T) { kvmBuiltin(t) })
+
+	type backend struct {
+		name string
+		open func(t *testing.T) (iommu.Space, *Edu, func())
+	}
+	for _, be := range []backend{
+		{"type1", func(t *testing.T) (iommu.Space, *Edu, func()) { return openKVMType1(t, bdf) }},
+		{"iommufd", func(t *testing.T) (iommu.Space, *Edu, func()) { return openKVMIOMMUFD(t, bdf) }},
+	} {
+		check(t, b, "device-dma-"+be.name, func(t *testing.T) {
+			sp, edu, done := be.open(t)
+			t.Cleanup(done) // after the VM's own cleanups
+			kvmDevice(t, sp, edu)
+		})
+	}
+	check(t, b, "rollback-type1", func(t *testing.T) {
+		sp, edu, done := openKVMType1(t, bdf)
+		t.Cleanup(done)
+		kvmRollback(t, sp, edu)
+	})
+	check(t, b, "soak", func(t *testing.T) {
+		sp, edu, done := openKVMType1(t, bdf)
+		t.Cleanup(done)
+		kvmSoak(t, sp, edu)
+	})
+}
+
+// testLogger logs to the test's output.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+// qwords returns size bytes of little-endian qwords seed, seed+1, ..., the
+// pattern of the scenario's Fill and Verify steps.
+func qwords(size int, seed uint64) []byte {
+	b := make([]byte, size)
+	for q := range size / 8 {
+		binary.LittleEndian.PutUint64(b[8*q:], seed+uint64(q))
+	}
+	return b
+}
+
+// kvmBuiltin runs the demo's scenario on a SW-protected VM, plus a real
+// KVM_EXIT_MEMORY_FAULT: a PRIVATE attribute planted in KVM for a page of
+// the MMIO hole, which the guest then reads.
+func kvmBuiltin(t *testing.T) {
+	s := vmm.BuiltinSharedCode(2)
+	s.Programs[0].Steps = append(s.Programs[0].Steps,
+		vmm.Touch("the MMIO hole reads all ones after a private memory fault", vmm.HoleGPA, ^uint64(0)))
+	var faults []string
+	v, err := vmm.New(vmm.Config{Mode: guestmem.Split, Scenario: &s, Logger: testLogger(t),
+		OnConversion: func(e vmm.ConversionEvent) {
+			if e.Source == vmm.SourceMemoryFault {
+				faults = append(faults, fmt.Sprintf("%v: %v", e.Request, e.Err))
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if e := v.Memory().Enforcement(); e != guestmem.EnforceKVM {
+		t.Fatalf("enforcement %q, want %q", e, guestmem.EnforceKVM)
+	}
+	if v.KVM().Type() != kvm.VMTypeSWProtected || v.RequestPath() != vmm.ViaHypercall {
+		t.Fatalf("VM type %d, request path %d: want SW-protected and vmmcall", v.KVM().Type(), v.RequestPath())
+	}
+	if err := v.KVM().SetMemoryAttributes(kvm.MemoryAttributes{Address: vmm.HoleGPA, Size: pg,
+		Attributes: kvm.MemoryAttributePrivate}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	rep, err := v.Run(ctx)
+	took := time.Since(start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, ms := v.Machine().Stats(), v.Memory().Stats()
+	t.Logf("guest ran %v: %d checks passed, %d failed; %d KVM_EXIT_HYPERCALL, %d KVM_EXIT_MEMORY_FAULT (%v), "+
+		"%d port requests, %d KVM_SET_MEMORY_ATTRIBUTES, %d punches, %d stray attributes cleared",
+		took.Round(time.Millisecond), rep.ChecksPassed, rep.ChecksFailed, st.Hypercalls, st.MemoryFaults, faults,
+		st.PortRequests, ms.AttributeCalls, ms.Punches, st.StrayAttributes)
+	if !rep.OK() || rep.ChecksPassed != len(s.Checks()) {
+		t.Errorf("report not OK: %d of %d checks passed: %v", rep.ChecksPassed, len(s.Checks()), rep.FailedChecks)
+	}
+	if !rep.GuestRan || rep.Enforcement != string(guestmem.EnforceKVM) {
+		t.Errorf("report: guest_ran %v, enforcement %q", rep.GuestRan, rep.Enforcement)
+	}
+	if st.Hypercalls == 0 || st.HypercallRequests == 0 || st.PortRequests != 0 {
+		t.Errorf("%d hypercall exits (%d requests), %d port requests: want vmmcall only", st.Hypercalls, st.HypercallRequests, st.PortRequests)
+	}
+	if st.MemoryFaults != 1 || st.StrayAttributes != 1 {
+		t.Errorf("%d memory faults, %d stray attributes cleared; want 1 and 1", st.MemoryFaults, st.StrayAttributes)
+	}
+	if ms.Punches == 0 || ms.AttributeCalls == 0 || st.Violations != 0 {
+		t.Errorf("punches %d, attribute calls %d, violations %d", ms.Punches, ms.AttributeCalls, st.Violations)
+	}
+}
+
+// kvmRig is a SW-protected VM with a real device: the edu device behind a
+// real IOMMU space that a second dma.Mapper per block keeps equal to the
+// shared pages, mapping the memfds of the shared side.
+type kvmRig struct {
+	t       *testing.T
+	v       *vmm.VM
+	att     *guestmem.Attachment
+	space   iommu.Space
+	edu     *Edu
+	scratch []byte
+	host    map[uint32]func()
+}
+
+// newKVMRig creates the VM for scenario s. inject is passed to guestmem.
+func newKVMRig(t *testing.T, space iommu.Space, edu *Edu, s vmm.Scenario, inject func(guestmem.Fault) error) *kvmRig {
+	t.Helper()
+	r := &kvmRig{t: t, space: space, edu: edu, host: map[uint32]func(){}}
+	var err error
+	r.v, err = vmm.New(vmm.Config{Mode: guestmem.Split, Scenario: &s, Logger: testLogger(t), Inject: inject,
+		OnHostCall: func(cpu int, id uint32) {
+			f, ok := r.host[id]
+			if !ok {
+				t.Errorf("host call %d has no handler", id)
+				return
+			}
+			f()
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := r.v.Close(); err != nil {
+			t.Errorf("close VM: %v", err)
+		}
+	})
+	if r.v.Memory().Enforcement() != guestmem.EnforceKVM || r.v.RequestPath() != vmm.ViaHypercall {
+		t.Fatalf("enforcement %q, request path %d: want KVM and vmmcall", r.v.Memory().Enforcement(), r.v.RequestPath())
+	}
+	r.scratch = mmapShared(t, pg)
+	if err := space.Map(scratchIOVA, pg, r.scratch); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if _, err := space.Unmap(scratchIOVA, pg); err != nil {
+			t.Errorf("unmap scratch: %v", err)
+		}
+	})
+	if r.att, err = r.v.Memory().AttachIOMMU(space, dma.Options{Logger: testLogger(t)}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := r.att.Detach(); err != nil {
+			t.Errorf("detach: %v", err)
+		}
+	})
+	return r
+}
+
+// run runs the guest and checks that every scenario check passed.
+func (r *kvmRig) run() vmm.Report {
+	t := r.t
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	rep, err := r.v.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() {
+		t.Errorf("guest checks: %d passed, %d failed: %v", rep.ChecksPassed, rep.ChecksFailed, rep.FailedChecks)
+	}
+	return rep
+}
+
+// backing returns the shared-side memory (the memfd) behind [gpa, gpa+n).
+func (r *kvmRig) backing(gpa uint64, n int) []byte {
+	b := r.v.Memory().Block(gpa)
+	if b == nil {
+		r.t.Fatalf("%#x is not guest RAM", gpa)
+	}
+	off := gpa - b.GPA()
+	return b.SharedBacking()[off : off+uint64(n)]
+}
+
+// deviceWrite has edu write data at gpa: the bytes go from the scratch
+// page into the device's buffer, then from the buffer to IOVA gpa.
+func (r *kvmRig) deviceWrite(gpa uint64, data []byte) {
+	copy(r.scratch, data)
+	if err := r.edu.ToDevice(scratchIOVA, len(data)); err != nil {
+		r.t.Error(err)
+	}
+	if err := r.edu.ToRAM(gpa, len(data)); err != nil {
+		r.t.Error(err)
+	}
+}
+
+// deviceRead has edu read n bytes at gpa and returns them (through the
+// device's buffer and the scratch page). A read the IOMMU blocks yields
+// zeros.
+func (r *kvmRig) deviceRead(gpa uint64, n int) []byte {
+	if err := r.edu.ToDevice(gpa, n); err != nil {
+		r.t.Error(err)
+	}
+	clear(r.scratch)
+	if err := r.edu.ToRAM(scratchIOVA, n); err != nil {
+		r.t.Error(err)
+	}
+	return bytes.Clone(r.scratch[:n])
+}
+
+// avail returns the space's free entries.
+func (r *kvmRig) avail() uint64 {
+	n, _, err := r.space.Avail()
+	if err != nil {
+		r.t.Error(err)
+	}
+	return n
+}
+
+// kvmDevice: the guest makes a buffer shared, the device writes it and the
+// guest reads the device's bytes; the device reads what the guest wrote;
+// the guest makes it private again and writes private bytes: they never
+// appear in the memfd, the device's next write is blocked (the memfd and
+// the guest's private bytes unchanged) and its next read yields zeros.
+func kvmDevice(t *testing.T, space iommu.Space, edu *Edu) {
+	const p = vmm.BuffersGPA + 0x100000
+	sh, pr := memattr.Shared, memattr.Private
+	s := vmm.Scenario{Programs: []vmm.Program{{Steps: []vmm.Step{
+		vmm.Convert("P to shared (vmmcall)", p, pg, sh, vmm.ConvStatusOK),
+		vmm.Host(1),
+		vmm.Verify("the guest reads the device's bytes", p, eduBytes, seedDevice+1),
+		vmm.Fill(p+eduBytes, eduBytes, seedGuest+1),
+		vmm.Host(2),
+		vmm.Convert("P back to private (vmmcall)", p, pg, pr, vmm.ConvStatusOK),
+		vmm.Fill(p, eduBytes, seedPrivate+1),
+		vmm.Host(3),
+		vmm.Verify("private P holds the guest's bytes, not the device's", p, eduBytes, seedPrivate+1),
+	}}}}
+	r := newKVMRig(t, space, edu, s, nil)
+	r.host[1] = func() {
+		r.deviceWrite(p, qwords(eduBytes, seedDevice+1))
+		if !bytes.Equal(r.backing(p, eduBytes), qwords(eduBytes, seedDevice+1)) {
+			t.Errorf("the device's write to shared P did not land in the memfd")
+		}
+	}
+	r.host[2] = func() {
+		if got := r.deviceRead(p+eduBytes, eduBytes); !bytes.Equal(got, qwords(eduBytes, seedGuest+1)) {
+			t.Errorf("the device did not read the guest's shared bytes")
+		}
+	}
+	r.host[3] = func() {
+		if !allZero(r.backing(p, pg)) {
+			t.Errorf("the memfd behind private P is not zero: the guest's private bytes or old shared ones are visible")
+		}
+		if bytes.Contains(r.backing(0, vmm.RAM0Size), qwords(64, seedPrivate+1)) {
+			t.Errorf("the guest's private bytes appear in the shared memfd")
+		}
+		r.deviceWrite(p, qwords(eduBytes, seedDevice+2))
+		if !allZero(r.backing(p, pg)) {
+			t.Errorf("the device's write to private P reached the memfd")
+		}
+		if got := r.deviceRead(p, eduBytes); !allZero(got) {
+			t.Errorf("the device read private P: %x...", got[:16])
+		}
+	}
+	rep := r.run()
+	st := r.att.Stats()
+	t.Logf("guest: %d checks passed; real IOMMU: %d map calls, %d unmap calls, %d entries now; punches %d",
+		rep.ChecksPassed, st.MapCalls, st.UnmapCalls, st.Entries, rep.Punches)
+	if st.MapCalls == 0 || st.UnmapCalls == 0 {
+		t.Errorf("the real IOMMU saw %d maps and %d unmaps", st.MapCalls, st.UnmapCalls)
+	}
+}
+
+// failNext is the real space with one call made to fail on demand.
+type failNext struct {
+	iommu.Space
+	mapping, unmap atomic.Bool
+}
+
+// Map fails once with EIO, without calling the kernel, when armed.
+func (f *failNext) Map(iova, size uint64, host []byte) error {
+	if f.mapping.CompareAndSwap(true, false) {
+		return unix.EIO
+	}
+	return f.Space.Map(iova, size, host)
+}
+
+// Unmap fails once with EIO, without calling the kernel, when armed.
+func (f *failNext) Unmap(iova, size uint64) (uint64, error) {
+	if f.unmap.CompareAndSwap(true, false) {
+		return 0, unix.EIO
+	}
+	return f.Space.Unmap(iova, size)
+}
+
+// kvmRollback: with the type1 budget spent, one conversion to shared too
+// many fails and the guest gets EAGAIN; the kernel shows it undone (the
+// guest still reads its private bytes, not the ones the host planted in
+// the memfd; DMA_AVAIL as before; the device still reaches the old shared
+// pages; nothing punched). Then a failure is injected once at each other
+// backend step: KVM_SET_MEMORY_ATTRIBUTES, the IOMMU unmap, the IOMMU map,
+// the punch.
+func kvmRollback(t *testing.T, space iommu.Space, edu *Edu) {
+	sp := &failNext{Space: space}
+	var failOp atomic.Int32 // a guestmem.Op to fail once
+	inject := func(f guestmem.Fault) error {
+		if failOp.CompareAndSwap(int32(f.Op), 0) {
+			return fmt.Errorf("injected %v failure: %w", f.Op, unix.EIO)
+		}
+		return nil
+	}
+	// The VM's own shared memory takes one entry (ram0's code and tables),
+	// the scratch page one.
+	before, limited, err := space.Avail()
+	if err != nil || !limited {
+		t.Fatalf("type1 Avail = %d, %v, %v", before, limited, err)
+	}
+	k := int(before) - 2 // conversions that fit
+	if k < 2 {
+		t.Fatalf("dma_entry_limit leaves %d entries, need at least 4", before)
+	}
+	const base = vmm.RAM1GPA
+	page := func(i int) uint64 { return base + uint64(i)*2*pg } // never adjacent
+	q := page(k)                                                // the one too many
+	sh, pr := memattr.Shared, memattr.Private
+	ok, again, inval := uint32(vmm.ConvStatusOK), uint32(vmm.ConvStatusEAGAIN), uint32(vmm.ConvStatusEINVAL)
+	var st []vmm.Step
+	st = append(st, vmm.Fill(q, eduBytes, seedPrivate+3))
+	for i := range k {
+		st = append(st, vmm.Convert(fmt.Sprintf("page %d to shared", i), page(i), pg, sh, ok))
+	}
+	st = append(st,
+		vmm.Host(10),
+		vmm.Convert("one entry too many: EAGAIN", q, pg, sh, again),
+		vmm.Host(11),
+		vmm.Verify("Q still private: the guest reads its own bytes, not the planted ones", q, eduBytes, seedPrivate+3),
+		// Injected failures, each on a budget with room again.
+		vmm.Convert("page 0 back to private", page(0), pg, pr, ok),
+		vmm.Host(20), // arm KVM_SET_MEMORY_ATTRIBUTES
+		vmm.Convert("Q to shared, attributes fail: EINVAL", q, pg, sh, inval),
+		vmm.Verify("Q still private after the attribute failure", q, eduBytes, seedPrivate+3),
+		vmm.Host(21), // arm the punch of Q's guest_memfd side
+		vmm.Convert("Q to shared, punch fails: EINVAL", q, pg, sh, inval),
+		vmm.Verify("Q still private after the punch failure", q, eduBytes, seedPrivate+3),
+		vmm.Host(22), // check, then arm the IOMMU unmap
+		vmm.Convert("page 1 to private, unmap fails: EINVAL", page(1), pg, pr, inval),
+		vmm.Host(23), // check, then arm the IOMMU map
+		vmm.Convert("Q to shared, map fails: EINVAL", q, pg, sh, inval),
+		vmm.Verify("Q still private after the map failure", q, eduBytes, seedPrivate+3),
+		vmm.Host(24),
+		vmm.Convert("Q to shared at last", q, pg, sh, ok),
+		vmm.Verify("shared Q reads the bytes the host planted", q, eduBytes, seedPlant),
+	)
+	r := newKVMRig(t, sp, edu, vmm.Scenario{Programs: []vmm.Program{{Steps: st}}}, inject)
+	if a := r.avail(); a != before-2 {
+		t.Fatalf("DMA_AVAIL %d after attaching, want %d", a, before-2)
+	}
+	var availFull, punches uint64
+	r.host[10] = func() {
+		availFull, punches = r.avail(), r.v.Memory().Stats().Punches
+		if availFull != 0 {
+			t.Errorf("DMA_AVAIL %d after %d conversions, want 0", availFull, k)
+		}
+		copy(r.backing(q, eduBytes), qwords(eduBytes, seedPlant))
+	}
+	expectUndone := func(what string) {
+		if a := r.avail(); a != availFull {
+			t.Errorf("%s: DMA_AVAIL %d, before %d", what, a, availFull)
+		}
+		if n := r.v.Memory().Stats().Punches; n != punches {
+			t.Errorf("%s: %d punches, before %d", what, n, punches)
+		}
+		if !bytes.Equal(r.backing(q, eduBytes), qwords(eduBytes, seedPlant)) {
+			t.Errorf("%s: the memfd behind Q changed", what)
+		}
+	}
+	r.host[11] = func() {
+		expectUndone("after ENOSPC")
+		r.deviceWrite(page(0), qwords(eduBytes, seedDevice+3))
+		if !bytes.Equal(r.backing(page(0), eduBytes), qwords(eduBytes, seedDevice+3)) {
+			t.Errorf("after ENOSPC the device no longer reaches shared page 0")
+		}
+	}
+	r.host[20] = func() {
+		// Page 0 went back to private: one entry free, its memfd page punched.
+		availFull++
+		punches = r.v.Memory().Stats().Punches
+		failOp.Store(int32(guestmem.OpSetAttributes))
+	}
+	r.host[21] = func() {
+		expectUndone("after the attribute failure")
+		failOp.Store(int32(guestmem.OpPunch))
+	}
+	r.host[22] = func() {
+		expectUndone("after the punch failure")
+		if failOp.Load() != 0 {
+			t.Errorf("no punch was attempted")
+		}
+		sp.unmap.Store(true)
+	}
+	r.host[23] = func() {
+		if sp.unmap.Load() {
+			t.Errorf("no unmap was attempted")
+		}
+		if a := r.avail(); a != availFull {
+			t.Errorf("after the unmap failure: DMA_AVAIL %d, before %d", a, availFull)
+		}
+		r.deviceWrite(page(1), qwords(eduBytes, seedDevice+4))
+		if !bytes.Equal(r.backing(page(1), eduBytes), qwords(eduBytes, seedDevice+4)) {
+			t.Errorf("after the unmap failure the device no longer reaches page 1")
+		}
+		sp.mapping.Store(true)
+	}
+	r.host[24] = func() {
+		if sp.mapping.Load() {
+			t.Errorf("no map was attempted")
+		}
+		expectUndone("after the map failure")
+	}
+	rep := r.run()
+	ms := r.v.Memory().Stats()
+	t.Logf("type1 budget %d: %d conversions fit, the next answered EAGAIN; guest: %d checks passed; "+
+		"executor: %d failed, %d undo failures", before, k, rep.ChecksPassed, ms.Failed, ms.UndoFailures)
+	if ms.Failed != 5 || ms.UndoFailures != 0 {
+		t.Errorf("%d failed conversions, %d undo failures; want 5 and 0", ms.Failed, ms.UndoFailures)
+	}
+}
+
+// kvmSoak runs rounds of real conversions (vmmcall, KVM attributes, type1
+// map and unmap, punches) with device checks between them, each round on a
+// new VM, and checks that file descriptors and memory do not grow.
+func kvmSoak(t *testing.T, space iommu.Space, edu *Edu) {
+	const (
+		rounds    = 4
+		perRound  = 2500 // conversions
+		window    = 64   // pages converted in turn
+		dmaEvery  = 500  // conversion pairs between real device checks
+		modelDMAs = 50
+	)
+	base := uint64(vmm.RAM1GPA + 0x100000)
+	sh, pr := memattr.Shared, memattr.Private
+	var fds []int
+	var rss []uint64
+	total, deviceChecks := 0, 0
+	var viol uint64
+	start := time.Now()
+	for round := range rounds {
+		var st []vmm.Step
+		host := map[uint32]func(*kvmRig){}
+		for j := range perRound / 2 {
+			p := base + uint64(j%window)*2*pg
+			st = append(st, vmm.Convert("to shared", p, 2*pg, sh, vmm.ConvStatusOK))
+			if j%(perRound/2/modelDMAs) == 0 {
+				seed := seedDevice | uint64(round)<<40 | uint64(j)<<20
+				st = append(st, vmm.DeviceFill(seed),
+					vmm.DMAToRAM("model device writes shared", p, pg, vmm.DMAStatusOK),
+					vmm.Verify("model device's bytes", p, pg, seed))
+			}
+			if j%dmaEvery == 0 {
+				id := uint32(1000 + 2*j)
+				seed := seedDevice | 1<<39 | uint64(round)<<40 | uint64(j)<<20
+				st = append(st, vmm.Host(id), vmm.Verify("edu's bytes", p, eduBytes, seed))
+				host[id] = func(r *kvmRig) {
+					r.deviceWrite(p, qwords(eduBytes, seed))
+					deviceChecks++
+				}
+				st = append(st, vmm.Convert("to private", p, 2*pg, pr, vmm.ConvStatusOK), vmm.Host(id+1))
+				host[id+1] = func(r *kvmRig) {
+					r.deviceWrite(p, qwords(eduBytes, seed+1))
+					if !allZero(r.backing(p, 2*pg)) {
+						t.Errorf("round %d: edu reached private %#x", round, p)
+					}
+					deviceChecks++
+				}
+				continue
+			}
+			st = append(st, vmm.Convert("to private", p, 2*pg, pr, vmm.ConvStatusOK))
+		}
+		t.Run(fmt.Sprintf("round-%d", round), func(t *testing.T) {
+			r := newKVMRig(t, space, edu, vmm.Scenario{Programs: []vmm.Program{{Steps: st}}}, nil)
+			for id, f := range host {
+				r.host[id] = func() { f(r) }
+			}
+			r.run()
+			ms := r.v.Memory().Stats()
+			total += int(ms.Conversions)
+			viol += r.v.Machine().Stats().Violations
+		})
+		fds = append(fds, countFDs(t))
+		rss = append(rss, rssKiB(t))
+	}
+	took := time.Since(start)
+	t.Logf("soak: %d real conversions in %d VMs, %d edu checks, %d violations, %v; open fds after each round %v; VmRSS KiB %v",
+		total, rounds, deviceChecks, viol, took.Round(time.Millisecond), fds, rss)
+	fmt.Printf("GMEM-RIG soak conversions=%d edu_checks=%d violations=%d fds=%v rss_kib=%v seconds=%.1f\n",
+		total, deviceChecks, viol, fds, rss, took.Seconds())
+	if total < rounds*perRound {
+		t.Errorf("%d conversions, want %d", total, rounds*perRound)
+	}
+	if viol != 0 {
+		t.Errorf("%d invariant violations", viol)
+	}
+	for i := 1; i < len(fds); i++ {
+		if fds[i] != fds[0] {
+			t.Errorf("open fds grew: %v", fds)
+			break
+		}
+	}
+	// The Go heap settles after the first round; more than 8 MiB on top of
+	// it over three more rounds would be a leak of guest memory.
+	if rss[len(rss)-1] > rss[0]+8<<10 {
+		t.Errorf("VmRSS grew from %d to %d KiB", rss[0], rss[len(rss)-1])
+	}
+}
+
+// countFDs counts this process's open file descriptors.
+func countFDs(t *testing.T) int {
+	es, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(es)
+}
+
+// rssKiB reads VmRSS from /proc/self/status.
+func rssKiB(t *testing.T) uint64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			var n uint64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &n)
+			return n
+		}
+	}
+	t.Fatal("no VmRSS in /proc/self/status")
+	return 0
+}
+
+// openKVMType1 opens the edu device through a type1 container.
+func openKVMType1(t *testing.T, bdf string) (iommu.Space, *Edu, func()) {
+	t.Helper()
+	group, err := vfio.IOMMUGroup(bdf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := openType1(bdf, group)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s.sp, s.edu, func() {
+		if err := s.close(); err != nil {
+			t.Errorf("closing type1: %v", err)
+		}
+	}
+}
+
+// openKVMIOMMUFD opens the edu device through its cdev bound to an
+// iommufd IOAS.
+func openKVMIOMMUFD(t *testing.T, bdf string) (iommu.Space, *Edu, func()) {
+	t.Helper()
+	var closers []func() error
+	done := func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			if err := closers[i](); err != nil {
+				t.Errorf("closing iommufd: %v", err)
+			}
+		}
+	}
+	fail := func(err error) {
+		done()
+		t.Fatal(err)
+	}
+	f, err := iommufd.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	closers = append(closers, f.Close)
+	ioas, err := f.IOASAlloc()
+	if err != nil {
+		fail(err)
+	}
+	path, err := vfio.CdevPath(bdf)
+	if err != nil {
+		fail(err)
+	}
+	d, err := vfio.OpenCdev(path)
+	if err != nil {
+		fail(err)
+	}
+	closers = append(closers, d.Close)
+	if _, err := d.BindIOMMUFD(f.Fd()); err != nil {
+		fail(err)
+	}
+	if _, err := d.AttachIOMMUFDPT(ioas); err != nil {
+		fail(err)
+	}
+	sp, err := iommufd.NewSpace(f, ioas)
+	if err != nil {
+		fail(err)
+	}
+	edu, err := NewEdu(d)
+	if err != nil {
+		fail(err)
+	}
+	closers = append(closers, edu.Close)
+	return sp, edu, done
+}
