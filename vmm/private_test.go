@@ -185,3 +185,42 @@ func TestStrayPrivateAttribute(t *testing.T) {
 		t.Errorf("failing setter, repeated: %v, %v", act, err)
 	}
 }
+
+// TestBuiltinSWProtected runs the built-in scenario on a
+// KVM_X86_SW_PROTECTED_VM where the host offers one (the rig's guest
+// kernel does): KVM keeps the attributes, the guest asks with vmmcall.
+func TestBuiltinSWProtected(t *testing.T) {
+	needKVM(t)
+	sys, err := kvm.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok, err := sys.SupportsVMType(kvm.VMTypeSWProtected)
+	sys.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ok {
+		t.Skip("needs KVM_X86_SW_PROTECTED_VM in KVM_CAP_VM_TYPES (scripts/rig runs this path)")
+	}
+	v, err := New(Config{Mode: guestmem.Split, VCPUs: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	rep, err := v.Run(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := v.Machine().Stats()
+	if !rep.OK() || rep.ChecksPassed != len(BuiltinSharedCode(2).Checks()) || rep.Enforcement != string(guestmem.EnforceKVM) {
+		t.Errorf("report %+v", rep)
+	}
+	if v.RequestPath() == ViaHypercall && (st.HypercallRequests == 0 || st.PortRequests != 0) {
+		t.Errorf("vmmcall path: %d hypercall requests, %d port requests", st.HypercallRequests, st.PortRequests)
+	}
+	// The guest's code and tables stay shared: one entry, the rest private.
+	if rep.IOMMUEntriesNow != 1 || rep.StateRuns != 3 {
+		t.Errorf("entries now %d, state runs %d; want 1 and 3", rep.IOMMUEntriesNow, rep.StateRuns)
+	}
+}

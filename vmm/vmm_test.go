@@ -34,10 +34,14 @@ func needKVM(t *testing.T) {
 
 var modes = []guestmem.Mode{guestmem.InPlace, guestmem.Split}
 
-// runKVM boots cfg's guest and runs it to the end.
+// runKVM boots cfg's guest on a VM of the default type and runs it to the
+// end. The expectations of these tests are the port path's; the
+// SW-protected path (vmmcall, KVM attributes) is TestBuiltinSWProtected's
+// and the rig's.
 func runKVM(t *testing.T, cfg Config) Report {
 	t.Helper()
 	needKVM(t)
+	cfg.DefaultVMType = true
 	v, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -294,7 +298,7 @@ func TestFaultInjectionKVM(t *testing.T) {
 			var last machineState
 			var failures []string
 			cfg := Config{
-				Mode: mode, Scenario: &s, IOMMU: model,
+				Mode: mode, Scenario: &s, IOMMU: model, DefaultVMType: true,
 				Inject: func(f guestmem.Fault) error { return shoot(f.Op, 0) },
 				OnConversion: func(e ConversionEvent) {
 					tm := &testMachine{Machine: v.Machine()}
