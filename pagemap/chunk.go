@@ -304,7 +304,9 @@ func (c *chunk) toDense(width uint, size int) {
 	d := slices.Grow([]uint64(nil), n)[:n]
 	clear(d)
 	for i := range c.starts {
-		denseFill(d, width, int(c.starts[i]), c.runEnd(i, size), c.val(i, width))
+		if v := c.val(i, width); v != 0 { // d starts all 0
+			denseFill(d, width, int(c.starts[i]), c.runEnd(i, size), v)
+		}
 	}
 	c.nruns = uint32(len(c.starts))
 	c.dense, c.starts, c.vals = d, nil, nil

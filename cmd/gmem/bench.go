@@ -800,7 +800,7 @@ func benchHuge(sz benchSizes) ([]benchRow, error) {
 	}
 	rows := []benchRow{{
 		Name: "scale: state memory, realistic", Unit: "bytes", Baseline: bitmap, Gmem: float64(rm.Bytes()), Better: "lower", Scale: size,
-		BaselineHow: computed, Note: why + " (1 bit a page, computed); gmem's state as in row 1",
+		BaselineHow: computed, Note: why + " (1 bit a page, computed); gmem's state as in the 1 TiB realistic row",
 	}}
 
 	// Listener replay and churn through the whole stack.
@@ -843,7 +843,7 @@ func benchHuge(sz benchSizes) ([]benchRow, error) {
 	side := &churnSide{s: s, ops: ops}
 	churn := benchRow{Name: "scale: 4 KiB churn time", Unit: "ns/op", Better: "lower", BaselineHow: notRun,
 		Scale: fmt.Sprintf("%s, %s runs, %s conversions", size, commas(uint64(sz.replayRuns)), commas(uint64(sz.churnOps))),
-		Note:  why + "; gmem: the churn of row 4 among the replay row's runs"}
+		Note:  why + "; gmem: random single-page conversions among the replay row's runs"}
 	churn, err = timed(sz, churn, nil, side.round)
 	if err != nil {
 		return nil, err
