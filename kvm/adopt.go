@@ -57,7 +57,8 @@ func SystemFromFile(f *os.File) (*System, error) {
 // KVM_GET_VCPU_MMAP_SIZE. The kind is checked with KVM_CHECK_EXTENSION,
 // which a VM fd answers and a vCPU fd or any other file refuses, and
 // KVM_GET_API_VERSION, which only the system fd answers; a wrong kind
-// gives an *FdError and fd stays the caller's.
+// gives an *FdError and fd stays the caller's. The kernel does not tell a
+// VM fd's type, so the VM's Type is VMTypeUnknown.
 func (s *System) NewVM(fd int) (*VM, error) {
 	mmapSize, err := s.GetVCPUMmapSize()
 	if err != nil {
@@ -72,7 +73,7 @@ func (s *System) NewVM(fd int) (*VM, error) {
 	if _, err := ioctl(fd, kvmGetAPIVersion, 0); err == nil {
 		return nil, &FdError{Kind: "KVM VM", Fd: fd, Err: errors.New("it answers KVM_GET_API_VERSION: a /dev/kvm fd")}
 	}
-	return &VM{fd: fd, vcpuMmapSize: mmapSize}, nil
+	return &VM{fd: fd, vcpuMmapSize: mmapSize, vmType: VMTypeUnknown}, nil
 }
 
 // VMFromFile returns a VM for a duplicate of f's descriptor, as NewVM. f

@@ -56,7 +56,13 @@ func (s *System) checkVMType(vmType uint64) error {
 	return nil
 }
 
-// Type returns the type the VM was created with.
+// VMTypeUnknown is the Type of a VM adopted with System.NewVM or
+// VMFromFile: the kernel does not tell a VM fd's type, so capabilities
+// (VM.CheckExtension) are what an adopted VM is judged by.
+const VMTypeUnknown = ^uint64(0)
+
+// Type returns the type the VM was created with by CreateVM, or
+// VMTypeUnknown for an adopted VM.
 func (vm *VM) Type() uint64 { return vm.vmType }
 
 // EnableExitHypercall makes the hypercalls in nrs (a bitmask of hypercall
