@@ -62,7 +62,9 @@ func (v *fakeVM) isPrivate(gpa uint64) bool {
 type vmmBacking struct {
 	shared, private int
 	host            []byte
-	discards        []string
+
+	mu       sync.Mutex // Discard is called concurrently
+	discards []string
 }
 
 func newVMMBacking(t *testing.T, size uint64) *vmmBacking {
@@ -95,7 +97,9 @@ func (b *vmmBacking) Size() uint64  { return uint64(len(b.host)) }
 func (b *vmmBacking) InPlace() bool { return false }
 func (b *vmmBacking) Host() []byte  { return b.host }
 func (b *vmmBacking) Discard(s guestmem.Side, off, n uint64) error {
+	b.mu.Lock()
 	b.discards = append(b.discards, fmt.Sprintf("%v %#x+%#x", s, off, n))
+	b.mu.Unlock()
 	fd := b.shared
 	if s == guestmem.PrivateSide {
 		fd = b.private
