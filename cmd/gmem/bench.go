@@ -512,7 +512,15 @@ type stack struct {
 	mapper *dma.Mapper
 }
 
+// newStack returns a stack with the mapper's default extent bound.
 func newStack(region uint64, baseline bool) (*stack, error) {
+	return newBoundedStack(region, baseline, 0)
+}
+
+// newBoundedStack returns a stack whose gmem mapper bounds its extents at
+// maxExtent (0: dma.DefaultMaxExtent). The device's IOMMU is an iommufd
+// model: no entry limit, so the baseline is measured, not refused.
+func newBoundedStack(region uint64, baseline bool, maxExtent uint64) (*stack, error) {
 	m := discard.New(region, nil)
 	attrs, err := memattr.New(m, memattr.Config{Bitmap: baseline})
 	if err != nil {
@@ -522,8 +530,7 @@ func newStack(region uint64, baseline bool) (*stack, error) {
 	if baseline {
 		policy = dma.Granule
 	}
-	// iommufd: no entry limit, so the baseline is measured, not refused.
-	mapper, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, dma.Options{Policy: policy})
+	mapper, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, dma.Options{Policy: policy, MaxExtent: maxExtent})
 	if err != nil {
 		return nil, err
 	}

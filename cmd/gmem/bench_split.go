@@ -3,9 +3,7 @@ package main
 import (
 	"fmt"
 
-	"github.com/gmemproject/gmem/discard"
 	"github.com/gmemproject/gmem/dma"
-	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/memattr"
 	"github.com/gmemproject/gmem/replay"
 	"github.com/gmemproject/gmem/trace"
@@ -19,7 +17,7 @@ import (
 // extent's number too, the cost before the bound.
 func benchSplit(sz benchSizes) ([]benchRow, error) {
 	cut := func(baseline bool, maxExtent uint64) (dma.Stats, error) {
-		s, err := newSplitStack(2*sz.roundTrip, baseline, maxExtent)
+		s, err := newBoundedStack(2*sz.roundTrip, baseline, maxExtent)
 		if err != nil {
 			return dma.Stats{}, err
 		}
@@ -90,24 +88,3 @@ func benchSplit(sz benchSizes) ([]benchRow, error) {
 	return rows, nil
 }
 
-// newSplitStack is newStack with the extent bound chosen: a region, its
-// attributes and one mapper on an iommufd model.
-func newSplitStack(region uint64, baseline bool, maxExtent uint64) (*stack, error) {
-	m := discard.New(region, nil)
-	attrs, err := memattr.New(m, memattr.Config{Bitmap: baseline})
-	if err != nil {
-		return nil, err
-	}
-	policy := dma.Extent
-	if baseline {
-		policy = dma.Granule
-	}
-	mapper, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, dma.Options{Policy: policy, MaxExtent: maxExtent})
-	if err != nil {
-		return nil, err
-	}
-	if err := m.Register(mapper, discard.Section{Size: region}); err != nil {
-		return nil, err
-	}
-	return &stack{m: m, attrs: attrs, mapper: mapper}, nil
-}
