@@ -87,4 +87,3 @@ func benchSplit(sz benchSizes) ([]benchRow, error) {
 	)
 	return rows, nil
 }
-
