@@ -149,6 +149,23 @@ func TestRandomizedHotplug(t *testing.T) {
 					} else {
 						err = mem.Unplug(gpa, size)
 					}
+					// As virtio-mem: a plug needs all of its range
+					// unplugged, an unplug all of it plugged.
+					var wantErr error
+					for g := gpa; g < gpa+size; g += page {
+						if op == 2 && !o[g].unplugged {
+							wantErr = guestmem.ErrPlugged
+						}
+						if op == 3 && o[g].unplugged {
+							wantErr = guestmem.ErrUnplugged
+						}
+					}
+					if wantErr != nil {
+						if !errors.Is(err, wantErr) {
+							t.Fatalf("step %d: plug %v %#x+%#x: %v, want %v", i, op == 2, gpa, size, err, wantErr)
+						}
+						break
+					}
 					if err != nil && !(fail.Load() && errors.Is(err, unix.EIO)) {
 						t.Fatalf("step %d: plug %v %#x+%#x: %v", i, op == 2, gpa, size, err)
 					}

@@ -17,6 +17,12 @@ import (
 // hot-pluggable.
 var ErrUnplugged = errors.New("memory is not plugged")
 
+// ErrPlugged is a Plug of memory that is plugged already, in part or whole.
+// virtio-mem refuses such a request (VIRTIO_MEM_RESP_ERROR), and so does
+// Plug: plugged memory starts private, which plugging shared memory again
+// could not honour.
+var ErrPlugged = errors.New("memory is plugged already")
+
 // Kind is what a migration or a dump does with an extent of guest RAM.
 type Kind uint8
 
@@ -79,7 +85,7 @@ func (e *PlugError) Unwrap() error { return e.Err }
 // starts private, as it was while unplugged, so plugging maps nothing into
 // any IOMMU; the guest converts what it shares. The error is a *PlugError:
 // ErrInvalid for a malformed range, ErrUnplugged if the range is not inside
-// one hot-pluggable block.
+// one hot-pluggable block, ErrPlugged if part of it is plugged already.
 func (m *Memory) Plug(gpa, size uint64) error {
 	return m.plug(gpa, size, true)
 }
@@ -87,7 +93,8 @@ func (m *Memory) Plug(gpa, size uint64) error {
 // Unplug unplugs [gpa, gpa+size) of one hot-pluggable block (virtio-mem
 // VIRTIO_MEM_REQ_UNPLUG): devices lose what they mapped of it, the range
 // becomes private, and both sides of its memory are discarded. It is all or
-// nothing, like Convert; the error is a *PlugError.
+// nothing, like Convert; the error is a *PlugError, ErrUnplugged if part of
+// the range is not plugged (virtio-mem refuses that request too).
 func (m *Memory) Unplug(gpa, size uint64) error {
 	return m.plug(gpa, size, false)
 }
@@ -114,6 +121,12 @@ func (m *Memory) plug(gpa, size uint64, plug bool) error {
 	off := span.Range{Start: r.Start - b.gpa, End: r.End - b.gpa}
 	m.convMu.Lock()
 	defer m.convMu.Unlock()
+	if plug && !b.vmem.IsUnplugged(off) {
+		return fail(b.name, fmt.Errorf("%w: offset %v", ErrPlugged, off))
+	}
+	if !plug && !b.vmem.IsPlugged(off) {
+		return fail(b.name, fmt.Errorf("%w: offset %v is not all plugged", ErrUnplugged, off))
+	}
 	if plug {
 		if err := b.vmem.Plug(off.Start, off.Len()); err != nil {
 			return fail(b.name, err)
