@@ -250,8 +250,10 @@ func benchRows(ctx context.Context, scenarios []namedScenario, sz benchSizes, ma
 	return rows, nil
 }
 
-// improvement returns how many times better gmem is than the baseline (NaN
-// for a row whose baseline was not run).
+// improvement returns how many times better gmem is than the baseline: NaN
+// for a row whose baseline was not run, and for a cost the baseline does
+// not pay at all (a lower-is-better row with baseline 0, such as the bytes
+// an extent split re-pins), where no ratio means anything.
 func improvement(r benchRow) float64 {
 	if r.BaselineHow == notRun {
 		return math.NaN()
@@ -265,6 +267,8 @@ func improvement(r benchRow) float64 {
 		return 1
 	case g == 0:
 		return math.Inf(1)
+	case b == 0:
+		return math.NaN()
 	}
 	return b / g
 }
@@ -871,6 +875,8 @@ func printBench(w io.Writer, rows []benchRow, sz benchSizes, quick bool, maxSpre
 			ratio = "inf"
 		case r.BaselineHow == notRun:
 			ratio, base = "-", "not run"
+		case math.IsNaN(r.Ratio):
+			ratio = "-"
 		case r.BaselineHow == computed:
 			base += " (computed)"
 		}

@@ -200,3 +200,24 @@ func TestTimedAlternates(t *testing.T) {
 		t.Errorf("spread %v, want %v", row.Spread, want)
 	}
 }
+
+// TestImprovement: the ratio of each kind of row, none for a cost the
+// baseline does not pay.
+func TestImprovement(t *testing.T) {
+	for _, c := range []struct {
+		r    benchRow
+		want float64
+	}{
+		{benchRow{Baseline: 10, Gmem: 2, Better: "lower"}, 5},
+		{benchRow{Baseline: 2, Gmem: 10, Better: "higher"}, 5},
+		{benchRow{Baseline: 3, Gmem: 3, Better: "lower"}, 1},
+		{benchRow{Baseline: 3, Gmem: 0, Better: "lower"}, math.Inf(1)},
+		{benchRow{Baseline: 0, Gmem: 4096, Better: "lower"}, math.NaN()},
+		{benchRow{Gmem: 7, Better: "lower", BaselineHow: notRun}, math.NaN()},
+	} {
+		got := improvement(c.r)
+		if got != c.want && !(math.IsNaN(got) && math.IsNaN(c.want)) {
+			t.Errorf("improvement(%+v) = %v, want %v", c.r, got, c.want)
+		}
+	}
+}
