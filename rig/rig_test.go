@@ -146,6 +146,28 @@ func TestVerdicts(t *testing.T) {
 			want:     []string{"rig: type1 fail 1 of 2 checks: b(fail)"},
 		},
 		{
+			name: "a failing check says why",
+			lines: []string{
+				"=== RUN   TestRig/type1/a",
+				"    split_test.go:10: a passing check's log line",
+				"GMEM-RIG check type1 a pass",
+				"=== RUN   TestRig/type1/b",
+				"    split_test.go:349: the device write did not land",
+				"[   52.0] DMAR: DRHD: handling fault status reg 2",
+				"        helpers_test.go:7: deeper",
+				"GMEM-RIG check type1 b fail",
+				"=== RUN   TestRig/type1/c",
+				"GMEM-RIG check type1 c fail",
+				"GMEM-RIG end rc=1",
+			},
+			backends: []string{"type1"},
+			want: []string{
+				"rig: type1 fail 2 of 3 checks: b(fail) c(fail)",
+				"rig:   b: split_test.go:349: the device write did not land",
+				"rig:   b: helpers_test.go:7: deeper",
+			},
+		},
+		{
 			name:     "a failing check of one backend does not fail the other",
 			lines:    []string{"GMEM-RIG check type1 a fail", "GMEM-RIG check iommufd b pass", "GMEM-RIG end rc=1"},
 			backends: []string{"type1", "iommufd"},

@@ -21,11 +21,22 @@ import (
 // line, so the marker is searched anywhere in a line.
 const Marker = "GMEM-RIG"
 
+// maxWhy bounds the test log lines kept for one failing check: enough for
+// the messages that say why it failed, not a flood from a loop.
+const maxWhy = 6
+
+// maxWhyLen bounds one kept line.
+const maxWhyLen = 240
+
 var (
 	checkRE = regexp.MustCompile(Marker + ` check (type1|iommufd|kvm) (\S+) (pass|fail|skip)\b`)
 	endRE   = regexp.MustCompile(Marker + ` end rc=(-?\d+)\b`)
 	bootRE  = regexp.MustCompile(Marker + ` boot\b`)
 	demoRE  = regexp.MustCompile(Marker + ` demo rc=(-?\d+)\b`)
+	// logRE matches what t.Error, t.Fatal and t.Log print: an indented
+	// "file_test.go:line: message".
+	logRE = regexp.MustCompile(`^\s+(\S+_test\.go:\d+: .*)$`)
+	runRE = regexp.MustCompile(`^=== (RUN|CONT|NAME) `)
 )
 
 // Backends are the backends the rig knows, in the order the guest runs them.
@@ -42,10 +53,14 @@ type Verdicts struct {
 	demoEnded bool
 	demoRC    int
 	json      string
+	// pending holds the test log lines since the last check started, the
+	// messages of the check that reports next.
+	pending []string
 }
 
 type checkResult struct {
 	name, result string
+	why          []string // test log lines of a check that did not pass
 }
 
 // NewVerdicts returns an empty collection.
@@ -56,8 +71,29 @@ func NewVerdicts() *Verdicts {
 // Line feeds one console line and reports whether it carried a verdict.
 func (v *Verdicts) Line(line string) bool {
 	if m := checkRE.FindStringSubmatch(line); m != nil {
-		v.checks[m[1]] = append(v.checks[m[1]], checkResult{name: m[2], result: m[3]})
+		c := checkResult{name: m[2], result: m[3]}
+		if c.result != "pass" {
+			c.why = v.pending
+		}
+		v.checks[m[1]] = append(v.checks[m[1]], c)
+		v.pending = nil
 		return true
+	}
+	if runRE.MatchString(line) && strings.Count(line, "/") == 2 {
+		// A check (a subtest two levels down) starts: what was logged
+		// before belongs to no check.
+		v.pending = nil
+		return false
+	}
+	if m := logRE.FindStringSubmatch(line); m != nil {
+		if len(v.pending) < maxWhy {
+			w := strings.TrimSpace(m[1])
+			if len(w) > maxWhyLen {
+				w = w[:maxWhyLen] + "..."
+			}
+			v.pending = append(v.pending, w)
+		}
+		return false
 	}
 	if m := demoRE.FindStringSubmatch(line); m != nil {
 		rc, err := strconv.Atoi(m[1])
@@ -99,13 +135,15 @@ func (v *Verdicts) Booted() bool { return v.booted }
 // backend passes when it reported at least one check, every check passed,
 // and the test binary ended, with status 0 or with a failing check of
 // another backend to account for a non-zero status. A skipped check is a
-// failure: everything the rig runs must run.
+// failure: everything the rig runs must run. A check that did not pass is
+// followed by the test log lines it printed ("rig:   check: file:line: ..."),
+// so the summary alone says why.
 func (v *Verdicts) Summary(backends []string) ([]string, bool) {
 	var lines []string
 	ok := true
 	for _, b := range backends {
 		cs := v.checks[b]
-		var bad []string
+		var bad, why []string
 		pass := 0
 		for _, c := range cs {
 			switch c.result {
@@ -113,6 +151,9 @@ func (v *Verdicts) Summary(backends []string) ([]string, bool) {
 				pass++
 			default:
 				bad = append(bad, c.name+"("+c.result+")")
+				for _, w := range c.why {
+					why = append(why, fmt.Sprintf("rig:   %s: %s", c.name, w))
+				}
 			}
 		}
 		switch {
@@ -124,6 +165,7 @@ func (v *Verdicts) Summary(backends []string) ([]string, bool) {
 			ok = false
 		case len(bad) > 0:
 			lines = append(lines, fmt.Sprintf("rig: %s fail %d of %d checks: %s", b, len(bad), len(cs), strings.Join(bad, " ")))
+			lines = append(lines, why...)
 			ok = false
 		case !v.ended:
 			lines = append(lines, fmt.Sprintf("rig: %s fail: %d checks passed, then the guest stopped reporting", b, pass))
