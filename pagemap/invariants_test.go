@@ -33,7 +33,7 @@ func checkInvariants(m *Runs) error {
 		return fmt.Errorf("%d segments in the tree, %d counted", len(segs), m.segs)
 	}
 	pos := uint64(0)
-	var chunkBytes uint64
+	var chunkBytes, chunkSegs uint64
 	for i, s := range segs {
 		if s.start != pos || s.end <= s.start {
 			return fmt.Errorf("segment %d is [%d, %d), expected to start at %d", i, s.start, s.end, pos)
@@ -55,6 +55,24 @@ func checkInvariants(m *Runs) error {
 			return fmt.Errorf("chunk %d: %w", s.start, err)
 		}
 		chunkBytes += s.c.bytes()
+		chunkSegs++
+	}
+	if chunkSegs != m.chunkSegs {
+		return fmt.Errorf("%d chunk segments in the tree, %d counted", chunkSegs, m.chunkSegs)
+	}
+	// The hot cache: a power of two, minHot to maxHot entries, doubled only
+	// while chunk segments outnumbered it, and every valid entry the chunk
+	// segment of its chunk.
+	if h := uint64(len(m.hot)); h&(h-1) != 0 || h < minHot || h > maxHot || (h > minHot && h/2 >= m.chunks) {
+		return fmt.Errorf("hot cache of %d entries for %d chunks", h, m.chunks)
+	}
+	for i, e := range m.hot {
+		if e.gen != m.hotGen || e.s == nil {
+			continue
+		}
+		if e.s.c == nil || e.s.start&uint64(len(m.hot)-1) != uint64(i) || m.find(e.s.start) != e.s {
+			return fmt.Errorf("hot entry %d holds segment [%d, %d), not a chunk segment of the index in its slot", i, e.s.start, e.s.end)
+		}
 	}
 	if pos != m.chunks {
 		return fmt.Errorf("segments end at chunk %d, map has %d", pos, m.chunks)

@@ -55,11 +55,11 @@
 // run slices (at most 8 or 16 KiB) or a scan of its dense words (at most
 // 1024 or 2048, and only where the chunk holds thousands of runs).
 //
-// Memory is 1152 bytes (the header with a cache of 64 recently edited chunk
-// segments, which spares Get and Set the index search), plus 48 bytes per
-// segment, plus per chunk segment an
-// 80-byte header and its slices, every capacity counted (Bytes is checked
-// against the heap by a test). The worst case, every page its own run, is
+// Memory is a 112-byte header and a cache of recently edited chunk segments,
+// which spares Get and Set the index search (1 KiB, growing to at most two
+// entries of 16 bytes per chunk segment and at most 64 KiB), plus 48 bytes per
+// segment, plus per chunk segment an 80-byte header and its slices, every
+// capacity counted (Bytes is checked against the heap by a test). The worst case, every page its own run, is
 // every chunk dense: bits per page plus 128 bytes per chunk of 2^16 pages,
 // 1.6% over the bitmap.
 //

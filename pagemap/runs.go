@@ -17,7 +17,7 @@ const (
 
 // runsStructBytes is the allocation size of a Runs header (checked against
 // the type by a test).
-const runsStructBytes = 1152
+const runsStructBytes = 112
 
 // Runs is a Map stored as runs; see the package documentation for its
 // layout and costs.
@@ -37,14 +37,16 @@ type Runs struct {
 	// Bytes counts them.
 	spareSeg   *seg
 	spareChunk *chunk
-	// hot caches chunk segments by chunk index modulo hotChunks, so that
+	// hot caches chunk segments by chunk index modulo len(hot), so that
 	// Get and Set of a page in a chunk edited before skip the search of the
 	// index (a region converted page by page at random keeps every chunk it
 	// touches as a chunk segment). Only Set fills it, so Get stays read-only
 	// and callers may still run Gets at once under a read lock. A change of
 	// the index invalidates every entry at once by moving on hotGen.
-	hot    [hotChunks]hotEntry
+	hot    []hotEntry
 	hotGen uint64
+	// chunkSegs counts the chunk segments, for growHot.
+	chunkSegs uint64
 }
 
 // hotEntry is a cached chunk segment, valid while its gen is the map's.
@@ -53,8 +55,30 @@ type hotEntry struct {
 	gen uint64
 }
 
-// hotChunks is the number of chunk segments hot holds.
-const hotChunks = 64
+// The hot cache grows with the chunk segments: it doubles, from minHot
+// entries, whenever there are more chunk segments than entries, until it has
+// one entry per chunk or maxHot entries (4,096 chunks are 1 TiB of 4 KiB
+// pages, and 64 KiB of cache). Scattered single-page conversions across a
+// large region otherwise walk the treap, a pointer chase of a dozen cache
+// misses, on every Get and Set; and since every chunk segment costs more than
+// the two entries it can add, the map's memory still grows with its runs, not
+// its size. Past maxHot, chunks share entries.
+const (
+	minHot        = 64
+	maxHot        = 4096
+	hotEntryBytes = 16 // the size of a hotEntry (checked against the type by a test)
+)
+
+// growHot doubles the hot cache if the chunk segments outnumber its entries
+// and it is smaller than both the chunks and maxHot. The new cache starts
+// empty.
+func (m *Runs) growHot() {
+	n := uint64(len(m.hot))
+	if m.chunkSegs <= n || n >= maxHot || n >= m.chunks {
+		return
+	}
+	m.hot = make([]hotEntry, 2*n)
+}
 
 var _ Map = (*Runs)(nil)
 
@@ -69,6 +93,7 @@ func NewRuns(pages uint64, bits uint) (*Runs, error) {
 	if pages&chunkMask != 0 {
 		m.chunks++
 	}
+	m.hot = make([]hotEntry, minHot)
 	if m.chunks > 0 {
 		m.root = m.newSeg(0, m.chunks, 0)
 	}
@@ -81,10 +106,10 @@ func (m *Runs) Pages() uint64 { return m.pages }
 // Bits implements Map.
 func (m *Runs) Bits() uint { return m.bits }
 
-// Bytes implements Map. It counts the header, every segment of the index
-// and every chunk's header and slice capacity.
+// Bytes implements Map. It counts the header, the hot cache, every segment
+// of the index and every chunk's header and slice capacity.
 func (m *Runs) Bytes() uint64 {
-	n := runsStructBytes + m.segs*segBytes + m.chunkBytes
+	n := runsStructBytes + uint64(cap(m.hot))*hotEntryBytes + m.segs*segBytes + m.chunkBytes
 	if m.spareSeg != nil {
 		n += segBytes
 	}
@@ -189,6 +214,8 @@ func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
 		s = m.find(ci)
 		s.c = m.takeChunk(s.val)
 		m.chunkBytes += s.c.bytes()
+		m.chunkSegs++
+		m.growHot()
 	}
 	before := s.c.bytes()
 	s.c.set(m.bits, m.chunkSize(ci), a, b, v)
@@ -201,7 +228,7 @@ func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
 		m.putUniform(ci, ci+1, u)
 		return
 	}
-	m.hot[ci%hotChunks] = hotEntry{s, m.hotGen}
+	m.hot[ci&uint64(len(m.hot)-1)] = hotEntry{s, m.hotGen}
 }
 
 // Runs implements Map.

@@ -33,13 +33,14 @@ func TestStructSizes(t *testing.T) {
 	}{
 		{"seg", reflect.TypeFor[seg]().Size(), segBytes},
 		{"chunk", reflect.TypeFor[chunk]().Size(), chunkStructBytes},
+		{"hotEntry", reflect.TypeFor[hotEntry]().Size(), hotEntryBytes},
 	} {
 		if c.got != c.want {
 			t.Errorf("size of %s is %d, Bytes counts %d", c.name, c.got, c.want)
 		}
 	}
-	// A Runs header is allocated in the 80-byte size class.
-	if s := reflect.TypeFor[Runs]().Size(); s <= 64 || s > runsStructBytes {
+	// A Runs header is allocated in the 112-byte size class.
+	if s := reflect.TypeFor[Runs]().Size(); s <= 96 || s > runsStructBytes {
 		t.Errorf("size of Runs is %d, Bytes counts %d (its size class)", s, runsStructBytes)
 	}
 }
@@ -117,7 +118,7 @@ func TestDenseSwitch(t *testing.T) {
 		if m.spareChunk != nil {
 			spare += m.spareChunk.bytes()
 		}
-		if m.segs != 1 || m.chunkBytes != 0 || m.Bytes() != runsStructBytes+segBytes+spare || spare > segBytes+chunkStructBytes+2*spareChunkRuns*2 {
+		if m.segs != 1 || m.chunkBytes != 0 || m.Bytes() != runsStructBytes+uint64(cap(m.hot))*hotEntryBytes+segBytes+spare || spare > segBytes+chunkStructBytes+2*spareChunkRuns*2 {
 			t.Fatalf("bits=%d: cleared map has %d segments, %d chunk bytes, Bytes %d", bits, m.segs, m.chunkBytes, m.Bytes())
 		}
 	}
@@ -146,7 +147,7 @@ func TestWorstCaseBound(t *testing.T) {
 			}
 			chunks := uint64(5)
 			dense := (pages*uint64(bits) + 63) / 64 * 8
-			bound := dense + chunks*(chunkStructBytes+segBytes) + runsStructBytes
+			bound := dense + chunks*(chunkStructBytes+segBytes) + runsStructBytes + minHot*hotEntryBytes
 			if got := m.Bytes(); got > bound {
 				t.Errorf("bits=%d %s: Bytes() = %d, over the bound %d (dense %d)", bits, pattern, got, bound, dense)
 			}
@@ -225,7 +226,7 @@ func TestHugeMap(t *testing.T) {
 	if err := checkInvariants(m); err != nil {
 		t.Fatal(err)
 	}
-	if b := m.Bytes(); b > 2048 { // the 640-byte header, segments, two small chunks
+	if b := m.Bytes(); b > 2048 { // the header, the smallest hot cache, segments, two small chunks
 		t.Errorf("Bytes() = %d for six runs", b)
 	}
 	// The last chunk of a map whose size is a multiple of the chunk.

@@ -47,6 +47,7 @@ func (m *Runs) drop(s *seg) {
 	m.segs--
 	if c := s.c; c != nil {
 		m.chunkBytes -= c.bytes()
+		m.chunkSegs--
 		s.c = nil
 		if m.spareChunk == nil && c.dense == nil && cap(c.starts) <= spareChunkRuns {
 			m.spareChunk = c
@@ -92,7 +93,7 @@ func (m *Runs) find(ci uint64) *seg {
 
 // lookup is find, answered from the hot cache when it holds the chunk.
 func (m *Runs) lookup(ci uint64) *seg {
-	if e := m.hot[ci%hotChunks]; e.gen == m.hotGen && e.s != nil && e.s.start == ci {
+	if e := m.hot[ci&uint64(len(m.hot)-1)]; e.gen == m.hotGen && e.s != nil && e.s.start == ci {
 		return e.s
 	}
 	return m.find(ci)
