@@ -29,8 +29,8 @@
 // is never refused; conversions to shared are refused earlier instead.
 //
 // Populate and Discard are all or nothing: on any failure the mapper restores
-// the entries it had before the call. A Mapper is safe for concurrent use; its
-// calls are serialised.
+// the entries it had before the call. A Mapper is safe for concurrent use;
+// calls on sections far enough apart run in parallel (see Mapper).
 package dma
 
 import (
@@ -38,8 +38,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/bits"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/google/btree"
 	"golang.org/x/sys/unix"
@@ -152,21 +154,69 @@ type Stats struct {
 
 // Mapper is a discard.Listener that mirrors its section's populated pages
 // into an IOMMU space.
+//
+// Its entry table is kept in windows of IOVA (64 MiB, or the bound if
+// larger) spread over a fixed set of shards, each with its own lock. Every
+// entry lies inside one chunk of the bound in region offsets (MaxExtent for
+// Extent, the granule for Granule), so an operation on a section touches
+// only entries that start less than one bound below or above the section's
+// IOVA range. It locks the shards of those windows in ascending order for
+// its whole run, table and IOMMU calls together (they must change in step),
+// so operations on sections a window apart take different locks. An
+// Unbounded Extent mapper has a single shard: an entry may be as large as
+// the region.
 type Mapper struct {
 	space iommu.Space
 	host  []byte
 	opts  Options
 	log   *slog.Logger
 
+	// bound is the size no entry exceeds; 1<<shift the bytes of a window.
+	bound  uint64
+	shift  uint
+	shards [shardCount]shard
+
+	entries atomic.Uint64 // entries held now, across shards
+	peak    atomic.Uint64 // most entries held at once
+
+	// budgetMu makes checking a limited space's entry budget and taking
+	// the entries one step: an operation that needs entries holds it from
+	// reading Avail to its last map call, so concurrent operations cannot
+	// both count the same free entries (or the split reserve). limited
+	// says a space answered limited once, so later checks lock before
+	// reading Avail; an unlimited space never takes the lock.
+	budgetMu sync.Mutex
+	limited  atomic.Bool
+}
+
+// shardCount is the number of lock shards of a Mapper; 64, so that a set of
+// shards is a bit mask.
+const shardCount = 64
+
+// windowShift is the log2 of the smallest window of a shard: 64 MiB.
+const windowShift = 26
+
+// shard is one lock shard: the entries of the windows it holds, the journal
+// and the counters of the operations whose section starts in them.
+type shard struct {
 	mu      sync.Mutex
 	entries *btree.BTreeG[entry]
-	stats   Stats
-	// op measures the window of the running operation.
-	op iommu.Window
-	// journal holds, for each section notified in an operation that has not
-	// ended, what the last notification of it changed, so Revert can restore
-	// it exactly.
+	// journal holds, for each section notified in an operation that has
+	// not ended, what the last notification of it changed, so Revert can
+	// restore it exactly.
 	journal map[discard.Section]change
+	// stats are this shard's counters; Entries and PeakEntries are the
+	// Mapper's.
+	stats Stats
+	_     [64]byte // keeps neighbouring shards' locks off one cache line
+}
+
+// op is one running operation: the shards it holds, the shard of its
+// section (journal and counters), and its window.
+type op struct {
+	mask uint64
+	home *shard
+	w    iommu.Window
 }
 
 // change is what one notification did to the entries.
@@ -209,62 +259,146 @@ func New(space iommu.Space, host []byte, opts Options) (*Mapper, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Mapper{
-		space:   space,
-		host:    host,
-		opts:    opts,
-		log:     log,
-		entries: btree.NewG(32, func(a, b entry) bool { return a.iova < b.iova }),
-		journal: make(map[discard.Section]change),
-	}, nil
+	m := &Mapper{space: space, host: host, opts: opts, log: log}
+	m.bound = opts.MaxExtent
+	if opts.Policy == Granule {
+		m.bound = opts.Granularity
+	}
+	switch {
+	case m.bound == Unbounded:
+		m.shift = 64 // one window: every address is in shard 0
+	default:
+		m.shift = max(windowShift, uint(bits.TrailingZeros64(m.bound)))
+	}
+	for i := range m.shards {
+		m.shards[i].entries = btree.NewG(16, func(a, b entry) bool { return a.iova < b.iova })
+		m.shards[i].journal = make(map[discard.Section]change)
+	}
+	return m, nil
+}
+
+// window returns the window of IOVA a; first and last its bounds.
+func (m *Mapper) window(a uint64) uint64 { return a >> m.shift }
+func (m *Mapper) first(w uint64) uint64  { return w << m.shift }
+func (m *Mapper) last(w uint64) uint64   { return m.first(w) + (uint64(1)<<m.shift - 1) }
+
+func (m *Mapper) shardOf(w uint64) *shard { return &m.shards[w%shardCount] }
+
+func bit(w uint64) uint64 { return 1 << (w % shardCount) }
+
+// mask returns the shards of the windows [first, last] meets.
+func (m *Mapper) mask(first, last uint64) uint64 {
+	w0, w1 := m.window(first), m.window(last)
+	if w1-w0 >= shardCount-1 {
+		return ^uint64(0)
+	}
+	var mask uint64
+	for w := w0; ; w++ {
+		mask |= bit(w)
+		if w == w1 {
+			return mask
+		}
+	}
+}
+
+func (m *Mapper) lock(mask uint64) {
+	for b := mask; b != 0; b &= b - 1 {
+		m.shards[bits.TrailingZeros64(b)].mu.Lock()
+	}
+}
+
+func (m *Mapper) unlock(mask uint64) {
+	for b := mask; b != 0; b &= b - 1 {
+		m.shards[bits.TrailingZeros64(b)].mu.Unlock()
+	}
+}
+
+// begin locks what an operation on s may touch: the windows of every entry
+// that starts less than one bound below or above s's IOVA range. Any entry
+// that meets s, the remainders of one it cuts, and the entries a revert
+// restores lie there.
+func (m *Mapper) begin(s discard.Section) op {
+	lo := s.GPA - min(s.GPA, m.bound-1)
+	end := s.GPA + s.Size
+	hi := end + min(^uint64(0)-end, m.bound-1) // one past, saturated
+	mask := bit(m.window(s.GPA))
+	if hi > lo {
+		mask |= m.mask(lo, hi-1)
+	}
+	m.lock(mask)
+	return op{mask: mask, home: m.shardOf(m.window(s.GPA))}
+}
+
+// end ends the measurement of o's window and releases its shards.
+func (m *Mapper) end(o *op) {
+	st := &o.home.stats
+	w := o.w.Bytes(func(r span.Range) uint64 { return m.mappedIn(o, r) })
+	st.WindowBytes += w
+	st.MaxWindow = max(st.MaxWindow, w)
+	st.RepinnedBytes += o.w.Repinned()
+	m.unlock(o.mask)
 }
 
 // Policy returns the mapper's policy.
 func (m *Mapper) Policy() Policy { return m.opts.Policy }
 
-// Stats returns the counters.
+// Stats returns the counters, as one snapshot.
 func (m *Mapper) Stats() Stats {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.stats
+	m.lock(^uint64(0))
+	defer m.unlock(^uint64(0))
+	var t Stats
+	for i := range m.shards {
+		s := &m.shards[i].stats
+		t.MappedBytes += s.MappedBytes
+		t.MapCalls += s.MapCalls
+		t.UnmapCalls += s.UnmapCalls
+		t.Splits += s.Splits
+		t.Failures += s.Failures
+		t.PinnedBytes += s.PinnedBytes
+		t.UnpinnedBytes += s.UnpinnedBytes
+		t.RepinnedBytes += s.RepinnedBytes
+		t.WindowBytes += s.WindowBytes
+		t.MaxWindow = max(t.MaxWindow, s.MaxWindow)
+	}
+	t.Entries = m.entries.Load()
+	t.PeakEntries = m.peak.Load()
+	return t
 }
 
 // Entries returns the IOVA ranges the mapper has mapped, ascending.
 func (m *Mapper) Entries() []iommu.Mapping {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	out := make([]iommu.Mapping, 0, m.entries.Len())
-	m.entries.Ascend(func(e entry) bool {
-		out = append(out, iommu.Mapping{IOVA: e.iova, Size: e.size})
-		return true
-	})
+	m.lock(^uint64(0))
+	defer m.unlock(^uint64(0))
+	out := make([]iommu.Mapping, 0, m.entries.Load())
+	for i := range m.shards {
+		m.shards[i].entries.Ascend(func(e entry) bool {
+			out = append(out, iommu.Mapping{IOVA: e.iova, Size: e.size})
+			return true
+		})
+	}
+	slices.SortFunc(out, func(a, b iommu.Mapping) int { return cmp.Compare(a.IOVA, b.IOVA) })
 	return out
 }
 
 // Populate implements discard.Listener: it maps the parts of s not mapped yet.
 func (m *Mapper) Populate(s discard.Section) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.op.Reset()
-	defer m.endOp()
-	if err := m.populate(s); err != nil {
-		m.stats.Failures++
+	o := m.begin(s)
+	defer m.end(&o)
+	if err := m.populate(&o, s); err != nil {
+		o.home.stats.Failures++
 		m.log.Warn("dma populate failed", "section", s, "err", err)
 		return err
 	}
 	return nil
 }
 
-func (m *Mapper) populate(s discard.Section) error {
+func (m *Mapper) populate(o *op, s discard.Section) error {
 	if s.Size == 0 {
 		return nil
 	}
 	var pieces []entry
 	at := s.GPA
-	unit := m.opts.MaxExtent
-	if m.opts.Policy == Granule {
-		unit = m.opts.Granularity
-	}
+	unit := m.bound
 	emit := func(from, to uint64) {
 		for from < to {
 			n := to - from
@@ -278,7 +412,7 @@ func (m *Mapper) populate(s discard.Section) error {
 			from += n
 		}
 	}
-	for _, e := range m.overlapping(s.GPARange()) {
+	for _, e := range m.overlapping(o, s.GPARange()) {
 		if e.iova > at {
 			emit(at, e.iova)
 		}
@@ -290,45 +424,47 @@ func (m *Mapper) populate(s discard.Section) error {
 	if len(pieces) == 0 {
 		// Nothing to map, but still a notification a failed operation may
 		// revert, as for a discard of nothing.
-		m.journal[s] = change{}
+		o.home.journal[s] = change{}
 		return nil
 	}
-	if err := m.budget(uint64(len(pieces)), m.reserve(), "mapping GPA "+s.GPARange().String()); err != nil {
+	held, err := m.budget(uint64(len(pieces)), true, s.GPARange())
+	if err != nil {
 		return err
 	}
+	if held {
+		defer m.budgetMu.Unlock()
+	}
 	for i, p := range pieces {
-		if err := m.mapEntry(p); err != nil {
+		if err := m.mapEntry(o, p); err != nil {
 			for j := i - 1; j >= 0; j-- {
-				if uerr := m.unmapEntries(pieces[j : j+1]); uerr != nil {
+				if uerr := m.unmapEntries(o, pieces[j:j+1]); uerr != nil {
 					err = errors.Join(err, uerr)
 				}
 			}
 			return err
 		}
 	}
-	m.journal[s] = change{added: pieces}
+	o.home.journal[s] = change{added: pieces}
 	return nil
 }
 
 // Discard implements discard.Listener: it unmaps everything inside s,
 // splitting entries that stick out of it.
 func (m *Mapper) Discard(s discard.Section) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.op.Reset()
-	defer m.endOp()
-	if err := m.discard(s); err != nil {
-		m.stats.Failures++
+	o := m.begin(s)
+	defer m.end(&o)
+	if err := m.discard(&o, s); err != nil {
+		o.home.stats.Failures++
 		m.log.Warn("dma discard failed", "section", s, "err", err)
 		return err
 	}
 	return nil
 }
 
-func (m *Mapper) discard(s discard.Section) error {
+func (m *Mapper) discard(o *op, s discard.Section) error {
 	r := s.GPARange()
 	var inside, cut []entry
-	for _, e := range m.overlapping(r) {
+	for _, e := range m.overlapping(o, r) {
 		if e.iova >= r.Start && e.end() <= r.End {
 			inside = append(inside, e)
 		} else {
@@ -336,7 +472,7 @@ func (m *Mapper) discard(s discard.Section) error {
 		}
 	}
 	if len(inside) == 0 && len(cut) == 0 {
-		m.journal[s] = change{}
+		o.home.journal[s] = change{}
 		return nil
 	}
 	// The remainders of cut entries need entries of their own; each cut
@@ -351,8 +487,12 @@ func (m *Mapper) discard(s discard.Section) error {
 		}
 	}
 	if freed := uint64(len(cut) + len(inside)); uint64(len(rest)) > freed {
-		if err := m.budget(uint64(len(rest))-freed, 0, "unmapping GPA "+r.String()+" splits entries and"); err != nil {
+		held, err := m.budget(uint64(len(rest))-freed, false, r)
+		if err != nil {
 			return err
+		}
+		if held {
+			defer m.budgetMu.Unlock()
 		}
 	}
 	// Splits first: they are what may fail for want of an entry.
@@ -360,12 +500,12 @@ func (m *Mapper) discard(s discard.Section) error {
 	undo := func(err error) error {
 		var errs []error
 		for _, e := range doneRest {
-			if uerr := m.unmapEntries([]entry{e}); uerr != nil {
+			if uerr := m.unmapEntries(o, []entry{e}); uerr != nil {
 				errs = append(errs, uerr)
 			}
 		}
 		for _, e := range doneCut {
-			if merr := m.mapEntry(e); merr != nil {
+			if merr := m.mapEntry(o, e); merr != nil {
 				errs = append(errs, merr)
 			}
 		}
@@ -375,13 +515,13 @@ func (m *Mapper) discard(s discard.Section) error {
 		return errors.Join(append([]error{err}, errs...)...)
 	}
 	for _, e := range cut {
-		if err := m.unmapEntries([]entry{e}); err != nil {
+		if err := m.unmapEntries(o, []entry{e}); err != nil {
 			return undo(err)
 		}
 		doneCut = append(doneCut, e)
 		for _, p := range rest {
 			if p.iova >= e.iova && p.end() <= e.end() {
-				if err := m.mapEntry(p); err != nil {
+				if err := m.mapEntry(o, p); err != nil {
 					return undo(err)
 				}
 				doneRest = append(doneRest, p)
@@ -390,13 +530,13 @@ func (m *Mapper) discard(s discard.Section) error {
 		m.log.Debug("dma entry split", "iova", e.iova, "size", e.size, "discard", r)
 	}
 	if len(inside) > 0 {
-		if err := m.unmapEntries(inside); err != nil {
+		if err := m.unmapEntries(o, inside); err != nil {
 			return undo(err)
 		}
 	}
 	// Counted only now: a discard that failed and was undone split nothing.
-	m.stats.Splits += uint64(len(cut))
-	m.journal[s] = change{removed: append(cut, inside...), added: rest, splits: uint64(len(cut))}
+	o.home.stats.Splits += uint64(len(cut))
+	o.home.journal[s] = change{removed: append(cut, inside...), added: rest, splits: uint64(len(cut))}
 	return nil
 }
 
@@ -411,25 +551,23 @@ func (m *Mapper) discard(s discard.Section) error {
 // would then map stale pages, so in that case Revert takes back s alone: it
 // maps s again as a populate would.
 func (m *Mapper) Revert(s discard.Section) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	c, ok := m.journal[s]
+	o := m.begin(s)
+	defer m.end(&o)
+	c, ok := o.home.journal[s]
 	if !ok {
 		return fmt.Errorf("dma: nothing to revert for %v", s)
 	}
-	delete(m.journal, s)
-	m.op.Reset()
-	defer m.endOp()
+	delete(o.home.journal, s)
 	var err error
-	if m.holds(c.added) {
-		err = m.restore(c)
+	if m.holds(&o, c.added) {
+		err = m.restore(&o, c)
 	} else {
 		m.log.Info("dma revert: entries around the section changed since; mapping the section anew", "section", s)
-		err = m.populate(s)
-		delete(m.journal, s)
+		err = m.populate(&o, s)
+		delete(o.home.journal, s)
 	}
 	if err != nil {
-		m.stats.Failures++
+		o.home.stats.Failures++
 		m.log.Error("dma revert failed", "section", s, "err", err)
 		return err
 	}
@@ -437,9 +575,9 @@ func (m *Mapper) Revert(s discard.Section) error {
 }
 
 // holds reports whether every entry of es is in the table, unchanged.
-func (m *Mapper) holds(es []entry) bool {
+func (m *Mapper) holds(o *op, es []entry) bool {
 	for _, e := range es {
-		if got, ok := m.entries.Get(e); !ok || got != e {
+		if got, ok := m.locked(o, e.iova).entries.Get(e); !ok || got != e {
 			return false
 		}
 	}
@@ -448,49 +586,78 @@ func (m *Mapper) holds(es []entry) bool {
 
 // restore undoes change c: it removes the entries c added and maps again the
 // ones it removed.
-func (m *Mapper) restore(c change) error {
+func (m *Mapper) restore(o *op, c change) error {
 	var errs []error
 	for _, e := range c.added {
-		if err := m.unmapEntries([]entry{e}); err != nil {
+		if err := m.unmapEntries(o, []entry{e}); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	slices.SortFunc(c.removed, func(a, b entry) int { return cmp.Compare(a.iova, b.iova) })
 	for _, e := range c.removed {
-		if err := m.mapEntry(e); err != nil {
+		if err := m.mapEntry(o, e); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	m.stats.Splits -= c.splits
+	o.home.stats.Splits -= c.splits
 	return errors.Join(errs...)
 }
 
 // Settle implements discard.Journal.
 func (m *Mapper) Settle(s discard.Section) {
-	m.mu.Lock()
-	delete(m.journal, s)
-	m.mu.Unlock()
+	sh := m.shardOf(m.window(s.GPA))
+	sh.mu.Lock()
+	delete(sh.journal, s)
+	sh.mu.Unlock()
 }
 
 // budget fails with ENOSPC when the space has fewer than n entries left
-// beyond reserve, for what (one notification: the count is this section's,
-// not the whole conversion's).
-func (m *Mapper) budget(n, reserve uint64, what string) error {
-	avail, limited, err := m.space.Avail()
-	if err != nil {
-		return fmt.Errorf("dma: reading the entry budget: %w", err)
+// (beyond the split reserve for a populate), for the notification of r (the
+// count is this section's, not the whole conversion's). For a limited space
+// it returns with budgetMu held (held true): the caller releases it after
+// its last map call.
+func (m *Mapper) budget(n uint64, populate bool, r span.Range) (held bool, err error) {
+	locked := m.limited.Load()
+	if locked {
+		m.budgetMu.Lock()
 	}
-	if limited && (avail < n || avail-n < reserve) {
+	avail, limited, err := m.space.Avail()
+	if err == nil && limited && !locked {
+		// The first answer of a limited space: check again under the lock.
+		m.limited.Store(true)
+		m.budgetMu.Lock()
+		locked = true
+		avail, limited, err = m.space.Avail()
+	}
+	if locked && (err != nil || !limited) {
+		m.budgetMu.Unlock()
+	}
+	if err != nil {
+		return false, fmt.Errorf("dma: reading the entry budget: %w", err)
+	}
+	if !limited {
+		return false, nil
+	}
+	var reserve uint64
+	if populate {
+		reserve = m.reserve()
+	}
+	if avail < n || avail-n < reserve {
+		m.budgetMu.Unlock()
+		what := "mapping GPA " + r.String()
+		if !populate {
+			what = "unmapping GPA " + r.String() + " splits entries and"
+		}
 		entries := "entries"
 		if n == 1 {
 			entries = "entry"
 		}
 		if reserve > 0 {
-			return fmt.Errorf("dma: %s needs %d more IOMMU %s, %d left, %d of them kept for splits: %w", what, n, entries, avail, reserve, unix.ENOSPC)
+			return false, fmt.Errorf("dma: %s needs %d more IOMMU %s, %d left, %d of them kept for splits: %w", what, n, entries, avail, reserve, unix.ENOSPC)
 		}
-		return fmt.Errorf("dma: %s needs %d more IOMMU %s, %d left: %w", what, n, entries, avail, unix.ENOSPC)
+		return false, fmt.Errorf("dma: %s needs %d more IOMMU %s, %d left: %w", what, n, entries, avail, unix.ENOSPC)
 	}
-	return nil
+	return true, nil
 }
 
 // reserve returns the entries a populate must leave free.
@@ -508,26 +675,26 @@ func (m *Mapper) reserve() uint64 {
 	}
 }
 
-// endOp ends the measurement of the running operation.
-func (m *Mapper) endOp() {
-	w := m.op.Bytes(m.mappedIn)
-	m.stats.WindowBytes += w
-	m.stats.MaxWindow = max(m.stats.MaxWindow, w)
-	m.stats.RepinnedBytes += m.op.Repinned()
-	m.op.Reset()
-}
-
 // mappedIn returns how many bytes of r the mapper has mapped.
-func (m *Mapper) mappedIn(r span.Range) uint64 {
+func (m *Mapper) mappedIn(o *op, r span.Range) uint64 {
 	var n uint64
-	for _, e := range m.overlapping(r) {
+	for _, e := range m.overlapping(o, r) {
 		n += span.Range{Start: e.iova, End: e.end()}.Intersect(r).Len()
 	}
 	return n
 }
 
+// locked returns the shard of IOVA a, which o must hold.
+func (m *Mapper) locked(o *op, a uint64) *shard {
+	w := m.window(a)
+	if o.mask&bit(w) == 0 {
+		panic(fmt.Sprintf("dma: IOVA %#x outside the shards the operation holds", a))
+	}
+	return m.shardOf(w)
+}
+
 // mapEntry maps e and records it.
-func (m *Mapper) mapEntry(e entry) error {
+func (m *Mapper) mapEntry(o *op, e entry) error {
 	var host []byte
 	if m.host != nil {
 		if e.off+e.size > uint64(len(m.host)) || e.off+e.size < e.off {
@@ -535,16 +702,19 @@ func (m *Mapper) mapEntry(e entry) error {
 		}
 		host = m.host[e.off : e.off+e.size : e.off+e.size]
 	}
-	m.stats.MapCalls++
+	sh := m.locked(o, e.iova)
+	st := &o.home.stats
+	st.MapCalls++
 	if err := m.space.Map(e.iova, e.size, host); err != nil {
 		return fmt.Errorf("dma: map iova %#x size %#x: %w", e.iova, e.size, err)
 	}
-	m.entries.ReplaceOrInsert(e)
-	m.op.Mapped(span.Range{Start: e.iova, End: e.end()})
-	m.stats.Entries++
-	m.stats.MappedBytes += e.size
-	m.stats.PinnedBytes += e.size
-	m.stats.PeakEntries = max(m.stats.PeakEntries, m.stats.Entries)
+	sh.entries.ReplaceOrInsert(e)
+	o.w.Mapped(span.Range{Start: e.iova, End: e.end()})
+	st.MappedBytes += e.size
+	st.PinnedBytes += e.size
+	n := m.entries.Add(1)
+	for p := m.peak.Load(); n > p && !m.peak.CompareAndSwap(p, n); p = m.peak.Load() {
+	}
 	return nil
 }
 
@@ -552,13 +722,14 @@ func (m *Mapper) mapEntry(e entry) error {
 // of the last. es must be ascending and hold every entry of the mapper in
 // that span, so the request covers only whole entries, which both kernels
 // accept.
-func (m *Mapper) unmapEntries(es []entry) error {
+func (m *Mapper) unmapEntries(o *op, es []entry) error {
 	if len(es) == 0 {
 		return nil
 	}
 	first, last := es[0], es[len(es)-1]
 	size := last.end() - first.iova
-	m.stats.UnmapCalls++
+	st := &o.home.stats
+	st.UnmapCalls++
 	n, err := m.space.Unmap(first.iova, size)
 	if err != nil {
 		return fmt.Errorf("dma: unmap iova %#x size %#x: %w", first.iova, size, err)
@@ -568,35 +739,97 @@ func (m *Mapper) unmapEntries(es []entry) error {
 		want += e.size
 	}
 	for _, e := range es {
-		m.entries.Delete(e)
-		m.op.Unmapped(span.Range{Start: e.iova, End: e.end()})
-		m.stats.Entries--
-		m.stats.MappedBytes -= e.size
-		m.stats.UnpinnedBytes += e.size
+		m.locked(o, e.iova).entries.Delete(e)
+		o.w.Unmapped(span.Range{Start: e.iova, End: e.end()})
+		st.MappedBytes -= e.size
+		st.UnpinnedBytes += e.size
 	}
+	m.entries.Add(-uint64(len(es)))
 	if n != want {
 		m.log.Error("dma: unmap removed an unexpected size", "iova", first.iova, "size", size, "unmapped", n, "expected", want)
 	}
 	return nil
 }
 
-// overlapping returns the entries that meet r, ascending.
-func (m *Mapper) overlapping(r span.Range) []entry {
+// overlapping returns the entries that meet r, ascending. r must lie in the
+// range o locked.
+func (m *Mapper) overlapping(o *op, r span.Range) []entry {
 	var out []entry
-	m.entries.DescendLessOrEqual(entry{iova: r.Start}, func(e entry) bool {
-		if e.end() > r.Start {
-			out = append(out, e)
-		}
-		return false
-	})
-	m.entries.AscendGreaterOrEqual(entry{iova: r.Start}, func(e entry) bool {
-		if e.iova >= r.End {
-			return false
-		}
-		if len(out) == 0 || out[len(out)-1] != e {
-			out = append(out, e)
-		}
-		return true
-	})
+	if e, ok := m.before(o, r.Start); ok && e.end() > r.Start {
+		out = append(out, e)
+	}
+	m.ascend(o, r.Start, r.End, func(e entry) { out = append(out, e) })
 	return out
+}
+
+// before returns the entry with the highest IOVA below a, among those that
+// could reach a (starting less than one bound below it) in the shards o
+// holds. Entries do not overlap, so it is the only one below a that may
+// hold a.
+func (m *Mapper) before(o *op, a uint64) (entry, bool) {
+	if a == 0 {
+		return entry{}, false
+	}
+	lo := a - min(a, m.bound-1)
+	for w := m.window(a - 1); o.mask&bit(w) != 0; w-- {
+		// The windows down to lo's are all held (begin locks them); one
+		// that is not lies below lo.
+		from := max(m.first(w), lo)
+		var hit entry
+		found := false
+		m.shardOf(w).entries.DescendLessOrEqual(entry{iova: a - 1}, func(e entry) bool {
+			if e.iova >= from {
+				hit, found = e, true
+			}
+			return false
+		})
+		if found {
+			return hit, true
+		}
+		if m.first(w) <= lo || w == 0 {
+			break
+		}
+	}
+	return entry{}, false
+}
+
+// ascend calls fn for each entry whose IOVA lies in [from, to), ascending.
+func (m *Mapper) ascend(o *op, from, to uint64, fn func(entry)) {
+	if from >= to {
+		return
+	}
+	w0, w1 := m.window(from), m.window(to-1)
+	if w1-w0 < shardCount {
+		for w := w0; ; w++ {
+			lo, hi := max(from, m.first(w)), min(to-1, m.last(w))
+			m.locked(o, lo).entries.AscendGreaterOrEqual(entry{iova: lo}, func(e entry) bool {
+				if e.iova > hi {
+					return false
+				}
+				fn(e)
+				return true
+			})
+			if w == w1 {
+				return
+			}
+		}
+	}
+	// More windows than shards: o holds every shard; merge them.
+	if o.mask != ^uint64(0) {
+		panic(fmt.Sprintf("dma: IOVA %#x-%#x outside the shards the operation holds", from, to))
+	}
+	var all []entry
+	for i := range m.shards {
+		m.shards[i].entries.AscendGreaterOrEqual(entry{iova: from}, func(e entry) bool {
+			if e.iova >= to {
+				return false
+			}
+			all = append(all, e)
+			return true
+		})
+	}
+	slices.SortFunc(all, func(a, b entry) int { return cmp.Compare(a.iova, b.iova) })
+	for _, e := range all {
+		fn(e)
+	}
 }

@@ -4,7 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
+	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/google/btree"
 	"golang.org/x/sys/unix"
@@ -32,20 +35,65 @@ import (
 // successful map is pinned, of a successful unmap unpinned) and measures the
 // window of an operation between BeginOp and EndOp (see Window).
 //
-// A Model is safe for concurrent use.
+// A Model is safe for concurrent use, and calls on IOVA ranges far enough
+// apart run in parallel: the table is kept in windows of 64 MiB of IOVA,
+// spread over a fixed set of shards, each with its own lock. A mapping that
+// spans windows is stored as one piece in each, and a call locks the shards
+// of the windows its range meets, in ascending order, so it sees and changes
+// those windows as one. The entry limit is checked and taken with one atomic
+// step, so concurrent maps never exceed it.
 type Model struct {
 	caps Caps
 
+	shards [modelShards]modelShard
+	// total counts the mappings of a limited model (the entry limit is
+	// checked against it); an unlimited one counts per shard only.
+	total atomic.Uint64
+	// large holds, ascending, the mappings that meet every shard (at least
+	// modelShards windows), whole rather than as pieces: a call that
+	// changes them holds every shard lock, so holding any one is enough to
+	// read them.
+	large []mapping
+
+	// fault is the hook; faultMu serialises its calls, so a hook needs no
+	// locking of its own.
+	fault   atomic.Pointer[func(Call) error]
+	faultMu sync.Mutex
+
+	// inOp says an operation is being measured; opMu guards op and window
+	// and is taken after shard locks.
+	inOp   atomic.Bool
+	opMu   sync.Mutex
+	op     Window
+	window uint64 // window bytes of the operations ended so far
+}
+
+const (
+	// modelShards is the number of lock shards; a multiple of 64 so a
+	// shard set is a bit mask.
+	modelShards = 64
+	// modelWindowShift gives the IOVA window of a shard: 64 MiB, so a
+	// mapping of a bounded extent (2 MiB by default) is mostly one piece
+	// and a 1 GiB mapping 16.
+	modelWindowShift = 26
+)
+
+// modelShard is one lock shard: the pieces of the windows it holds and the
+// counters of the calls that started in them.
+type modelShard struct {
 	mu       sync.Mutex
-	maps     *btree.BTreeG[mapping]
-	fault    func(Call) error
+	pieces   *btree.BTreeG[piece]
+	n        uint64 // mappings whose first piece is here
 	mapCalls uint64
 	unmaps   uint64
 	pins     Pins
-	// op measures the window of the operation between BeginOp and EndOp.
-	op     Window
-	inOp   bool
-	window uint64 // window bytes of the operations ended so far
+	_        [64]byte // keeps neighbouring shards' locks off one cache line
+}
+
+// piece is the part of mapping x inside one window.
+type piece struct {
+	iova, last uint64
+	x          mapping
 }
 
 // Pins counts the IOMMU pages a Model's successful calls pinned (map) and
@@ -135,9 +183,50 @@ func NewModel(caps Caps) *Model {
 		panic("iommu: NewModel needs Rules")
 	}
 	caps.Ranges = append([]span.Range(nil), caps.Ranges...)
-	return &Model{
-		caps: caps,
-		maps: btree.NewG(32, func(a, b mapping) bool { return a.iova < b.iova }),
+	m := &Model{caps: caps}
+	for i := range m.shards {
+		m.shards[i].pieces = btree.NewG(16, func(a, b piece) bool { return a.iova < b.iova })
+	}
+	return m
+}
+
+// window returns the window of IOVA a.
+func window(a uint64) uint64 { return a >> modelWindowShift }
+
+// windowFirst and windowLast return the bounds of window w.
+func windowFirst(w uint64) uint64 { return w << modelWindowShift }
+func windowLast(w uint64) uint64  { return windowFirst(w) + (1<<modelWindowShift - 1) }
+
+func (m *Model) shardOf(w uint64) *modelShard { return &m.shards[w%modelShards] }
+
+// shardMask returns the shards of the windows that [iova, last] meets.
+func shardMask(iova, last uint64) uint64 {
+	if last < iova {
+		return ^uint64(0)
+	}
+	w0, w1 := window(iova), window(last)
+	if w1-w0 >= modelShards-1 {
+		return ^uint64(0)
+	}
+	var mask uint64
+	for w := w0; ; w++ {
+		mask |= 1 << (w % modelShards)
+		if w == w1 {
+			return mask
+		}
+	}
+}
+
+// lock locks the shards of mask in ascending order; unlock releases them.
+func (m *Model) lock(mask uint64) {
+	for b := mask; b != 0; b &= b - 1 {
+		m.shards[bits.TrailingZeros64(b)].mu.Lock()
+	}
+}
+
+func (m *Model) unlock(mask uint64) {
+	for b := mask; b != 0; b &= b - 1 {
+		m.shards[bits.TrailingZeros64(b)].mu.Unlock()
 	}
 }
 
@@ -153,29 +242,44 @@ func (m *Model) Avail() (uint64, bool, error) {
 	if m.caps.EntryLimit == 0 {
 		return math.MaxUint64, false, nil
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.caps.EntryLimit - uint64(m.maps.Len()), true, nil
+	return m.caps.EntryLimit - m.total.Load(), true, nil
 }
 
 // SetFault installs a hook called before every Map and Unmap; when it returns
 // an error, the call fails with that error and changes nothing. nil removes
-// the hook. The hook runs with the model locked and must not call the model.
+// the hook. The hook runs with the model locked and must not call the model;
+// its calls are serialised.
 func (m *Model) SetFault(f func(Call) error) {
-	m.mu.Lock()
-	m.fault = f
-	m.mu.Unlock()
+	if f == nil {
+		m.fault.Store(nil)
+		return
+	}
+	m.fault.Store(&f)
+}
+
+// injected runs the fault hook, if any, for c.
+func (m *Model) injected(c Call) error {
+	f := m.fault.Load()
+	if f == nil {
+		return nil
+	}
+	m.faultMu.Lock()
+	defer m.faultMu.Unlock()
+	return (*f)(c)
 }
 
 // Map implements Space.
 func (m *Model) Map(iova, size uint64, host []byte) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.mapCalls++
-	if m.fault != nil {
-		if err := m.fault(Call{OpMap, iova, size}); err != nil {
-			return err
-		}
+	last := iova + size - 1
+	mask := uint64(1) << (window(iova) % modelShards)
+	if size != 0 {
+		mask |= shardMask(iova, last)
+	}
+	m.lock(mask)
+	defer m.unlock(mask)
+	m.shardOf(window(iova)).mapCalls++
+	if err := m.injected(Call{OpMap, iova, size}); err != nil {
+		return err
 	}
 	if host != nil && uint64(len(host)) != size {
 		return fmt.Errorf("iommu: host memory of %d bytes for a mapping of %d: %w", len(host), size, unix.EINVAL)
@@ -184,7 +288,6 @@ func (m *Model) Map(iova, size uint64, host []byte) error {
 	if size == 0 || (iova|size)&(ps-1) != 0 {
 		return unix.EINVAL
 	}
-	last := iova + size - 1
 	if last < iova {
 		return m.wrapErrno()
 	}
@@ -194,48 +297,96 @@ func (m *Model) Map(iova, size uint64, host []byte) error {
 	if _, ok := m.firstOverlap(iova, last); ok {
 		return unix.EEXIST
 	}
-	if m.caps.EntryLimit != 0 && uint64(m.maps.Len()) >= m.caps.EntryLimit {
-		return unix.ENOSPC
+	outside := m.caps.Rules == Type1v2 && !m.inWindows(iova, last)
+	if limit := m.caps.EntryLimit; limit != 0 {
+		// Check and take the entry in one step, so that maps in other
+		// shards cannot take it in between.
+		for {
+			n := m.total.Load()
+			if n >= limit {
+				return unix.ENOSPC
+			}
+			if outside {
+				return unix.EINVAL
+			}
+			if m.total.CompareAndSwap(n, n+1) {
+				break
+			}
+		}
 	}
-	if m.caps.Rules == Type1v2 && !m.inWindows(iova, last) {
+	if outside {
 		return unix.EINVAL
 	}
-	m.maps.ReplaceOrInsert(mapping{iova: iova, size: size, host: host})
-	m.pins.Pinned += size / ps
-	if m.inOp && iova+size > iova {
+	x := mapping{iova: iova, size: size, host: host}
+	if isLarge(x) {
+		i, _ := slices.BinarySearchFunc(m.large, iova, func(y mapping, a uint64) int { return cmpUint(y.iova, a) })
+		m.large = slices.Insert(m.large, i, x)
+	}
+	for w := window(iova); !isLarge(x); w++ {
+		m.shardOf(w).pieces.ReplaceOrInsert(piece{iova: max(iova, windowFirst(w)), last: min(last, windowLast(w)), x: x})
+		if w == window(last) {
+			break
+		}
+	}
+	sh := m.shardOf(window(iova))
+	sh.n++
+	sh.pins.Pinned += size / ps
+	if m.inOp.Load() && iova+size > iova {
+		m.opMu.Lock()
 		m.op.Mapped(span.Range{Start: iova, End: iova + size})
+		m.opMu.Unlock()
 	}
 	return nil
 }
 
-// removed accounts for mapping x leaving the table.
-func (m *Model) removed(x mapping) {
-	m.pins.Unpinned += x.size / m.caps.PageSize
-	if m.inOp && x.iova+x.size > x.iova {
+// remove takes mapping x out of the table, with its shards locked.
+func (m *Model) remove(x mapping) {
+	if isLarge(x) {
+		m.large = slices.DeleteFunc(m.large, func(y mapping) bool { return y.iova == x.iova })
+	}
+	for w := window(x.iova); !isLarge(x); w++ {
+		m.shardOf(w).pieces.Delete(piece{iova: max(x.iova, windowFirst(w))})
+		if w == window(x.last()) {
+			break
+		}
+	}
+	sh := m.shardOf(window(x.iova))
+	sh.n--
+	if m.caps.EntryLimit != 0 {
+		m.total.Add(^uint64(0))
+	}
+	sh.pins.Unpinned += x.size / m.caps.PageSize
+	if m.inOp.Load() && x.iova+x.size > x.iova {
+		m.opMu.Lock()
 		m.op.Unmapped(span.Range{Start: x.iova, End: x.iova + x.size})
+		m.opMu.Unlock()
 	}
 }
 
 // Unmap implements Space.
 func (m *Model) Unmap(iova, size uint64) (uint64, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.unmaps++
-	if m.fault != nil {
-		if err := m.fault(Call{OpUnmap, iova, size}); err != nil {
-			return 0, err
-		}
+	last := iova + size - 1
+	mask := uint64(1) << (window(iova) % modelShards)
+	if size != 0 {
+		mask |= shardMask(iova, last)
+	}
+	m.lock(mask)
+	defer m.unlock(mask)
+	m.shardOf(window(iova)).unmaps++
+	if err := m.injected(Call{OpUnmap, iova, size}); err != nil {
+		return 0, err
 	}
 	if m.caps.Rules == IOMMUFD && iova == 0 && size == math.MaxUint64 {
 		var n uint64
-		m.maps.Ascend(func(x mapping) bool { n += x.size; m.removed(x); return true })
-		m.maps.Clear(false)
+		for _, x := range m.starting(0, math.MaxUint64) {
+			n += x.size
+			m.remove(x)
+		}
 		return n, nil
 	}
 	if size == 0 {
 		return 0, unix.EINVAL
 	}
-	last := iova + size - 1
 	if last < iova {
 		return 0, m.wrapErrno()
 	}
@@ -252,26 +403,23 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 			return 0, unix.EINVAL
 		}
 		var n uint64
-		for _, x := range m.inside(iova, last) {
-			m.maps.Delete(x)
-			m.removed(x)
+		for _, x := range m.starting(iova, last) {
+			m.remove(x)
 			n += x.size
 		}
 		return n, nil
 	default:
 		// Areas are removed in ascending order until one sticks out of the
 		// request; that one, or finding none, is ENOENT.
+		if x, ok := m.containing(iova); ok && x.iova < iova {
+			return 0, unix.ENOENT
+		}
 		var n uint64
-		for {
-			x, ok := m.firstOverlap(iova, last)
-			if !ok {
-				break
-			}
-			if x.iova < iova || x.last() > last {
+		for _, x := range m.starting(iova, last) {
+			if x.last() > last {
 				return n, unix.ENOENT
 			}
-			m.maps.Delete(x)
-			m.removed(x)
+			m.remove(x)
 			n += x.size
 		}
 		if n == 0 {
@@ -304,17 +452,114 @@ func (m *Model) inWindows(iova, last uint64) bool {
 	return false
 }
 
+// isLarge reports whether x meets every shard, so it is kept in Model.large.
+func isLarge(x mapping) bool { return window(x.last())-window(x.iova) >= modelShards-1 }
+
+// The lookups below need the shards of the windows they look at locked.
+
 // containing returns the mapping that holds IOVA a.
 func (m *Model) containing(a uint64) (mapping, bool) {
 	var hit mapping
 	found := false
-	m.maps.DescendLessOrEqual(mapping{iova: a}, func(x mapping) bool {
-		if a <= x.last() {
-			hit, found = x, true
+	m.shardOf(window(a)).pieces.DescendLessOrEqual(piece{iova: a}, func(p piece) bool {
+		if a <= p.last {
+			hit, found = p.x, true
 		}
 		return false
 	})
+	if !found && len(m.large) > 0 {
+		i, ok := slices.BinarySearchFunc(m.large, a, func(y mapping, a uint64) int { return cmpUint(y.iova, a) })
+		if !ok {
+			i--
+		}
+		if i >= 0 && a <= m.large[i].last() {
+			return m.large[i], true
+		}
+	}
 	return hit, found
+}
+
+// ascendPieces calls fn for each piece whose first IOVA lies in [lo, hi],
+// ascending, until fn returns false.
+func (m *Model) ascendPieces(lo, hi uint64, fn func(piece) bool) {
+	if hi < lo {
+		return
+	}
+	w0, w1 := window(lo), window(hi)
+	if w1-w0 < modelShards {
+		// Window by window: each window's pieces are in one shard.
+		for w := w0; ; w++ {
+			from, to := max(lo, windowFirst(w)), min(hi, windowLast(w))
+			more := true
+			m.shardOf(w).pieces.AscendGreaterOrEqual(piece{iova: from}, func(p piece) bool {
+				if p.iova > to {
+					return false
+				}
+				more = fn(p)
+				return more
+			})
+			if !more || w == w1 {
+				return
+			}
+		}
+	}
+	// More windows than shards: every shard, merged.
+	var all []piece
+	for i := range m.shards {
+		m.shards[i].pieces.AscendGreaterOrEqual(piece{iova: lo}, func(p piece) bool {
+			if p.iova > hi {
+				return false
+			}
+			all = append(all, p)
+			return true
+		})
+	}
+	slices.SortFunc(all, func(a, b piece) int { return cmpUint(a.iova, b.iova) })
+	for _, p := range all {
+		if !fn(p) {
+			return
+		}
+	}
+}
+
+func cmpUint(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// starting returns the mappings whose first IOVA lies in [iova, last],
+// ascending.
+func (m *Model) starting(iova, last uint64) []mapping {
+	var xs []mapping
+	m.ascendPieces(iova, last, func(p piece) bool {
+		if p.iova == p.x.iova {
+			xs = append(xs, p.x)
+		}
+		return true
+	})
+	if large := m.largeIn(iova, last); len(large) > 0 {
+		xs = append(xs, large...)
+		slices.SortFunc(xs, func(a, b mapping) int { return cmpUint(a.iova, b.iova) })
+	}
+	return xs
+}
+
+// largeIn returns the large mappings whose first IOVA lies in [iova, last].
+func (m *Model) largeIn(iova, last uint64) []mapping {
+	if len(m.large) == 0 || last < iova {
+		return nil
+	}
+	i, _ := slices.BinarySearchFunc(m.large, iova, func(y mapping, a uint64) int { return cmpUint(y.iova, a) })
+	j := i
+	for j < len(m.large) && m.large[j].iova <= last {
+		j++
+	}
+	return m.large[i:j]
 }
 
 // firstOverlap returns the lowest mapping that meets [iova, last].
@@ -324,26 +569,30 @@ func (m *Model) firstOverlap(iova, last uint64) (mapping, bool) {
 	}
 	var hit mapping
 	found := false
-	m.maps.AscendGreaterOrEqual(mapping{iova: iova}, func(x mapping) bool {
-		if x.iova <= last {
-			hit, found = x, true
-		}
+	m.ascendPieces(iova, last, func(p piece) bool {
+		hit, found = p.x, true
 		return false
 	})
+	if large := m.largeIn(iova, last); len(large) > 0 && (!found || large[0].iova < hit.iova) {
+		return large[0], true
+	}
 	return hit, found
 }
 
-// inside returns the mappings whose first IOVA lies in [iova, last].
-func (m *Model) inside(iova, last uint64) []mapping {
-	var xs []mapping
-	m.maps.AscendGreaterOrEqual(mapping{iova: iova}, func(x mapping) bool {
-		if x.iova > last {
-			return false
+// visitIn calls fn for each mapping that meets r, ascending.
+func (m *Model) visitIn(r span.Range, fn func(mapping)) {
+	if r.Empty() {
+		return
+	}
+	first, ok := m.containing(r.Start)
+	if ok {
+		fn(first)
+	}
+	for _, x := range m.starting(r.Start, r.End-1) {
+		if !ok || x.iova != first.iova {
+			fn(x)
 		}
-		xs = append(xs, x)
-		return true
-	})
-	return xs
+	}
 }
 
 // MappingsIn returns the entries that meet r, ascending.
@@ -351,65 +600,74 @@ func (m *Model) MappingsIn(r span.Range) []Mapping {
 	if r.Empty() {
 		return nil
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	mask := shardMask(r.Start, r.End-1)
+	m.lock(mask)
+	defer m.unlock(mask)
 	var out []Mapping
-	if x, ok := m.containing(r.Start); ok {
-		out = append(out, Mapping{x.iova, x.size})
-	}
-	m.maps.AscendGreaterOrEqual(mapping{iova: r.Start}, func(x mapping) bool {
-		if x.iova >= r.End {
-			return false
-		}
-		if len(out) == 0 || out[0].IOVA != x.iova {
-			out = append(out, Mapping{x.iova, x.size})
-		}
-		return true
-	})
+	m.visitIn(r, func(x mapping) { out = append(out, Mapping{x.iova, x.size}) })
 	return out
 }
 
 // Mappings returns the current entries in ascending IOVA order.
 func (m *Model) Mappings() []Mapping {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	out := make([]Mapping, 0, m.maps.Len())
-	m.maps.Ascend(func(x mapping) bool {
+	m.lock(^uint64(0))
+	defer m.unlock(^uint64(0))
+	var out []Mapping
+	for _, x := range m.starting(0, math.MaxUint64) {
 		out = append(out, Mapping{x.iova, x.size})
-		return true
-	})
+	}
+	if out == nil {
+		out = []Mapping{}
+	}
 	return out
 }
 
 // Len returns the number of entries.
 func (m *Model) Len() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.maps.Len()
+	if m.caps.EntryLimit != 0 {
+		return int(m.total.Load())
+	}
+	m.lock(^uint64(0))
+	defer m.unlock(^uint64(0))
+	n := 0
+	for i := range m.shards {
+		n += int(m.shards[i].n)
+	}
+	return n
 }
 
 // Calls returns how many Map and Unmap calls the model has answered,
 // failed ones included.
 func (m *Model) Calls() (maps, unmaps uint64) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.mapCalls, m.unmaps
+	m.lock(^uint64(0))
+	defer m.unlock(^uint64(0))
+	for i := range m.shards {
+		maps += m.shards[i].mapCalls
+		unmaps += m.shards[i].unmaps
+	}
+	return maps, unmaps
 }
 
 // Pins returns the pages pinned and unpinned so far.
 func (m *Model) Pins() Pins {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.pins
+	m.lock(^uint64(0))
+	defer m.unlock(^uint64(0))
+	var p Pins
+	for i := range m.shards {
+		p.Pinned += m.shards[i].pins.Pinned
+		p.Unpinned += m.shards[i].pins.Unpinned
+	}
+	return p
 }
 
 // BeginOp starts measuring one operation (see Window): from now until EndOp,
-// the model records what its calls unmap and map.
+// the model records what its calls unmap and map. The measurement is the
+// model's, not a caller's: calls of concurrent operations are recorded too.
 func (m *Model) BeginOp() {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
 	m.op.Reset()
-	m.inOp = true
+	m.inOp.Store(true)
 }
 
 // EndOp ends the operation BeginOp started and returns its window, as the
@@ -417,8 +675,10 @@ func (m *Model) BeginOp() {
 // again, and the bytes it re-pinned. The window's bytes are added to
 // WindowBytes.
 func (m *Model) EndOp() (window []span.Range, repinned uint64) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.lock(^uint64(0))
+	defer m.unlock(^uint64(0))
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
 	m.op.Bytes(func(r span.Range) uint64 {
 		var n uint64
 		m.visitIn(r, func(x mapping) {
@@ -431,41 +691,22 @@ func (m *Model) EndOp() (window []span.Range, repinned uint64) {
 	})
 	repinned = m.op.Repinned()
 	m.op.Reset()
-	m.inOp = false
+	m.inOp.Store(false)
 	return window, repinned
 }
 
 // WindowBytes returns the sum of the windows of the operations measured.
 func (m *Model) WindowBytes() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
 	return m.window
-}
-
-// visitIn calls fn for each mapping that meets r, ascending.
-func (m *Model) visitIn(r span.Range, fn func(mapping)) {
-	if r.Empty() {
-		return
-	}
-	first, ok := m.containing(r.Start)
-	if ok {
-		fn(first)
-	}
-	m.maps.AscendGreaterOrEqual(mapping{iova: r.Start}, func(x mapping) bool {
-		if x.iova >= r.End {
-			return false
-		}
-		if !ok || x.iova != first.iova {
-			fn(x)
-		}
-		return true
-	})
 }
 
 // Reaches reports whether a device could touch IOVA a now.
 func (m *Model) Reaches(a uint64) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	mask := uint64(1) << (window(a) % modelShards)
+	m.lock(mask)
+	defer m.unlock(mask)
 	_, ok := m.containing(a)
 	return ok
 }
@@ -485,8 +726,12 @@ func (m *Model) DMARead(iova uint64, buf []byte) error {
 }
 
 func (m *Model) dma(iova uint64, buf []byte, write bool) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	if len(buf) == 0 {
+		return nil
+	}
+	mask := shardMask(iova, iova+uint64(len(buf))-1)
+	m.lock(mask)
+	defer m.unlock(mask)
 	type piece struct {
 		dst []byte
 		src []byte
