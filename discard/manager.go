@@ -100,9 +100,13 @@ type Manager struct {
 
 	// mu is held for writing to change sources or listeners and for reading
 	// by transactions and queries.
-	mu        sync.RWMutex
+	mu        gate
 	sources   []Source
 	listeners []*registration
+
+	// txs recycles transactions: a Tx and its inline log would otherwise
+	// be an allocation per conversion.
+	txs sync.Pool
 }
 
 type registration struct {
@@ -115,7 +119,7 @@ func New(size uint64, log *slog.Logger) *Manager {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Manager{size: size, log: log, locks: newRangeLock()}
+	return &Manager{size: size, log: log, locks: newRangeLock(size)}
 }
 
 // Size returns the size of the region in bytes.
@@ -124,8 +128,7 @@ func (m *Manager) Size() uint64 { return m.size }
 // Granularity returns the smallest granularity of the sources (QEMU's
 // get_min_granularity), or DefaultGranularity when there is none.
 func (m *Manager) Granularity() uint64 {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.mu.runlock(m.mu.rlock(0))
 	return m.granularity()
 }
 
@@ -188,8 +191,8 @@ func (m *Manager) checkRange(r span.Range) error {
 // says are discarded are discarded for every listener first; if a listener
 // fails, the others are restored and the source is not added.
 func (m *Manager) AddSource(s Source) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.lock()
+	defer m.mu.unlock()
 	if slices.Contains(m.sources, s) {
 		return ErrSourceExists
 	}
@@ -217,8 +220,8 @@ func (m *Manager) AddSource(s Source) error {
 // populated for every listener first; if a listener refuses, the others are
 // restored and the source stays.
 func (m *Manager) RemoveSource(s Source) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.lock()
+	defer m.mu.unlock()
 	i := slices.Index(m.sources, s)
 	if i < 0 {
 		return ErrNoSource
@@ -250,8 +253,8 @@ func (m *Manager) Register(l Listener, s Section) error {
 	if !s.Range().Aligned(DefaultGranularity) {
 		return fmt.Errorf("discard: section %v: %w to %#x", s, span.ErrAlign, DefaultGranularity)
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.lock()
+	defer m.mu.unlock()
 	if slices.ContainsFunc(m.listeners, func(r *registration) bool { return r.l == l }) {
 		return ErrListenerExists
 	}
@@ -268,8 +271,8 @@ func (m *Manager) Register(l Listener, s Section) error {
 // Unregister discards l's whole section with one notification and removes
 // l. If the discard fails, l stays registered and the error is returned.
 func (m *Manager) Unregister(l Listener) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.lock()
+	defer m.mu.unlock()
 	i := slices.IndexFunc(m.listeners, func(r *registration) bool { return r.l == l })
 	if i < 0 {
 		return ErrNoListener
@@ -290,8 +293,7 @@ func (m *Manager) Unregister(l Listener) error {
 // Listeners returns the registered listeners and their sections, in
 // registration order.
 func (m *Manager) Listeners() ([]Listener, []Section) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.mu.runlock(m.mu.rlock(0))
 	ls := make([]Listener, len(m.listeners))
 	ss := make([]Section, len(m.listeners))
 	for i, r := range m.listeners {
@@ -388,40 +390,47 @@ func (m *Manager) notifyTo(regs []*registration, log *txlog, runs []span.Range, 
 // changes its state and notifies the listeners. It is valid only inside the
 // function given to Transact.
 type Tx struct {
-	m   *Manager
-	r   span.Range
-	log txlog
-	buf [4]notification // the log's first notifications, without allocating
+	m    *Manager
+	r    span.Range
+	gate int // the stripe of m.mu it holds
+	log  txlog
+	buf  [4]notification // the log's first notifications, without allocating
 }
 
 // Transact locks r (region byte offsets) against other transactions and
 // queries that overlap it and runs fn. Whatever fn returns is returned.
 func (m *Manager) Transact(r span.Range, fn func(*Tx) error) error {
-	var tx Tx
-	if err := m.begin(&tx, r); err != nil {
+	tx, err := m.begin(r)
+	if err != nil {
 		return err
 	}
-	defer m.end(&tx)
-	return fn(&tx)
+	defer m.end(tx)
+	return fn(tx)
 }
 
-// begin locks r for tx; end releases it. Sources of this package use them
-// directly, without the closure Transact takes.
-func (m *Manager) begin(tx *Tx, r span.Range) error {
+// begin locks r for a new transaction; end releases it. Sources of this
+// package use them directly, without the closure Transact takes.
+func (m *Manager) begin(r span.Range) (*Tx, error) {
 	if err := m.checkRange(r); err != nil {
-		return err
+		return nil, err
 	}
-	m.mu.RLock()
+	g := m.mu.rlock(m.locks.stripeOf(r.Start))
 	m.locks.lock(r)
-	*tx = Tx{m: m, r: r}
+	tx, _ := m.txs.Get().(*Tx)
+	if tx == nil {
+		tx = new(Tx)
+	}
+	tx.m, tx.r, tx.gate = m, r, g
 	tx.log = tx.buf[:0]
-	return nil
+	return tx, nil
 }
 
 func (m *Manager) end(tx *Tx) {
 	tx.log.settle()
 	m.locks.unlock(tx.r)
-	m.mu.RUnlock()
+	m.mu.runlock(tx.gate)
+	*tx = Tx{} // drops the registrations its log refers to
+	m.txs.Put(tx)
 }
 
 // Mark returns a point in the transaction's notifications to roll back to.
@@ -487,8 +496,7 @@ func (m *Manager) IsPopulated(r span.Range) bool {
 	if m.checkRange(r) != nil {
 		return false
 	}
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.mu.runlock(m.mu.rlock(m.locks.stripeOf(r.Start)))
 	out, ok := r.Outward(m.granularity())
 	if !ok {
 		return false
@@ -505,8 +513,7 @@ func (m *Manager) PopulatedRuns(r span.Range) ([]span.Range, error) {
 	if err := m.checkRange(r); err != nil {
 		return nil, err
 	}
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.mu.runlock(m.mu.rlock(m.locks.stripeOf(r.Start)))
 	m.locks.lock(r)
 	defer m.locks.unlock(r)
 	return m.populated(r, nil), nil

@@ -13,13 +13,38 @@ import (
 // (1 populated, 0 discarded; all discarded at creation), changed only by
 // Change, a transaction that also runs the steps outside gmem's bookkeeping in
 // the order the memory needs. memattr and virtiomem are built on it.
+//
+// The map may be kept in parts (NewPartedStateSource), each a contiguous
+// range of units with its own lock and its own map, made when first
+// written, so conversions in different parts do not contend for the map.
+// A read or write locks the parts it meets in ascending order, so it sees
+// or changes them as one. Locks are held only around map reads and writes,
+// never across kernel or listener calls.
 type StateSource struct {
 	m    *Manager
 	unit uint64
 
-	mu sync.RWMutex // guards pm; held only around map reads and writes
-	pm pagemap.Map
+	shift  uint   // a part holds 1<<shift units (64: one part)
+	total  uint64 // units in the region
+	parts  []statePart
+	newMap func(pages uint64) (pagemap.Map, error)
 }
+
+// statePart is the map of one part; nil means every unit of it is
+// discarded (nothing written yet).
+type statePart struct {
+	mu sync.RWMutex
+	pm pagemap.Map
+	_  [64]byte // keeps neighbouring parts' locks off one cache line
+}
+
+// Parts of a parted source: at most maxParts, each at least 2^16 units (a
+// chunk of pagemap.Runs, 256 MiB of 4 KiB pages).
+const (
+	maxParts      = 16
+	minPartShift  = 16
+	singlePartLog = 64
+)
 
 // Steps are the parts of a change outside the source's bookkeeping, each
 // given the runs (region byte offsets) that change.
@@ -51,7 +76,111 @@ func NewStateSource(m *Manager, unit uint64, pm pagemap.Map) (*StateSource, erro
 	if pm.Pages() != m.Size()/unit {
 		return nil, fmt.Errorf("discard: page map of %d entries for %d units", pm.Pages(), m.Size()/unit)
 	}
-	return &StateSource{m: m, unit: unit, pm: pm}, nil
+	s := &StateSource{m: m, unit: unit, shift: singlePartLog, total: pm.Pages(), parts: make([]statePart, 1)}
+	s.parts[0].pm = pm
+	return s, nil
+}
+
+// NewPartedStateSource is NewStateSource with the map kept in parts of the
+// region (at most 16, each at least 2^16 units), each made by newMap with
+// the number of units it holds when it is first written, so conversions in
+// different parts take different locks. newMap must return a map of that
+// many pages, 1 bit a page, all 0.
+func NewPartedStateSource(m *Manager, unit uint64, newMap func(pages uint64) (pagemap.Map, error)) (*StateSource, error) {
+	if !span.IsPowerOfTwo(unit) {
+		return nil, fmt.Errorf("discard: unit %#x is not a power of two", unit)
+	}
+	if m.Size()%unit != 0 {
+		return nil, fmt.Errorf("discard: region size %#x is not a multiple of the unit %#x", m.Size(), unit)
+	}
+	units := m.Size() / unit
+	shift := uint(minPartShift)
+	for shift < 63 && units > 0 && (units-1)>>shift >= maxParts {
+		shift++
+	}
+	n := 1
+	if units > 0 {
+		n = int((units-1)>>shift) + 1
+	}
+	s := &StateSource{m: m, unit: unit, shift: shift, total: units, parts: make([]statePart, n), newMap: newMap}
+	// The first part is made now, so a map that does not fit is an error
+	// here rather than at the first conversion.
+	pm, err := newMap(s.partLen(0))
+	if err != nil {
+		return nil, err
+	}
+	if pm.Pages() != s.partLen(0) || pm.Bits() != 1 {
+		return nil, fmt.Errorf("discard: page map of %d entries, %d bits, for a part of %d units", pm.Pages(), pm.Bits(), s.partLen(0))
+	}
+	s.parts[0].pm = pm
+	return s, nil
+}
+
+// partLen returns the units of part i.
+func (s *StateSource) partLen(i int) uint64 {
+	if s.shift == singlePartLog {
+		return s.total
+	}
+	first := uint64(i) << s.shift
+	return min(s.total-first, uint64(1)<<s.shift)
+}
+
+// partsOf returns the parts that unit range u meets (u not empty).
+func (s *StateSource) partsOf(u span.Range) (first, last int) {
+	return int(u.Start >> s.shift), int((u.End - 1) >> s.shift)
+}
+
+func (s *StateSource) rlock(first, last int) {
+	for i := first; i <= last; i++ {
+		s.parts[i].mu.RLock()
+	}
+}
+
+func (s *StateSource) runlock(first, last int) {
+	for i := first; i <= last; i++ {
+		s.parts[i].mu.RUnlock()
+	}
+}
+
+// runs calls fn for each maximal run of unit range u with its value, with
+// the parts u meets read-locked.
+func (s *StateSource) runs(u span.Range, fn func(run span.Range, v uint8)) {
+	if u.Empty() {
+		return
+	}
+	first, last := s.partsOf(u)
+	s.rlock(first, last)
+	defer s.runlock(first, last)
+	var cur span.Range
+	var cv uint8
+	emit := func(r span.Range, v uint8) {
+		if !cur.Empty() && cur.End == r.Start && cv == v {
+			cur.End = r.End
+			return
+		}
+		if !cur.Empty() {
+			fn(cur, cv)
+		}
+		cur, cv = r, v
+	}
+	for i := first; i <= last; i++ {
+		base := uint64(0)
+		if s.shift != singlePartLog {
+			base = uint64(i) << s.shift
+		}
+		local := span.Range{Start: max(u.Start, base) - base, End: min(u.End, base+s.partLen(i)) - base}
+		pm := s.parts[i].pm
+		if pm == nil {
+			emit(span.Range{Start: base + local.Start, End: base + local.End}, 0)
+			continue
+		}
+		for run := range pm.Runs(local) {
+			emit(span.Range{Start: base + run.Start, End: base + run.End}, run.Value)
+		}
+	}
+	if !cur.Empty() {
+		fn(cur, cv)
+	}
 }
 
 // Granularity implements Source.
@@ -80,13 +209,11 @@ func (s *StateSource) AppendPopulated(dst []span.Range, r span.Range) []span.Ran
 		return dst
 	}
 	u, _ := r.Outward(s.unit)
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	for run := range s.pm.Runs(s.units(u)) {
-		if run.Value == 1 {
-			dst = append(dst, s.bytes(run.Range).Intersect(r))
+	s.runs(s.units(u), func(run span.Range, v uint8) {
+		if v == 1 {
+			dst = append(dst, s.bytes(run).Intersect(r))
 		}
-	}
+	})
 	return dst
 }
 
@@ -96,11 +223,7 @@ func (s *StateSource) AppendPopulated(dst []span.Range, r span.Range) []span.Ran
 func (s *StateSource) Runs(r span.Range, fn func(run span.Range, populated bool)) {
 	r = r.Intersect(span.Range{End: s.m.Size()})
 	u, _ := r.Outward(s.unit)
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	for run := range s.pm.Runs(s.units(u)) {
-		fn(s.bytes(run.Range), run.Value == 1)
-	}
+	s.runs(s.units(u), func(run span.Range, v uint8) { fn(s.bytes(run), v == 1) })
 }
 
 // Populated reports whether every unit that r touches is populated in this
@@ -123,16 +246,27 @@ func (s *StateSource) Discarded(r span.Range) bool {
 func (s *StateSource) Count(r span.Range) uint64 {
 	r = r.Intersect(span.Range{End: s.m.Size()})
 	u, _ := r.Outward(s.unit)
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	return s.pm.Count(s.units(u), 1) * s.unit
+	var n uint64
+	s.runs(s.units(u), func(run span.Range, v uint8) {
+		if v == 1 {
+			n += run.Len()
+		}
+	})
+	return n * s.unit
 }
 
 // Bytes returns the memory the state map holds.
 func (s *StateSource) Bytes() uint64 {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	return s.pm.Bytes()
+	var n uint64
+	for i := range s.parts {
+		p := &s.parts[i]
+		p.mu.RLock()
+		if p.pm != nil {
+			n += p.pm.Bytes()
+		}
+		p.mu.RUnlock()
+	}
+	return n
 }
 
 // Check validates a request for Change: size not zero, no overflow, offset
@@ -156,34 +290,32 @@ func (s *StateSource) Change(r span.Range, populate bool, steps Steps) ([]span.R
 	if _, err := s.Check(r.Start, r.Len()); err != nil {
 		return nil, err
 	}
-	var tx Tx
-	if err := s.m.begin(&tx, r); err != nil {
+	tx, err := s.m.begin(r)
+	if err != nil {
 		return nil, err
 	}
-	defer s.m.end(&tx)
+	defer s.m.end(tx)
 	want := uint8(0)
 	if populate {
 		want = 1
 	}
 	var changed []span.Range
 	u := s.units(r)
-	s.mu.RLock()
 	if u.Len() == 1 { // the most common request: one page
-		if s.pm.Get(u.Start) != want {
+		if s.get(u.Start) != want {
 			changed = []span.Range{r}
 		}
 	} else {
-		for run := range s.pm.Runs(u) {
-			if run.Value != want {
-				changed = append(changed, s.bytes(run.Range))
+		s.runs(u, func(run span.Range, v uint8) {
+			if v != want {
+				changed = append(changed, s.bytes(run))
 			}
-		}
+		})
 	}
-	s.mu.RUnlock()
 	if len(changed) == 0 {
 		return nil, nil
 	}
-	if err := s.apply(&tx, changed, populate, steps); err != nil {
+	if err := s.apply(tx, changed, populate, steps); err != nil {
 		return nil, err
 	}
 	return changed, nil
@@ -287,11 +419,56 @@ func (s *StateSource) set(runs []span.Range, populate bool) {
 	if populate {
 		v = 1
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	if len(runs) == 0 {
+		return
+	}
+	first, last := len(s.parts), -1
 	for _, r := range runs {
-		if err := s.pm.Set(s.units(r), v); err != nil {
-			panic(fmt.Sprintf("discard: state map rejected a checked range %v: %v", r, err))
+		f, l := s.partsOf(s.units(r))
+		first, last = min(first, f), max(last, l)
+	}
+	for i := first; i <= last; i++ {
+		s.parts[i].mu.Lock()
+	}
+	defer func() {
+		for i := first; i <= last; i++ {
+			s.parts[i].mu.Unlock()
+		}
+	}()
+	for _, r := range runs {
+		u := s.units(r)
+		f, l := s.partsOf(u)
+		for i := f; i <= l; i++ {
+			base := uint64(0)
+			if s.shift != singlePartLog {
+				base = uint64(i) << s.shift
+			}
+			local := span.Range{Start: max(u.Start, base) - base, End: min(u.End, base+s.partLen(i)) - base}
+			p := &s.parts[i]
+			if p.pm == nil {
+				if v == 0 {
+					continue // a part not made yet is all discarded
+				}
+				pm, err := s.newMap(s.partLen(i))
+				if err != nil {
+					panic(fmt.Sprintf("discard: making the state map of part %d: %v", i, err))
+				}
+				p.pm = pm
+			}
+			if err := p.pm.Set(local, v); err != nil {
+				panic(fmt.Sprintf("discard: state map rejected a checked range %v: %v", r, err))
+			}
 		}
 	}
+}
+
+// get returns the value of unit u.
+func (s *StateSource) get(u uint64) uint8 {
+	p := &s.parts[u>>s.shift]
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.pm == nil {
+		return 0
+	}
+	return p.pm.Get(u - u>>s.shift<<s.shift)
 }

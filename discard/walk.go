@@ -21,8 +21,7 @@ func (e Extent) Populated() bool { return e.DiscardedBy == 0 }
 
 // Sources returns the sources in the order Walk numbers them.
 func (m *Manager) Sources() []Source {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
+	defer m.mu.runlock(m.mu.rlock(0))
 	return slices.Clone(m.sources)
 }
 
@@ -36,14 +35,14 @@ func (m *Manager) Sources() []Source {
 func (m *Manager) Walk(r span.Range, sources *[]Source) iter.Seq[Extent] {
 	var exts []Extent
 	if m.checkRange(r) == nil && !r.Empty() {
-		m.mu.RLock()
+		g := m.mu.rlock(m.locks.stripeOf(r.Start))
 		m.locks.lock(r)
 		exts = m.extents(r)
 		if sources != nil {
 			*sources = slices.Clone(m.sources)
 		}
 		m.locks.unlock(r)
-		m.mu.RUnlock()
+		m.mu.runlock(g)
 	}
 	return func(yield func(Extent) bool) {
 		for _, e := range exts {

@@ -89,7 +89,26 @@ type Attributes struct {
 	src *discard.StateSource
 	cfg Config
 
+	// counts are the counters in stripes by offset, summed by Stats, so
+	// that vCPUs converting distant pages do not write one cache line.
+	counts [countStripes]counters
+}
+
+// countStripes is the number of counter stripes; a stripe is chosen by
+// the conversion's offset in units of 256 MiB.
+const (
+	countStripes     = 16
+	countStripeShift = 28
+)
+
+type counters struct {
 	conversions, noops, failures, runs, bytes atomic.Uint64
+	_                                         [64]byte // one stripe a cache line
+}
+
+// counters returns the stripe for a conversion at offset.
+func (a *Attributes) counters(offset uint64) *counters {
+	return &a.counts[(offset>>countStripeShift)%countStripes]
 }
 
 // New returns the attributes of the manager's region, every page private,
@@ -104,20 +123,26 @@ func New(m *discard.Manager, cfg Config) (*Attributes, error) {
 	if m.Size()%cfg.PageSize != 0 {
 		return nil, fmt.Errorf("memattr: region size %#x is not a multiple of the page size %#x", m.Size(), cfg.PageSize)
 	}
-	pages := m.Size() / cfg.PageSize
-	var pm pagemap.Map
-	var err error
+	var src *discard.StateSource
 	if cfg.Bitmap {
-		pm, err = pagemap.NewBitmap(pages, 1)
+		// The baseline: QEMU's one bitmap for the region.
+		pm, err := pagemap.NewBitmap(m.Size()/cfg.PageSize, 1)
+		if err != nil {
+			return nil, err
+		}
+		if src, err = discard.NewStateSource(m, cfg.PageSize, pm); err != nil {
+			return nil, err
+		}
 	} else {
-		pm, err = pagemap.NewRuns(pages, 1)
-	}
-	if err != nil {
-		return nil, err
-	}
-	src, err := discard.NewStateSource(m, cfg.PageSize, pm)
-	if err != nil {
-		return nil, err
+		// Runs in parts, so conversions of distant pages (different vCPUs)
+		// do not take turns at one map's lock.
+		var err error
+		src, err = discard.NewPartedStateSource(m, cfg.PageSize, func(pages uint64) (pagemap.Map, error) {
+			return pagemap.NewRuns(pages, 1)
+		})
+		if err != nil {
+			return nil, err
+		}
 	}
 	if err := m.AddSource(src); err != nil {
 		return nil, fmt.Errorf("memattr: %w", err)
@@ -143,9 +168,10 @@ func (a *Attributes) Convert(offset, size uint64, to State) error {
 
 // ConvertRuns is Convert, returning the runs that changed.
 func (a *Attributes) ConvertRuns(offset, size uint64, to State) ([]span.Range, error) {
+	c := a.counters(offset)
 	r, err := a.src.Check(offset, size)
 	if err != nil {
-		a.failures.Add(1)
+		c.failures.Add(1)
 		return nil, fmt.Errorf("memattr: convert to %v: %w", to, err)
 	}
 	steps := discard.Steps{KernelAfterDiscard: a.cfg.InPlace}
@@ -159,20 +185,20 @@ func (a *Attributes) ConvertRuns(offset, size uint64, to State) ([]span.Range, e
 	}
 	changed, err := a.src.Change(r, to == Shared, steps)
 	if err != nil {
-		a.failures.Add(1)
+		c.failures.Add(1)
 		return nil, fmt.Errorf("memattr: convert offset %v to %v: %w", r, to, err)
 	}
 	if len(changed) == 0 {
-		a.noops.Add(1)
+		c.noops.Add(1)
 		return nil, nil
 	}
-	a.conversions.Add(1)
-	a.runs.Add(uint64(len(changed)))
+	c.conversions.Add(1)
+	c.runs.Add(uint64(len(changed)))
 	var n uint64
-	for _, c := range changed {
-		n += c.Len()
+	for _, run := range changed {
+		n += run.Len()
 	}
-	a.bytes.Add(n)
+	c.bytes.Add(n)
 	return changed, nil
 }
 
@@ -211,11 +237,14 @@ func (a *Attributes) StateBytes() uint64 { return a.src.Bytes() }
 
 // Stats returns the conversion counters.
 func (a *Attributes) Stats() Stats {
-	return Stats{
-		Conversions:  a.conversions.Load(),
-		NoOps:        a.noops.Load(),
-		Failures:     a.failures.Load(),
-		ChangedRuns:  a.runs.Load(),
-		ChangedBytes: a.bytes.Load(),
+	var s Stats
+	for i := range a.counts {
+		c := &a.counts[i]
+		s.Conversions += c.conversions.Load()
+		s.NoOps += c.noops.Load()
+		s.Failures += c.failures.Load()
+		s.ChangedRuns += c.runs.Load()
+		s.ChangedBytes += c.bytes.Load()
 	}
+	return s
 }

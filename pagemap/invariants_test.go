@@ -60,10 +60,10 @@ func checkInvariants(m *Runs) error {
 	if chunkSegs != m.chunkSegs {
 		return fmt.Errorf("%d chunk segments in the tree, %d counted", chunkSegs, m.chunkSegs)
 	}
-	// The hot cache: a power of two, minHot to maxHot entries, doubled only
+	// The hot cache: a power of two, firstHot(chunks) to maxHot entries, doubled only
 	// while chunk segments outnumbered it, and every valid entry the chunk
 	// segment of its chunk.
-	if h := uint64(len(m.hot)); h&(h-1) != 0 || h < minHot || h > maxHot || (h > minHot && h/2 >= m.chunks) {
+	if h := uint64(len(m.hot)); h&(h-1) != 0 || h < uint64(firstHot(m.chunks)) || h > maxHot || (h > minHot && h/2 >= m.chunks) {
 		return fmt.Errorf("hot cache of %d entries for %d chunks", h, m.chunks)
 	}
 	for i, e := range m.hot {

@@ -69,6 +69,17 @@ const (
 	hotEntryBytes = 16 // the size of a hotEntry (checked against the type by a test)
 )
 
+// firstHot is the size of a new map's hot cache: minHot, or for a map of
+// fewer chunks the power of two that covers them (a part of a parted
+// discard.StateSource is one to a few chunks and needs no more).
+func firstHot(chunks uint64) int {
+	n := 1
+	for n < minHot && uint64(n) < chunks {
+		n *= 2
+	}
+	return n
+}
+
 // growHot doubles the hot cache if the chunk segments outnumber its entries
 // and it is smaller than both the chunks and maxHot. The new cache starts
 // empty.
@@ -93,7 +104,7 @@ func NewRuns(pages uint64, bits uint) (*Runs, error) {
 	if pages&chunkMask != 0 {
 		m.chunks++
 	}
-	m.hot = make([]hotEntry, minHot)
+	m.hot = make([]hotEntry, firstHot(m.chunks))
 	if m.chunks > 0 {
 		m.root = m.newSeg(0, m.chunks, 0)
 	}
