@@ -3,6 +3,7 @@
 package guestmem
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -247,18 +248,8 @@ func New(cfg Config) (*Memory, error) {
 		}
 		m.blocks = append(m.blocks, b)
 	}
-	slices.SortFunc(m.blocks, func(a, b *Block) int { return cmpU64(a.gpa, b.gpa) })
+	slices.SortFunc(m.blocks, func(a, b *Block) int { return cmp.Compare(a.gpa, b.gpa) })
 	return m, nil
-}
-
-func cmpU64(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 func (cfg Config) maxGPA() uint64 {
@@ -322,13 +313,13 @@ func (cfg Config) validate() ([]Hole, error) {
 		all = append(all, placed{"MMIO hole " + h.Name, r})
 		holes = append(holes, h)
 	}
-	slices.SortFunc(all, func(a, b placed) int { return cmpU64(a.r.Start, b.r.Start) })
+	slices.SortFunc(all, func(a, b placed) int { return cmp.Compare(a.r.Start, b.r.Start) })
 	for i := 1; i < len(all); i++ {
 		if all[i-1].r.Overlaps(all[i].r) {
 			return nil, fmt.Errorf("%w: %s at GPA %v overlaps %s at GPA %v", ErrLayout, all[i-1].what, all[i-1].r, all[i].what, all[i].r)
 		}
 	}
-	slices.SortFunc(holes, func(a, b Hole) int { return cmpU64(a.GPA, b.GPA) })
+	slices.SortFunc(holes, func(a, b Hole) int { return cmp.Compare(a.GPA, b.GPA) })
 	return holes, nil
 }
 
@@ -524,7 +515,7 @@ func (m *Memory) Holes() []Hole { return slices.Clone(m.holes) }
 
 // Block returns the block holding gpa, or nil.
 func (m *Memory) Block(gpa uint64) *Block {
-	i, found := slices.BinarySearchFunc(m.blocks, gpa, func(b *Block, g uint64) int { return cmpU64(b.gpa, g) })
+	i, found := slices.BinarySearchFunc(m.blocks, gpa, func(b *Block, g uint64) int { return cmp.Compare(b.gpa, g) })
 	if found {
 		return m.blocks[i]
 	}

@@ -1,6 +1,7 @@
 package iommu
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math"
@@ -217,6 +218,17 @@ func shardMask(iova, last uint64) uint64 {
 	}
 }
 
+// callMask returns the shards a map or unmap call of [iova, iova+size)
+// locks: those of the windows it covers, and for size 0 (refused, but
+// counted) the window of iova.
+func callMask(iova, size uint64) uint64 {
+	mask := uint64(1) << (window(iova) % modelShards)
+	if size != 0 {
+		mask |= shardMask(iova, iova+size-1)
+	}
+	return mask
+}
+
 // lock locks the shards of mask in ascending order; unlock releases them.
 func (m *Model) lock(mask uint64) {
 	for b := mask; b != 0; b &= b - 1 {
@@ -271,10 +283,7 @@ func (m *Model) injected(c Call) error {
 // Map implements Space.
 func (m *Model) Map(iova, size uint64, host []byte) error {
 	last := iova + size - 1
-	mask := uint64(1) << (window(iova) % modelShards)
-	if size != 0 {
-		mask |= shardMask(iova, last)
-	}
+	mask := callMask(iova, size)
 	m.lock(mask)
 	defer m.unlock(mask)
 	m.shardOf(window(iova)).mapCalls++
@@ -319,7 +328,7 @@ func (m *Model) Map(iova, size uint64, host []byte) error {
 	}
 	x := mapping{iova: iova, size: size, host: host}
 	if isLarge(x) {
-		i, _ := slices.BinarySearchFunc(m.large, iova, func(y mapping, a uint64) int { return cmpUint(y.iova, a) })
+		i, _ := slices.BinarySearchFunc(m.large, iova, func(y mapping, a uint64) int { return cmp.Compare(y.iova, a) })
 		m.large = slices.Insert(m.large, i, x)
 	}
 	for w := window(iova); !isLarge(x); w++ {
@@ -366,10 +375,7 @@ func (m *Model) remove(x mapping) {
 // Unmap implements Space.
 func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 	last := iova + size - 1
-	mask := uint64(1) << (window(iova) % modelShards)
-	if size != 0 {
-		mask |= shardMask(iova, last)
-	}
+	mask := callMask(iova, size)
 	m.lock(mask)
 	defer m.unlock(mask)
 	m.shardOf(window(iova)).unmaps++
@@ -468,7 +474,7 @@ func (m *Model) containing(a uint64) (mapping, bool) {
 		return false
 	})
 	if !found && len(m.large) > 0 {
-		i, ok := slices.BinarySearchFunc(m.large, a, func(y mapping, a uint64) int { return cmpUint(y.iova, a) })
+		i, ok := slices.BinarySearchFunc(m.large, a, func(y mapping, a uint64) int { return cmp.Compare(y.iova, a) })
 		if !ok {
 			i--
 		}
@@ -514,22 +520,12 @@ func (m *Model) ascendPieces(lo, hi uint64, fn func(piece) bool) {
 			return true
 		})
 	}
-	slices.SortFunc(all, func(a, b piece) int { return cmpUint(a.iova, b.iova) })
+	slices.SortFunc(all, func(a, b piece) int { return cmp.Compare(a.iova, b.iova) })
 	for _, p := range all {
 		if !fn(p) {
 			return
 		}
 	}
-}
-
-func cmpUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // starting returns the mappings whose first IOVA lies in [iova, last],
@@ -544,7 +540,7 @@ func (m *Model) starting(iova, last uint64) []mapping {
 	})
 	if large := m.largeIn(iova, last); len(large) > 0 {
 		xs = append(xs, large...)
-		slices.SortFunc(xs, func(a, b mapping) int { return cmpUint(a.iova, b.iova) })
+		slices.SortFunc(xs, func(a, b mapping) int { return cmp.Compare(a.iova, b.iova) })
 	}
 	return xs
 }
@@ -554,7 +550,7 @@ func (m *Model) largeIn(iova, last uint64) []mapping {
 	if len(m.large) == 0 || last < iova {
 		return nil
 	}
-	i, _ := slices.BinarySearchFunc(m.large, iova, func(y mapping, a uint64) int { return cmpUint(y.iova, a) })
+	i, _ := slices.BinarySearchFunc(m.large, iova, func(y mapping, a uint64) int { return cmp.Compare(y.iova, a) })
 	j := i
 	for j < len(m.large) && m.large[j].iova <= last {
 		j++

@@ -136,12 +136,8 @@ func TestConcurrentConvert(t *testing.T) {
 
 	// zoneWrites collects, per round, the states that successful conversions
 	// wrote to each page of the overlapping zone.
-	type write struct {
-		r  span.Range
-		to memattr.State
-	}
 	var zoneMu sync.Mutex
-	var zoneWrites []write
+	var zoneWrites []zoneWrite
 	zoneBefore := make([]bool, pages-zoneStart)
 
 	for round := range rounds {
@@ -180,7 +176,7 @@ func TestConcurrentConvert(t *testing.T) {
 					to := memattr.State(rng.IntN(2))
 					if ok(attrs.Convert(first*page, n*page, to)) {
 						zoneMu.Lock()
-						zoneWrites = append(zoneWrites, write{span.Range{Start: first, End: first + n}, to})
+						zoneWrites = append(zoneWrites, zoneWrite{span.Range{Start: first, End: first + n}, to})
 						zoneMu.Unlock()
 					}
 				}
@@ -272,18 +268,7 @@ func TestConcurrentConvert(t *testing.T) {
 		for z := range uint64(pages - zoneStart) {
 			p := zoneStart + z
 			got := attrs.Get(p*page) == memattr.Shared
-			var wrote []bool
-			for _, w := range zoneWrites {
-				if w.r.Contains(p) {
-					wrote = append(wrote, w.to == memattr.Shared)
-				}
-			}
-			switch {
-			case len(wrote) == 0 && got != zoneBefore[z]:
-				t.Fatalf("round %d: zone page %d changed with no successful conversion covering it", round, p)
-			case len(wrote) > 0 && !slices.Contains(wrote, got):
-				t.Fatalf("round %d: zone page %d shared=%v, but every conversion covering it wrote %v", round, p, got, wrote[0])
-			}
+			checkZonePage(t, round, p, got, zoneBefore[z], zoneWrites)
 			zoneBefore[z] = got
 		}
 		zoneWrites = zoneWrites[:0]
@@ -320,5 +305,30 @@ func TestConcurrentConvert(t *testing.T) {
 	t.Logf("conversions %d, no-ops %d, failures %d; %d mappers live", st.Conversions, st.NoOps, st.Failures, len(live))
 	if st.Failures == 0 || st.Conversions == 0 {
 		t.Fatalf("the test exercised no failure or no conversion: %+v", st)
+	}
+}
+
+// zoneWrite is a successful conversion of a zone's pages (page numbers).
+type zoneWrite struct {
+	r  span.Range
+	to memattr.State
+}
+
+// checkZonePage checks page p of a zone that several goroutines convert at
+// once, after a round: with no successful conversion covering it, it kept
+// its state (before); otherwise it holds the state one of them wrote.
+func checkZonePage(t *testing.T, round int, p uint64, got, before bool, writes []zoneWrite) {
+	t.Helper()
+	var wrote []bool
+	for _, w := range writes {
+		if w.r.Contains(p) {
+			wrote = append(wrote, w.to == memattr.Shared)
+		}
+	}
+	switch {
+	case len(wrote) == 0 && got != before:
+		t.Fatalf("round %d: zone page %d changed with no successful conversion covering it", round, p)
+	case len(wrote) > 0 && !slices.Contains(wrote, got):
+		t.Fatalf("round %d: zone page %d shared=%v, but every conversion covering it wrote %v", round, p, got, wrote[0])
 	}
 }

@@ -131,12 +131,8 @@ func TestConcurrentShards(t *testing.T) {
 	for i := range laneShared {
 		laneShared[i] = map[uint64]bool{}
 	}
-	type write struct {
-		r  span.Range
-		to memattr.State
-	}
 	var zoneMu sync.Mutex
-	var zoneWrites []write
+	var zoneWrites []zoneWrite
 	zoneBefore := map[uint64]bool{}
 	failedLane := 0
 	var failedMu sync.Mutex
@@ -176,7 +172,7 @@ func TestConcurrentShards(t *testing.T) {
 					r, to := pick(rng, 9+rng.IntN(7))
 					if ok(attrs.Convert(r.Start, r.Len(), to)) {
 						zoneMu.Lock()
-						zoneWrites = append(zoneWrites, write{span.Range{Start: r.Start / page, End: r.End / page}, to})
+						zoneWrites = append(zoneWrites, zoneWrite{span.Range{Start: r.Start / page, End: r.End / page}, to})
 						zoneMu.Unlock()
 					}
 				}
@@ -206,18 +202,7 @@ func TestConcurrentShards(t *testing.T) {
 					}
 					continue
 				}
-				var wrote []bool
-				for _, w := range zoneWrites {
-					if w.r.Contains(p) {
-						wrote = append(wrote, w.to == memattr.Shared)
-					}
-				}
-				switch {
-				case len(wrote) == 0 && got != zoneBefore[p]:
-					t.Fatalf("round %d: zone page %d changed with no successful conversion covering it", round, p)
-				case len(wrote) > 0 && !slices.Contains(wrote, got):
-					t.Fatalf("round %d: zone page %d shared=%v, but every conversion covering it wrote %v", round, p, got, wrote[0])
-				}
+				checkZonePage(t, round, p, got, zoneBefore[p], zoneWrites)
 				zoneBefore[p] = got
 			}
 		}
