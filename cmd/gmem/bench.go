@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"sync"
@@ -123,6 +124,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	only := fs.String("only", "", "run only these `scenarios` (comma-separated: state, replay, churn, churn-runs, roundtrip, parallel, boot, split, scale)")
 	rigLog := fs.String("rig", "", "also print the real-kernel rows from the console `log` of scripts/rig --bench")
 	maxSpread := fs.Float64("max-spread", defaultMaxSpread, "mark a timed row noisy when (slowest-fastest)/median exceeds this")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring (both sides) to `file`, for go tool pprof")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			benchHelp(stdout, fs)
@@ -168,6 +170,19 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			fmt.Fprintf(stderr, "gmem bench: %s: %v\n", *rigLog, err)
 			return exitUsage
 		}
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fmt.Fprintf(stderr, "gmem bench: %v\n", err)
+			return exitUsage
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintf(stderr, "gmem bench: %v\n", err)
+			return exitFail
+		}
+		defer pprof.StopCPUProfile()
 	}
 	rows, err := benchRows(ctx, scenarios, sz, *maxSpread)
 	if err != nil {
@@ -927,7 +942,7 @@ func benchValue(unit string, v float64) string {
 }
 
 func benchHelp(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprint(w, `usage: gmem bench [--quick] [--json] [--rounds N] [--max-spread F] [--only LIST] [--rig LOG]
+	fmt.Fprint(w, `usage: gmem bench [--quick] [--json] [--rounds N] [--max-spread F] [--only LIST] [--rig LOG] [--cpuprofile FILE]
 
 Runs the standard scenarios with the baseline (QEMU's algorithm: one bit
 per 4 KiB page, one IOMMU entry per 4 KiB granule) and with gmem (state as

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"math"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -160,6 +162,15 @@ func TestBenchUsage(t *testing.T) {
 	}
 	if code, out, errOut := runCmd(ctx, "bench", "--quick", "--only", "state,roundtrip"); code != exitOK || !strings.Contains(out, "round trip map calls") || strings.Contains(out, "boot") {
 		t.Errorf("bench --only state,roundtrip: exit %d, %q %q", code, out, errOut)
+	}
+	if code, _, errOut := runCmd(ctx, "bench", "--quick", "--only", "state", "--cpuprofile", filepath.Join(t.TempDir(), "no", "such", "dir")); code != exitUsage || !strings.Contains(errOut, "no such file") {
+		t.Errorf("bench --cpuprofile in a missing folder: exit %d, %q", code, errOut)
+	}
+	prof := filepath.Join(t.TempDir(), "cpu.pprof")
+	if code, _, errOut := runCmd(ctx, "bench", "--quick", "--only", "churn", "--cpuprofile", prof); code != exitOK {
+		t.Errorf("bench --cpuprofile: exit %d, %q", code, errOut)
+	} else if fi, err := os.Stat(prof); err != nil || fi.Size() == 0 {
+		t.Errorf("bench --cpuprofile wrote no profile: %v", err)
 	}
 	if code, out, _ := runCmd(ctx, "bench", "-h"); code != exitOK || !strings.Contains(out, "usage: gmem bench") {
 		t.Errorf("bench -h: exit %d, %q", code, out)
