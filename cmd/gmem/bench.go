@@ -124,7 +124,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	only := fs.String("only", "", "run only these `scenarios` (comma-separated: state, replay, churn, churn-runs, roundtrip, parallel, boot, split, scale)")
 	rigLog := fs.String("rig", "", "also print the real-kernel rows from the console `log` of scripts/rig --bench")
 	maxSpread := fs.Float64("max-spread", defaultMaxSpread, "mark a timed row noisy when (slowest-fastest)/median exceeds this")
-	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring (both sides) to `file`, for go tool pprof")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring to `file`, for go tool pprof; timed rows carry the labels side=baseline|gmem and row=NAME (pprof -tagfocus)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			benchHelp(stdout, fs)
@@ -312,6 +312,10 @@ func timed(sz benchSizes, row benchRow, base, gm func() (float64, error)) (bench
 	if alone {
 		base = func() (float64, error) { return 0, nil }
 	}
+	// Each side runs under a profiler label (side=baseline or side=gmem,
+	// row=name), so a --cpuprofile can be split by side with
+	// go tool pprof -tagfocus.
+	base, gm = labelled(row.Name, "baseline", base), labelled(row.Name, "gmem", gm)
 	if sz.warmup {
 		if _, err := base(); err != nil {
 			return row, err
@@ -349,6 +353,15 @@ func timed(sz benchSizes, row benchRow, base, gm func() (float64, error)) (bench
 		row.Baseline, row.BaselineRange = 0, nil
 	}
 	return row, nil
+}
+
+// labelled returns f run under the profiler labels row and side.
+func labelled(row, side string, f func() (float64, error)) func() (float64, error) {
+	labels := pprof.Labels("row", row, "side", side)
+	return func() (v float64, err error) {
+		pprof.Do(context.Background(), labels, func(context.Context) { v, err = f() })
+		return v, err
+	}
 }
 
 // summarize returns the median of xs, its [min, max] and (max-min)/median.
