@@ -473,12 +473,22 @@ func (tx *Tx) change(src Source, runs []span.Range, populate bool) error {
 		// AddSource accounts for its state when it joins.
 		return nil
 	}
-	var parts []span.Range
+	// With src the only source, no other source holds anything back: the
+	// parts to notify are the runs themselves, and the conversion allocates
+	// no copy of them (the common case: memattr alone on a region).
+	alone := len(m.sources) == 1
 	for _, run := range runs {
 		if !tx.r.ContainsRange(run) {
 			return fmt.Errorf("discard: run %v outside the transaction's %v: %w", run, tx.r, span.ErrBounds)
 		}
-		parts = append(parts, m.populated(run, src)...)
+		alone = alone && !run.Empty()
+	}
+	parts := runs
+	if !alone {
+		parts = nil
+		for _, run := range runs {
+			parts = append(parts, m.populated(run, src)...)
+		}
 	}
 	if err := m.notifyTo(m.listeners, &tx.log, parts, populate); err != nil {
 		return fmt.Errorf("discard: %w", err)

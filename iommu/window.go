@@ -32,6 +32,12 @@ func (w *Window) Reset() {
 
 // Mapped records a successful map of r.
 func (w *Window) Mapped(r span.Range) {
+	if len(w.lost.Ranges()) == 0 {
+		// The common case, a populate that unmapped nothing first: all of
+		// r is fresh, and no slice of it need be built.
+		w.fresh.Add(r)
+		return
+	}
 	for _, x := range w.lost.Inside(r) {
 		w.repinned += x.Len()
 	}
@@ -42,6 +48,12 @@ func (w *Window) Mapped(r span.Range) {
 
 // Unmapped records that the mapping of r was removed.
 func (w *Window) Unmapped(r span.Range) {
+	if len(w.fresh.Ranges()) == 0 {
+		// The common case, a discard that mapped nothing first: all of r
+		// was mapped at the start.
+		w.lost.Add(r)
+		return
+	}
 	for _, x := range w.fresh.Minus(r) {
 		w.lost.Add(x)
 	}
