@@ -306,11 +306,7 @@ func (s *StateSource) Change(r span.Range, populate bool, steps Steps) ([]span.R
 			changed = []span.Range{r}
 		}
 	} else {
-		s.runs(u, func(run span.Range, v uint8) {
-			if v != want {
-				changed = append(changed, s.bytes(run))
-			}
-		})
+		changed = s.differing(u, want)
 	}
 	if len(changed) == 0 {
 		return nil, nil
@@ -319,6 +315,19 @@ func (s *StateSource) Change(r span.Range, populate bool, steps Steps) ([]span.R
 		return nil, err
 	}
 	return changed, nil
+}
+
+// differing returns the runs of u (entry indexes) whose value is not want,
+// as byte ranges. (A function of its own: the closure's capture would move
+// Change's result to the heap on every call, the single-page one included.)
+func (s *StateSource) differing(u span.Range, want uint8) []span.Range {
+	var out []span.Range
+	s.runs(u, func(run span.Range, v uint8) {
+		if v != want {
+			out = append(out, s.bytes(run))
+		}
+	})
+	return out
 }
 
 // step is one finished step of a change, kept so it can be undone.
