@@ -56,17 +56,18 @@
 // 1024 or 2048, and only where the chunk holds thousands of runs).
 //
 // Memory is a 112-byte header and a cache of recently edited chunk segments,
-// which spares Get and Set the index search (1 KiB, growing to at most two
-// entries of 16 bytes per chunk segment and at most 64 KiB), plus 48 bytes per
-// segment, plus per chunk segment an 80-byte header and its slices, every
-// capacity counted (Bytes is checked against the heap by a test). The worst case, every page its own run, is
-// every chunk dense: bits per page plus 128 bytes per chunk of 2^16 pages,
-// 1.6% over the bitmap.
+// which spares Get and Set the index search (16 bytes an entry: 64 entries,
+// or one per chunk for a map of fewer chunks, growing to at most two per
+// chunk segment and at most 4,096), plus 48 bytes per segment, plus per chunk
+// segment an 80-byte header and its slices, every capacity counted (Bytes is
+// checked against the heap by a test). The worst case, every page its own
+// run, is every chunk dense: bits per page plus 144 bytes per chunk of 2^16
+// pages (its header, segment and hot cache entry), 1.8% over the bitmap.
 //
 // Measured with BenchmarkStateMemory for 1 TiB of 4 KiB pages, one bit per
 // page (bitmap: 32 MiB): 1 GiB shared plus 50,000 scattered shared pages
-// costs about 0.8 MiB (1/40 of the bitmap); alternating pages cost the
-// bitmap's size plus 1.6%.
+// costs about 0.85 MiB (1/38 of the bitmap); alternating pages cost the
+// bitmap's size plus 1.8%.
 package pagemap
 
 import (
