@@ -152,6 +152,25 @@ type Stats struct {
 	MaxWindow     uint64 // the largest window of one operation
 }
 
+// Add adds x's counters to s: every count and byte total is summed, and
+// MaxWindow is the larger of the two. Entries and PeakEntries are summed too:
+// for Mappers sharing one space the summed peak bounds the space's peak from
+// above.
+func (s *Stats) Add(x Stats) {
+	s.Entries += x.Entries
+	s.PeakEntries += x.PeakEntries
+	s.MappedBytes += x.MappedBytes
+	s.MapCalls += x.MapCalls
+	s.UnmapCalls += x.UnmapCalls
+	s.Splits += x.Splits
+	s.Failures += x.Failures
+	s.PinnedBytes += x.PinnedBytes
+	s.UnpinnedBytes += x.UnpinnedBytes
+	s.RepinnedBytes += x.RepinnedBytes
+	s.WindowBytes += x.WindowBytes
+	s.MaxWindow = max(s.MaxWindow, x.MaxWindow)
+}
+
 // Mapper is a discard.Listener that mirrors its section's populated pages
 // into an IOMMU space.
 //
@@ -348,17 +367,7 @@ func (m *Mapper) Stats() Stats {
 	defer m.unlock(^uint64(0))
 	var t Stats
 	for i := range m.shards {
-		s := &m.shards[i].stats
-		t.MappedBytes += s.MappedBytes
-		t.MapCalls += s.MapCalls
-		t.UnmapCalls += s.UnmapCalls
-		t.Splits += s.Splits
-		t.Failures += s.Failures
-		t.PinnedBytes += s.PinnedBytes
-		t.UnpinnedBytes += s.UnpinnedBytes
-		t.RepinnedBytes += s.RepinnedBytes
-		t.WindowBytes += s.WindowBytes
-		t.MaxWindow = max(t.MaxWindow, s.MaxWindow)
+		t.Add(m.shards[i].stats)
 	}
 	t.Entries = m.entries.Load()
 	t.PeakEntries = m.peak.Load()

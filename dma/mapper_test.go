@@ -564,3 +564,17 @@ func TestSplitReserve(t *testing.T) {
 		}
 	}
 }
+
+// TestStatsAdd: every counter is summed, the largest window kept.
+func TestStatsAdd(t *testing.T) {
+	a := dma.Stats{Entries: 1, PeakEntries: 2, MappedBytes: 3, MapCalls: 4, UnmapCalls: 5, Splits: 6, Failures: 7,
+		PinnedBytes: 8, UnpinnedBytes: 9, RepinnedBytes: 10, WindowBytes: 11, MaxWindow: 12}
+	b := dma.Stats{Entries: 10, PeakEntries: 20, MappedBytes: 30, MapCalls: 40, UnmapCalls: 50, Splits: 60, Failures: 70,
+		PinnedBytes: 80, UnpinnedBytes: 90, RepinnedBytes: 100, WindowBytes: 110, MaxWindow: 5}
+	a.Add(b)
+	want := dma.Stats{Entries: 11, PeakEntries: 22, MappedBytes: 33, MapCalls: 44, UnmapCalls: 55, Splits: 66, Failures: 77,
+		PinnedBytes: 88, UnpinnedBytes: 99, RepinnedBytes: 110, WindowBytes: 121, MaxWindow: 12}
+	if a != want {
+		t.Errorf("Add = %+v, want %+v", a, want)
+	}
+}

@@ -108,19 +108,7 @@ func (a *Attachment) Mappers() []*dma.Mapper {
 func (a *Attachment) Stats() dma.Stats {
 	var s dma.Stats
 	for _, mp := range a.Mappers() {
-		x := mp.Stats()
-		s.Entries += x.Entries
-		s.PeakEntries += x.PeakEntries
-		s.MappedBytes += x.MappedBytes
-		s.MapCalls += x.MapCalls
-		s.UnmapCalls += x.UnmapCalls
-		s.Splits += x.Splits
-		s.Failures += x.Failures
-		s.PinnedBytes += x.PinnedBytes
-		s.UnpinnedBytes += x.UnpinnedBytes
-		s.RepinnedBytes += x.RepinnedBytes
-		s.WindowBytes += x.WindowBytes
-		s.MaxWindow = max(s.MaxWindow, x.MaxWindow)
+		s.Add(mp.Stats())
 	}
 	return s
 }
