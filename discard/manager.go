@@ -99,7 +99,9 @@ type Manager struct {
 	locks *rangeLock
 
 	// mu is held for writing to change sources or listeners and for reading
-	// by transactions and queries.
+	// by transactions and queries. The padding keeps its first stripe off
+	// the line of the fields above, which every transaction reads.
+	_         [64]byte
 	mu        gate
 	sources   []Source
 	listeners []*registration
@@ -395,6 +397,7 @@ type Tx struct {
 	gate int // the stripe of m.mu it holds
 	log  txlog
 	buf  [4]notification // the log's first notifications, without allocating
+	one  [1]span.Range   // the changed run of a single-unit change
 }
 
 // Transact locks r (region byte offsets) against other transactions and

@@ -47,7 +47,8 @@ const (
 )
 
 // Steps are the parts of a change outside the source's bookkeeping, each
-// given the runs (region byte offsets) that change.
+// given the runs (region byte offsets) that change. The slice is valid only
+// during the call: a step that keeps the runs copies them.
 type Steps struct {
 	// Kernel changes the state where the kernel keeps it (KVM memory
 	// attributes, guest_memfd); it must be all or nothing. It is undone by
@@ -287,12 +288,28 @@ func (s *StateSource) Check(offset, size uint64) (span.Range, error) {
 // discarded, not even between steps. If any step fails, the finished steps are
 // undone in reverse order and the error is returned.
 func (s *StateSource) Change(r span.Range, populate bool, steps Steps) ([]span.Range, error) {
+	changed, _, err := s.change(r, populate, steps, true)
+	return changed, err
+}
+
+// ChangeCount is Change returning only how many runs and bytes changed: the
+// runs themselves are not copied out, so a single-unit change allocates
+// nothing.
+func (s *StateSource) ChangeCount(r span.Range, populate bool, steps Steps) (runs int, bytes uint64, err error) {
+	changed, bytes, err := s.change(r, populate, steps, false)
+	return len(changed), bytes, err
+}
+
+// change is Change, also returning the bytes changed. With keep false the
+// runs it returns may be the transaction's own buffer, which another change
+// reuses once this one ends: the caller may take their number only.
+func (s *StateSource) change(r span.Range, populate bool, steps Steps, keep bool) ([]span.Range, uint64, error) {
 	if _, err := s.Check(r.Start, r.Len()); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	tx, err := s.m.begin(r)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer s.m.end(tx)
 	want := uint8(0)
@@ -303,18 +320,28 @@ func (s *StateSource) Change(r span.Range, populate bool, steps Steps) ([]span.R
 	u := s.units(r)
 	if u.Len() == 1 { // the most common request: one page
 		if s.get(u.Start) != want {
-			changed = []span.Range{r}
+			// The transaction's buffer, not a new slice: the steps see
+			// the runs only during their calls.
+			tx.one[0] = r
+			changed = tx.one[:]
 		}
 	} else {
 		changed = s.differing(u, want)
 	}
 	if len(changed) == 0 {
-		return nil, nil
+		return nil, 0, nil
 	}
 	if err := s.apply(tx, changed, populate, steps); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	return changed, nil
+	var n uint64
+	for _, c := range changed {
+		n += c.Len()
+	}
+	if keep && len(changed) == 1 {
+		changed = []span.Range{changed[0]}
+	}
+	return changed, n, nil
 }
 
 // differing returns the runs of u (entry indexes) whose value is not want,

@@ -100,6 +100,14 @@ type Options struct {
 	// space's limit for Extent, none for Granule (whose discards of whole
 	// granules never split, as in QEMU); NoReserve none.
 	SplitReserve uint64
+	// RegionSize is the size of the region whose sections the mapper is
+	// told about (0: len(host), if host is given). It only spreads the lock
+	// shards: each window is then at least RegionSize/64, so every shard
+	// holds one contiguous part of the region and operations on distant
+	// parts of it touch no common lock or table. Without it windows are
+	// 64 MiB, and a region of more than 64 of them meets every shard from
+	// each of its parts.
+	RegionSize uint64
 	// Logger receives splits and failures (default: discard).
 	Logger *slog.Logger
 }
@@ -174,8 +182,9 @@ func (s *Stats) Add(x Stats) {
 // Mapper is a discard.Listener that mirrors its section's populated pages
 // into an IOMMU space.
 //
-// Its entry table is kept in windows of IOVA (64 MiB, or the bound if
-// larger) spread over a fixed set of shards, each with its own lock. Every
+// Its entry table is kept in windows of IOVA (64 MiB, a 64th of the
+// region, or the bound, whichever is largest) spread over a fixed set of
+// shards, each with its own lock. Every
 // entry lies inside one chunk of the bound in region offsets (MaxExtent for
 // Extent, the granule for Granule), so an operation on a section touches
 // only entries that start less than one bound below or above the section's
@@ -191,8 +200,12 @@ type Mapper struct {
 	log   *slog.Logger
 
 	// bound is the size no entry exceeds; 1<<shift the bytes of a window.
-	bound  uint64
-	shift  uint
+	bound uint64
+	shift uint
+	// The padding keeps the first shard's lock off the line of the fields
+	// above, which every operation reads, and the last one's off the
+	// counters below.
+	_      [64]byte
 	shards [shardCount]shard
 
 	entries atomic.Uint64 // entries held now, across shards
@@ -224,18 +237,53 @@ type shard struct {
 	// not ended, what the last notification of it changed, so Revert can
 	// restore it exactly.
 	journal map[discard.Section]change
+	// free holds entry lists of settled notifications for reuse (take,
+	// give).
+	free [][]entry
 	// stats are this shard's counters; Entries and PeakEntries are the
 	// Mapper's.
 	stats Stats
-	_     [64]byte // keeps neighbouring shards' locks off one cache line
+	// w measures the window of the operation whose section starts here.
+	w iommu.Window
+	_ [64]byte // keeps neighbouring shards' locks off one cache line
 }
 
+// take returns an empty slice for a journal entry list, reusing one a
+// settled notification gave back, so that steady conversions allocate none.
+// The shard's lock must be held.
+func (sh *shard) take() []entry {
+	n := len(sh.free)
+	if n == 0 {
+		return nil
+	}
+	es := sh.free[n-1]
+	sh.free = sh.free[:n-1]
+	return es[:0]
+}
+
+// give returns es, which nothing refers to any more, for reuse by take.
+// Small lists only, and a bounded number of them: a rare large one is left
+// to the collector.
+func (sh *shard) give(es []entry) {
+	if c := cap(es); c > 0 && c <= maxFreeEntries && len(sh.free) < maxFreeLists {
+		sh.free = append(sh.free, es[:0])
+	}
+}
+
+// The free lists of a shard: at most maxFreeLists lists of at most
+// maxFreeEntries entries.
+const (
+	maxFreeLists   = 32
+	maxFreeEntries = 8
+)
+
 // op is one running operation: the shards it holds, the shard of its
-// section (journal and counters), and its window.
+// section (journal and counters), and its window (the home shard's, reused
+// from operation to operation so that measuring it allocates nothing).
 type op struct {
 	mask uint64
 	home *shard
-	w    iommu.Window
+	w    *iommu.Window
 }
 
 // change is what one notification did to the entries.
@@ -288,6 +336,13 @@ func New(space iommu.Space, host []byte, opts Options) (*Mapper, error) {
 		m.shift = 64 // one window: every address is in shard 0
 	default:
 		m.shift = max(windowShift, uint(bits.TrailingZeros64(m.bound)))
+		size := opts.RegionSize
+		if size == 0 {
+			size = uint64(len(host))
+		}
+		for m.shift < 63 && size > 0 && (size-1)>>m.shift >= shardCount {
+			m.shift++
+		}
 	}
 	for i := range m.shards {
 		m.shards[i].entries = btree.NewG(16, func(a, b entry) bool { return a.iova < b.iova })
@@ -345,7 +400,9 @@ func (m *Mapper) begin(s discard.Section) op {
 		mask |= m.mask(lo, hi-1)
 	}
 	m.lock(mask)
-	return op{mask: mask, home: m.shardOf(m.window(s.GPA))}
+	home := m.shardOf(m.window(s.GPA))
+	home.w.Reset()
+	return op{mask: mask, home: home, w: &home.w}
 }
 
 // end ends the measurement of o's window and releases its shards.
@@ -405,7 +462,7 @@ func (m *Mapper) populate(o *op, s discard.Section) error {
 	if s.Size == 0 {
 		return nil
 	}
-	var pieces []entry
+	pieces := o.home.take()
 	at := s.GPA
 	unit := m.bound
 	emit := func(from, to uint64) {
@@ -421,7 +478,8 @@ func (m *Mapper) populate(o *op, s discard.Section) error {
 			from += n
 		}
 	}
-	for _, e := range m.overlapping(o, s.GPARange()) {
+	var buf [2]entry
+	for _, e := range m.overlapping(buf[:0], o, s.GPARange()) {
 		if e.iova > at {
 			emit(at, e.iova)
 		}
@@ -433,11 +491,13 @@ func (m *Mapper) populate(o *op, s discard.Section) error {
 	if len(pieces) == 0 {
 		// Nothing to map, but still a notification a failed operation may
 		// revert, as for a discard of nothing.
+		o.home.give(pieces)
 		o.home.journal[s] = change{}
 		return nil
 	}
 	held, err := m.budget(uint64(len(pieces)), true, s.GPARange())
 	if err != nil {
+		o.home.give(pieces)
 		return err
 	}
 	if held {
@@ -450,6 +510,7 @@ func (m *Mapper) populate(o *op, s discard.Section) error {
 					err = errors.Join(err, uerr)
 				}
 			}
+			o.home.give(pieces)
 			return err
 		}
 	}
@@ -472,21 +533,33 @@ func (m *Mapper) Discard(s discard.Section) error {
 
 func (m *Mapper) discard(o *op, s discard.Section) error {
 	r := s.GPARange()
-	var inside, cut []entry
-	for _, e := range m.overlapping(o, r) {
-		if e.iova >= r.Start && e.end() <= r.End {
-			inside = append(inside, e)
-		} else {
-			cut = append(cut, e)
-		}
-	}
-	if len(inside) == 0 && len(cut) == 0 {
+	// removed is what the journal keeps: the cut entries, then the inside
+	// ones (the slices below are views of it).
+	var buf [2]entry
+	met := m.overlapping(buf[:0], o, r)
+	if len(met) == 0 {
 		o.home.journal[s] = change{}
 		return nil
 	}
+	removed := o.home.take()
+	for _, e := range met {
+		if e.iova < r.Start || e.end() > r.End {
+			removed = append(removed, e)
+		}
+	}
+	ncut := len(removed)
+	for _, e := range met {
+		if e.iova >= r.Start && e.end() <= r.End {
+			removed = append(removed, e)
+		}
+	}
+	cut, inside := removed[:ncut:ncut], removed[ncut:]
 	// The remainders of cut entries need entries of their own; each cut
 	// entry and each inside one gives one back.
 	var rest []entry
+	if len(cut) > 0 {
+		rest = o.home.take()
+	}
 	for _, e := range cut {
 		if e.iova < r.Start {
 			rest = append(rest, entry{iova: e.iova, size: r.Start - e.iova, off: e.off})
@@ -498,6 +571,8 @@ func (m *Mapper) discard(o *op, s discard.Section) error {
 	if freed := uint64(len(cut) + len(inside)); uint64(len(rest)) > freed {
 		held, err := m.budget(uint64(len(rest))-freed, false, r)
 		if err != nil {
+			o.home.give(removed)
+			o.home.give(rest)
 			return err
 		}
 		if held {
@@ -521,6 +596,8 @@ func (m *Mapper) discard(o *op, s discard.Section) error {
 		if len(errs) > 0 {
 			m.log.Error("dma: restoring entries after a failed discard failed", "err", errors.Join(errs...))
 		}
+		o.home.give(removed)
+		o.home.give(rest)
 		return errors.Join(append([]error{err}, errs...)...)
 	}
 	for _, e := range cut {
@@ -545,7 +622,7 @@ func (m *Mapper) discard(o *op, s discard.Section) error {
 	}
 	// Counted only now: a discard that failed and was undone split nothing.
 	o.home.stats.Splits += uint64(len(cut))
-	o.home.journal[s] = change{removed: append(cut, inside...), added: rest, splits: uint64(len(cut))}
+	o.home.journal[s] = change{removed: removed, added: rest, splits: uint64(len(cut))}
 	return nil
 }
 
@@ -573,8 +650,14 @@ func (m *Mapper) Revert(s discard.Section) error {
 	} else {
 		m.log.Info("dma revert: entries around the section changed since; mapping the section anew", "section", s)
 		err = m.populate(&o, s)
-		delete(o.home.journal, s)
+		if pc, ok := o.home.journal[s]; ok {
+			o.home.give(pc.removed)
+			o.home.give(pc.added)
+			delete(o.home.journal, s)
+		}
 	}
+	o.home.give(c.removed)
+	o.home.give(c.added)
 	if err != nil {
 		o.home.stats.Failures++
 		m.log.Error("dma revert failed", "section", s, "err", err)
@@ -616,7 +699,11 @@ func (m *Mapper) restore(o *op, c change) error {
 func (m *Mapper) Settle(s discard.Section) {
 	sh := m.shardOf(m.window(s.GPA))
 	sh.mu.Lock()
-	delete(sh.journal, s)
+	if c, ok := sh.journal[s]; ok {
+		sh.give(c.removed)
+		sh.give(c.added)
+		delete(sh.journal, s)
+	}
 	sh.mu.Unlock()
 }
 
@@ -687,7 +774,8 @@ func (m *Mapper) reserve() uint64 {
 // mappedIn returns how many bytes of r the mapper has mapped.
 func (m *Mapper) mappedIn(o *op, r span.Range) uint64 {
 	var n uint64
-	for _, e := range m.overlapping(o, r) {
+	var buf [2]entry
+	for _, e := range m.overlapping(buf[:0], o, r) {
 		n += span.Range{Start: e.iova, End: e.end()}.Intersect(r).Len()
 	}
 	return n
@@ -760,10 +848,10 @@ func (m *Mapper) unmapEntries(o *op, es []entry) error {
 	return nil
 }
 
-// overlapping returns the entries that meet r, ascending. r must lie in the
-// range o locked.
-func (m *Mapper) overlapping(o *op, r span.Range) []entry {
-	var out []entry
+// overlapping appends to out the entries that meet r, ascending, and
+// returns the extended slice (callers pass a buffer on their stack). r must
+// lie in the range o locked.
+func (m *Mapper) overlapping(out []entry, o *op, r span.Range) []entry {
 	if e, ok := m.before(o, r.Start); ok && e.end() > r.Start {
 		out = append(out, e)
 	}

@@ -45,7 +45,12 @@ import (
 // step, so concurrent maps never exceed it.
 type Model struct {
 	caps Caps
+	// shift gives the bytes of a window: 1<<shift.
+	shift uint
 
+	// The padding keeps the first shard's lock off the line of the fields
+	// above, which every call reads.
+	_      [64]byte
 	shards [modelShards]modelShard
 	// total counts the mappings of a limited model (the entry limit is
 	// checked against it); an unlimited one counts per shard only.
@@ -169,7 +174,16 @@ func (f *DMAFault) Unwrap() error { return ErrFault }
 // NewModel returns an empty Model. caps.Rules must be set; a zero PageSize
 // means 4 KiB. A Type1v2 model with a zero EntryLimit gets the kernel's
 // default of 65,535; an IOMMUFD model has no limit.
-func NewModel(caps Caps) *Model {
+func NewModel(caps Caps) *Model { return NewModelSpan(caps, 0) }
+
+// NewModelSpan is NewModel for a space whose mappings lie mostly in [0,
+// size), a region mapped at IOVA 0 on: its windows are then at least a 64th
+// of size, so each lock shard holds one contiguous part of the region and
+// calls on distant parts of it touch no common lock or table. (With 64 MiB
+// windows, a region of more than 64 of them meets every shard from each of
+// its parts.) A size of 0 is NewModel. The size spreads the locks only:
+// mappings anywhere else work as before.
+func NewModelSpan(caps Caps, size uint64) *Model {
 	if caps.PageSize == 0 {
 		caps.PageSize = 4096
 	}
@@ -184,28 +198,31 @@ func NewModel(caps Caps) *Model {
 		panic("iommu: NewModel needs Rules")
 	}
 	caps.Ranges = append([]span.Range(nil), caps.Ranges...)
-	m := &Model{caps: caps}
+	m := &Model{caps: caps, shift: modelWindowShift}
+	for m.shift < 63 && size > 0 && (size-1)>>m.shift >= modelShards {
+		m.shift++
+	}
 	for i := range m.shards {
 		m.shards[i].pieces = btree.NewG(16, func(a, b piece) bool { return a.iova < b.iova })
 	}
 	return m
 }
 
-// window returns the window of IOVA a.
-func window(a uint64) uint64 { return a >> modelWindowShift }
+// win returns the window of IOVA a.
+func (m *Model) win(a uint64) uint64 { return a >> m.shift }
 
-// windowFirst and windowLast return the bounds of window w.
-func windowFirst(w uint64) uint64 { return w << modelWindowShift }
-func windowLast(w uint64) uint64  { return windowFirst(w) + (1<<modelWindowShift - 1) }
+// winFirst and winLast return the bounds of window w.
+func (m *Model) winFirst(w uint64) uint64 { return w << m.shift }
+func (m *Model) winLast(w uint64) uint64  { return m.winFirst(w) + (uint64(1)<<m.shift - 1) }
 
 func (m *Model) shardOf(w uint64) *modelShard { return &m.shards[w%modelShards] }
 
 // shardMask returns the shards of the windows that [iova, last] meets.
-func shardMask(iova, last uint64) uint64 {
+func (m *Model) shardMask(iova, last uint64) uint64 {
 	if last < iova {
 		return ^uint64(0)
 	}
-	w0, w1 := window(iova), window(last)
+	w0, w1 := m.win(iova), m.win(last)
 	if w1-w0 >= modelShards-1 {
 		return ^uint64(0)
 	}
@@ -221,10 +238,10 @@ func shardMask(iova, last uint64) uint64 {
 // callMask returns the shards a map or unmap call of [iova, iova+size)
 // locks: those of the windows it covers, and for size 0 (refused, but
 // counted) the window of iova.
-func callMask(iova, size uint64) uint64 {
-	mask := uint64(1) << (window(iova) % modelShards)
+func (m *Model) callMask(iova, size uint64) uint64 {
+	mask := uint64(1) << (m.win(iova) % modelShards)
 	if size != 0 {
-		mask |= shardMask(iova, iova+size-1)
+		mask |= m.shardMask(iova, iova+size-1)
 	}
 	return mask
 }
@@ -283,10 +300,10 @@ func (m *Model) injected(c Call) error {
 // Map implements Space.
 func (m *Model) Map(iova, size uint64, host []byte) error {
 	last := iova + size - 1
-	mask := callMask(iova, size)
+	mask := m.callMask(iova, size)
 	m.lock(mask)
 	defer m.unlock(mask)
-	m.shardOf(window(iova)).mapCalls++
+	m.shardOf(m.win(iova)).mapCalls++
 	if err := m.injected(Call{OpMap, iova, size}); err != nil {
 		return err
 	}
@@ -327,17 +344,17 @@ func (m *Model) Map(iova, size uint64, host []byte) error {
 		return unix.EINVAL
 	}
 	x := mapping{iova: iova, size: size, host: host}
-	if isLarge(x) {
+	if m.isLarge(x) {
 		i, _ := slices.BinarySearchFunc(m.large, iova, func(y mapping, a uint64) int { return cmp.Compare(y.iova, a) })
 		m.large = slices.Insert(m.large, i, x)
 	}
-	for w := window(iova); !isLarge(x); w++ {
-		m.shardOf(w).pieces.ReplaceOrInsert(piece{iova: max(iova, windowFirst(w)), last: min(last, windowLast(w)), x: x})
-		if w == window(last) {
+	for w := m.win(iova); !m.isLarge(x); w++ {
+		m.shardOf(w).pieces.ReplaceOrInsert(piece{iova: max(iova, m.winFirst(w)), last: min(last, m.winLast(w)), x: x})
+		if w == m.win(last) {
 			break
 		}
 	}
-	sh := m.shardOf(window(iova))
+	sh := m.shardOf(m.win(iova))
 	sh.n++
 	sh.pins.Pinned += size / ps
 	if m.inOp.Load() && iova+size > iova {
@@ -350,16 +367,16 @@ func (m *Model) Map(iova, size uint64, host []byte) error {
 
 // remove takes mapping x out of the table, with its shards locked.
 func (m *Model) remove(x mapping) {
-	if isLarge(x) {
+	if m.isLarge(x) {
 		m.large = slices.DeleteFunc(m.large, func(y mapping) bool { return y.iova == x.iova })
 	}
-	for w := window(x.iova); !isLarge(x); w++ {
-		m.shardOf(w).pieces.Delete(piece{iova: max(x.iova, windowFirst(w))})
-		if w == window(x.last()) {
+	for w := m.win(x.iova); !m.isLarge(x); w++ {
+		m.shardOf(w).pieces.Delete(piece{iova: max(x.iova, m.winFirst(w))})
+		if w == m.win(x.last()) {
 			break
 		}
 	}
-	sh := m.shardOf(window(x.iova))
+	sh := m.shardOf(m.win(x.iova))
 	sh.n--
 	if m.caps.EntryLimit != 0 {
 		m.total.Add(^uint64(0))
@@ -375,16 +392,16 @@ func (m *Model) remove(x mapping) {
 // Unmap implements Space.
 func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 	last := iova + size - 1
-	mask := callMask(iova, size)
+	mask := m.callMask(iova, size)
 	m.lock(mask)
 	defer m.unlock(mask)
-	m.shardOf(window(iova)).unmaps++
+	m.shardOf(m.win(iova)).unmaps++
 	if err := m.injected(Call{OpUnmap, iova, size}); err != nil {
 		return 0, err
 	}
 	if m.caps.Rules == IOMMUFD && iova == 0 && size == math.MaxUint64 {
 		var n uint64
-		for _, x := range m.starting(0, math.MaxUint64) {
+		for _, x := range m.starting(nil, 0, math.MaxUint64) {
 			n += x.size
 			m.remove(x)
 		}
@@ -409,7 +426,8 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 			return 0, unix.EINVAL
 		}
 		var n uint64
-		for _, x := range m.starting(iova, last) {
+		var buf [2]mapping
+		for _, x := range m.starting(buf[:0], iova, last) {
 			m.remove(x)
 			n += x.size
 		}
@@ -421,7 +439,8 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 			return 0, unix.ENOENT
 		}
 		var n uint64
-		for _, x := range m.starting(iova, last) {
+		var buf [2]mapping
+		for _, x := range m.starting(buf[:0], iova, last) {
 			if x.last() > last {
 				return n, unix.ENOENT
 			}
@@ -459,7 +478,7 @@ func (m *Model) inWindows(iova, last uint64) bool {
 }
 
 // isLarge reports whether x meets every shard, so it is kept in Model.large.
-func isLarge(x mapping) bool { return window(x.last())-window(x.iova) >= modelShards-1 }
+func (m *Model) isLarge(x mapping) bool { return m.win(x.last())-m.win(x.iova) >= modelShards-1 }
 
 // The lookups below need the shards of the windows they look at locked.
 
@@ -467,7 +486,7 @@ func isLarge(x mapping) bool { return window(x.last())-window(x.iova) >= modelSh
 func (m *Model) containing(a uint64) (mapping, bool) {
 	var hit mapping
 	found := false
-	m.shardOf(window(a)).pieces.DescendLessOrEqual(piece{iova: a}, func(p piece) bool {
+	m.shardOf(m.win(a)).pieces.DescendLessOrEqual(piece{iova: a}, func(p piece) bool {
 		if a <= p.last {
 			hit, found = p.x, true
 		}
@@ -491,11 +510,11 @@ func (m *Model) ascendPieces(lo, hi uint64, fn func(piece) bool) {
 	if hi < lo {
 		return
 	}
-	w0, w1 := window(lo), window(hi)
+	w0, w1 := m.win(lo), m.win(hi)
 	if w1-w0 < modelShards {
 		// Window by window: each window's pieces are in one shard.
 		for w := w0; ; w++ {
-			from, to := max(lo, windowFirst(w)), min(hi, windowLast(w))
+			from, to := max(lo, m.winFirst(w)), min(hi, m.winLast(w))
 			more := true
 			m.shardOf(w).pieces.AscendGreaterOrEqual(piece{iova: from}, func(p piece) bool {
 				if p.iova > to {
@@ -528,10 +547,11 @@ func (m *Model) ascendPieces(lo, hi uint64, fn func(piece) bool) {
 	}
 }
 
-// starting returns the mappings whose first IOVA lies in [iova, last],
-// ascending.
-func (m *Model) starting(iova, last uint64) []mapping {
-	var xs []mapping
+// starting appends to xs the mappings whose first IOVA lies in [iova,
+// last], ascending, and returns the extended slice. (A caller passes a
+// buffer of its own, so that an unmap of one mapping allocates nothing.)
+func (m *Model) starting(xs []mapping, iova, last uint64) []mapping {
+	n := len(xs)
 	m.ascendPieces(iova, last, func(p piece) bool {
 		if p.iova == p.x.iova {
 			xs = append(xs, p.x)
@@ -540,7 +560,7 @@ func (m *Model) starting(iova, last uint64) []mapping {
 	})
 	if large := m.largeIn(iova, last); len(large) > 0 {
 		xs = append(xs, large...)
-		slices.SortFunc(xs, func(a, b mapping) int { return cmp.Compare(a.iova, b.iova) })
+		slices.SortFunc(xs[n:], func(a, b mapping) int { return cmp.Compare(a.iova, b.iova) })
 	}
 	return xs
 }
@@ -584,7 +604,7 @@ func (m *Model) visitIn(r span.Range, fn func(mapping)) {
 	if ok {
 		fn(first)
 	}
-	for _, x := range m.starting(r.Start, r.End-1) {
+	for _, x := range m.starting(nil, r.Start, r.End-1) {
 		if !ok || x.iova != first.iova {
 			fn(x)
 		}
@@ -596,7 +616,7 @@ func (m *Model) MappingsIn(r span.Range) []Mapping {
 	if r.Empty() {
 		return nil
 	}
-	mask := shardMask(r.Start, r.End-1)
+	mask := m.shardMask(r.Start, r.End-1)
 	m.lock(mask)
 	defer m.unlock(mask)
 	var out []Mapping
@@ -609,7 +629,7 @@ func (m *Model) Mappings() []Mapping {
 	m.lock(^uint64(0))
 	defer m.unlock(^uint64(0))
 	var out []Mapping
-	for _, x := range m.starting(0, math.MaxUint64) {
+	for _, x := range m.starting(nil, 0, math.MaxUint64) {
 		out = append(out, Mapping{x.iova, x.size})
 	}
 	if out == nil {
@@ -700,7 +720,7 @@ func (m *Model) WindowBytes() uint64 {
 
 // Reaches reports whether a device could touch IOVA a now.
 func (m *Model) Reaches(a uint64) bool {
-	mask := uint64(1) << (window(a) % modelShards)
+	mask := uint64(1) << (m.win(a) % modelShards)
 	m.lock(mask)
 	defer m.unlock(mask)
 	_, ok := m.containing(a)
@@ -725,7 +745,7 @@ func (m *Model) dma(iova uint64, buf []byte, write bool) error {
 	if len(buf) == 0 {
 		return nil
 	}
-	mask := shardMask(iova, iova+uint64(len(buf))-1)
+	mask := m.shardMask(iova, iova+uint64(len(buf))-1)
 	m.lock(mask)
 	defer m.unlock(mask)
 	type piece struct {

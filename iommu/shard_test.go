@@ -14,10 +14,28 @@ import (
 // TestModelLargeAndSpanning checks mappings that span lock windows (kept as
 // pieces) and ones that meet every shard (kept whole) against the rules: the
 // lookups, overlap, the unmap answers of both rule sets and DMA reach.
+//
+// It runs with the default 64 MiB windows and with windows spread over a
+// 16 GiB region (NewModelSpan: 256 MiB, a 64th of it).
 func TestModelLargeAndSpanning(t *testing.T) {
-	const w = 1 << modelWindowShift
-	for _, rules := range []Rules{Type1v2, IOMMUFD} {
-		m := NewModel(Caps{Rules: rules})
+	for _, tc := range []struct {
+		size  uint64
+		shift uint
+	}{{0, modelWindowShift}, {1 << 30, modelWindowShift}, {16 << 30, 28}, {16<<30 + 1, 29}} {
+		for _, rules := range []Rules{Type1v2, IOMMUFD} {
+			testModelLargeAndSpanning(t, rules, tc.size, tc.shift)
+		}
+	}
+}
+
+func testModelLargeAndSpanning(t *testing.T, rules Rules, size uint64, shift uint) {
+	t.Helper()
+	m := NewModelSpan(Caps{Rules: rules}, size)
+	if m.shift != shift {
+		t.Fatalf("span %#x: windows of 2^%d bytes, want 2^%d", size, m.shift, shift)
+	}
+	w := uint64(1) << m.shift
+	{
 		small := Mapping{IOVA: 3*w - 8<<10, Size: 16 << 10}          // two windows
 		large := Mapping{IOVA: 100 * w, Size: (modelShards + 3) * w} // every shard
 		after := Mapping{IOVA: large.IOVA + large.Size, Size: 4 << 10}

@@ -23,10 +23,12 @@ type Window struct {
 	repinned uint64
 }
 
-// Reset starts a new operation.
+// Reset starts a new operation. It keeps the memory of the last one's
+// ranges, so a Window reused for operation after operation (one per lock
+// shard, say) stops allocating.
 func (w *Window) Reset() {
-	w.lost = span.Set{}
-	w.fresh = span.Set{}
+	w.lost.Clear()
+	w.fresh.Clear()
 	w.repinned = 0
 }
 

@@ -44,7 +44,8 @@ func (s State) String() string {
 	return "private"
 }
 
-// Backend is the part of a conversion outside gmem's bookkeeping.
+// Backend is the part of a conversion outside gmem's bookkeeping. The runs
+// a method is given are valid only during the call.
 type Backend interface {
 	// SetAttributes makes runs (region byte offsets) private or shared where
 	// the kernel keeps the state (KVM_SET_MEMORY_ATTRIBUTES, or a guest_memfd
@@ -86,20 +87,27 @@ type Stats struct {
 
 // Attributes is the shared/private state of one region.
 type Attributes struct {
-	src *discard.StateSource
-	cfg Config
+	src   *discard.StateSource
+	cfg   Config
+	steps discard.Steps // what a conversion does outside the bookkeeping
 
+	// countShift sizes the counter stripes: a conversion at offset counts
+	// in stripe offset>>countShift, so each stripe covers one contiguous
+	// sixteenth (or less) of the region.
+	countShift uint
 	// counts are the counters in stripes by offset, summed by Stats, so
-	// that vCPUs converting distant pages do not write one cache line.
+	// that vCPUs converting distant pages do not write one cache line. The
+	// padding before them keeps the first stripe off the line of the
+	// fields above, which every conversion reads.
+	_      [64]byte
 	counts [countStripes]counters
 }
 
-// countStripes is the number of counter stripes; a stripe is chosen by
-// the conversion's offset in units of 256 MiB.
-const (
-	countStripes     = 16
-	countStripeShift = 28
-)
+// countStripes is the number of counter stripes. A stripe is a contiguous
+// part of the region, not offsets modulo a size: vCPUs working in different
+// parts of the region then never share a stripe, where a modulo would make
+// every part meet every stripe.
+const countStripes = 16
 
 type counters struct {
 	conversions, noops, failures, runs, bytes atomic.Uint64
@@ -108,7 +116,7 @@ type counters struct {
 
 // counters returns the stripe for a conversion at offset.
 func (a *Attributes) counters(offset uint64) *counters {
-	return &a.counts[(offset>>countStripeShift)%countStripes]
+	return &a.counts[min(offset>>a.countShift, countStripes-1)]
 }
 
 // New returns the attributes of the manager's region, every page private,
@@ -147,7 +155,22 @@ func New(m *discard.Manager, cfg Config) (*Attributes, error) {
 	if err := m.AddSource(src); err != nil {
 		return nil, fmt.Errorf("memattr: %w", err)
 	}
-	return &Attributes{src: src, cfg: cfg}, nil
+	a := &Attributes{src: src, cfg: cfg}
+	// The steps are made once: closures made per conversion would each be
+	// an allocation.
+	a.steps.KernelAfterDiscard = cfg.InPlace
+	if b := cfg.Backend; b != nil {
+		a.steps.Kernel = func(runs []span.Range, populate bool) error {
+			return b.SetAttributes(runs, stateOf(populate))
+		}
+		a.steps.Release = func(runs []span.Range, populate bool) error {
+			return b.Release(runs, stateOf(populate))
+		}
+	}
+	for a.countShift < 63 && m.Size() > 0 && (m.Size()-1)>>a.countShift >= countStripes {
+		a.countShift++
+	}
+	return a, nil
 }
 
 // Source returns the discard.Source the attributes added to the manager.
@@ -162,42 +185,46 @@ func (a *Attributes) PageSize() uint64 { return a.cfg.PageSize }
 // touched with errors wrapping span.ErrEmpty, span.ErrOverflow, span.ErrAlign
 // or span.ErrBounds.
 func (a *Attributes) Convert(offset, size uint64, to State) error {
-	_, err := a.ConvertRuns(offset, size, to)
+	_, err := a.convert(offset, size, to, false)
 	return err
 }
 
 // ConvertRuns is Convert, returning the runs that changed.
 func (a *Attributes) ConvertRuns(offset, size uint64, to State) ([]span.Range, error) {
+	return a.convert(offset, size, to, true)
+}
+
+// convert is Convert; with keep it returns the runs that changed (which
+// costs their copy), without it nil.
+func (a *Attributes) convert(offset, size uint64, to State, keep bool) ([]span.Range, error) {
 	c := a.counters(offset)
 	r, err := a.src.Check(offset, size)
 	if err != nil {
 		c.failures.Add(1)
 		return nil, fmt.Errorf("memattr: convert to %v: %w", to, err)
 	}
-	steps := discard.Steps{KernelAfterDiscard: a.cfg.InPlace}
-	if b := a.cfg.Backend; b != nil {
-		steps.Kernel = func(runs []span.Range, populate bool) error {
-			return b.SetAttributes(runs, stateOf(populate))
+	var changed []span.Range
+	var runs int
+	var n uint64
+	if keep {
+		changed, err = a.src.Change(r, to == Shared, a.steps)
+		runs = len(changed)
+		for _, run := range changed {
+			n += run.Len()
 		}
-		steps.Release = func(runs []span.Range, populate bool) error {
-			return b.Release(runs, stateOf(populate))
-		}
+	} else {
+		runs, n, err = a.src.ChangeCount(r, to == Shared, a.steps)
 	}
-	changed, err := a.src.Change(r, to == Shared, steps)
 	if err != nil {
 		c.failures.Add(1)
 		return nil, fmt.Errorf("memattr: convert offset %v to %v: %w", r, to, err)
 	}
-	if len(changed) == 0 {
+	if runs == 0 {
 		c.noops.Add(1)
 		return nil, nil
 	}
 	c.conversions.Add(1)
-	c.runs.Add(uint64(len(changed)))
-	var n uint64
-	for _, run := range changed {
-		n += run.Len()
-	}
+	c.runs.Add(uint64(runs))
 	c.bytes.Add(n)
 	return changed, nil
 }

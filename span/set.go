@@ -44,6 +44,9 @@ func (s *Set) Add(r Range) {
 	s.rs = append(s.rs[:i+1], s.rs[j:]...)
 }
 
+// Clear empties the set, keeping the memory of its ranges for reuse.
+func (s *Set) Clear() { s.rs = s.rs[:0] }
+
 // Remove deletes r from the set, splitting a range that contains it.
 func (s *Set) Remove(r Range) {
 	if r.Empty() {

@@ -562,7 +562,10 @@ func newBoundedStack(region uint64, baseline bool, maxExtent uint64) (*stack, er
 	if baseline {
 		policy = dma.Granule
 	}
-	mapper, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, dma.Options{Policy: policy, MaxExtent: maxExtent})
+	// Both sized to the region, so that conversions in distant parts of it
+	// take different lock shards (the parallel row).
+	model := iommu.NewModelSpan(iommu.Caps{Rules: iommu.IOMMUFD}, region)
+	mapper, err := dma.New(model, nil, dma.Options{Policy: policy, MaxExtent: maxExtent, RegionSize: region})
 	if err != nil {
 		return nil, err
 	}

@@ -378,7 +378,7 @@ func BenchmarkParallelConvert(b *testing.B) {
 					b.Fatal(err)
 				}
 				if listeners > 0 {
-					mp, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, dma.Options{})
+					mp, err := dma.New(iommu.NewModelSpan(iommu.Caps{Rules: iommu.IOMMUFD}, size), nil, dma.Options{RegionSize: size})
 					if err != nil {
 						b.Fatal(err)
 					}

@@ -57,14 +57,18 @@ func TestConcurrentShards(t *testing.T) {
 		opts  dma.Options
 		sec   discard.Section
 		bound uint64
+		span  uint64 // the model's (iommu.NewModelSpan)
 	}
 	cases := []mapperCase{
-		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{}, discard.Section{Size: size, GPA: 0x10_0000_0000}, dma.DefaultMaxExtent},
+		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{}, discard.Section{Size: size, GPA: 0x10_0000_0000}, dma.DefaultMaxExtent, 0},
 		{iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 60000}, dma.Options{MaxExtent: 64 << 10},
-			discard.Section{Offset: 16 * mib, Size: size - 32*mib, GPA: 0x20_0000_0000 + 16*mib - 12<<10}, 64 << 10},
-		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{MaxExtent: dma.Unbounded}, discard.Section{Size: size, GPA: 0x40_0000_0000}, 0},
+			discard.Section{Offset: 16 * mib, Size: size - 32*mib, GPA: 0x20_0000_0000 + 16*mib - 12<<10}, 64 << 10, 0},
+		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{MaxExtent: dma.Unbounded}, discard.Section{Size: size, GPA: 0x40_0000_0000}, 0, 0},
 		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{Policy: dma.Granule},
-			discard.Section{Offset: boundary - 2*mib, Size: 4 * mib, GPA: 0x80_0000_0000}, page},
+			discard.Section{Offset: boundary - 2*mib, Size: 4 * mib, GPA: 0x80_0000_0000}, page, 0},
+		// Windows spread over a 16 GiB region: 256 MiB, whose boundaries
+		// fall on every fourth boundary here, for the mapper and the model.
+		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{RegionSize: 16 << 30}, discard.Section{Size: size, GPA: 0x100_0000_0000}, dma.DefaultMaxExtent, 16 << 30},
 	}
 	type live struct {
 		mapperCase
@@ -73,7 +77,7 @@ func TestConcurrentShards(t *testing.T) {
 	}
 	var ls []live
 	for _, c := range cases {
-		model := iommu.NewModel(c.caps)
+		model := iommu.NewModelSpan(c.caps, c.span)
 		model.SetFault(func(call iommu.Call) error {
 			if call.Op != iommu.OpMap {
 				return nil
