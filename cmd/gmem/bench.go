@@ -43,12 +43,15 @@ type benchRow struct {
 	Note     string  `json:"note"`   // what the row measures
 	// Timed rows: Baseline and Gmem are medians over Rounds rounds, in
 	// which the two alternate; the ranges are the fastest and slowest
-	// round. Spread is the larger of the two sides' (max-min)/median, and
-	// Noisy says it exceeds the bound the run was given. Rows that count
-	// (bytes, calls, entries) are exact: Rounds 0, Spread 0.
+	// round, the IQRs the first and third quartiles. Spread is the larger
+	// of the two sides' interquartile range over median, and Noisy says it
+	// exceeds the bound the run was given. Rows that count (bytes, calls,
+	// entries) are exact: Rounds 0, Spread 0.
 	Rounds        int       `json:"rounds,omitempty"`
 	BaselineRange []float64 `json:"baseline_range,omitempty"`
 	GmemRange     []float64 `json:"gmem_range,omitempty"`
+	BaselineIQR   []float64 `json:"baseline_iqr,omitempty"`
+	GmemIQR       []float64 `json:"gmem_iqr,omitempty"`
 	Spread        float64   `json:"spread"`
 	Noisy         bool      `json:"noisy"`
 	// Baseline says how the baseline column was obtained when it was not
@@ -110,8 +113,11 @@ var (
 )
 
 // defaultMaxSpread is the spread past which a timed row is marked noisy:
-// a fastest and slowest round more than a fifth of the median apart.
-const defaultMaxSpread = 0.2
+// the middle half of its rounds more than a tenth of the median wide. (The
+// interquartile range, not the fastest and slowest round: one round that a
+// collection or a stray process slowed says little about the median, while
+// a middle half that wide says the load came and went throughout.)
+const defaultMaxSpread = 0.1
 
 // runBench implements "gmem bench".
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -123,7 +129,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	rounds := fs.Int("rounds", 0, "rounds of each timed row, baseline and gmem alternating (default 9, 3 with --quick)")
 	only := fs.String("only", "", "run only these `scenarios` (comma-separated: state, replay, churn, churn-runs, roundtrip, parallel, boot, split, scale)")
 	rigLog := fs.String("rig", "", "also print the real-kernel rows from the console `log` of scripts/rig --bench")
-	maxSpread := fs.Float64("max-spread", defaultMaxSpread, "mark a timed row noisy when (slowest-fastest)/median exceeds this")
+	maxSpread := fs.Float64("max-spread", defaultMaxSpread, "mark a timed row noisy when its interquartile range over median exceeds this")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring to `file`, for go tool pprof; timed rows carry the labels side=baseline|gmem and row=NAME (pprof -tagfocus)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -345,12 +351,12 @@ func timed(sz benchSizes, row benchRow, base, gm func() (float64, error)) (bench
 		bs, gs = append(bs, x), append(gs, y)
 	}
 	var bSpread, gSpread float64
-	row.Baseline, row.BaselineRange, bSpread = summarize(bs)
-	row.Gmem, row.GmemRange, gSpread = summarize(gs)
+	row.Baseline, row.BaselineRange, row.BaselineIQR, bSpread = summarize(bs)
+	row.Gmem, row.GmemRange, row.GmemIQR, gSpread = summarize(gs)
 	row.Rounds = rounds
 	row.Spread = max(bSpread, gSpread)
 	if alone {
-		row.Baseline, row.BaselineRange = 0, nil
+		row.Baseline, row.BaselineRange, row.BaselineIQR = 0, nil, nil
 	}
 	return row, nil
 }
@@ -364,20 +370,30 @@ func labelled(row, side string, f func() (float64, error)) func() (float64, erro
 	}
 }
 
-// summarize returns the median of xs, its [min, max] and (max-min)/median.
-func summarize(xs []float64) (median float64, minMax []float64, spread float64) {
+// summarize returns the median of xs, its [min, max], its first and third
+// quartiles and (q3-q1)/median.
+func summarize(xs []float64) (median float64, minMax, iqr []float64, spread float64) {
 	s := slices.Clone(xs)
 	slices.Sort(s)
 	n := len(s)
-	median = s[n/2]
-	if n%2 == 0 {
-		median = (s[n/2-1] + s[n/2]) / 2
-	}
+	median = quantile(s, 0.5)
 	minMax = []float64{s[0], s[n-1]}
+	iqr = []float64{quantile(s, 0.25), quantile(s, 0.75)}
 	if median > 0 {
-		spread = (s[n-1] - s[0]) / median
+		spread = (iqr[1] - iqr[0]) / median
 	}
-	return median, minMax, spread
+	return median, minMax, iqr, spread
+}
+
+// quantile returns the q-quantile of sorted s (not empty), interpolating
+// linearly between the two nearest values.
+func quantile(s []float64, q float64) float64 {
+	pos := q * float64(len(s)-1)
+	i := int(pos)
+	if i+1 >= len(s) {
+		return s[len(s)-1]
+	}
+	return s[i] + (pos-float64(i))*(s[i+1]-s[i])
 }
 
 // perOp returns the nanoseconds per op of d for n ops.
@@ -926,7 +942,7 @@ func printBench(w io.Writer, rows []benchRow, sz benchSizes, quick bool, maxSpre
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "\nbaseline: QEMU's algorithm (bitmap, one IOMMU entry per 4 KiB); gmem: runs, one entry per extent")
-	fmt.Fprintf(w, "timed rows: medians of %d rounds, baseline and gmem alternating; spread: (slowest-fastest)/median of the worse side\n", sz.rounds)
+	fmt.Fprintf(w, "timed rows: medians of %d rounds, baseline and gmem alternating; spread: interquartile range/median of the worse side\n", sz.rounds)
 	for i, r := range rows {
 		fmt.Fprintf(w, "%2d  %s\n", i+1, r.Note)
 	}
@@ -985,13 +1001,13 @@ one row per measurement with what it means:
 
 The ratio column says how many times better gmem is (baseline/gmem where
 lower is better, gmem/baseline where higher is). Timed rows run baseline and
-gmem alternately for several rounds and show medians; their spread is
-(slowest-fastest)/median of the worse side, and a row past --max-spread is
-marked NOISY (a busy machine: do not quote it). Counted rows are exact. A
-full run takes a few minutes on two cores. --json prints
+gmem alternately for several rounds and show medians; their spread is the
+interquartile range over the median of the worse side, and a row past
+--max-spread is marked NOISY (a busy machine: do not quote it). Counted rows
+are exact. A full run takes a few minutes on two cores. --json prints
 {"rows":[{"name","unit","baseline","gmem","ratio","better","scale","note",
-"rounds","baseline_range","gmem_range","spread","noisy","baseline_how",
-"source"}]}.
+"rounds","baseline_range","gmem_range","baseline_iqr","gmem_iqr","spread",
+"noisy","baseline_how","source"}]}.
 
 flags:
 `)

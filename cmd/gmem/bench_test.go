@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -32,6 +33,8 @@ func TestBenchQuickJSON(t *testing.T) {
 			Rounds   int       `json:"rounds"`
 			BRange   []float64 `json:"baseline_range"`
 			GRange   []float64 `json:"gmem_range"`
+			BIQR     []float64 `json:"baseline_iqr"`
+			GIQR     []float64 `json:"gmem_iqr"`
 			Spread   *float64  `json:"spread"`
 			Noisy    *bool     `json:"noisy"`
 			How      string    `json:"baseline_how"`
@@ -74,7 +77,7 @@ func TestBenchQuickJSON(t *testing.T) {
 		}
 		if r.How == "not run" {
 			// gmem alone: no baseline, no ratio.
-			if r.Baseline != 0 || r.Ratio != nil || r.Gmem <= 0 || len(r.BRange) != 0 || r.Rounds != rep.Rounds {
+			if r.Baseline != 0 || r.Ratio != nil || r.Gmem <= 0 || len(r.BRange) != 0 || len(r.BIQR) != 0 || r.Rounds != rep.Rounds {
 				t.Errorf("row %q without baseline: baseline %v ratio %v gmem %v", r.Name, r.Baseline, r.Ratio, r.Gmem)
 			}
 			continue
@@ -100,16 +103,18 @@ func TestBenchQuickJSON(t *testing.T) {
 			continue
 		}
 		if r.Unit == "ns" || r.Unit == "ns/op" || r.Unit == "ops/s" {
-			// Timed: medians inside their ranges, the spread computed from
-			// them, noisy exactly when the spread passes the bound.
-			if r.Rounds != rep.Rounds || len(r.BRange) != 2 || len(r.GRange) != 2 {
-				t.Errorf("row %q: rounds %d (report %d), ranges %v %v", r.Name, r.Rounds, rep.Rounds, r.BRange, r.GRange)
+			// Timed: medians inside their quartiles, quartiles inside the
+			// ranges, the spread computed from the quartiles, noisy exactly
+			// when the spread passes the bound.
+			if r.Rounds != rep.Rounds || len(r.BRange) != 2 || len(r.GRange) != 2 || len(r.BIQR) != 2 || len(r.GIQR) != 2 {
+				t.Errorf("row %q: rounds %d (report %d), ranges %v %v, quartiles %v %v", r.Name, r.Rounds, rep.Rounds, r.BRange, r.GRange, r.BIQR, r.GIQR)
 				continue
 			}
-			if r.BRange[0] > r.Baseline || r.Baseline > r.BRange[1] || r.GRange[0] > r.Gmem || r.Gmem > r.GRange[1] {
-				t.Errorf("row %q: median outside its range: %v in %v, %v in %v", r.Name, r.Baseline, r.BRange, r.Gmem, r.GRange)
+			inOrder := func(xs ...float64) bool { return slices.IsSorted(xs) }
+			if !inOrder(r.BRange[0], r.BIQR[0], r.Baseline, r.BIQR[1], r.BRange[1]) || !inOrder(r.GRange[0], r.GIQR[0], r.Gmem, r.GIQR[1], r.GRange[1]) {
+				t.Errorf("row %q: median, quartiles and range out of order: %v %v %v, %v %v %v", r.Name, r.BRange, r.BIQR, r.Baseline, r.GRange, r.GIQR, r.Gmem)
 			}
-			want := max((r.BRange[1]-r.BRange[0])/r.Baseline, (r.GRange[1]-r.GRange[0])/r.Gmem)
+			want := max((r.BIQR[1]-r.BIQR[0])/r.Baseline, (r.GIQR[1]-r.GIQR[0])/r.Gmem)
 			if math.Abs(*r.Spread-want) > 1e-9*want || *r.Noisy != (*r.Spread > rep.MaxSpread) {
 				t.Errorf("row %q: spread %v noisy %v, want %v against bound %v", r.Name, *r.Spread, *r.Noisy, want, rep.MaxSpread)
 			}
@@ -184,7 +189,7 @@ func TestBenchUsage(t *testing.T) {
 
 func TestTimedAlternates(t *testing.T) {
 	var order []string
-	vals := map[string][]float64{"b": {5, 1, 3, 4, 2}, "g": {10, 30, 20, 50, 40}}
+	vals := map[string][]float64{"b": {5, 1, 3, 4, 2}, "g": {12, 30, 18, 50, 42}}
 	side := func(name string) func() (float64, error) {
 		return func() (float64, error) {
 			order = append(order, name)
@@ -203,11 +208,14 @@ func TestTimedAlternates(t *testing.T) {
 	if row.Baseline != 3 || row.Gmem != 30 || row.Rounds != 5 {
 		t.Errorf("medians %v %v rounds %d, want 3 30 5", row.Baseline, row.Gmem, row.Rounds)
 	}
-	if row.BaselineRange[0] != 1 || row.BaselineRange[1] != 5 || row.GmemRange[0] != 10 || row.GmemRange[1] != 50 {
+	if row.BaselineRange[0] != 1 || row.BaselineRange[1] != 5 || row.GmemRange[0] != 12 || row.GmemRange[1] != 50 {
 		t.Errorf("ranges %v %v", row.BaselineRange, row.GmemRange)
 	}
-	// (5-1)/3 against (50-10)/30: the worse side's.
-	if want := 4.0 / 3; math.Abs(row.Spread-want) > 1e-12 {
+	if !slices.Equal(row.BaselineIQR, []float64{2, 4}) || !slices.Equal(row.GmemIQR, []float64{18, 42}) {
+		t.Errorf("quartiles %v %v, want [2 4] [18 42]", row.BaselineIQR, row.GmemIQR)
+	}
+	// (4-2)/3 against (42-18)/30: the worse side's.
+	if want := 24.0 / 30; math.Abs(row.Spread-want) > 1e-12 {
 		t.Errorf("spread %v, want %v", row.Spread, want)
 	}
 }
