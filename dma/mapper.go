@@ -202,9 +202,13 @@ type Mapper struct {
 	// bound is the size no entry exceeds; 1<<shift the bytes of a window.
 	bound uint64
 	shift uint
+	// limited says a space answered limited once, so later budget checks
+	// lock budgetMu before reading Avail; an unlimited space never takes
+	// the lock. Set once, read by every populate: it sits with the fields
+	// above, away from the counters every map and unmap writes.
+	limited atomic.Bool
 	// The padding keeps the first shard's lock off the line of the fields
-	// above, which every operation reads, and the last one's off the
-	// counters below.
+	// above, which every operation reads.
 	_      [64]byte
 	shards [shardCount]shard
 
@@ -214,11 +218,8 @@ type Mapper struct {
 	// budgetMu makes checking a limited space's entry budget and taking
 	// the entries one step: an operation that needs entries holds it from
 	// reading Avail to its last map call, so concurrent operations cannot
-	// both count the same free entries (or the split reserve). limited
-	// says a space answered limited once, so later checks lock before
-	// reading Avail; an unlimited space never takes the lock.
+	// both count the same free entries (or the split reserve).
 	budgetMu sync.Mutex
-	limited  atomic.Bool
 }
 
 // shardCount is the number of lock shards of a Mapper; 64, so that a set of
