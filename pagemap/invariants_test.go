@@ -67,11 +67,11 @@ func checkInvariants(m *Runs) error {
 		return fmt.Errorf("hot cache of %d entries for %d chunks", h, m.chunks)
 	}
 	for i, e := range m.hot {
-		if e.gen != m.hotGen || e.s == nil {
+		if e.c == nil {
 			continue
 		}
-		if e.s.c == nil || e.s.start&uint64(len(m.hot)-1) != uint64(i) || m.find(e.s.start) != e.s {
-			return fmt.Errorf("hot entry %d holds segment [%d, %d), not a chunk segment of the index in its slot", i, e.s.start, e.s.end)
+		if e.ci >= m.chunks || e.ci&uint64(len(m.hot)-1) != uint64(i) || m.find(e.ci).c != e.c {
+			return fmt.Errorf("hot entry %d holds a chunk that is not that of chunk %d in the index, or not in its slot", i, e.ci)
 		}
 	}
 	if pos != m.chunks {
@@ -130,6 +130,15 @@ func checkChunk(c *chunk, width uint, size int) error {
 			if v > 3 || (i > 0 && v == c.vals[i-1]) {
 				return fmt.Errorf("run %d holds %d after %d", i, v, c.vals[max(i-1, 0)])
 			}
+		}
+	}
+	for k, x := range c.sum {
+		want := uint16(0)
+		if j := (k + 1) * sumStride; j < n {
+			want = c.starts[j]
+		}
+		if x != want {
+			return fmt.Errorf("summary entry %d is %d, want %d (%d runs)", k, x, want, n)
 		}
 	}
 	if b := cap(c.starts)*2 + cap(c.vals); b > limit {
