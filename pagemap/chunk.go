@@ -28,35 +28,17 @@ import "slices"
 //
 // A chunk never holds a single run: the owner turns it back into a uniform
 // segment. The chunk's size (pages) and width are passed in by the owner.
-//
-// In runs form, sum summarises starts for the search of a run: sum[k] is
-// starts[(k+1)*sumStride], or 0 where there is no such run. A lookup reads
-// sum (in the header, which it loads anyway) to pick the group of sumStride
-// starts that holds the run, then searches only that group: two cache lines
-// where a binary search over all the starts of a busy chunk (a few hundred
-// runs, several lines) would miss on nearly every step. Starts past the
-// summary, which only 2-bit chunks of more than 16*sumStride runs have,
-// belong to the last group.
 type chunk struct {
 	starts []uint16
-	first  uint8
-	nruns  uint32
-	sum    [sumLen]uint16
 	vals   []uint8
 	dense  []uint64
+	nruns  uint32
+	first  uint8
 }
-
-// The summary: a group is sumStride starts (one cache line), and sumLen
-// entries cover 16 groups, the 512 runs a full 1-bit chunk can hold in runs
-// form.
-const (
-	sumStride = 32
-	sumLen    = 15
-)
 
 // chunkStructBytes is the allocation size of a chunk header (checked against
 // the type by a test).
-const chunkStructBytes = 112
+const chunkStructBytes = 80
 
 // entry is a run start and its value, used while editing the runs form.
 type entry struct {
@@ -122,60 +104,51 @@ func (c *chunk) runEnd(i, size int) int {
 	return size
 }
 
-// runAt returns the index of the run holding offset off (runs form): the
-// last run starting at or before off. Both searches take fixed steps and
-// turn each comparison into a mask (below), not a branch: the branches would
-// go either way at random, and the compiler does not make them conditional
-// moves.
-func (c *chunk) runAt(off int) int {
+// runAt returns the index of the run holding offset off (runs form).
+func (c *chunk) runAt(off int) int { return runAt(c.starts, off) }
+
+// runAt returns the index of the last of starts (ascending, starts[0] == 0)
+// at or before off < 2^16. It starts where the runs would be if they were
+// spread evenly over the chunk and gallops from there, so that in a chunk of
+// scattered runs it reads one or two cache lines of starts, where a binary
+// search over a few hundred would miss on nearly every step; a skewed
+// chunk costs at most about twice a binary search.
+func runAt(starts []uint16, off int) int {
+	n := len(starts)
 	o := uint16(off)
-	// The group: how many summary entries start at or before off. Unused
-	// entries are 0, which the -1 turns into 0xFFFF, never below o; they come
-	// last, so sum[k]-1 ascends.
-	s := &c.sum
-	g := 8 & below(s[7]-1, o)
-	g += 4 & below(s[g+3]-1, o)
-	g += 2 & below(s[g+1]-1, o)
-	g += 1 & below(s[g]-1, o)
-	// starts[i] <= off: search the rest of the group, steps clamped to its
-	// last start.
-	i := g * sumStride
-	last := len(c.starts) - 1
-	if last-i >= sumStride {
-		if g == sumLen {
-			return c.runAtTail(i, o) // a 2-bit chunk of more than 512 runs
+	lo := off * n >> chunkShift
+	hi := lo // the answer is in [lo, hi)
+	step := 1
+	if starts[lo] <= o {
+		for lo+step < n && starts[lo+step] <= o {
+			lo += step
+			step *= 2
 		}
-		last = i + sumStride - 1
+		hi = min(lo+step, n)
+	} else {
+		// starts[0] == 0 <= off, so hi > 0.
+		for hi-step > 0 && starts[hi-step] > o {
+			hi -= step
+			step *= 2
+		}
+		lo = max(hi-step, 0)
 	}
-	for _, step := range [...]int{16, 8, 4, 2, 1} {
-		j := i + step
-		d := last - j
-		j += d & (d >> 63) // min(j, last)
-		i += (j - i) &^ below(o, c.starts[j])
-	}
-	return i
+	return lo + searchStarts(starts[lo:hi], o)
 }
 
-// below returns -1 (all bits set) if a < b, else 0.
-func below(a, b uint16) int { return (int(a) - int(b)) >> 63 }
-
-// runAtTail is runAt for an offset past the summary's last entry.
-func (c *chunk) runAtTail(i int, o uint16) int {
-	k, found := slices.BinarySearch(c.starts[i:], o)
-	if !found {
-		k--
-	}
-	return i + k
-}
-
-// resum brings sum up to date after starts changed at index i and beyond.
-func (c *chunk) resum(i int) {
-	for k := max(i/sumStride-1, 0); k < sumLen; k++ {
-		c.sum[k] = 0
-		if j := (k + 1) * sumStride; j < len(c.starts) {
-			c.sum[k] = c.starts[j]
+// searchStarts returns the index of the last of s at or before o, given that
+// s[0] is.
+func searchStarts(s []uint16, o uint16) int {
+	lo, hi := 0, len(s)
+	for hi-lo > 1 {
+		m := int(uint(lo+hi) >> 1)
+		if s[m] <= o {
+			lo = m
+		} else {
+			hi = m
 		}
 	}
+	return lo
 }
 
 // get returns the value at offset off.
@@ -301,7 +274,6 @@ func (c *chunk) splice(width uint, size, lo, hi int, es []entry) bool {
 		c.first = es[0].v // lo == 0 means nothing precedes, so es is not empty
 	}
 	c.starts, c.vals = starts, vals
-	c.resum(lo)
 	return true
 }
 
@@ -396,7 +368,6 @@ func (c *chunk) toRuns(width uint, size int) {
 		p = denseFind(c.dense, width, p, size, v, false)
 	}
 	c.starts, c.vals, c.dense, c.nruns = starts, vals, nil, 0
-	c.resum(0)
 }
 
 // count returns how many offsets of [a, b) hold v.

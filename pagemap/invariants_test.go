@@ -70,8 +70,13 @@ func checkInvariants(m *Runs) error {
 		if e.c == nil {
 			continue
 		}
-		if e.ci >= m.chunks || e.ci&uint64(len(m.hot)-1) != uint64(i) || m.find(e.ci).c != e.c {
-			return fmt.Errorf("hot entry %d holds a chunk that is not that of chunk %d in the index, or not in its slot", i, e.ci)
+		ci := e.ci
+		if ci >= m.chunks || ci&uint64(len(m.hot)-1) != uint64(i) || m.find(ci).c != e.c {
+			return fmt.Errorf("hot entry %d holds a chunk that is not that of chunk %d in the index, or not in its slot", i, ci)
+		}
+		c := e.c
+		if len(e.starts) != len(c.starts) || cap(e.starts) != cap(c.starts) || (len(c.starts) > 0 && &e.starts[0] != &c.starts[0]) {
+			return fmt.Errorf("hot entry %d holds starts that are not its chunk's", i)
 		}
 	}
 	if pos != m.chunks {
@@ -130,15 +135,6 @@ func checkChunk(c *chunk, width uint, size int) error {
 			if v > 3 || (i > 0 && v == c.vals[i-1]) {
 				return fmt.Errorf("run %d holds %d after %d", i, v, c.vals[max(i-1, 0)])
 			}
-		}
-	}
-	for k, x := range c.sum {
-		want := uint16(0)
-		if j := (k + 1) * sumStride; j < n {
-			want = c.starts[j]
-		}
-		if x != want {
-			return fmt.Errorf("summary entry %d is %d, want %d (%d runs)", k, x, want, n)
 		}
 	}
 	if b := cap(c.starts)*2 + cap(c.vals); b > limit {

@@ -3,6 +3,7 @@ package pagemap
 import (
 	"iter"
 	"math/rand/v2"
+	"slices"
 
 	"github.com/gmemproject/gmem/span"
 )
@@ -51,11 +52,25 @@ type Runs struct {
 	chunkSegs uint64
 }
 
-// hotEntry is a cached chunk: c (nil: none) is the chunk of chunk ci.
+// hotEntry is a cached chunk: c (nil: none) is the chunk of chunk ci. It
+// also holds c.starts, so that a cold Get of a 1-bit runs chunk loads the
+// starts and c's header at once, not one after the other; Set refreshes it
+// after every change of c.
 type hotEntry struct {
-	c  *chunk
-	ci uint64
+	c      *chunk
+	starts []uint16
+	ci     uint64
 }
+
+// newHotEntry returns the entry of chunk c of chunk ci.
+func newHotEntry(c *chunk, ci uint64) hotEntry { return hotEntry{c: c, starts: c.starts, ci: ci} }
+
+// holds reports whether e holds the chunk of chunk ci.
+func (e *hotEntry) holds(ci uint64) bool { return e.c != nil && e.ci == ci }
+
+// newHot returns an empty hot cache of n entries. Its capacity is what the
+// allocation holds, so that Bytes, counting the capacity, is exact.
+func newHot(n int) []hotEntry { return slices.Grow([]hotEntry(nil), n)[:n] }
 
 // The hot cache grows with the chunk segments: it doubles, from minHot
 // entries, whenever there are more chunk segments than entries, until it has
@@ -68,7 +83,7 @@ type hotEntry struct {
 const (
 	minHot        = 64
 	maxHot        = 4096
-	hotEntryBytes = 16 // the size of a hotEntry (checked against the type by a test)
+	hotEntryBytes = 40 // the size of a hotEntry (checked against the type by a test)
 )
 
 // firstHot is the size of a new map's hot cache: minHot, or for a map of
@@ -90,7 +105,7 @@ func (m *Runs) growHot() bool {
 	if m.chunkSegs <= n || n >= maxHot || n >= m.chunks {
 		return false
 	}
-	m.hot = make([]hotEntry, 2*n)
+	m.hot = newHot(int(2 * n))
 	return true
 }
 
@@ -107,7 +122,7 @@ func NewRuns(pages uint64, bits uint) (*Runs, error) {
 	if pages&chunkMask != 0 {
 		m.chunks++
 	}
-	m.hot = make([]hotEntry, firstHot(m.chunks))
+	m.hot = newHot(firstHot(m.chunks))
 	if m.chunks > 0 {
 		m.root = m.newSeg(0, m.chunks, 0)
 	}
@@ -151,7 +166,15 @@ func (m *Runs) Get(p uint64) uint8 {
 		panic("pagemap: page out of range")
 	}
 	ci := p >> chunkShift
-	if e := m.hot[ci&uint64(len(m.hot)-1)]; e.c != nil && e.ci == ci {
+	if e := &m.hot[ci&uint64(len(m.hot)-1)]; e.holds(ci) {
+		// A 1-bit runs chunk is read through e.starts, not c.starts, so
+		// that the load of the starts does not wait for c's header. The
+		// header is read too, at both ends (c.starts' length, c.first), so
+		// that its one or two cache lines load alongside: the Set that
+		// usually follows a Get of a page that changes needs all of it.
+		if c := e.c; len(c.starts) > 0 && m.bits == 1 {
+			return c.first ^ uint8(runAt(e.starts, int(p&chunkMask))&1)
+		}
 		return e.c.get(m.bits, int(p&chunkMask))
 	}
 	s := m.find(ci)
@@ -218,7 +241,7 @@ func (m *Runs) setChunks(fa, fb uint64, v uint8) {
 func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
 	slot := &m.hot[ci&uint64(len(m.hot)-1)]
 	c := slot.c
-	if c == nil || slot.ci != ci {
+	if !slot.holds(ci) {
 		s := m.find(ci)
 		if s.c == nil {
 			if s.val == v {
@@ -253,7 +276,7 @@ func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
 		m.putUniform(ci, ci+1, u)
 		return
 	}
-	*slot = hotEntry{c, ci}
+	*slot = newHotEntry(c, ci)
 }
 
 // Runs implements Map.
