@@ -21,7 +21,7 @@ import "slices"
 // would take less than half of that, so that a pattern oscillating around the
 // limit does not convert on every Set. Hence a chunk never costs more than its
 // dense form plus the chunk header. An eighth, not the whole: an edit of the
-// runs form costs a binary search and a move of the slices behind it, which
+// runs form costs a search and a move of the slices behind it, which
 // past about 500 runs (1 KiB) costs many times the dense form's constant-time
 // write, while the memory the runs form would still save is at most 7 KiB per
 // 2^16 pages (256 MiB of guest memory).

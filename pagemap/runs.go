@@ -42,7 +42,8 @@ type Runs struct {
 	// len(hot), so that Get and Set of a page in a chunk edited before skip
 	// the search of the index (a region converted page by page at random
 	// keeps every chunk it touches as a chunk segment) and the load of the
-	// segment: a cold Get is then the entry, the chunk and its runs. Only Set
+	// segment: a cold Get is then the entry, then the chunk's header and its
+	// runs at once (see hotEntry). Only Set
 	// fills it, so Get stays read-only and callers may still run Gets at once
 	// under a read lock. A chunk stays with its segment until the segment is
 	// dropped, so drop is the one place that clears an entry; other changes
