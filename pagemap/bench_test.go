@@ -118,3 +118,56 @@ func BenchmarkRuns(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkChurn4K models the single-page conversions of gmem bench's churn
+// rows at the map level: a region of 16 maps (the parts of a parted
+// discard.StateSource), and per operation a Get of a random page followed by
+// a Set of it to the other value. The same ops are replayed in order, so
+// every second pass takes the maps back to where they started. "among-runs"
+// is 1 TiB holding 500,000 isolated 1s (about 245 runs a chunk); "empty" is
+// 16 GiB starting all 0 (its chunks fill up to about 1,500 runs and go
+// dense).
+func BenchmarkChurn4K(b *testing.B) {
+	const parts, ops = 16, 100_000
+	for _, sc := range []struct {
+		name       string
+		partPages  uint64
+		background int
+	}{{"among-runs", 1 << 24, 500_000}, {"empty", 1 << 18, 0}} {
+		for _, im := range implementations() {
+			b.Run(sc.name+"/"+im.name, func(b *testing.B) {
+				maps := make([]Map, parts)
+				for i := range maps {
+					maps[i] = mustNew(b, im, sc.partPages, 1)
+				}
+				total := parts * sc.partPages
+				rng := rand.New(rand.NewPCG(8, 9))
+				if sc.background > 0 {
+					slot := total / uint64(sc.background)
+					for i := range uint64(sc.background) {
+						p := i*slot + rng.Uint64N(slot-1)
+						if err := maps[p/sc.partPages].Set(span.Range{Start: p % sc.partPages, End: p%sc.partPages + 1}, 1); err != nil {
+							b.Fatal(err)
+						}
+					}
+				}
+				pages := make([]uint64, ops)
+				for i := range pages {
+					pages[i] = rng.Uint64N(total)
+				}
+				i := 0
+				for b.Loop() {
+					p := pages[i]
+					if i++; i == ops {
+						i = 0
+					}
+					m, q := maps[p/sc.partPages], p%sc.partPages
+					v := m.Get(q)
+					if err := m.Set(span.Range{Start: q, End: q + 1}, v^1); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+	}
+}

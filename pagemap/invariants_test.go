@@ -67,11 +67,16 @@ func checkInvariants(m *Runs) error {
 		return fmt.Errorf("hot cache of %d entries for %d chunks", h, m.chunks)
 	}
 	for i, e := range m.hot {
-		if e.gen != m.hotGen || e.s == nil {
+		if e.c == nil {
 			continue
 		}
-		if e.s.c == nil || e.s.start&uint64(len(m.hot)-1) != uint64(i) || m.find(e.s.start) != e.s {
-			return fmt.Errorf("hot entry %d holds segment [%d, %d), not a chunk segment of the index in its slot", i, e.s.start, e.s.end)
+		ci := e.ci
+		if ci >= m.chunks || ci&uint64(len(m.hot)-1) != uint64(i) || m.find(ci).c != e.c {
+			return fmt.Errorf("hot entry %d holds a chunk that is not that of chunk %d in the index, or not in its slot", i, ci)
+		}
+		c := e.c
+		if len(e.starts) != len(c.starts) || cap(e.starts) != cap(c.starts) || (len(c.starts) > 0 && &e.starts[0] != &c.starts[0]) {
+			return fmt.Errorf("hot entry %d holds starts that are not its chunk's", i)
 		}
 	}
 	if pos != m.chunks {

@@ -40,7 +40,7 @@
 //   - dense: bits per page in []uint64, with the run count kept up to date.
 //
 // A chunk turns dense when its runs would allocate more than an eighth of the
-// dense form (about 500 runs: past that an edit's binary search and slice
+// dense form (about 500 runs: past that an edit's search and slice
 // move cost many times a dense write), and back to runs when they
 // would take less than half of that; the gap keeps
 // a pattern hovering near the limit from converting on every Set. Run slices
@@ -51,23 +51,28 @@
 //
 // With R runs, S <= 2R+1 segments and k the runs (or segments) an operation
 // touches, Get, Set, Runs, Count, Next and NextNot cost O(log S + k), plus,
-// inside one chunk, at most a binary search over its runs and a move of its
-// run slices (at most 8 or 16 KiB) or a scan of its dense words (at most
-// 1024 or 2048, and only where the chunk holds thousands of runs).
+// inside one chunk, a search of its runs and a move of its run slices (at
+// most 8 or 16 KiB) or a scan of its dense words (at most 1024 or 2048, and
+// only where the chunk holds thousands of runs). The search starts at the
+// run the offset would fall in if the chunk's runs were spread evenly and
+// gallops from there: for scattered runs it reads one or two cache lines of
+// starts, and it never costs more than about twice a binary search.
 //
-// Memory is a 112-byte header and a cache of recently edited chunk segments,
-// which spares Get and Set the index search (16 bytes an entry: 64 entries,
-// or one per chunk for a map of fewer chunks, growing to at most two per
-// chunk segment and at most 4,096), plus 48 bytes per segment, plus per chunk
-// segment an 80-byte header and its slices, every capacity counted (Bytes is
-// checked against the heap by a test). The worst case, every page its own
-// run, is every chunk dense: bits per page plus 144 bytes per chunk of 2^16
-// pages (its header, segment and hot cache entry), 1.8% over the bitmap.
+// Memory is a 112-byte header and a cache of recently edited chunks, which
+// spares Get and Set the index search and, since an entry also holds the
+// chunk's starts, a cold Get the wait for the chunk header before the starts
+// (40 bytes an entry: 64 entries, or one per chunk for a map of fewer chunks,
+// growing to at most two per chunk segment and at most 4,096), plus 48 bytes
+// per segment, plus per chunk segment an 80-byte header and its slices, every
+// capacity counted (Bytes is checked against the heap by a test). The worst
+// case, every page its own run, is every chunk dense: bits per page plus 168
+// bytes per chunk of 2^16 pages (its header, segment and hot cache entry),
+// 2.1% over the bitmap.
 //
 // Measured with BenchmarkStateMemory for 1 TiB of 4 KiB pages, one bit per
 // page (bitmap: 32 MiB): 1 GiB shared plus 50,000 scattered shared pages
-// costs about 0.85 MiB (1/38 of the bitmap); alternating pages cost the
-// bitmap's size plus 1.8%.
+// costs about 0.94 MiB (1/34 of the bitmap); alternating pages cost the
+// bitmap's size plus 2.1%.
 package pagemap
 
 import (

@@ -3,6 +3,7 @@ package pagemap
 import (
 	"iter"
 	"math/rand/v2"
+	"slices"
 
 	"github.com/gmemproject/gmem/span"
 )
@@ -37,23 +38,40 @@ type Runs struct {
 	// Bytes counts them.
 	spareSeg   *seg
 	spareChunk *chunk
-	// hot caches chunk segments by chunk index modulo len(hot), so that
-	// Get and Set of a page in a chunk edited before skip the search of the
-	// index (a region converted page by page at random keeps every chunk it
-	// touches as a chunk segment). Only Set fills it, so Get stays read-only
-	// and callers may still run Gets at once under a read lock. A change of
-	// the index invalidates every entry at once by moving on hotGen.
-	hot    []hotEntry
-	hotGen uint64
+	// hot caches the chunks of chunk segments by chunk index modulo
+	// len(hot), so that Get and Set of a page in a chunk edited before skip
+	// the search of the index (a region converted page by page at random
+	// keeps every chunk it touches as a chunk segment) and the load of the
+	// segment: a cold Get is then the entry, then the chunk's header and its
+	// runs at once (see hotEntry). Only Set
+	// fills it, so Get stays read-only and callers may still run Gets at once
+	// under a read lock. A chunk stays with its segment until the segment is
+	// dropped, so drop is the one place that clears an entry; other changes
+	// of the index leave the entries valid.
+	hot []hotEntry
 	// chunkSegs counts the chunk segments, for growHot.
 	chunkSegs uint64
 }
 
-// hotEntry is a cached chunk segment, valid while its gen is the map's.
+// hotEntry is a cached chunk: c (nil: none) is the chunk of chunk ci. It
+// also holds c.starts, so that a cold Get of a 1-bit runs chunk loads the
+// starts and c's header at once, not one after the other; Set refreshes it
+// after every change of c.
 type hotEntry struct {
-	s   *seg
-	gen uint64
+	c      *chunk
+	starts []uint16
+	ci     uint64
 }
+
+// newHotEntry returns the entry of chunk c of chunk ci.
+func newHotEntry(c *chunk, ci uint64) hotEntry { return hotEntry{c: c, starts: c.starts, ci: ci} }
+
+// holds reports whether e holds the chunk of chunk ci.
+func (e *hotEntry) holds(ci uint64) bool { return e.c != nil && e.ci == ci }
+
+// newHot returns an empty hot cache of n entries. Its capacity is what the
+// allocation holds, so that Bytes, counting the capacity, is exact.
+func newHot(n int) []hotEntry { return slices.Grow([]hotEntry(nil), n)[:n] }
 
 // The hot cache grows with the chunk segments: it doubles, from minHot
 // entries, whenever there are more chunk segments than entries, until it has
@@ -66,7 +84,7 @@ type hotEntry struct {
 const (
 	minHot        = 64
 	maxHot        = 4096
-	hotEntryBytes = 16 // the size of a hotEntry (checked against the type by a test)
+	hotEntryBytes = 40 // the size of a hotEntry (checked against the type by a test)
 )
 
 // firstHot is the size of a new map's hot cache: minHot, or for a map of
@@ -81,14 +99,15 @@ func firstHot(chunks uint64) int {
 }
 
 // growHot doubles the hot cache if the chunk segments outnumber its entries
-// and it is smaller than both the chunks and maxHot. The new cache starts
-// empty.
-func (m *Runs) growHot() {
+// and it is smaller than both the chunks and maxHot, and reports whether it
+// did. The new cache starts empty.
+func (m *Runs) growHot() bool {
 	n := uint64(len(m.hot))
 	if m.chunkSegs <= n || n >= maxHot || n >= m.chunks {
-		return
+		return false
 	}
-	m.hot = make([]hotEntry, 2*n)
+	m.hot = newHot(int(2 * n))
+	return true
 }
 
 var _ Map = (*Runs)(nil)
@@ -104,7 +123,7 @@ func NewRuns(pages uint64, bits uint) (*Runs, error) {
 	if pages&chunkMask != 0 {
 		m.chunks++
 	}
-	m.hot = make([]hotEntry, firstHot(m.chunks))
+	m.hot = newHot(firstHot(m.chunks))
 	if m.chunks > 0 {
 		m.root = m.newSeg(0, m.chunks, 0)
 	}
@@ -147,7 +166,19 @@ func (m *Runs) Get(p uint64) uint8 {
 	if p >= m.pages {
 		panic("pagemap: page out of range")
 	}
-	s := m.lookup(p >> chunkShift)
+	ci := p >> chunkShift
+	if e := &m.hot[ci&uint64(len(m.hot)-1)]; e.holds(ci) {
+		// A 1-bit runs chunk is read through e.starts, not c.starts, so
+		// that the load of the starts does not wait for c's header. The
+		// header is read too, at both ends (c.starts' length, c.first), so
+		// that its one or two cache lines load alongside: the Set that
+		// usually follows a Get of a page that changes needs all of it.
+		if c := e.c; len(c.starts) > 0 && m.bits == 1 {
+			return c.first ^ uint8(runAt(e.starts, int(p&chunkMask))&1)
+		}
+		return e.c.get(m.bits, int(p&chunkMask))
+	}
+	s := m.find(ci)
 	if s.c == nil {
 		return s.val
 	}
@@ -204,42 +235,49 @@ func (m *Runs) setChunks(fa, fb uint64, v uint8) {
 	mid, r := split(rest, fb)
 	m.dropAll(mid)
 	m.root = merge(l, r)
-	m.forget()
 	m.putUniform(fa, fb, v)
 }
 
 // setPartial gives offsets [a, b) of chunk ci the value v.
 func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
-	s := m.lookup(ci)
-	if s.c == nil {
-		if s.val == v {
-			return
+	slot := &m.hot[ci&uint64(len(m.hot)-1)]
+	c := slot.c
+	if !slot.holds(ci) {
+		s := m.find(ci)
+		if s.c == nil {
+			if s.val == v {
+				return
+			}
+			// Isolate chunk ci in a segment of its own and give it a chunk.
+			if ci > 0 {
+				m.cut(ci)
+			}
+			if ci+1 < m.chunks {
+				m.cut(ci + 1)
+			}
+			s = m.find(ci)
+			s.c = m.takeChunk(s.val)
+			m.chunkBytes += s.c.bytes()
+			m.chunkSegs++
+			if m.growHot() {
+				slot = &m.hot[ci&uint64(len(m.hot)-1)]
+			}
 		}
-		// Isolate chunk ci in a segment of its own and give it a chunk.
-		if ci > 0 {
-			m.cut(ci)
-		}
-		if ci+1 < m.chunks {
-			m.cut(ci + 1)
-		}
-		s = m.find(ci)
-		s.c = m.takeChunk(s.val)
-		m.chunkBytes += s.c.bytes()
-		m.chunkSegs++
-		m.growHot()
+		c = s.c
 	}
-	before := s.c.bytes()
-	s.c.set(m.bits, m.chunkSize(ci), a, b, v)
-	m.chunkBytes += s.c.bytes()
+	before := c.bytes()
+	c.set(m.bits, m.chunkSize(ci), a, b, v)
+	m.chunkBytes += c.bytes()
 	m.chunkBytes -= before
-	if s.c.numRuns() == 1 {
-		u := s.c.uniformValue(m.bits)
+	if c.numRuns() == 1 {
+		s := m.find(ci)
+		u := c.uniformValue(m.bits)
 		m.remove(s)
 		m.drop(s)
 		m.putUniform(ci, ci+1, u)
 		return
 	}
-	m.hot[ci&uint64(len(m.hot)-1)] = hotEntry{s, m.hotGen}
+	*slot = newHotEntry(c, ci)
 }
 
 // Runs implements Map.

@@ -46,6 +46,9 @@ func (m *Runs) newSeg(start, end uint64, v uint8) *seg {
 func (m *Runs) drop(s *seg) {
 	m.segs--
 	if c := s.c; c != nil {
+		if e := &m.hot[s.start&uint64(len(m.hot)-1)]; e.c == c {
+			*e = hotEntry{} // c may be reused for another chunk
+		}
 		m.chunkBytes -= c.bytes()
 		m.chunkSegs--
 		s.c = nil
@@ -91,18 +94,6 @@ func (m *Runs) find(ci uint64) *seg {
 	}
 }
 
-// lookup is find, answered from the hot cache when it holds the chunk.
-func (m *Runs) lookup(ci uint64) *seg {
-	if e := m.hot[ci&uint64(len(m.hot)-1)]; e.gen == m.hotGen && e.s != nil && e.s.start == ci {
-		return e.s
-	}
-	return m.find(ci)
-}
-
-// forget invalidates the hot cache: the index is about to change. (A
-// uint64 generation does not wrap in practice.)
-func (m *Runs) forget() { m.hotGen++ }
-
 // split cuts the tree n into the segments starting before chunk k and the
 // others.
 func split(n *seg, k uint64) (l, r *seg) {
@@ -135,14 +126,12 @@ func merge(l, r *seg) *seg {
 
 // insert adds s, whose chunks are not covered by any segment of the tree.
 func (m *Runs) insert(s *seg) {
-	m.forget()
 	l, r := split(m.root, s.start)
 	m.root = merge(merge(l, s), r)
 }
 
 // remove takes s out of the tree (it stays counted; see drop).
 func (m *Runs) remove(s *seg) {
-	m.forget()
 	l, r := split(m.root, s.start)
 	_, r = split(r, s.start+1)
 	m.root = merge(l, r)
@@ -172,7 +161,6 @@ func (m *Runs) cut(k uint64) {
 		return
 	}
 	// s spans more than one chunk, so it is uniform.
-	m.forget()
 	t := m.newSeg(k, s.end, s.val)
 	s.end = k
 	m.insert(t)
@@ -195,7 +183,6 @@ func (m *Runs) putUniform(start, end uint64, v uint8) {
 		}
 	}
 	if p != nil {
-		m.forget()
 		p.end = end // p keeps its start, so the tree's order holds
 		return
 	}
