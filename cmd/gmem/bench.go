@@ -337,10 +337,14 @@ func timed(sz benchSizes, row benchRow, base, gm func() (float64, error)) (bench
 		if i%2 == 1 {
 			first, second = gm, base
 		}
+		// Each round starts after a collection, so that the garbage of
+		// earlier rows and rounds is not collected on either side's clock.
+		runtime.GC()
 		x, err := first()
 		if err != nil {
 			return row, err
 		}
+		runtime.GC()
 		y, err := second()
 		if err != nil {
 			return row, err
@@ -752,6 +756,10 @@ func benchParallel(sz benchSizes) ([]benchRow, error) {
 			if err != nil {
 				return 0, err
 			}
+			// Collect what building the stack left, off the clock: a
+			// collection during the timed part runs on the core one
+			// goroutine leaves idle but takes time from two.
+			runtime.GC()
 			part := sz.parRegion / uint64(procs) / page * page
 			perPart := sz.parOps / procs / 2 * 2
 			// The same work either way: procs parts, each with its own
