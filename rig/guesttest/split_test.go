@@ -297,7 +297,11 @@ const replaceTrials = 12
 // allows, and the outcome is logged. intel-iommu blocks translation for a
 // moment in each replace (device_block_translation, ARCHITECTURE.md), but
 // the moment is short against a replace, so the sample proves nothing
-// either way and is not asserted.
+// either way and is not asserted. A write that meets that moment may also
+// land in part: QEMU's emulated DMA goes on after a blocked access, so the
+// bytes written during the moment are lost and the rest land. What is
+// asserted is that every byte is either as written or untouched: the device
+// never writes anything else.
 func replaceChecks(t *testing.T, f *iommufd.IOMMUFD, d *vfio.Device, ioas uint32, edu *Edu) {
 	const (
 		n    = EduMaxCount
@@ -365,6 +369,7 @@ func replaceChecks(t *testing.T, f *iommufd.IOMMUFD, d *vfio.Device, ioas uint32
 	// that still fails after a pause fails the check (the device must not
 	// be left on the wrong page table).
 	var landed, replaces int
+	var partial []int // bytes landed of each write that landed in part
 	refused := map[string]int{}
 	replace := func(pt uint32, trial int) {
 		t.Helper()
@@ -396,13 +401,21 @@ func replaceChecks(t *testing.T, f *iommufd.IOMMUFD, d *vfio.Device, ioas uint32
 		switch got := mem[:n]; {
 		case slices.Equal(got, p):
 			landed++
-		case !allZero(got):
-			t.Fatalf("trial %d, after %d replaces: a device write left partial data: %d of %d bytes as written, first difference at byte %d",
-				trial, replaces, countEqual(got, p), n, firstDifference(got, p))
+		case allZero(got):
+		default:
+			// The pattern has no zero byte, so a byte that is neither
+			// the pattern's nor 0 came from somewhere else.
+			for i := range got {
+				if got[i] != p[i] && got[i] != 0 {
+					t.Fatalf("trial %d, after %d replaces: byte %d of the device write is %#x, neither as written (%#x) nor untouched (0)",
+						trial, replaces, i, got[i], p[i])
+				}
+			}
+			partial = append(partial, countEqual(got, p))
 		}
 	}
-	t.Logf("device writes started during %d replaces between two page tables that both map the page: %d of %d landed; replaces refused and then retried: %v",
-		replaces, landed, replaceTrials, refused)
+	t.Logf("device writes started during %d replaces between two page tables that both map the page: %d of %d landed whole, %d in part (bytes of %d landed: %v); replaces refused and then retried: %v",
+		replaces, landed, replaceTrials, len(partial), n, partial, refused)
 }
 
 // countEqual returns how many bytes of a and b (of one length) are equal.
@@ -414,15 +427,4 @@ func countEqual(a, b []byte) int {
 		}
 	}
 	return n
-}
-
-// firstDifference returns the index of the first byte where a and b differ,
-// or -1.
-func firstDifference(a, b []byte) int {
-	for i := range a {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return -1
 }
