@@ -36,10 +36,7 @@ type stripe struct {
 }
 
 func newRangeLock(size uint64) *rangeLock {
-	shift := uint(minStripeShift)
-	for shift < 63 && (size-1)>>shift >= maxStripes {
-		shift++
-	}
+	shift := span.PieceShift(size, maxStripes, minStripeShift)
 	n := 1
 	if size > 0 {
 		n = int((size-1)>>shift) + 1

@@ -95,10 +95,7 @@ func NewPartedStateSource(m *Manager, unit uint64, newMap func(pages uint64) (pa
 		return nil, fmt.Errorf("discard: region size %#x is not a multiple of the unit %#x", m.Size(), unit)
 	}
 	units := m.Size() / unit
-	shift := uint(minPartShift)
-	for shift < 63 && units > 0 && (units-1)>>shift >= maxParts {
-		shift++
-	}
+	shift := span.PieceShift(units, maxParts, minPartShift)
 	n := 1
 	if units > 0 {
 		n = int((units-1)>>shift) + 1

@@ -341,9 +341,7 @@ func New(space iommu.Space, host []byte, opts Options) (*Mapper, error) {
 		if size == 0 {
 			size = uint64(len(host))
 		}
-		for m.shift < 63 && size > 0 && (size-1)>>m.shift >= shardCount {
-			m.shift++
-		}
+		m.shift = span.PieceShift(size, shardCount, m.shift)
 	}
 	for i := range m.shards {
 		m.shards[i].entries = btree.NewG(16, func(a, b entry) bool { return a.iova < b.iova })

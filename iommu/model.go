@@ -198,10 +198,7 @@ func NewModelSpan(caps Caps, size uint64) *Model {
 		panic("iommu: NewModel needs Rules")
 	}
 	caps.Ranges = append([]span.Range(nil), caps.Ranges...)
-	m := &Model{caps: caps, shift: modelWindowShift}
-	for m.shift < 63 && size > 0 && (size-1)>>m.shift >= modelShards {
-		m.shift++
-	}
+	m := &Model{caps: caps, shift: span.PieceShift(size, modelShards, modelWindowShift)}
 	for i := range m.shards {
 		m.shards[i].pieces = btree.NewG(16, func(a, b piece) bool { return a.iova < b.iova })
 	}

@@ -167,9 +167,7 @@ func New(m *discard.Manager, cfg Config) (*Attributes, error) {
 			return b.Release(runs, stateOf(populate))
 		}
 	}
-	for a.countShift < 63 && m.Size() > 0 && (m.Size()-1)>>a.countShift >= countStripes {
-		a.countShift++
-	}
+	a.countShift = span.PieceShift(m.Size(), countStripes, 0)
 	return a, nil
 }
 

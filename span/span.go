@@ -150,5 +150,17 @@ func (r Range) Aligned(align uint64) bool {
 // String formats r as [start, end) in hexadecimal.
 func (r Range) String() string { return fmt.Sprintf("[%#x, %#x)", r.Start, r.End) }
 
+// PieceShift returns the smallest shift of at least minShift for which size
+// (bytes or units) cut into pieces of 1<<shift makes at most n pieces (n at
+// least 1): how a region is cut into a bounded number of contiguous parts,
+// each a lock stripe or shard. A size of 0 is one piece at minShift.
+func PieceShift(size, n uint64, minShift uint) uint {
+	shift := minShift
+	for shift < 63 && size > 0 && (size-1)>>shift >= n {
+		shift++
+	}
+	return shift
+}
+
 // IsPowerOfTwo reports whether x is a power of two (x > 0).
 func IsPowerOfTwo(x uint64) bool { return x != 0 && x&(x-1) == 0 }

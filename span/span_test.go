@@ -139,3 +139,32 @@ func FuzzChecked(f *testing.F) {
 		}
 	})
 }
+
+// TestPieceShift checks PieceShift against its definition: the smallest
+// shift of at least the minimum whose pieces number at most n, found by
+// counting pieces shift by shift.
+func TestPieceShift(t *testing.T) {
+	pieces := func(size uint64, shift uint) uint64 {
+		if size == 0 {
+			return 1
+		}
+		return (size-1)>>shift + 1
+	}
+	sizes := []uint64{0, 1, 4095, 4096, 4097, 1 << 30, 16 << 30, 16<<30 + 1, 64 << 40, 1<<63 + 5, ^uint64(0)}
+	for _, size := range sizes {
+		for _, n := range []uint64{1, 16, 64} {
+			for _, minShift := range []uint{0, 16, 21, 26} {
+				want := minShift
+				for want < 63 && pieces(size, want) > n {
+					want++
+				}
+				if got := PieceShift(size, n, minShift); got != want {
+					t.Errorf("PieceShift(%#x, %d, %d) = %d, want %d", size, n, minShift, got, want)
+				}
+			}
+		}
+	}
+	if got := PieceShift(16<<30, 64, 26); got != 28 {
+		t.Errorf("a 16 GiB region in 64 pieces of at least 64 MiB: 2^%d, want 2^28", got)
+	}
+}
