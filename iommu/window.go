@@ -21,6 +21,10 @@ type Window struct {
 	lost     span.Set // mapped at the start, unmapped since
 	fresh    span.Set // not mapped at the start, mapped since
 	repinned uint64
+	// mapped says whether Mapped was called: an operation that only
+	// unmapped (a discard that cut nothing) has no window, and Bytes then
+	// asks nothing of its caller.
+	mapped bool
 }
 
 // Reset starts a new operation. It keeps the memory of the last one's
@@ -30,10 +34,12 @@ func (w *Window) Reset() {
 	w.lost.Clear()
 	w.fresh.Clear()
 	w.repinned = 0
+	w.mapped = false
 }
 
 // Mapped records a successful map of r.
 func (w *Window) Mapped(r span.Range) {
+	w.mapped = true
 	if len(w.lost.Ranges()) == 0 {
 		// The common case, a populate that unmapped nothing first: all of
 		// r is fresh, and no slice of it need be built.
@@ -66,8 +72,13 @@ func (w *Window) Unmapped(r span.Range) {
 func (w *Window) Repinned() uint64 { return w.repinned }
 
 // Bytes returns the window: the lost bytes that are mapped now, as told by
-// mapped, which returns how many bytes of a range are mapped now.
+// mapped, which returns how many bytes of a range are mapped now. Lost bytes
+// are mapped again only by a map the Window was told of, so without one
+// Bytes is 0 and mapped is not called: the common discard pays no lookup.
 func (w *Window) Bytes(mapped func(span.Range) uint64) uint64 {
+	if !w.mapped {
+		return 0
+	}
 	var n uint64
 	for _, r := range w.lost.Ranges() {
 		n += mapped(r)

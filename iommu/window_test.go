@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/span"
 )
 
 // windowOracle follows the same calls page by page.
@@ -126,4 +127,26 @@ func TestWindowOracle(t *testing.T) {
 func FuzzWindow(f *testing.F) {
 	f.Add([]byte{0, 0, 3, 1, 1, 0, 0, 0, 1})
 	f.Fuzz(func(t *testing.T, ops []byte) { runWindowOps(t, ops) })
+}
+
+// TestWindowUnmapOnly checks that an operation that only unmapped has no
+// window and asks nothing of the caller's lookup, while one that also mapped
+// asks it about what it lost.
+func TestWindowUnmapOnly(t *testing.T) {
+	var w iommu.Window
+	w.Unmapped(span.Range{Start: 0, End: 2 * pg})
+	asked := 0
+	lookup := func(r span.Range) uint64 { asked++; return r.Len() }
+	if got := w.Bytes(lookup); got != 0 || asked != 0 {
+		t.Fatalf("unmap only: window %d, lookups %d; want 0, 0", got, asked)
+	}
+	w.Mapped(span.Range{Start: 4 * pg, End: 5 * pg})
+	if got := w.Bytes(lookup); got != 2*pg || asked != 1 {
+		t.Fatalf("unmap, then map elsewhere: window %d, lookups %d; want %d (as the lookup says), 1", got, asked, 2*pg)
+	}
+	w.Reset()
+	w.Unmapped(span.Range{Start: 0, End: pg})
+	if got := w.Bytes(lookup); got != 0 || asked != 1 {
+		t.Fatalf("after Reset, unmap only: window %d, lookups %d; want 0, 1", got, asked)
+	}
 }
