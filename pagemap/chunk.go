@@ -26,7 +26,8 @@ import "slices"
 // write, while the memory the runs form would still save is at most 7 KiB per
 // 2^16 pages (256 MiB of guest memory).
 //
-// A chunk never holds a single run: the owner turns it back into a uniform
+// A chunk holds a single run only as its owner's lingering chunk (see
+// Runs.setPartial); otherwise the owner turns it back into a uniform
 // segment. The chunk's size (pages) and width are passed in by the owner.
 type chunk struct {
 	starts []uint16

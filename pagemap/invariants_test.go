@@ -34,6 +34,7 @@ func checkInvariants(m *Runs) error {
 	}
 	pos := uint64(0)
 	var chunkBytes, chunkSegs uint64
+	lingers := false
 	for i, s := range segs {
 		if s.start != pos || s.end <= s.start {
 			return fmt.Errorf("segment %d is [%d, %d), expected to start at %d", i, s.start, s.end, pos)
@@ -51,7 +52,15 @@ func checkInvariants(m *Runs) error {
 		if s.end != s.start+1 {
 			return fmt.Errorf("chunk segment [%d, %d) spans several chunks", s.start, s.end)
 		}
-		if err := checkChunk(s.c, m.bits, m.chunkSize(s.start)); err != nil {
+		if s.c == m.linger && s.start != m.lingerCI {
+			return fmt.Errorf("chunk %d lingers as chunk %d", s.start, m.lingerCI)
+		}
+		if s.c == m.linger {
+			lingers = true
+		}
+		// The lingering chunk is the one a map may leave holding a single
+		// run.
+		if err := checkChunk(s.c, m.bits, m.chunkSize(s.start), s.c == m.linger); err != nil {
 			return fmt.Errorf("chunk %d: %w", s.start, err)
 		}
 		chunkBytes += s.c.bytes()
@@ -79,6 +88,9 @@ func checkInvariants(m *Runs) error {
 			return fmt.Errorf("hot entry %d holds starts that are not its chunk's", i)
 		}
 	}
+	if m.linger != nil && !lingers {
+		return fmt.Errorf("the lingering chunk (of chunk %d) is not in the index", m.lingerCI)
+	}
 	if pos != m.chunks {
 		return fmt.Errorf("segments end at chunk %d, map has %d", pos, m.chunks)
 	}
@@ -88,7 +100,9 @@ func checkInvariants(m *Runs) error {
 	return nil
 }
 
-func checkChunk(c *chunk, width uint, size int) error {
+// checkChunk checks c's form; single allows it a single run in runs form
+// (the map's lingering chunk).
+func checkChunk(c *chunk, width uint, size int, single bool) error {
 	limit := runsLimit(size, width)
 	if c.dense != nil {
 		if c.starts != nil || c.vals != nil {
@@ -112,7 +126,7 @@ func checkChunk(c *chunk, width uint, size int) error {
 		return nil
 	}
 	n := len(c.starts)
-	if n < 2 {
+	if n < 2 && !(single && n == 1) {
 		return fmt.Errorf("runs chunk with %d runs was not collapsed", n)
 	}
 	if c.starts[0] != 0 {

@@ -25,7 +25,10 @@
 // (exactly one chunk with its own representation). Adjacent uniform segments
 // of equal value are always merged, and a chunk that becomes uniform is
 // turned back into a uniform segment, so a region in a few states costs a
-// few segments whatever its size. The index is a treap with per-map random
+// few segments whatever its size. The one exception is the chunk a map last
+// left uniform in runs form: it stays until another chunk is left so, because
+// a page converted and converted back (the commonest edit) would otherwise
+// cut and rejoin the index twice a round trip. The index is a treap with per-map random
 // priorities: expected O(log S) search, insertion and removal for S
 // segments, O(log S + k) range replacement by split and merge, and exactly
 // one 48-byte node per segment, which keeps Bytes exact. (A B-tree would be
@@ -58,7 +61,7 @@
 // gallops from there: for scattered runs it reads one or two cache lines of
 // starts, and it never costs more than about twice a binary search.
 //
-// Memory is a 112-byte header and a cache of recently edited chunks, which
+// Memory is a 128-byte header and a cache of recently edited chunks, which
 // spares Get and Set the index search and, since an entry also holds the
 // chunk's starts, a cold Get the wait for the chunk header before the starts
 // (40 bytes an entry: 64 entries, or one per chunk for a map of fewer chunks,

@@ -378,8 +378,10 @@ func TestRunsMaximalAcrossChunks(t *testing.T) {
 					}
 				}
 			}
-			if rm, ok := m.(*Runs); ok && rm.segs != 1 {
-				t.Errorf("runs/bits=%d: a uniform map has %d segments, want 1", bits, rm.segs)
+			// One segment, or, while a chunk lingers, that chunk and the
+			// uniform segments either side of it.
+			if rm, ok := m.(*Runs); ok && rm.segs != 1 && (rm.linger == nil || rm.segs > 3) {
+				t.Errorf("runs/bits=%d: a uniform map has %d segments (a chunk lingers: %v), want 1", bits, rm.segs, rm.linger != nil)
 			}
 		}
 	}

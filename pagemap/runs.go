@@ -18,7 +18,7 @@ const (
 
 // runsStructBytes is the allocation size of a Runs header (checked against
 // the type by a test).
-const runsStructBytes = 112
+const runsStructBytes = 128
 
 // Runs is a Map stored as runs; see the package documentation for its
 // layout and costs.
@@ -51,6 +51,11 @@ type Runs struct {
 	hot []hotEntry
 	// chunkSegs counts the chunk segments, for growHot.
 	chunkSegs uint64
+	// linger is the chunk (of chunk lingerCI) last left holding a single
+	// run in runs form, which stays a chunk segment until another chunk is
+	// left so (see setPartial); nil if none. drop clears it.
+	linger   *chunk
+	lingerCI uint64
 }
 
 // hotEntry is a cached chunk: c (nil: none) is the chunk of chunk ci. It
@@ -270,14 +275,31 @@ func (m *Runs) setPartial(ci uint64, a, b int, v uint8) {
 	m.chunkBytes += c.bytes()
 	m.chunkBytes -= before
 	if c.numRuns() == 1 {
-		s := m.find(ci)
-		u := c.uniformValue(m.bits)
-		m.remove(s)
-		m.drop(s)
-		m.putUniform(ci, ci+1, u)
-		return
+		if c.dense != nil {
+			m.collapse(ci)
+			return
+		}
+		// A page converted and converted back is the commonest edit, and
+		// it leaves its chunk a single run that the next conversion there
+		// splits again. So the chunk stays, and only the one left so
+		// before it becomes a uniform segment: at most one chunk per map
+		// holds a single run, and its index is not rebuilt each time.
+		if old := m.linger; old != nil && old != c && old.numRuns() == 1 {
+			m.collapse(m.lingerCI)
+		}
+		m.linger, m.lingerCI = c, ci
 	}
 	*slot = newHotEntry(c, ci)
+}
+
+// collapse turns chunk segment ci, whose chunk holds a single run, into a
+// uniform segment.
+func (m *Runs) collapse(ci uint64) {
+	s := m.find(ci)
+	u := s.c.uniformValue(m.bits)
+	m.remove(s)
+	m.drop(s)
+	m.putUniform(ci, ci+1, u)
 }
 
 // Runs implements Map.

@@ -49,6 +49,9 @@ func (m *Runs) drop(s *seg) {
 		if e := &m.hot[s.start&uint64(len(m.hot)-1)]; e.c == c {
 			*e = hotEntry{} // c may be reused for another chunk
 		}
+		if m.linger == c {
+			m.linger = nil
+		}
 		m.chunkBytes -= c.bytes()
 		m.chunkSegs--
 		s.c = nil
