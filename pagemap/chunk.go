@@ -323,11 +323,34 @@ func (c *chunk) setDenseOne(width uint, size, a int, v uint8) {
 }
 
 // maybeRuns turns a dense chunk back into runs once they would take less
-// than half of runsLimit.
+// than half of runsLimit, and their slices, allocated, no more than it.
 func (c *chunk) maybeRuns(width uint, size int) {
 	if c.nruns > 1 && 2*int(c.nruns)*runBytes(width) < runsLimit(size, width) {
-		c.toRuns(width, size)
+		if starts, vals, ok := runsAlloc(int(c.nruns), width, runsLimit(size, width)); ok {
+			c.toRuns(width, size, starts, vals)
+		}
 	}
+}
+
+// runsAlloc returns empty slices with room for n runs, and whether they
+// allocate no more than limit. An allocation is rounded up to its size
+// class (at least 8 bytes a slice), which for a chunk of a few hundred
+// pages, whose limit is a few words, can pass the limit that n runs' own
+// bytes are well under.
+func runsAlloc(n int, width uint, limit int) ([]uint16, []uint8, bool) {
+	least := max(8, 2*n) // the smallest allocation, known without one
+	if width == 2 {
+		least += max(8, n)
+	}
+	if least > limit {
+		return nil, nil, false
+	}
+	starts := slices.Grow([]uint16(nil), n)
+	var vals []uint8
+	if width == 2 {
+		vals = slices.Grow([]uint8(nil), n)
+	}
+	return starts, vals, cap(starts)*2+cap(vals) <= limit
 }
 
 func b2i(b bool) int {
@@ -351,14 +374,9 @@ func (c *chunk) toDense(width uint, size int) {
 	c.dense, c.starts, c.vals = d, nil, nil
 }
 
-// toRuns converts the chunk from dense form to runs form.
-func (c *chunk) toRuns(width uint, size int) {
-	n := int(c.nruns)
-	starts := slices.Grow([]uint16(nil), n)
-	var vals []uint8
-	if width == 2 {
-		vals = slices.Grow([]uint8(nil), n)
-	}
+// toRuns converts the chunk from dense form to runs form, in starts and
+// vals (empty, with room for its runs).
+func (c *chunk) toRuns(width uint, size int, starts []uint16, vals []uint8) {
 	c.first = denseGet(c.dense, width, 0)
 	for p := 0; p < size; {
 		v := denseGet(c.dense, width, p)

@@ -120,7 +120,7 @@ func checkChunk(c *chunk, width uint, size int, single bool) error {
 		if c.nruns < 2 {
 			return fmt.Errorf("dense chunk with %d runs was not collapsed", c.nruns)
 		}
-		if 2*int(c.nruns)*runBytes(width) < limit {
+		if _, _, fits := runsAlloc(int(c.nruns), width, limit); fits && 2*int(c.nruns)*runBytes(width) < limit {
 			return fmt.Errorf("dense chunk with only %d runs (limit %d bytes) was not turned into runs", c.nruns, limit)
 		}
 		return nil
