@@ -170,6 +170,15 @@ func (c *chunk) set(width uint, size, a, b int, v uint8) {
 		c.setDense(width, size, a, b, v)
 		return
 	}
+	if width == 1 && b == a+1 && c.setOne(size, a, v) {
+		return
+	}
+	c.setRuns(width, size, a, b, v)
+}
+
+// setRuns is set for a chunk in runs form: it replaces the runs [a, b) meets
+// and switches to the dense form if the result would pass runsLimit.
+func (c *chunk) setRuns(width uint, size, a, b int, v uint8) {
 	i := c.runAt(a)
 	j := i
 	if b-1 >= c.runEnd(i, size) {
@@ -215,6 +224,72 @@ func (c *chunk) set(width uint, size, a, b int, v uint8) {
 		c.toDense(width, size)
 		c.setDense(width, size, a, b, v)
 	}
+}
+
+// setOne gives offset a the value v in a 1-bit chunk in runs form, the
+// commonest edit (one page converted), in place: with values alternating, a
+// page that changes either joins its run's neighbours, moves one boundary,
+// or splits its run in three. It reports false, changing nothing, when the
+// edit would need the slices reallocated (to grow, or to shrink as splice
+// does), which is left to setRuns.
+func (c *chunk) setOne(size, a int, v uint8) bool {
+	s := c.starts
+	n := len(s)
+	i := runAt(s, a)
+	if c.first^uint8(i&1) == v {
+		return true // already v
+	}
+	start, end := int(s[i]), size
+	if i+1 < n {
+		end = int(s[i+1])
+	}
+	// The runs either side of run i hold v. The edit removes del starts at
+	// index at, or inserts the first len(ins) of ins there.
+	var at, del int
+	var ins []uint16
+	switch {
+	case start == a && end == a+1: // the page is run i: it and its neighbours merge
+		switch {
+		case n == 1: // a one-page chunk
+		case i == 0: // run 1 now starts at 0
+			at, del = 1, 1
+		case i+1 < n:
+			at, del = i, 2
+		default:
+			at, del = i, 1
+		}
+	case start == a: // run i-1 (or, for run 0, a new first run) takes the page
+		if i > 0 {
+			s[i]++
+			return true
+		}
+		at, ins = 1, []uint16{uint16(a + 1)}
+	case end == a+1: // run i+1 (or a new last run) takes the page
+		if i+1 < n {
+			s[i+1]--
+			return true
+		}
+		at, ins = n, []uint16{uint16(a)}
+	default: // run i splits around the page
+		at, ins = i+1, []uint16{uint16(a), uint16(a + 1)}
+	}
+	n2 := n - del + len(ins)
+	if n2 > cap(s) || (4*n2 <= cap(s) && cap(s)*2 > 64) || cap(s)*2 > runsLimit(size, 1) {
+		return false
+	}
+	if del > 0 {
+		copy(s[at:], s[at+del:])
+	}
+	s = s[:n2]
+	if len(ins) > 0 {
+		copy(s[at+len(ins):], s[at:n])
+		copy(s[at:], ins)
+	}
+	if i == 0 && start == a {
+		c.first = v // the chunk now starts with a run of v
+	}
+	c.starts = s
+	return true
 }
 
 // splice replaces runs [lo, hi) by es (runs form), reallocating to grow or

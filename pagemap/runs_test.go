@@ -4,6 +4,7 @@ import (
 	"math/rand/v2"
 	"reflect"
 	"runtime"
+	"slices"
 	"testing"
 
 	"github.com/gmemproject/gmem/span"
@@ -257,5 +258,87 @@ func TestRunsOverflowEdge(t *testing.T) {
 	}
 	if err := checkInvariants(m); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSetOne checks the in-place single-page edit of a 1-bit runs chunk
+// against the general edit, setRuns, on random chunks whose runs crowd
+// together and against both ends (so single-page runs, and runs at offset 0
+// and at the last page, are common), with pages picked at and beside the
+// boundaries.
+func TestSetOne(t *testing.T) {
+	rng := rand.New(rand.NewPCG(11, 12))
+	const size = chunkPages
+	inPlace := 0
+	for iter := range 200_000 {
+		// Boundaries: a few clustered near 0, near the end and around a
+		// random middle.
+		set := map[int]bool{}
+		for range 1 + rng.IntN(12) {
+			var p int
+			switch rng.IntN(3) {
+			case 0:
+				p = 1 + rng.IntN(6)
+			case 1:
+				p = size - 1 - rng.IntN(6)
+			default:
+				p = size/2 + rng.IntN(8)
+			}
+			set[p] = true
+		}
+		starts := []uint16{0}
+		for p := range set {
+			starts = append(starts, uint16(p))
+		}
+		slices.Sort(starts)
+		// Room for 0 to 3 more starts, or the most a chunk of these runs may
+		// hold, from which removing a start makes splice shrink the slice.
+		room := len(starts) + rng.IntN(4)
+		if rng.IntN(4) == 0 {
+			room = max(4*len(starts)-1, len(starts))
+		}
+		first := uint8(rng.IntN(2))
+		if err := checkChunk(&chunk{first: first, starts: append(make([]uint16, 0, room), starts...)}, 1, size, true); err != nil {
+			t.Fatalf("iter %d: the chunk before: %v", iter, err)
+		}
+		var a int
+		switch rng.IntN(4) {
+		case 0:
+			a = 0
+		case 1:
+			a = size - 1
+		default:
+			b := int(starts[rng.IntN(len(starts))])
+			a = min(max(b+rng.IntN(3)-1, 0), size-1)
+		}
+		v := uint8(rng.IntN(2))
+		got := &chunk{first: first, starts: append(make([]uint16, 0, room), starts...)}
+		want := &chunk{first: first, starts: append(make([]uint16, 0, room), starts...)}
+		before := slices.Clone(got.starts)
+		if !got.setOne(size, a, v) {
+			if !slices.Equal(got.starts, before) || got.first != first || cap(got.starts) != room {
+				t.Fatalf("iter %d: setOne(%d, %d) refused but changed the chunk: %v first %d -> %v first %d",
+					iter, a, v, before, first, got.starts, got.first)
+			}
+			continue
+		}
+		inPlace++
+		want.setRuns(1, size, a, a+1, v)
+		if want.dense != nil {
+			t.Fatalf("iter %d: %d runs went dense", iter, len(starts))
+		}
+		if !slices.Equal(got.starts, want.starts) || got.first != want.first {
+			t.Fatalf("iter %d: setOne(%d, %d) of %v first %d: got %v first %d, want %v first %d",
+				iter, a, v, before, first, got.starts, got.first, want.starts, want.first)
+		}
+		if err := checkChunk(got, 1, size, true); err != nil {
+			t.Fatalf("iter %d: %v", iter, err)
+		}
+	}
+	// Most edits fit in place; a test that never reached the edit would
+	// prove nothing.
+	t.Logf("%d of 200,000 edits made in place", inPlace)
+	if inPlace < 100_000 {
+		t.Fatalf("only %d of 200,000 edits were made in place", inPlace)
 	}
 }
