@@ -3,6 +3,7 @@ package invariant_test
 import (
 	"math/rand/v2"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -234,8 +235,7 @@ func BenchmarkRegisterReplay(b *testing.B) {
 }
 
 // convWorld is a region with memattr, a manager and one DMA mapper on a
-// model IOMMU, in the baseline shape (bitmap + granule) or gmem's (runs +
-// extent).
+// model IOMMU, in one of the shapes below.
 type convWorld struct {
 	m      *discard.Manager
 	a      *memattr.Attributes
@@ -243,20 +243,16 @@ type convWorld struct {
 	mapper *dma.Mapper
 }
 
-func newConvWorld(b *testing.B, size uint64, baseline bool) *convWorld {
+func newConvWorld(b *testing.B, size uint64, sh shape) *convWorld {
 	b.Helper()
 	w := &convWorld{m: discard.New(size, nil)}
 	var err error
-	w.a, err = memattr.New(w.m, memattr.Config{Bitmap: baseline})
+	w.a, err = memattr.New(w.m, memattr.Config{Bitmap: sh.bitmap})
 	if err != nil {
 		b.Fatal(err)
 	}
 	w.model = iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD})
-	policy := dma.Extent
-	if baseline {
-		policy = dma.Granule
-	}
-	w.mapper, err = dma.New(w.model, nil, dma.Options{Policy: policy})
+	w.mapper, err = dma.New(w.model, nil, dma.Options{Policy: sh.policy})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -274,10 +270,24 @@ func (w *convWorld) report(b *testing.B, ops int) {
 	b.ReportMetric(float64(w.a.StateBytes()), "state-bytes")
 }
 
-var shapes = []struct {
-	name     string
-	baseline bool
-}{{"baseline-bitmap-granule", true}, {"gmem-runs-extent", false}}
+// shape is the state map and mapper policy of a convWorld.
+type shape struct {
+	name   string
+	bitmap bool // the baseline's one bitmap, not gmem's runs
+	policy dma.Policy
+}
+
+// shapes are the two sides of a comparison: the baseline and gmem.
+var shapes = []shape{
+	{"baseline-bitmap-granule", true, dma.Granule},
+	{"gmem-runs-extent", false, dma.Extent},
+}
+
+// splitShapes adds to shapes the baseline's bitmap under gmem's mapper, which
+// splits a difference between the two sides into what the state map makes
+// (bitmap-extent against gmem) and what the mapper policy makes (baseline
+// against bitmap-extent).
+var splitShapes = append(slices.Clone(shapes), shape{"bitmap-extent", true, dma.Extent})
 
 // collected runs a collection with b's timer stopped. A side's sub-benchmark
 // calls it after its setup, so that it does not run on the garbage, and the
@@ -294,9 +304,9 @@ func collected(b *testing.B) {
 // and back (one op = both), with 1,000 other shared runs in the region.
 func BenchmarkConvert4K(b *testing.B) {
 	const size = 4 << 30
-	for _, sh := range shapes {
+	for _, sh := range splitShapes {
 		b.Run(sh.name, func(b *testing.B) {
-			w := newConvWorld(b, size, sh.baseline)
+			w := newConvWorld(b, size, sh)
 			rng := rand.New(rand.NewPCG(4, 4))
 			// Background: shared runs in the first half, conversions in the
 			// second, so every conversion changes exactly one page.
@@ -332,7 +342,7 @@ func BenchmarkConvert1G(b *testing.B) {
 	const size = 2 << 30
 	for _, sh := range shapes {
 		b.Run(sh.name, func(b *testing.B) {
-			w := newConvWorld(b, size, sh.baseline)
+			w := newConvWorld(b, size, sh)
 			ops := 0
 			collected(b)
 			for b.Loop() {
@@ -471,7 +481,7 @@ func BenchmarkChurnScattered(b *testing.B) {
 	for i := range seq {
 		seq[i] = op{rng.Uint64N(size/page) * page, memattr.State(rng.IntN(2))}
 	}
-	for _, sh := range shapes {
+	for _, sh := range splitShapes {
 		b.Run(sh.name, func(b *testing.B) {
 			var w *convWorld
 			i := 0
@@ -479,7 +489,7 @@ func BenchmarkChurnScattered(b *testing.B) {
 				if i%ops == 0 {
 					b.StopTimer()
 					w = nil // garbage for the collection below
-					w = newConvWorld(b, size, sh.baseline)
+					w = newConvWorld(b, size, sh)
 					collected(b)
 				}
 				o := seq[i%ops]
