@@ -127,7 +127,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	asJSON := fs.Bool("json", false, `print {"rows":[...]} as JSON`)
 	quick := fs.Bool("quick", false, "smaller sizes and 3 rounds: fast, for tests; the numbers are rougher")
 	rounds := fs.Int("rounds", 0, "rounds of each timed row, baseline and gmem alternating (default 9, 3 with --quick)")
-	only := fs.String("only", "", "run only these `scenarios` (comma-separated: state, replay, churn, churn-runs, roundtrip, parallel, boot, split, scale)")
+	only := fs.String("only", "", "run only these `scenarios` (comma-separated: state, replay, churn, churn-runs, roundtrip, parallel, boot, split, scale; rig, with --rig, for the real-kernel rows alone)")
 	rigLog := fs.String("rig", "", "also print the real-kernel rows from the console `log` of scripts/rig --bench")
 	maxSpread := fs.Float64("max-spread", defaultMaxSpread, "mark a timed row noisy when its interquartile range over median exceeds this")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring to `file`, for go tool pprof; timed rows carry the labels side=baseline|gmem and row=NAME (pprof -tagfocus)")
@@ -154,9 +154,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	if *rounds > 0 {
 		sz.rounds = *rounds
 	}
-	scenarios, err := selectScenarios(*only)
+	scenarios, rigNamed, err := selectScenarios(*only)
 	if err != nil {
 		fmt.Fprintf(stderr, "gmem bench: %v\n", err)
+		return exitUsage
+	}
+	if rigNamed && *rigLog == "" {
+		fmt.Fprintln(stderr, "gmem bench: --only rig needs --rig LOG, the console log of scripts/rig --bench")
 		return exitUsage
 	}
 	var rig []benchRow
@@ -229,26 +233,36 @@ func benchScenarios() []namedScenario {
 	}
 }
 
+// rigScenario is the name --only selects the real-kernel rows by: they are
+// read from --rig's log, not measured, so it is not in benchScenarios.
+const rigScenario = "rig"
+
 // selectScenarios returns the scenarios named in only (comma-separated; all
-// when empty).
-func selectScenarios(only string) ([]namedScenario, error) {
+// when empty), and whether only names the rig rows.
+func selectScenarios(only string) ([]namedScenario, bool, error) {
 	all := benchScenarios()
 	if only == "" {
-		return all, nil
+		return all, false, nil
 	}
 	var out []namedScenario
+	rig := false
 	for _, name := range strings.Split(only, ",") {
+		if name == rigScenario {
+			rig = true
+			continue
+		}
 		i := slices.IndexFunc(all, func(s namedScenario) bool { return s.name == name })
 		if i < 0 {
 			var names []string
 			for _, s := range all {
 				names = append(names, s.name)
 			}
-			return nil, fmt.Errorf("unknown scenario %q (want %s)", name, strings.Join(names, ", "))
+			names = append(names, rigScenario)
+			return nil, false, fmt.Errorf("unknown scenario %q (want %s)", name, strings.Join(names, ", "))
 		}
 		out = append(out, all[i])
 	}
-	return out, nil
+	return out, rig, nil
 }
 
 // benchRows runs the scenarios in order and fills in ratios and noise.
@@ -950,7 +964,9 @@ func printBench(w io.Writer, rows []benchRow, sz benchSizes, quick bool, maxSpre
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "\nbaseline: QEMU's algorithm (bitmap, one IOMMU entry per 4 KiB); gmem: runs, one entry per extent")
-	fmt.Fprintf(w, "timed rows: medians of %d rounds, baseline and gmem alternating; spread: interquartile range/median of the worse side\n", sz.rounds)
+	if slices.ContainsFunc(rows, func(r benchRow) bool { return r.Rounds > 0 }) {
+		fmt.Fprintf(w, "timed rows: medians of %d rounds, baseline and gmem alternating; spread: interquartile range/median of the worse side\n", sz.rounds)
+	}
 	for i, r := range rows {
 		fmt.Fprintf(w, "%2d  %s\n", i+1, r.Note)
 	}
@@ -1005,7 +1021,9 @@ one row per measurement with what it means:
                         time, pinned pages) and churn measured on the real
                         type1 and iommufd drivers inside the rig's TCG
                         guest (scripts/rig --bench), granule policy against
-                        extent; one run each, only the ratio is meaningful
+                        extent; one run each, only the ratio is meaningful.
+                        Read from the log, not measured: --only rig --rig LOG
+                        prints these rows alone
 
 The ratio column says how many times better gmem is (baseline/gmem where
 lower is better, gmem/baseline where higher is). Timed rows run baseline and

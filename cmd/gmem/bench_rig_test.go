@@ -95,3 +95,40 @@ func TestBenchRigFlag(t *testing.T) {
 		t.Errorf("missing rig log: exit %d, %q", code, errOut)
 	}
 }
+
+// TestBenchOnlyRig checks that --only rig prints the rows of the rig's log
+// and measures nothing, and that it needs --rig.
+func TestBenchOnlyRig(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "rig.log")
+	if err := os.WriteFile(path, []byte(rigLogSample), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"--json"}, {}} {
+		code, out, errOut := runCmd(context.Background(), append([]string{"bench", "--only", "rig", "--rig", path}, args...)...)
+		if code != exitOK {
+			t.Fatalf("bench --only rig %v: exit %d: %s", args, code, errOut)
+		}
+		if len(args) == 0 {
+			if !strings.Contains(out, "rig type1: 4 KiB churn time") || strings.Contains(out, "state memory") || strings.Contains(out, "medians of") {
+				t.Errorf("bench --only rig: table %q", out)
+			}
+			continue
+		}
+		var rep benchReport
+		if err := json.Unmarshal([]byte(out), &rep); err != nil {
+			t.Fatal(err)
+		}
+		if len(rep.Rows) != 4 {
+			t.Errorf("bench --only rig --json: %d rows, want the log's 4", len(rep.Rows))
+		}
+		for _, r := range rep.Rows {
+			if !strings.HasPrefix(r.Name, "rig type1: ") {
+				t.Errorf("bench --only rig --json: row %q", r.Name)
+			}
+		}
+	}
+	code, out, errOut := runCmd(context.Background(), "bench", "--only", "rig")
+	if code != exitUsage || out != "" || !strings.Contains(errOut, "--only rig needs --rig") {
+		t.Errorf("bench --only rig without --rig: exit %d, %q, %q", code, out, errOut)
+	}
+}
