@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -43,8 +44,10 @@ func readRig(r io.Reader) (map[string]rigMeasure, []string, error) {
 		for _, kv := range f[3:] {
 			k, v, ok := strings.Cut(kv, "=")
 			x, err := strconv.ParseFloat(v, 64)
-			if !ok || err != nil {
-				return nil, nil, fmt.Errorf("line %d: %q is not key=number", n, kv)
+			// Counts and times: a NaN, an infinity or a negative value is
+			// a damaged line (and a NaN cannot be written as JSON).
+			if !ok || err != nil || math.IsNaN(x) || math.IsInf(x, 0) || x < 0 {
+				return nil, nil, fmt.Errorf("line %d: %q is not key=number (finite, not negative)", n, kv)
 			}
 			m[k] = x
 		}
@@ -103,9 +106,12 @@ func rigRows(ms map[string]rigMeasure, backends []string) ([]benchRow, error) {
 			}
 			rows = append(rows, benchRow{Name: "rig " + b + ": " + x.name, Unit: x.unit, Baseline: g, Gmem: e, Better: "lower", Scale: rt, Note: x.note, Source: src})
 		}
-		ops, _, err := get("churn", "ops")
+		ops, eops, err := get("churn", "ops")
 		if err != nil {
 			return nil, err
+		}
+		if ops == 0 || eops != ops {
+			return nil, fmt.Errorf("rig log: %s churn ran %v conversions with the granule policy and %v with the extent policy, want the same number, not 0", b, ops, eops)
 		}
 		g, e, err := get("churn", "ns")
 		if err != nil {

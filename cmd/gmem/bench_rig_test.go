@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -51,6 +52,9 @@ func TestRigRowsBad(t *testing.T) {
 		"malformed": "GMEM-RIG bench type1 roundtrip granule ns=abc\n",
 		"short":     "GMEM-RIG bench type1\n",
 		"twice":     "GMEM-RIG bench type1 churn extent ns=1\nGMEM-RIG bench type1 churn extent ns=1\n",
+		"nan":       "GMEM-RIG bench type1 churn extent ns=NaN\n",
+		"infinite":  "GMEM-RIG bench type1 churn extent ns=+Inf\n",
+		"negative":  "GMEM-RIG bench type1 churn extent ns=-1\n",
 	} {
 		if _, _, err := readRig(strings.NewReader(log)); err == nil {
 			t.Errorf("%s: no error", name)
@@ -63,6 +67,20 @@ func TestRigRowsBad(t *testing.T) {
 	}
 	if _, err := rigRows(ms, backends); err == nil || !strings.Contains(err.Error(), "granule") {
 		t.Errorf("rigRows without the granule run: %v", err)
+	}
+	// Churns of no conversions, or of different numbers on the two sides,
+	// have no time per conversion to compare.
+	for _, log := range []string{
+		strings.ReplaceAll(rigLogSample, "ops=10000", "ops=0"),
+		strings.Replace(rigLogSample, "ops=10000", "ops=5000", 1),
+	} {
+		ms, backends, err := readRig(strings.NewReader(log))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := rigRows(ms, backends); err == nil || !strings.Contains(err.Error(), "conversions") {
+			t.Errorf("rigRows of churns %q: %v", log, err)
+		}
 	}
 }
 
@@ -131,4 +149,42 @@ func TestBenchOnlyRig(t *testing.T) {
 	if code != exitUsage || out != "" || !strings.Contains(errOut, "--only rig needs --rig") {
 		t.Errorf("bench --only rig without --rig: exit %d, %q, %q", code, out, errOut)
 	}
+}
+
+// FuzzReadRig checks the rig log parser: no panic, and a log it and rigRows
+// accept gives rows of finite, non-negative values that encode as JSON (a
+// NaN would fail --json only at the end of minutes of measuring).
+func FuzzReadRig(f *testing.F) {
+	f.Add(rigLogSample)
+	f.Add("GMEM-RIG bench type1 churn extent ops=0 ns=1\n")
+	f.Add("GMEM-RIG bench type1 roundtrip granule bytes=NaN ns=1 map_calls=1 pinned_pages=1\n")
+	f.Add(strings.ReplaceAll(rigLogSample, "ops=10000", "ops=0"))
+	f.Add(strings.ReplaceAll(rigLogSample, "ns=1000000000", "ns=-1"))
+	f.Fuzz(func(t *testing.T, log string) {
+		ms, backends, err := readRig(strings.NewReader(log))
+		if err != nil {
+			return
+		}
+		for key, m := range ms {
+			for k, v := range m {
+				if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
+					t.Fatalf("accepted %s %s=%v", key, k, v)
+				}
+			}
+		}
+		rows, err := rigRows(ms, backends)
+		if err != nil {
+			return
+		}
+		for _, r := range rows {
+			for _, v := range []float64{r.Baseline, r.Gmem} {
+				if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
+					t.Fatalf("row %q has %v", r.Name, v)
+				}
+			}
+		}
+		if _, err := json.Marshal(benchReport{Rows: rows}); err != nil {
+			t.Fatalf("rows do not encode: %v", err)
+		}
+	})
 }
