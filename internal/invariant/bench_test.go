@@ -502,3 +502,74 @@ func BenchmarkChurnScattered(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkChurnAmongRuns is row 6 of gmem bench: 100,000 random
+// single-page conversions, each to a random state, of a 1 TiB region that
+// holds 500,000 scattered shared pages, no two adjacent (1,000,000 runs).
+// One op is one conversion; after every 100,000 the conversions are undone,
+// untimed, so every pass starts from the same state.
+func BenchmarkChurnAmongRuns(b *testing.B) {
+	const (
+		size   = 1 << 40
+		shared = 500_000
+		ops    = 100_000
+	)
+	type op struct {
+		off uint64
+		to  memattr.State
+	}
+	rng := rand.New(rand.NewPCG(8, 9))
+	slot := uint64(size / page / shared)
+	background := make([]uint64, shared)
+	for i := range background {
+		background[i] = (uint64(i)*slot + rng.Uint64N(slot-1)) * page
+	}
+	rng = rand.New(rand.NewPCG(10, 6))
+	seq := make([]op, ops)
+	for i := range seq {
+		seq[i] = op{rng.Uint64N(size/page) * page, memattr.State(rng.IntN(2))}
+	}
+	for _, sh := range splitShapes {
+		b.Run(sh.name, func(b *testing.B) {
+			w := newConvWorld(b, size, sh)
+			for _, off := range background {
+				if err := w.a.Convert(off, page, memattr.Shared); err != nil {
+					b.Fatal(err)
+				}
+			}
+			// Each op's page before it, to undo a pass in reverse.
+			prev := make([]memattr.State, ops)
+			last := make(map[uint64]memattr.State, ops)
+			for i, o := range seq {
+				st, ok := last[o.off]
+				if !ok {
+					st = w.a.Get(o.off)
+				}
+				prev[i], last[o.off] = st, o.to
+			}
+			undo := func(n int) {
+				for j := n - 1; j >= 0; j-- {
+					if err := w.a.Convert(seq[j].off, page, prev[j]); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			collected(b)
+			i := 0
+			for b.Loop() {
+				if i == ops {
+					b.StopTimer()
+					undo(ops)
+					i = 0
+					b.StartTimer()
+				}
+				o := seq[i]
+				if err := w.a.Convert(o.off, page, o.to); err != nil {
+					b.Fatal(err)
+				}
+				i++
+			}
+			b.ReportMetric(float64(w.a.StateBytes()), "state-bytes")
+		})
+	}
+}
