@@ -274,7 +274,7 @@ func (c *chunk) setOne(size, a int, v uint8) bool {
 		at, ins = i+1, []uint16{uint16(a), uint16(a + 1)}
 	}
 	n2 := n - del + len(ins)
-	if n2 > cap(s) || (4*n2 <= cap(s) && cap(s)*2 > 64) || cap(s)*2 > runsLimit(size, 1) {
+	if n2 > cap(s) || oversized(n2, cap(s)) || cap(s)*2 > runsLimit(size, 1) {
 		return false
 	}
 	if del > 0 {
@@ -292,6 +292,11 @@ func (c *chunk) setOne(size, a int, v uint8) bool {
 	return true
 }
 
+// oversized reports whether a starts slice of capacity c is too large for n
+// runs: four times what they need, and more than 64 bytes. splice then
+// shrinks it, so a chunk in runs form never holds one.
+func oversized(n, c int) bool { return 4*n <= c && c*2 > 64 }
+
 // splice replaces runs [lo, hi) by es (runs form), reallocating to grow or
 // to shrink when the slices are four times larger than needed. It reports
 // false, changing nothing, if the result would allocate more than runsLimit.
@@ -301,7 +306,7 @@ func (c *chunk) splice(width uint, size, lo, hi int, es []entry) bool {
 	limit := runsLimit(size, width)
 	capBytes := func(s []uint16, v []uint8) int { return cap(s)*2 + cap(v) }
 	fits := n2 <= cap(c.starts) && (width == 1 || n2 <= cap(c.vals)) && capBytes(c.starts, c.vals) <= limit
-	shrink := 4*n2 <= cap(c.starts) && cap(c.starts)*2 > 64
+	shrink := oversized(n2, cap(c.starts))
 	starts, vals := c.starts, c.vals
 	if !fits || shrink {
 		if n2*runBytes(width) > limit {

@@ -154,7 +154,7 @@ func checkChunk(c *chunk, width uint, size int, single bool) error {
 	if b := cap(c.starts)*2 + cap(c.vals); b > limit {
 		return fmt.Errorf("runs chunk holds %d bytes, more than the runs limit %d", b, limit)
 	}
-	if 4*n <= cap(c.starts) && cap(c.starts)*2 > 64 {
+	if oversized(n, cap(c.starts)) {
 		return fmt.Errorf("runs chunk has capacity %d for %d runs", cap(c.starts), n)
 	}
 	return nil

@@ -462,6 +462,13 @@ func (d spinBackend) SetAttributes([]span.Range, memattr.State) error {
 
 func (spinBackend) Release([]span.Range, memattr.State) error { return nil }
 
+// churnOp is one conversion of the churn benchmarks: a page and its new
+// state.
+type churnOp struct {
+	off uint64
+	to  memattr.State
+}
+
 // BenchmarkChurnScattered is row 4 of gmem bench: 100,000 random
 // single-page conversions of a 16 GiB region that starts private, each to a
 // random state (half of them to the state the page is in), which leaves about
@@ -472,14 +479,10 @@ func BenchmarkChurnScattered(b *testing.B) {
 		size = 16 << 30
 		ops  = 100_000
 	)
-	type op struct {
-		off uint64
-		to  memattr.State
-	}
 	rng := rand.New(rand.NewPCG(5, 6))
-	seq := make([]op, ops)
+	seq := make([]churnOp, ops)
 	for i := range seq {
-		seq[i] = op{rng.Uint64N(size/page) * page, memattr.State(rng.IntN(2))}
+		seq[i] = churnOp{rng.Uint64N(size/page) * page, memattr.State(rng.IntN(2))}
 	}
 	for _, sh := range splitShapes {
 		b.Run(sh.name, func(b *testing.B) {
@@ -514,10 +517,6 @@ func BenchmarkChurnAmongRuns(b *testing.B) {
 		shared = 500_000
 		ops    = 100_000
 	)
-	type op struct {
-		off uint64
-		to  memattr.State
-	}
 	rng := rand.New(rand.NewPCG(8, 9))
 	slot := uint64(size / page / shared)
 	background := make([]uint64, shared)
@@ -525,9 +524,9 @@ func BenchmarkChurnAmongRuns(b *testing.B) {
 		background[i] = (uint64(i)*slot + rng.Uint64N(slot-1)) * page
 	}
 	rng = rand.New(rand.NewPCG(10, 6))
-	seq := make([]op, ops)
+	seq := make([]churnOp, ops)
 	for i := range seq {
-		seq[i] = op{rng.Uint64N(size/page) * page, memattr.State(rng.IntN(2))}
+		seq[i] = churnOp{rng.Uint64N(size/page) * page, memattr.State(rng.IntN(2))}
 	}
 	for _, sh := range splitShapes {
 		b.Run(sh.name, func(b *testing.B) {
@@ -547,19 +546,16 @@ func BenchmarkChurnAmongRuns(b *testing.B) {
 				}
 				prev[i], last[o.off] = st, o.to
 			}
-			undo := func(n int) {
-				for j := n - 1; j >= 0; j-- {
-					if err := w.a.Convert(seq[j].off, page, prev[j]); err != nil {
-						b.Fatal(err)
-					}
-				}
-			}
 			collected(b)
 			i := 0
 			for b.Loop() {
 				if i == ops {
 					b.StopTimer()
-					undo(ops)
+					for j := ops - 1; j >= 0; j-- {
+						if err := w.a.Convert(seq[j].off, page, prev[j]); err != nil {
+							b.Fatal(err)
+						}
+					}
 					i = 0
 					b.StartTimer()
 				}
