@@ -45,6 +45,15 @@ type Caps struct {
 	EntryLimit uint64
 	// Ranges are the IOVA windows a mapping may use (all of them, if nil).
 	Ranges []span.Range
+	// Cut reports that the space is a Cutter whose Cut works.
+	Cut bool
+}
+
+// Cutter removes the pages of [iova, iova+size) from whatever mappings hold
+// them, keeping the rest of those mappings mapped and pinned, and returns the
+// bytes unmapped (0, with no error, when nothing is mapped there).
+type Cutter interface {
+	Cut(iova, size uint64) (uint64, error)
 }
 
 // Space is one IOMMU address space: a VFIO type1 container or an iommufd IOAS
