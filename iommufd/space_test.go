@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/internal/fdio"
 	"github.com/gmemproject/gmem/iommu"
 )
 
@@ -19,7 +20,7 @@ func devNull(t *testing.T) *IOMMUFD {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &IOMMUFD{fd: fd}
+	f := &IOMMUFD{fd: fdio.New(fd, os.DevNull, ErrClosed)}
 	t.Cleanup(func() { f.Close() })
 	return f
 }
