@@ -223,7 +223,7 @@ func NewKVMBacking(vm MemslotBinder, name string, size uint64, mode Mode) (*KVMB
 	var err error
 	switch mode {
 	case InPlace:
-		flags := uint64(kvm.GuestMemfdFlagMmap | kvm.GuestMemfdFlagInitShared)
+		flags := uint64(kvm.InPlaceFlags)
 		if b.gmem, err = vm.CreateGuestMemfd(size, flags); err != nil {
 			return nil, fmt.Errorf("guestmem: in-place memory needs an mmap-able, initially shared guest_memfd: %w", err)
 		}
@@ -326,3 +326,9 @@ func checkBackingSize(size uint64) error {
 	}
 	return nil
 }
+
+var _ AttributeBacking = (*KVMBacking)(nil)
+
+// AttributeFile returns the guest_memfd, which keeps its own attributes on
+// kernels with in-place conversion, and the block's offset in it (0).
+func (b *KVMBacking) AttributeFile() (AttributeFile, uint64) { return b.gmem, 0 }
