@@ -437,7 +437,18 @@ func TestRandomizedInPlace(t *testing.T) {
 				injected += inj
 				refusals += ref
 			case k < 14:
+				// Mostly a shared page (where a pin holds), sometimes any.
 				gpa := rng.Uint64N(4*mib/page) * page
+				var shared []uint64
+				for p, sh := range o {
+					if sh {
+						shared = append(shared, p)
+					}
+				}
+				if len(shared) > 0 && rng.IntN(4) != 0 {
+					slices.Sort(shared)
+					gpa = shared[rng.IntN(len(shared))]
+				}
 				if !isRAM(gpa) {
 					continue
 				}
