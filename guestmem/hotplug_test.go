@@ -188,7 +188,7 @@ func TestRandomizedHotplug(t *testing.T) {
 					failed++
 				}
 				for _, d := range devs {
-					if err := d.att.Check(d.model.Mappings()); err != nil {
+					if err := d.att.Check(); err != nil {
 						t.Fatalf("step %d: %v", i, err)
 					}
 				}
@@ -274,7 +274,7 @@ func FuzzPlug(f *testing.F) {
 		if _, err := mem.Convert(guestmem.Request{GPA: gpa, Size: size, To: memattr.Shared}); err != nil && !errors.As(err, new(*guestmem.ConvertError)) {
 			t.Fatal(err)
 		}
-		if err := att.Check(model.Mappings()); err != nil {
+		if err := att.Check(); err != nil {
 			t.Fatal(err)
 		}
 		walk, err := mem.Walk(wgpa, wsize)

@@ -113,12 +113,27 @@ func (a *Attachment) Stats() dma.Stats {
 	return s
 }
 
+// Lister is an iommu.Space that can list its own mappings: iommu.Model, or a
+// VMM's fake. A real IOMMU cannot (neither VFIO type1 nor iommufd lists its
+// mappings), so Attachment.Check compares such a space against the mappers'
+// bookkeeping only.
+type Lister interface {
+	// Mappings returns the space's mappings in ascending IOVA order.
+	Mappings() []iommu.Mapping
+}
+
+var _ Lister = (*iommu.Model)(nil)
+
 // Violation is a broken invariant found by Attachment.Check: I1 (a shared,
 // plugged page no entry maps) or I2 (an entry over a private, unplugged or
 // non-RAM page).
 type Violation struct {
 	// Invariant is "I1" or "I2".
 	Invariant string
+	// Table is the table that breaks it: "mapper" (a dma.Mapper's
+	// bookkeeping of what it mapped) or "space" (the space's own listing,
+	// for a space that is a Lister).
+	Table string
 	// Block is the block the pages belong to, "" outside guest RAM.
 	Block string
 	// GPA is the pages in question (IOVA = GPA).
@@ -133,37 +148,67 @@ func (v *Violation) Error() string {
 	if v.Block != "" {
 		where = "in block " + v.Block
 	}
-	return fmt.Sprintf("guestmem: %s violated at GPA %v %s: %s", v.Invariant, v.GPA, where, v.Detail)
+	return fmt.Sprintf("guestmem: %s violated by the %s table at GPA %v %s: %s", v.Invariant, v.Table, v.GPA, where, v.Detail)
 }
 
-// Check verifies invariants I1 and I2 for every block: entries (the IOMMU
-// space's mappings, ascending IOVA, such as iommu.Model.Mappings returns)
-// must cover exactly the shared, plugged pages. It returns the first
-// violation as a *Violation (an entry outside every block breaks I2 too),
-// or ErrClosed after Close.
-func (a *Attachment) Check(entries []iommu.Mapping) error {
+// Check verifies invariants I1 and I2 for every attached block: the IOMMU
+// entries must cover exactly the shared, plugged pages. It compares the
+// state with two tables: each block's dma.Mapper's bookkeeping (what the
+// mapper mapped and has not unmapped: Mappers()[i].Entries()), and, where
+// the space is a Lister (iommu.Model), the space's own mappings. With a
+// real IOMMU only the first exists: the kernel cannot list its mappings,
+// so Check proves that gmem asked for the right mappings, and what the
+// device reaches is proved by DMA (the rig's checks do that).
+//
+// Check may be called at any time: it holds off conversions, plugs and
+// unplugs while it reads the state and the tables, so it sees one
+// consistent moment (it waits for the operations in flight, and they wait
+// for it). Changes made through a block's Manager or Attributes directly
+// bypass the executor and are not held off. It returns the first violation
+// as a *Violation (an entry outside every block breaks I2 too), or
+// ErrClosed after Close.
+func (a *Attachment) Check() error {
 	m := a.m
 	if err := m.enter(); err != nil {
 		return err
 	}
 	defer m.exit()
+	// Conversions within one block hold convMu for reading, the others and
+	// plugs for writing: holding it for writing is a moment without any.
+	m.convMu.Lock()
+	defer m.convMu.Unlock()
+	// a.mu keeps a Detach from unregistering mappers half way through.
 	a.mu.Lock()
-	blocks := slices.Clone(a.blocks)
-	a.mu.Unlock()
+	defer a.mu.Unlock()
+	for i, mp := range a.mappers {
+		if err := checkTable("mapper", mp.Entries(), a.blocks[i:i+1]); err != nil {
+			return err
+		}
+	}
+	if l, ok := a.space.(Lister); ok {
+		return checkTable("space", l.Mappings(), a.blocks)
+	}
+	return nil
+}
+
+// checkTable checks I1 and I2 of entries (ascending) against blocks
+// (ascending GPA): every entry inside a block, every block's populated
+// pages mapped exactly.
+func checkTable(table string, entries []iommu.Mapping, blocks []*Block) error {
 	for _, e := range entries {
 		r := e.Range()
 		for _, b := range blocks {
 			r = minusFront(r, b.Range())
 		}
 		if !r.Empty() {
-			return &Violation{Invariant: "I2", GPA: r, Detail: "mapped outside the attached guest RAM"}
+			return &Violation{Invariant: "I2", Table: table, GPA: r, Detail: "mapped outside the attached guest RAM"}
 		}
 	}
 	for _, b := range blocks {
 		err := invariant.Mapped(b.mgr, b.Section(), invariant.Within(entries, b.Range()))
 		var v *invariant.Violation
 		if errors.As(err, &v) {
-			return &Violation{Invariant: v.Invariant, Block: b.name, GPA: v.IOVA, Detail: v.Detail}
+			return &Violation{Invariant: v.Invariant, Table: table, Block: b.name, GPA: v.IOVA, Detail: v.Detail}
 		}
 		if err != nil {
 			return fmt.Errorf("guestmem: block %s: %w", b.name, err)
