@@ -42,7 +42,8 @@ type Result struct {
 var (
 	// ErrInvalid is a malformed request: size 0, overflow, not page
 	// aligned, beyond MaxGPA, or an unknown target state. It wraps the
-	// span error that says which.
+	// span error that says which. Plug, Unplug, Walk and Backing.Discard
+	// (an unknown Side) answer it for their malformed arguments too.
 	ErrInvalid = errors.New("invalid conversion request")
 	// ErrNotRAM is a request to make an MMIO hole or unbacked range private.
 	ErrNotRAM = errors.New("not guest RAM")

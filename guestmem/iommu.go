@@ -14,6 +14,26 @@ import (
 	"github.com/gmemproject/gmem/span"
 )
 
+// Errors of AttachIOMMU. Neither is transient: the same call fails again.
+var (
+	// ErrOptions is an AttachIOMMU whose arguments cannot make a mapper: no
+	// space (nil, or a nil pointer), or dma.Options that dma.New refuses
+	// (an unknown policy, a granularity or maximum extent that is not a
+	// power of two, ...). It wraps dma's error, so errors.Is also matches
+	// any sentinel dma gives its refusals.
+	ErrOptions = errors.New("bad IOMMU attachment")
+	// ErrIOMMUPage is an IOMMU space whose smallest page (Caps.PageSize)
+	// is larger than PageSize, or does not divide it. A conversion changes
+	// 4 KiB pages, and such an IOMMU cannot map or unmap one: every
+	// conversion would fail, to private included, so the guest could not
+	// give memory back. VFIO type1 and iommufd never offer a page smaller
+	// than the host kernel's, so every space of a host built with 16 or
+	// 64 KiB pages is one: arm64 kernels with 64 KiB pages (an Arm SMMU
+	// then uses its 64 KiB granule), ppc64 (64 KiB pages), Apple silicon
+	// (16 KiB, DART).
+	ErrIOMMUPage = errors.New("IOMMU page larger than the conversion page")
+)
+
 // Attachment is one IOMMU space kept equal to the shared, plugged pages of
 // every block: a dma.Mapper per block, IOVA = GPA. Its methods are safe for
 // concurrent use; Memory.Close detaches it.
@@ -31,19 +51,34 @@ type Attachment struct {
 // iommu.Model maps and faults every DMA). The shared, plugged pages of each
 // block are mapped at once. If a block's mapper cannot be registered, the
 // blocks already attached are detached again and the error returned. The
-// Memory keeps the attachment until Detach or Close.
+// Memory keeps the attachment until Detach or Close. A nil space or
+// options dma refuses answer ErrOptions, a space whose pages are larger
+// than PageSize ErrIOMMUPage, both before anything is mapped.
 func (m *Memory) AttachIOMMU(space iommu.Space, opts dma.Options) (*Attachment, error) {
 	if err := m.enter(); err != nil {
 		return nil, err
 	}
 	defer m.exit()
-	a := &Attachment{m: m, space: space}
-	for _, b := range m.blocks {
+	if isNil(space) {
+		return nil, fmt.Errorf("guestmem: attach IOMMU: %w: no space (%T)", ErrOptions, space)
+	}
+	if ps := space.Caps().PageSize; ps != 0 && (ps > PageSize || PageSize%ps != 0) {
+		return nil, fmt.Errorf("guestmem: attach IOMMU: %w: the space's smallest page is %#x bytes; a conversion changes %#x", ErrIOMMUPage, ps, uint64(PageSize))
+	}
+	// Every mapper first, so that options dma refuses map nothing.
+	mps := make([]*dma.Mapper, len(m.blocks))
+	for i, b := range m.blocks {
 		mp, err := dma.New(space, b.host, opts)
-		if err == nil {
-			err = b.mgr.Register(mp, b.Section())
-		}
 		if err != nil {
+			// dma.New refuses nothing but its options.
+			return nil, fmt.Errorf("guestmem: attach IOMMU: %w: %w", ErrOptions, err)
+		}
+		mps[i] = mp
+	}
+	a := &Attachment{m: m, space: space}
+	for i, b := range m.blocks {
+		mp := mps[i]
+		if err := b.mgr.Register(mp, b.Section()); err != nil {
 			derr := a.detach()
 			return nil, errors.Join(fmt.Errorf("guestmem: attach IOMMU to block %s at GPA %#x: %w", b.name, b.gpa, err), derr)
 		}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"reflect"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -109,7 +110,7 @@ type Config struct {
 	// MaxGPA is the end of the guest physical address space (default
 	// DefaultMaxGPA). Requests reaching past it are invalid.
 	MaxGPA uint64
-	// VM, if not nil, is the KVM VM the memory belongs to (*kvm.VM or a
+	// VM, if not nil (nor a nil pointer), is the KVM VM the memory belongs to (*kvm.VM or a
 	// VMM's own). Where it reports private memory the attributes are set
 	// with KVM_SET_MEMORY_ATTRIBUTES (EnforceKVM). If it is also a
 	// MemslotBinder, blocks without a Backing get a KVMBacking and blocks
@@ -194,10 +195,6 @@ type Block struct {
 	record pagemap.Map
 }
 
-// ErrLayout is a Config whose blocks or holes are misplaced, or whose
-// backings do not fit them.
-var ErrLayout = errors.New("guestmem: bad memory layout")
-
 // Validate checks cfg without creating anything: the mode, the layout of
 // blocks and holes, the backings' sizes and modes, the hot-plug block sizes.
 // New calls it first.
@@ -222,8 +219,8 @@ func New(cfg Config) (*Memory, error) {
 		inject:      cfg.Inject,
 		holes:       holes,
 	}
-	if v, ok := m.vm.(*kvm.VM); ok && v == nil {
-		m.vm = nil // a nil *kvm.VM in the interface means no VM
+	if isNil(m.vm) {
+		m.vm = nil // a nil *kvm.VM (or other pointer) in the interface means no VM
 	}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
@@ -287,6 +284,9 @@ func (cfg Config) validate() ([]Hole, error) {
 			return nil, fmt.Errorf("%w: block %s at GPA %#x: %w", ErrLayout, b.Name, b.GPA, err)
 		}
 		if bk := b.Backing; bk != nil {
+			if isNil(bk) {
+				return nil, fmt.Errorf("%w: block %s: backing is a nil %T", ErrLayout, b.Name, bk)
+			}
 			if bk.Size() != b.Size {
 				return nil, fmt.Errorf("%w: block %s: backing of %#x bytes for a block of %#x", ErrLayout, b.Name, bk.Size(), b.Size)
 			}
@@ -321,6 +321,20 @@ func (cfg Config) validate() ([]Hole, error) {
 	}
 	slices.SortFunc(holes, func(a, b Hole) int { return cmp.Compare(a.GPA, b.GPA) })
 	return holes, nil
+}
+
+// isNil reports whether x is nil or, held in an interface, a nil pointer,
+// map, slice, function or channel: a value whose methods cannot be called
+// with any meaning.
+func isNil(x any) bool {
+	if x == nil {
+		return true
+	}
+	switch v := reflect.ValueOf(x); v.Kind() {
+	case reflect.Pointer, reflect.Map, reflect.Slice, reflect.Func, reflect.Chan, reflect.UnsafePointer:
+		return v.IsNil()
+	}
+	return false
 }
 
 // newBlock creates or adopts a block's backing, binds its memslot and
