@@ -40,7 +40,8 @@ type BlockConfig struct {
 	// GPA and Size place the block; both multiples of PageSize, Size > 0.
 	GPA, Size uint64
 	// Backing, if not nil, is the block's memory, borrowed: its Size must
-	// be Size and its InPlace must match Config.Mode, and guestmem never
+	// be Size, its InPlace must match Config.Mode, it must share no memory
+	// with another block's (see Config.Validate), and guestmem never
 	// closes it (the VMM closes it after Memory.Close). Nil means guestmem
 	// creates a KVMBacking (with a Config.VM that is a MemslotBinder) or a
 	// MemfdBacking (without a VM) and closes it in Memory.Close.
@@ -196,8 +197,11 @@ type Block struct {
 }
 
 // Validate checks cfg without creating anything: the mode, the layout of
-// blocks and holes, the backings' sizes and modes, the hot-plug block sizes.
-// New calls it first.
+// blocks and holes, the backings' sizes and modes, the hot-plug block
+// sizes, and that no two blocks share memory (one Backing in two blocks,
+// overlapping host mappings, overlapping ranges of one file behind host
+// mappings or guest_memfds; the private side of a backing that is no
+// GuestMemfdBacking cannot be seen). New calls it first.
 func (cfg Config) Validate() error {
 	_, err := cfg.validate()
 	return err
@@ -318,6 +322,9 @@ func (cfg Config) validate() ([]Hole, error) {
 		if all[i-1].r.Overlaps(all[i].r) {
 			return nil, fmt.Errorf("%w: %s at GPA %v overlaps %s at GPA %v", ErrLayout, all[i-1].what, all[i-1].r, all[i].what, all[i].r)
 		}
+	}
+	if err := checkShared(cfg.Blocks); err != nil {
+		return nil, err
 	}
 	slices.SortFunc(holes, func(a, b Hole) int { return cmp.Compare(a.GPA, b.GPA) })
 	return holes, nil
