@@ -44,7 +44,7 @@ var (
 	// aligned, beyond MaxGPA, or an unknown target state. It wraps the
 	// span error that says which. Plug, Unplug, Walk and Backing.Discard
 	// (an unknown Side) answer it for their malformed arguments too.
-	ErrInvalid = errors.New("invalid conversion request")
+	ErrInvalid = errors.New("invalid request")
 	// ErrNotRAM is a request to make an MMIO hole or unbacked range private.
 	ErrNotRAM = errors.New("not guest RAM")
 )
