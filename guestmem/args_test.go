@@ -62,6 +62,7 @@ func exported(t *testing.T) (funcs, types []string) {
 // zeroFuncs are the package's functions, called with zero arguments by
 // TestZeroArguments.
 var zeroFuncs = map[string]any{
+	"BitmapBytes":     guestmem.BitmapBytes,
 	"HypercallRet":    guestmem.HypercallRet,
 	"New":             guestmem.New,
 	"NewKVMBacking":   guestmem.NewKVMBacking,

@@ -125,8 +125,16 @@ type Config struct {
 	// itself: guestmem then never calls KVM_SET_USER_MEMORY_REGION2.
 	ExternalMemslots bool
 	// Bitmap keeps the state in dense bitmaps (QEMU's representation), the
-	// baseline for comparisons.
+	// baseline for comparisons. They are allocated at once: one bit per
+	// page, 32 MiB per TiB of RAM (BitmapBytes).
 	Bitmap bool
+	// MaxBitmapBytes, with Bitmap, caps what the bitmaps of all blocks may
+	// take together (BitmapBytes); 0 means the machine's physical memory
+	// (pagemap.BitmapLimit), and a larger cap does not lift pagemap's own
+	// limit of physical memory per bitmap. Validate and New refuse a
+	// larger memory with a *pagemap.SizeError matching ErrTooLarge, before
+	// allocating anything.
+	MaxBitmapBytes uint64
 	// Logger receives conversion failures and undo problems (default:
 	// discard).
 	Logger *slog.Logger
@@ -326,8 +334,57 @@ func (cfg Config) validate() ([]Hole, error) {
 	if err := checkShared(cfg.Blocks); err != nil {
 		return nil, err
 	}
+	if cfg.Bitmap {
+		if err := cfg.checkBitmaps(); err != nil {
+			return nil, err
+		}
+	}
 	slices.SortFunc(holes, func(a, b Hole) int { return cmp.Compare(a.GPA, b.GPA) })
 	return holes, nil
+}
+
+// ErrTooLarge is a memory whose state cannot be held on this machine: with
+// Config.Bitmap, bitmaps larger than Config.MaxBitmapBytes or the physical
+// memory. Errors matching it are *pagemap.SizeError, which give the bytes
+// needed and the limit. It is pagemap.ErrTooLarge.
+var ErrTooLarge = pagemap.ErrTooLarge
+
+// BitmapBytes returns what Config.Bitmap allocates for blocks: one bit per
+// page of each block, and one per plug block of a hot-pluggable block.
+// Their sizes must be multiples of PageSize (and of Hotplug).
+func BitmapBytes(blocks []BlockConfig) uint64 {
+	var n uint64
+	for _, b := range blocks {
+		n += pagemap.BitmapBytes(b.Size/PageSize, 1)
+		if b.Hotplug != 0 {
+			n += pagemap.BitmapBytes(b.Size/b.Hotplug, 1)
+		}
+	}
+	return n
+}
+
+// checkBitmaps refuses bitmaps larger than the limit, before anything is
+// allocated: Go's runtime answers an allocation the kernel refuses with a
+// fatal error.
+func (cfg Config) checkBitmaps() error {
+	need := BitmapBytes(cfg.Blocks)
+	limit, name := cfg.MaxBitmapBytes, "Config.MaxBitmapBytes"
+	if limit == 0 {
+		limit, name = pagemap.BitmapLimit()
+	}
+	if need <= limit {
+		return nil
+	}
+	var ram uint64
+	for _, b := range cfg.Blocks {
+		ram += b.Size
+	}
+	return fmt.Errorf("guestmem: %w", &pagemap.SizeError{
+		What:      fmt.Sprintf("the bitmap state (Config.Bitmap) of %s of RAM", pagemap.FormatBytes(ram)),
+		Bytes:     need,
+		Limit:     limit,
+		LimitName: name,
+	})
 }
 
 // isNil reports whether x is nil or, held in an interface, a nil pointer,
