@@ -66,10 +66,10 @@
 //	question               test with                  examples
 //	what kind of failure   errors.Is(err, sentinel)   ErrInvalid, ErrNotRAM, ErrUnplugged, ErrPrivate,
 //	                                                  ErrNoRAM, ErrNoHostMemory, ErrAddress, ErrLayout,
-//	                                                  ErrOptions, ErrIOMMUPage, ErrClosed;
+//	                                                  ErrOptions, ErrIOMMUPage, ErrTooLarge, ErrClosed;
 //	                                                  span.ErrAlign etc.; unix.ENOSPC etc.
 //	the details            errors.As(err, &ptr)       *ConvertError, *AccessError, *PlugError,
-//	                                                  *Violation, *kvm.UnsupportedError
+//	                                                  *Violation, *pagemap.SizeError, *kvm.UnsupportedError
 //	what to tell the guest HypercallRet(err)          0, EAGAIN, EINVAL
 //	retry or not           Transient(err)             ENOSPC, ENOMEM, EBUSY, EAGAIN, EINTR
 //
