@@ -190,6 +190,10 @@ func (g GuestView) ReadAt(p []byte, off int64) (int, error) { return g.access(p,
 func (g GuestView) WriteAt(p []byte, off int64) (int, error) { return g.access(p, off, true) }
 
 func (g GuestView) access(p []byte, off int64, write bool) (int, error) {
+	if g.m == nil {
+		// A zero GuestView, not made by Memory.Guest, has no memory.
+		return 0, &AccessError{GPA: uint64(off), Size: uint64(len(p)), Write: write, Err: ErrClosed}
+	}
 	if err := g.m.enter(); err != nil {
 		return 0, &AccessError{GPA: uint64(off), Size: uint64(len(p)), Write: write, Err: err}
 	}

@@ -66,13 +66,19 @@
 //	question               test with                  examples
 //	what kind of failure   errors.Is(err, sentinel)   ErrInvalid, ErrNotRAM, ErrUnplugged, ErrPrivate,
 //	                                                  ErrNoRAM, ErrNoHostMemory, ErrAddress, ErrLayout,
-//	                                                  ErrClosed; span.ErrAlign etc.; unix.ENOSPC etc.
+//	                                                  ErrOptions, ErrIOMMUPage, ErrTooLarge,
+//	                                                  ErrNoAttributeFile, ErrClosed;
+//	                                                  span.ErrAlign etc.; unix.ENOSPC etc.
 //	the details            errors.As(err, &ptr)       *ConvertError, *AccessError, *PlugError,
-//	                                                  *Violation, *PinnedError, *kvm.UnsupportedError
+//	                                                  *Violation, *PinnedError, *pagemap.SizeError,
+//	                                                  *kvm.UnsupportedError
 //	what to tell the guest HypercallRet(err)          0, EAGAIN, EINVAL
 //	retry or not           Transient(err)             ENOSPC, ENOMEM, EBUSY, EAGAIN, EINTR
 //
-// Messages say whether a number is a GPA or an offset into a block.
+// Messages say whether a number is a GPA or an offset into a block. No
+// argument makes a call panic: nil and zero arguments (a nil pointer in an
+// interface among them) answer an error matching a sentinel, or nil where
+// zero is valid, such as an empty read.
 //
 // # Enforcement
 //

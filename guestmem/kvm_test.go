@@ -327,12 +327,12 @@ func TestKVMSoak(t *testing.T) {
 			for i := warm; i < total; i++ {
 				step(i)
 				if i%10_000 == 0 {
-					if err := att.Check(model.Mappings()); err != nil {
+					if err := att.Check(); err != nil {
 						t.Fatal(err)
 					}
 				}
 			}
-			if err := att.Check(model.Mappings()); err != nil {
+			if err := att.Check(); err != nil {
 				t.Fatal(err)
 			}
 			fds1, rss1 := openFDs(t), residentBytes(t)

@@ -1,6 +1,15 @@
 package guestmem
 
-import "fmt"
+import (
+	"errors"
+	"fmt"
+)
+
+// ErrLayout is a Config whose blocks or holes are misplaced, or whose
+// backings do not fit them (a nil pointer among them), and a backing
+// constructor's or ParseMode's argument that no block could use: a size
+// that is not a positive multiple of PageSize, an unknown mode, no VM.
+var ErrLayout = errors.New("guestmem: bad memory layout")
 
 // Mode is how a block is backed.
 type Mode int
@@ -34,7 +43,7 @@ func ParseMode(s string) (Mode, error) {
 	case "split":
 		return Split, nil
 	}
-	return 0, fmt.Errorf("guestmem: unknown mode %q (want inplace or split)", s)
+	return 0, fmt.Errorf("%w: unknown mode %q (want inplace or split)", ErrLayout, s)
 }
 
 // Enforcement names who keeps the private/shared attributes.

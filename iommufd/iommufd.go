@@ -5,8 +5,15 @@
 // Constants and struct layouts are written by hand from the uAPI and checked
 // by tests. Errors carry the kernel's unix.Errno, wrapped with the ioctl's
 // name. A VFIO device joins an IOAS through its cdev (package vfio:
-// Device.BindIOMMUFD with Fd(), then Device.AttachIOMMUFDPT with the IOAS
-// id); this package does not import vfio.
+// Device.BindIOMMUFD with the number IOMMUFD.Control hands out, then
+// Device.AttachIOMMUFDPT with the IOAS id); this package does not import
+// vfio.
+//
+// IOMMUFD's methods are safe for concurrent use, Close included. Each
+// ioctl runs with the descriptor held open (inside its RawConn.Control), so
+// a Close racing it can never make it reach a recycled descriptor number:
+// Close refuses new calls with ErrClosed (which matches fs.ErrClosed),
+// waits for the calls in flight and then closes.
 package iommufd
 
 import (
@@ -14,6 +21,8 @@ import (
 	"fmt"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
 // ioctl request numbers: _IO(IOMMUFD_TYPE ';', IOMMUFD_CMD_BASE 0x80 + n).
@@ -68,9 +77,10 @@ const (
 	optionOpGet = 1 // IOMMU_OPTION_OP_GET
 )
 
-// IOMMUFD is an open /dev/iommu.
+// IOMMUFD is an open /dev/iommu. Its methods are safe for concurrent use,
+// Close included; after Close they return ErrClosed.
 type IOMMUFD struct {
-	fd int
+	fd *fdio.FD
 }
 
 // Open opens /dev/iommu.
@@ -79,23 +89,34 @@ func Open() (*IOMMUFD, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", Path, err)
 	}
-	return &IOMMUFD{fd: fd}, nil
+	return &IOMMUFD{fd: fdio.New(fd, Path, ErrClosed)}, nil
 }
 
 // Fd returns the file descriptor, what VFIO_DEVICE_BIND_IOMMUFD takes, or
-// -1 after Close.
-func (f *IOMMUFD) Fd() int { return f.fd }
+// -1 after Close. The number is lent, not given: Close and the garbage
+// collector (once the IOMMUFD is unreachable) close it, and it may then
+// name another file, even another iommufd. Where Close may race, hand the
+// number over inside Control.
+func (f *IOMMUFD) Fd() int { return f.fd.Fd() }
 
-// Close closes the iommufd; the kernel destroys every object it holds once
-// no device is bound to it. Later calls, a second Close included, return
-// ErrClosed; Close must not race with the other methods.
+// Control runs fn with the descriptor, which stays open until fn returns
+// even if Close runs meanwhile (Close waits for fn); after Close it returns
+// ErrClosed without running fn. Binding a VFIO cdev inside it,
+//
+//	err := f.Control(func(fd uintptr) { id, berr = dev.BindIOMMUFD(int(fd)) })
+//
+// makes sure the device is bound to this iommufd and not to whatever file
+// a racing Close let reuse the number. fn must not Close the IOMMUFD.
+func (f *IOMMUFD) Control(fn func(fd uintptr)) error { return f.fd.Control(fn) }
+
+// Close closes the iommufd, after waiting for the calls in flight; the
+// kernel destroys every object it holds once no device is bound to it.
+// Later calls, a second Close included, return ErrClosed.
 func (f *IOMMUFD) Close() error {
-	if f.fd < 0 {
-		return ErrClosed
-	}
-	err := unix.Close(f.fd)
-	f.fd = -1
-	if err != nil {
+	if err := f.fd.Close(); err != nil {
+		if err == ErrClosed {
+			return err
+		}
 		return fmt.Errorf("iommufd: close: %w", err)
 	}
 	return nil

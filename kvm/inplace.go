@@ -64,7 +64,7 @@ func GuestMemfdAttributes(answer int) uint64 {
 // when in-place conversion is off). A file adopted with NewGuestMemfd has no
 // VM to ask, so the kernel answers for it.
 func (g *GuestMemfd) SetMemoryAttributes2(a MemoryAttributes2) error {
-	if g.fd < 0 {
+	if g.fd.Fd() < 0 {
 		return ErrClosed
 	}
 	if _, err := span.Checked(a.Offset, a.Size, PageSize, g.size); err != nil {
@@ -90,7 +90,7 @@ func (g *GuestMemfd) setMemoryAttributes2(a MemoryAttributes2) error {
 	if err == nil {
 		return nil
 	}
-	if errors.Is(err, unix.EAGAIN) {
+	if err != ErrClosed && errors.Is(err, unix.EAGAIN) {
 		return &PinnedError{Offset: a.ErrorOffset, Request: a}
 	}
 	return ioctlError(fmt.Sprintf("KVM_SET_MEMORY_ATTRIBUTES2(offset %#x, size %#x, attrs %#x)",

@@ -281,7 +281,7 @@ func (r *run) finish() {
 	}
 	for _, d := range r.order {
 		r.checkDevice(d, span.Range{Start: 0, End: ^uint64(0)})
-		if err := d.att.Check(d.model.Mappings()); err != nil {
+		if err := d.att.Check(); err != nil {
 			inv := "I1"
 			var v *guestmem.Violation
 			if errors.As(err, &v) {

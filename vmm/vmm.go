@@ -280,7 +280,7 @@ func (v *VM) Run(ctx context.Context) (Report, error) {
 		})
 	}
 	// Kick the vCPUs out of KVM_RUN when the run is cancelled. The kicks
-	// must be over before Run returns: Close unmaps what Kick writes to.
+	// must be over before Run returns, so that none stops a later Run.
 	kicked := make(chan struct{})
 	stopKicks := context.AfterFunc(ctx, func() {
 		defer close(kicked)

@@ -97,8 +97,13 @@ func openRealIOMMU(kind, bdf string) (_ *realIOMMU, err error) {
 			return nil, err
 		}
 		r.closers = append(r.closers, d.Close)
-		if _, err := d.BindIOMMUFD(f.Fd()); err != nil {
+		// The iommufd's number is held open for the bind.
+		var berr error
+		if err := f.Control(func(fd uintptr) { _, berr = d.BindIOMMUFD(int(fd)) }); err != nil {
 			return nil, err
+		}
+		if berr != nil {
+			return nil, berr
 		}
 		if _, err := d.AttachIOMMUFDPT(ioas); err != nil {
 			return nil, err
