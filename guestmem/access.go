@@ -174,10 +174,10 @@ func copyPieces(ps []piece, p []byte, base uint64, write bool) {
 // private ones included. It implements io.ReaderAt and io.WriterAt with GPA
 // offsets. It is for writing the boot image before the guest runs and for
 // software vCPUs that act for the guest; host code uses Memory.ReadAt and
-// Memory.WriteAt. Where KVM enforces the attributes (EnforceKVM) private
-// pages are not reachable from the host (a split block's live in
-// guest_memfd, an in-place block's mapping faults on them), so GuestView
-// refuses them; it refuses unplugged pages always.
+// Memory.WriteAt. Where the kernel enforces the attributes (EnforceKVM,
+// EnforceGuestMemfd) private pages are not reachable from the host (a split
+// block's live in guest_memfd, an in-place block's mapping faults on them),
+// so GuestView refuses them; it refuses unplugged pages always.
 type GuestView struct{ m *Memory }
 
 // Guest returns the guest's view of the memory.
@@ -207,7 +207,7 @@ func (g GuestView) access(p []byte, off int64, write bool) (int, error) {
 	}
 	// With KVM's attributes a private page is not the host's to touch: a
 	// split block's lives in guest_memfd, an in-place block's mapping faults.
-	shared := g.m.enforcement == EnforceKVM
+	shared := g.m.enforcement.Kernel()
 	if err := lockPieces(ps, shared, func() { copyPieces(ps, p, uint64(off), write) }); err != nil {
 		return 0, &AccessError{GPA: firstRefused(ps, err), Size: uint64(len(p)), Write: write, Err: err}
 	}

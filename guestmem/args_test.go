@@ -93,6 +93,7 @@ func zeroReceivers(t *testing.T) map[string][]any {
 		"Block":        {mem.Blocks()[0], mem.Blocks()[1]},
 		"Config":       {guestmem.Config{}},
 		"ConvertError": {&guestmem.ConvertError{}},
+		"Enforcement":  {guestmem.Enforcement(""), guestmem.EnforceGuestMemfd},
 		"GuestView":    {mem.Guest(), guestmem.GuestView{}},
 		"Hole":         {guestmem.Hole{}},
 		"KVMBacking":   {new(guestmem.KVMBacking)},
@@ -102,6 +103,7 @@ func zeroReceivers(t *testing.T) map[string][]any {
 		"Mode":         {guestmem.Mode(0)},
 		"ModelBacking": {model, new(guestmem.ModelBacking)},
 		"Op":           {guestmem.Op(0)},
+		"PinnedError":  {&guestmem.PinnedError{}},
 		"PlugError":    {&guestmem.PlugError{}},
 		"Request":      {guestmem.Request{}},
 		"Side":         {guestmem.Side(0)},
@@ -124,6 +126,7 @@ var zeroOK = map[string]string{
 	"AccessError.Unwrap":  "a zero error wraps nothing",
 	"ConvertError.Unwrap": "a zero error wraps nothing",
 	"PlugError.Unwrap":    "a zero error wraps nothing",
+	"PinnedError.Unwrap":  "a zero error wraps nothing",
 }
 
 // sentinels are the classes of failure a call may answer.

@@ -234,7 +234,7 @@ func NewKVMBacking(vm MemslotBinder, name string, size uint64, mode Mode) (*KVMB
 	var err error
 	switch mode {
 	case InPlace:
-		flags := uint64(kvm.GuestMemfdFlagMmap | kvm.GuestMemfdFlagInitShared)
+		flags := uint64(kvm.InPlaceFlags)
 		if b.gmem, err = vm.CreateGuestMemfd(size, flags); err != nil {
 			return nil, fmt.Errorf("guestmem: in-place memory needs an mmap-able, initially shared guest_memfd: %w", err)
 		}
@@ -358,4 +358,16 @@ func checkSide(s Side) error {
 		return fmt.Errorf("guestmem: discard: %w: unknown side %d", ErrInvalid, s)
 	}
 	return nil
+}
+
+var _ AttributeBacking = (*KVMBacking)(nil)
+
+// AttributeFile returns the guest_memfd, which keeps its own attributes on
+// kernels with in-place conversion, and the block's offset in it (0); nil
+// for a KVMBacking that NewKVMBacking did not make.
+func (b *KVMBacking) AttributeFile() (AttributeFile, uint64) {
+	if b.gmem == nil {
+		return nil, 0
+	}
+	return b.gmem, 0
 }

@@ -21,9 +21,9 @@ import (
 )
 
 // openVM returns a default-type VM, skipping the test where /dev/kvm is
-// missing or not usable, or where that VM type has no guest_memfd (every
-// caller lets guestmem create KVMBackings).
-func openVM(t testing.TB) *kvm.VM {
+// missing or not usable, or its KVM lacks the guest_memfd memory of mode
+// needs (guest_memfd; in place MMAP|INIT_SHARED).
+func openVM(t testing.TB, mode Mode) *kvm.VM {
 	t.Helper()
 	sys, err := kvm.Open()
 	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
@@ -38,8 +38,15 @@ func openVM(t testing.TB) *kvm.VM {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { vm.Close() })
-	if n, err := vm.CheckExtension(kvm.CapGuestMemfd); err != nil || n == 0 {
-		t.Skipf("needs guest_memfd on the default VM type: KVM_CAP_GUEST_MEMFD is %d here (%v)", n, err)
+	caps, err := vm.ProbeCapabilities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !caps.GuestMemfd {
+		t.Skip("needs guest_memfd (KVM_CAP_GUEST_MEMFD, Linux 6.8): this host's KVM has none")
+	}
+	if mode == InPlace && caps.GuestMemfdFlags&kvm.InPlaceFlags != kvm.InPlaceFlags {
+		t.Skipf("needs an mmap-able, initially shared guest_memfd (MMAP|INIT_SHARED, Linux 6.18): KVM_CAP_GUEST_MEMFD_FLAGS = %#x", caps.GuestMemfdFlags)
 	}
 	return vm
 }
@@ -67,7 +74,7 @@ type kvmGuest struct {
 
 func newKVMGuest(t *testing.T, mode Mode, code func(a *guest.Asm)) *kvmGuest {
 	t.Helper()
-	vm := openVM(t)
+	vm := openVM(t, mode)
 	mem, err := New(Config{Mode: mode, VM: vm, Blocks: []BlockConfig{{Name: "ram", GPA: 0, Size: blockSize}}})
 	if err != nil {
 		t.Fatal(err)
@@ -279,7 +286,7 @@ func TestKVMSoak(t *testing.T) {
 	}
 	for _, mode := range []Mode{InPlace, Split} {
 		t.Run(mode.String(), func(t *testing.T) {
-			vm := openVM(t)
+			vm := openVM(t, mode)
 			const size = 16 << 20
 			mem, err := New(Config{Mode: mode, VM: vm, Blocks: []BlockConfig{
 				{Name: "a", GPA: 0, Size: size / 2}, {Name: "b", GPA: size / 2, Size: size / 2}}})
@@ -377,7 +384,7 @@ func residentBytes(t testing.TB) uint64 {
 // TestKVMMemslots checks the memslot binding: creating a second Memory over
 // the same slots fails, and closing frees them for reuse.
 func TestKVMMemslots(t *testing.T) {
-	vm := openVM(t)
+	vm := openVM(t, Split)
 	cfg := Config{Mode: Split, VM: vm, Blocks: []BlockConfig{{Name: "a", GPA: 0, Size: 1 << 20}}}
 	m1, err := New(cfg)
 	if err != nil {
@@ -407,7 +414,7 @@ func TestKVMMemslots(t *testing.T) {
 func BenchmarkKVMConvert(b *testing.B) {
 	for _, mode := range []Mode{InPlace, Split} {
 		b.Run(mode.String(), func(b *testing.B) {
-			vm := openVM(b)
+			vm := openVM(b, mode)
 			mem, err := New(Config{Mode: mode, VM: vm, Blocks: []BlockConfig{{Name: "a", GPA: 0, Size: 16 << 20}}})
 			if err != nil {
 				b.Fatal(err)

@@ -113,7 +113,10 @@ type Config struct {
 	MaxGPA uint64
 	// VM, if not nil (nor a nil pointer), is the KVM VM the memory belongs to (*kvm.VM or a
 	// VMM's own). Where it reports private memory the attributes are set
-	// with KVM_SET_MEMORY_ATTRIBUTES (EnforceKVM). If it is also a
+	// with KVM_SET_MEMORY_ATTRIBUTES (EnforceKVM); in place, where it
+	// reports per-guest_memfd attributes (kvm.CapGuestMemfdMemoryAttributes),
+	// with each block's KVM_SET_MEMORY_ATTRIBUTES2 (EnforceGuestMemfd, see
+	// AttributeBacking). If it is also a
 	// MemslotBinder, blocks without a Backing get a KVMBacking and blocks
 	// whose backing is a GuestMemfdBacking are bound to memslots
 	// FirstSlot, FirstSlot+1, ... in the order of Blocks. Without a VM the
@@ -197,6 +200,10 @@ type Block struct {
 	host    []byte // backing.Host(), fixed at creation
 	slot    uint32
 	slotted bool
+	// file keeps the attributes of an in-place block under
+	// EnforceGuestMemfd, the block at offset fileOff.
+	file    AttributeFile
+	fileOff uint64
 
 	// record is the attributes as last set where they are kept (KVM or the
 	// user-space record), one entry per page, 1 = private.
@@ -241,12 +248,8 @@ func New(cfg Config) (*Memory, error) {
 		if b, ok := m.vm.(MemslotBinder); ok {
 			m.binder = b
 		}
-		have, err := m.vm.CheckExtension(kvm.CapMemoryAttributes)
-		if err != nil {
-			return nil, fmt.Errorf("guestmem: %w", err)
-		}
-		if uint64(have)&kvm.MemoryAttributePrivate != 0 {
-			m.enforcement = EnforceKVM
+		if m.enforcement, err = enforcement(m.vm, m.mode); err != nil {
+			return nil, err
 		}
 	}
 	for i, bc := range cfg.Blocks {
@@ -430,11 +433,16 @@ func (m *Memory) newBlock(bc BlockConfig, slot uint32, cfg Config) (_ *Block, er
 		return nil, fmt.Errorf("guestmem: block %s: %w", b.name, err)
 	}
 	b.record = rec
-	if m.enforcement == EnforceKVM {
+	switch m.enforcement {
+	case EnforceKVM:
 		// KVM starts every GPA shared; a confidential block starts private.
 		err := m.vm.SetMemoryAttributes(kvm.MemoryAttributes{Address: b.gpa, Size: b.size, Attributes: kvm.MemoryAttributePrivate})
 		if err != nil {
 			return nil, fmt.Errorf("guestmem: block %s: %w", b.name, err)
+		}
+	case EnforceGuestMemfd:
+		if err := b.adoptAttributeFile(); err != nil {
+			return nil, err
 		}
 	}
 	b.mgr = discard.New(b.size, m.log)

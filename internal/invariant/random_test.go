@@ -16,8 +16,10 @@ import (
 
 	"github.com/gmemproject/gmem/discard"
 	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guestmem/kernelmodel"
 	"github.com/gmemproject/gmem/internal/invariant"
 	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
 	"github.com/gmemproject/gmem/span"
 	"github.com/gmemproject/gmem/virtiomem"
@@ -104,6 +106,13 @@ type world struct {
 	block       uint64
 	inPlace     bool
 	inj         *injector
+	// file is the kernel's side of an in-place world: a model guest_memfd
+	// with its own attributes, pinned by the listeners' IOMMUs and by
+	// foreign pins (pins, by page, with their unpin).
+	file *kernelmodel.GuestMemfd
+	pins map[uint64]func()
+	// refusals counts conversions the kernel refused for a foreign pin.
+	refusals int
 
 	listeners []*listener
 
@@ -122,8 +131,33 @@ func (b backend) SetAttributes(runs []span.Range, to memattr.State) error {
 	if err := b.w.inj.call(); err != nil {
 		return err
 	}
-	if to == memattr.Private && b.w.inPlace {
+	if !b.w.inPlace {
+		return nil
+	}
+	if to == memattr.Private {
 		b.w.assertUnreachable(runs, "in-place conversion to private")
+	}
+	for i, r := range runs {
+		a := kvm.MemoryAttributes2{Offset: r.Start, Size: r.Len()}
+		if to == memattr.Private {
+			a.Attributes = kvm.MemoryAttributePrivate
+		}
+		if err := b.w.file.SetMemoryAttributes2(a); err != nil {
+			// One failure an operation: the undo must not meet another.
+			b.w.inj.mu.Lock()
+			b.w.inj.armed = false
+			b.w.inj.mu.Unlock()
+			for _, done := range runs[:i] {
+				undo := kvm.MemoryAttributes2{Offset: done.Start, Size: done.Len()}
+				if to == memattr.Shared {
+					undo.Attributes = kvm.MemoryAttributePrivate
+				}
+				if uerr := b.w.file.SetMemoryAttributes2(undo); uerr != nil {
+					b.w.t.Fatalf("op %d: undoing the kernel's attributes: %v", b.w.ops, uerr)
+				}
+			}
+			return err
+		}
 	}
 	return nil
 }
@@ -169,6 +203,16 @@ func newWorld(t *testing.T, seed uint64) *world {
 	}
 	w.shared = make([]bool, w.pages)
 	w.plugged = make([]bool, w.pages)
+	if w.inPlace {
+		if w.file, err = kernelmodel.NewGuestMemfd(w.pages*page, false); err != nil {
+			t.Fatal(err)
+		}
+		// An INIT_SHARED file starts shared; the region starts private.
+		if err := w.file.SetMemoryAttributes2(kvm.MemoryAttributes2{Size: w.pages * page, Attributes: kvm.MemoryAttributePrivate}); err != nil {
+			t.Fatal(err)
+		}
+		w.pins = map[uint64]func(){}
+	}
 	if rng.IntN(2) == 0 {
 		w.vmem, err = virtiomem.New(w.m, virtiomem.Config{BlockSize: w.block, Release: func([]span.Range) error { return w.inj.call() }})
 		if err != nil {
@@ -258,6 +302,13 @@ func (w *world) check() {
 			}
 		}
 	}
+	if w.inPlace {
+		for p := uint64(0); p < w.pages; p++ {
+			if priv := w.file.Private(span.Range{Start: p * page, End: (p + 1) * page}); priv == w.shared[p] {
+				t.Fatalf("op %d: the kernel has page %d private=%v, oracle shared=%v", w.ops, p, priv, w.shared[p])
+			}
+		}
+	}
 	for i, l := range w.listeners {
 		got := l.space.Mappings()
 		if diff := slices.Compare(mappingKeys(got), mappingKeys(l.mapper.Entries())); diff != 0 {
@@ -304,6 +355,10 @@ func (w *world) addListener() error {
 	}
 	space := iommu.NewModel(iommu.Caps{Rules: rules, EntryLimit: limit})
 	w.hookMaps(space)
+	if w.inPlace {
+		// IOVA = GPA = w.gpa + region offset = w.gpa + file offset.
+		w.file.AddPinner(kernelmodel.IOMMUPins(space, w.gpa))
+	}
 	policy := dma.Extent
 	if w.rng.IntN(3) == 0 {
 		policy = dma.Granule
@@ -345,9 +400,46 @@ func (w *world) hookMaps(space *iommu.Model) {
 	})
 }
 
+// pinStep pins or unpins a random page of an in-place world as a foreign
+// user would: the pin must succeed exactly on shared pages.
+func (w *world) pinStep() {
+	p := uint64(w.rng.IntN(int(w.pages)))
+	if unpin := w.pins[p]; unpin != nil && w.rng.IntN(2) == 0 {
+		unpin()
+		delete(w.pins, p)
+		return
+	}
+	unpin, err := w.file.Pin(p*page, page)
+	if (err == nil) != w.shared[p] {
+		w.t.Fatalf("op %d: foreign pin of page %d (shared %v): %v", w.ops, p, w.shared[p], err)
+	}
+	if err == nil {
+		if old := w.pins[p]; old != nil {
+			old()
+		}
+		w.pins[p] = unpin
+	}
+}
+
+// firstPin returns the first foreign-pinned page in [off, off+size).
+func (w *world) firstPin(off, size uint64) (uint64, bool) {
+	first, ok := ^uint64(0), false
+	for p := range w.pins {
+		if p*page >= off && p*page < off+size && p < first {
+			first, ok = p, true
+		}
+	}
+	return first, ok
+}
+
 // step runs one random operation and checks the invariants after it.
 func (w *world) step() {
 	w.ops++
+	if w.inPlace && w.rng.IntN(8) == 0 {
+		w.pinStep()
+		w.check()
+		return
+	}
 	before := w.snap()
 	inject := w.rng.IntN(6) == 0
 	if inject {
@@ -360,6 +452,9 @@ func (w *world) step() {
 	// changes is the range of region offsets the operation is asked to
 	// change, for I5; nil when the operation changes pages all over.
 	var changes *span.Range
+	// refusable says the kernel may refuse the operation for a foreign pin
+	// at page pinned.
+	refusable, pinned := false, uint64(0)
 	measured := slices.Clone(w.listeners)
 	windows := make([]uint64, len(measured))
 	for i, l := range measured {
@@ -373,6 +468,9 @@ func (w *world) step() {
 		changes = &span.Range{Start: off, End: off + size}
 		to := memattr.State(w.rng.IntN(2))
 		expectErr = bad
+		if w.inPlace && to == memattr.Private && !bad {
+			pinned, refusable = w.firstPin(off, size)
+		}
 		err = w.attrs.Convert(off, size, to)
 		what = fmt.Sprintf("convert %#x+%#x to %v", off, size, to)
 		apply = func() {
@@ -443,13 +541,22 @@ func (w *world) step() {
 		w.t.Fatalf("op %d: an invalid request succeeded", w.ops)
 	case err == nil && fired:
 		w.t.Fatalf("op %d: an injected fault fired but the operation (%s) succeeded", w.ops, what)
+	case err == nil && refusable:
+		w.t.Fatalf("op %d: %s went through although page %d is pinned", w.ops, what, pinned)
 	case err == nil:
 		if apply != nil {
 			apply()
 		}
 	default:
 		// I3: nothing changed.
-		if !errors.Is(err, errInjected) && !errors.Is(err, unix.ENOSPC) && !expectErr {
+		var pe *kvm.PinnedError
+		switch {
+		case errors.As(err, &pe):
+			if !refusable || pe.Offset != pinned*page || fired {
+				w.t.Fatalf("op %d: %s refused at offset %#x (first foreign pin: page %d, %v; injected %v): %v", w.ops, what, pe.Offset, pinned, refusable, fired, err)
+			}
+			w.refusals++
+		case !errors.Is(err, errInjected) && !errors.Is(err, unix.ENOSPC) && !expectErr:
 			w.t.Fatalf("op %d: unexpected error: %v", w.ops, err)
 		}
 		after := w.snap()
@@ -560,8 +667,11 @@ func opsBudget(t *testing.T) int {
 // TestRandomized drives random regions, sections, listeners (both policies,
 // both IOMMU rule sets, small type1 entry limits), conversions, plug/unplug,
 // source removal, register/unregister and injected faults, and checks I1-I4
-// against the oracle after every step. Worlds are short-lived so many shapes
-// are covered.
+// against the oracle after every step. Half the worlds convert in place on
+// the kernel model (guestmem/kernelmodel): the listeners' IOMMUs and random
+// foreign pins pin pages, the kernel refuses a conversion to private over a
+// pin, and its attributes are checked too. Worlds are short-lived so many
+// shapes are covered.
 func TestRandomized(t *testing.T) {
 	total := opsBudget(t)
 	const perWorld = 400
@@ -570,7 +680,7 @@ func TestRandomized(t *testing.T) {
 	for g := range workers {
 		t.Run(fmt.Sprintf("worker%d", g), func(t *testing.T) {
 			t.Parallel()
-			n := 0
+			n, inPlace, refusals := 0, 0, 0
 			for i := g; i < worlds; i += workers {
 				seed := uint64(i) + 1
 				w := newWorld(t, seed)
@@ -581,8 +691,12 @@ func TestRandomized(t *testing.T) {
 					}
 				}
 				n += perWorld
+				if w.inPlace {
+					inPlace += perWorld
+					refusals += w.refusals
+				}
 			}
-			t.Logf("%d operations", n)
+			t.Logf("%d operations, %d in place on the kernel model, %d conversions refused for a foreign pin", n, inPlace, refusals)
 		})
 	}
 }
