@@ -120,6 +120,17 @@ type world struct {
 	shared  []bool
 	plugged []bool // per page; all true when there is no virtio-mem
 	ops     int
+	// cutCalls counts the cut requests of unregistered mappers.
+	cutCalls uint64
+}
+
+// cuts returns the cut requests the world's mappers sent so far.
+func (w *world) cuts() uint64 {
+	n := w.cutCalls
+	for _, l := range w.listeners {
+		n += l.mapper.Stats().CutCalls
+	}
+	return n
 }
 
 // backend is the memattr Backend of the test: it injects faults and checks
@@ -263,6 +274,7 @@ type snapshot struct {
 	shared, plugged []bool
 	mapped          [][]iommu.Mapping
 	entries         []uint64
+	cut             []bool // the listener's policy is Cut
 }
 
 func (w *world) snap() snapshot {
@@ -270,8 +282,31 @@ func (w *world) snap() snapshot {
 	for _, l := range w.listeners {
 		s.mapped = append(s.mapped, l.space.Mappings())
 		s.entries = append(s.entries, l.mapper.Stats().Entries)
+		s.cut = append(s.cut, l.mapper.Policy() == dma.Cut)
 	}
 	return s
+}
+
+// sameI3 reports whether the listeners' IOMMUs hold what they held in s, as
+// I3 requires: the very entries, or for the Cut policy the same pages (an
+// undone cut maps the pages it removed as areas of their own: the kernel
+// cannot join areas).
+func (s snapshot) sameI3(after snapshot) bool {
+	if len(s.mapped) != len(after.mapped) {
+		return false
+	}
+	for i := range s.mapped {
+		if s.cut[i] {
+			if !slices.Equal(pagesOf(s.mapped[i]), pagesOf(after.mapped[i])) {
+				return false
+			}
+			continue
+		}
+		if !slices.Equal(s.mapped[i], after.mapped[i]) || s.entries[i] != after.entries[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // pagesOf normalises mappings to one 4 KiB Mapping per page, so that two
@@ -344,24 +379,36 @@ func mappingKeys(ms []iommu.Mapping) []uint64 {
 	return out
 }
 
-// addListener registers a new mapper on a random section.
+// addListener registers a new mapper on a random section: on type1 (with
+// or without a small entry limit), on iommufd, or on iommufd that cuts,
+// with the default policy (Cut where the space cuts, else Extent) or an
+// explicit one.
 func (w *world) addListener() error {
 	rules := iommu.Type1v2
 	var limit uint64
+	cut := false
 	if w.rng.IntN(2) == 0 {
 		rules = iommu.IOMMUFD
+		cut = w.rng.IntN(3) != 0
 	} else if w.rng.IntN(2) == 0 {
 		limit = uint64(2 + w.rng.IntN(24))
 	}
-	space := iommu.NewModel(iommu.Caps{Rules: rules, EntryLimit: limit})
+	space := iommu.NewModel(iommu.Caps{Rules: rules, EntryLimit: limit, Cut: cut})
 	w.hookMaps(space)
 	if w.inPlace {
 		// IOVA = GPA = w.gpa + region offset = w.gpa + file offset.
 		w.file.AddPinner(kernelmodel.IOMMUPins(space, w.gpa))
 	}
-	policy := dma.Extent
-	if w.rng.IntN(3) == 0 {
+	policy := dma.Auto
+	switch w.rng.IntN(6) {
+	case 0, 1:
 		policy = dma.Granule
+	case 2:
+		policy = dma.Extent
+	case 3:
+		if cut {
+			policy = dma.Cut
+		}
 	}
 	maxExtent := uint64(dma.Unbounded)
 	if w.rng.IntN(2) == 0 {
@@ -456,10 +503,10 @@ func (w *world) step() {
 	// at page pinned.
 	refusable, pinned := false, uint64(0)
 	measured := slices.Clone(w.listeners)
-	windows := make([]uint64, len(measured))
+	counted := make([]dma.Stats, len(measured))
 	for i, l := range measured {
 		l.space.BeginOp()
-		windows[i] = l.mapper.Stats().WindowBytes
+		counted[i] = l.mapper.Stats()
 	}
 	switch k := w.rng.IntN(20); {
 	case k < 10: // convert
@@ -529,12 +576,13 @@ func (w *world) step() {
 			if got := w.listeners[i].space.Len(); got != 0 {
 				w.t.Fatalf("op %d: unregistered listener still has %d entries", w.ops, got)
 			}
+			w.cutCalls += w.listeners[i].mapper.Stats().CutCalls
 			w.listeners = slices.Delete(w.listeners, i, i+1)
 		}
 	}
 	fired := w.inj.disarm()
 	for i, l := range measured {
-		w.checkWindow(l, changes, err == nil, windows[i])
+		w.checkWindow(l, changes, err == nil, counted[i])
 	}
 	switch {
 	case err == nil && expectErr:
@@ -563,7 +611,7 @@ func (w *world) step() {
 		if !slices.Equal(before.shared, after.shared) || !slices.Equal(before.plugged, after.plugged) {
 			w.t.Fatalf("op %d: I3: a failed operation changed the oracle", w.ops)
 		}
-		if !slices.EqualFunc(before.mapped, after.mapped, slices.Equal) || !slices.Equal(before.entries, after.entries) {
+		if !before.sameI3(after) {
 			w.t.Fatalf("op %d: I3: failed operation (%v) changed the IOMMU entries:\nbefore %v\nafter  %v", w.ops, err, before.mapped, after.mapped)
 		}
 	}
@@ -578,14 +626,29 @@ func (w *world) step() {
 // (Granule), or inside the MaxExtent chunks that meet it (bounded Extent).
 // An unbounded Extent mapper promises no bound. For every mapper that
 // succeeded, the window it counted itself is at least the model's.
-func (w *world) checkWindow(l *listener, changes *span.Range, ok bool, mapperBefore uint64) {
-	hidden, _ := l.space.EndOp()
+//
+// The Cut policy has no window at all: every operation of its mapper counts
+// window and re-pinned bytes of 0, and the model measures none for a step
+// that succeeded. (A step that failed may map again pages its cut removed,
+// when the manager reverts the listener: that is inside what the step was
+// asked to change, as for Granule.)
+func (w *world) checkWindow(l *listener, changes *span.Range, ok bool, before dma.Stats) {
+	hidden, repinned := l.space.EndOp()
 	var window uint64
 	for _, r := range hidden {
 		window += r.Len()
 	}
-	if counted := l.mapper.Stats().WindowBytes - mapperBefore; ok && counted < window {
+	st := l.mapper.Stats()
+	if counted := st.WindowBytes - before.WindowBytes; ok && counted < window {
 		w.t.Fatalf("op %d: the model measured a window of %#x bytes, the mapper counted %#x", w.ops, window, counted)
+	}
+	if l.mapper.Policy() == dma.Cut {
+		if st.WindowBytes != before.WindowBytes || st.RepinnedBytes != before.RepinnedBytes || st.MaxWindow != 0 {
+			w.t.Fatalf("op %d: I5: the cut mapper counted a window of %#x bytes, %#x re-pinned", w.ops, st.WindowBytes-before.WindowBytes, st.RepinnedBytes-before.RepinnedBytes)
+		}
+		if ok && (window != 0 || repinned != 0) {
+			w.t.Fatalf("op %d: I5: the model measured a window %v (%#x re-pinned) for a cut mapper's successful operation", w.ops, hidden, repinned)
+		}
 	}
 	if changes == nil || len(hidden) == 0 {
 		return
@@ -664,14 +727,15 @@ func opsBudget(t *testing.T) int {
 	return 100_000
 }
 
-// TestRandomized drives random regions, sections, listeners (both policies,
-// both IOMMU rule sets, small type1 entry limits), conversions, plug/unplug,
-// source removal, register/unregister and injected faults, and checks I1-I4
-// against the oracle after every step. Half the worlds convert in place on
-// the kernel model (guestmem/kernelmodel): the listeners' IOMMUs and random
-// foreign pins pin pages, the kernel refuses a conversion to private over a
-// pin, and its attributes are checked too. Worlds are short-lived so many
-// shapes are covered.
+// TestRandomized drives random regions, sections, listeners (every policy,
+// both IOMMU rule sets, small type1 entry limits, iommufd spaces that cut),
+// conversions, plug/unplug, source removal, register/unregister and
+// injected faults at every backend call (IOMMU map, unmap and cut included),
+// and checks I1-I5 against the oracle after every step. Half the worlds
+// convert in place on the kernel model (guestmem/kernelmodel): the
+// listeners' IOMMUs and random foreign pins pin pages, the kernel refuses a
+// conversion to private over a pin, and its attributes are checked too.
+// Worlds are short-lived so many shapes are covered.
 func TestRandomized(t *testing.T) {
 	total := opsBudget(t)
 	const perWorld = 400
@@ -681,6 +745,7 @@ func TestRandomized(t *testing.T) {
 		t.Run(fmt.Sprintf("worker%d", g), func(t *testing.T) {
 			t.Parallel()
 			n, inPlace, refusals := 0, 0, 0
+			var cuts uint64
 			for i := g; i < worlds; i += workers {
 				seed := uint64(i) + 1
 				w := newWorld(t, seed)
@@ -695,8 +760,12 @@ func TestRandomized(t *testing.T) {
 					inPlace += perWorld
 					refusals += w.refusals
 				}
+				cuts += w.cuts()
 			}
-			t.Logf("%d operations, %d in place on the kernel model, %d conversions refused for a foreign pin", n, inPlace, refusals)
+			t.Logf("%d operations, %d in place on the kernel model, %d conversions refused for a foreign pin, %d cut requests", n, inPlace, refusals, cuts)
+			if n >= 10*perWorld && cuts == 0 {
+				t.Fatal("no mapper of the cut policy cut anything")
+			}
 		})
 	}
 }
