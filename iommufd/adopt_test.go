@@ -51,6 +51,7 @@ func TestAfterClose(t *testing.T) {
 		"IOASAlloc":      func() error { _, err := f.IOASAlloc(); return err },
 		"IOASIOVARanges": func() error { _, err := f.IOASIOVARanges(1); return err },
 		"IOASMap":        func() error { _, err := f.IOASMap(1, 0, host, MapFixedIOVA); return err },
+		"IOASMapFile":    func() error { _, err := f.IOASMapFile(1, 0, 0, 0, 4096, MapFixedIOVA); return err },
 		"IOASUnmap":      func() error { _, err := f.IOASUnmap(1, 0, 4096); return err },
 		"IOASCopy":       func() error { _, err := f.IOASCopy(2, 0, 1, 0, 4096, MapFixedIOVA); return err },
 		"IOASAllowIOVAs": func() error { return f.IOASAllowIOVAs(1, []IOVARange{{Start: 0, Last: 4095}}) },

@@ -40,6 +40,7 @@ const (
 	ioctlIOASUnmap      = iommufdType<<8 | 0x86 // IOMMU_IOAS_UNMAP
 	ioctlOption         = iommufdType<<8 | 0x87 // IOMMU_OPTION
 	ioctlVFIOIOAS       = iommufdType<<8 | 0x88 // IOMMU_VFIO_IOAS
+	ioctlIOASMapFile    = iommufdType<<8 | 0x8f // IOMMU_IOAS_MAP_FILE (Linux 6.13)
 
 	// ioctlVFIOUnmapDMA is VFIO_IOMMU_UNMAP_DMA, _IO(VFIO_TYPE ';',
 	// VFIO_BASE 100 + 14): iommufd serves the VFIO type1 ioctls below its
@@ -233,6 +234,29 @@ func (f *IOMMUFD) IOASMap(ioas uint32, iova uint64, host []byte, flags MapFlags)
 	}
 	if err := ioctlPtr(f.fd, ioctlIOASMap, &m); err != nil {
 		return 0, fmt.Errorf("IOMMU_IOAS_MAP ioas %d iova %#x length %#x: %w", ioas, iova, m.Length, err)
+	}
+	return m.IOVA, nil
+}
+
+// IOASMapFile maps [start, start+length) of the file fd at iova in ioas and
+// returns the IOVA used (IOMMU_IOAS_MAP_FILE, Linux 6.13); flags are
+// IOASMap's. The kernel pins the file's pages itself (memfd_pin_folios), so
+// nothing needs to be mapped in user space. It accepts shmem files (memfd)
+// and hugetlbfs files; guest_memfd is refused (EINVAL), so shared
+// guest_memfd is mapped by address (IOASMap). Kernels before 6.13 answer
+// ENOTTY.
+func (f *IOMMUFD) IOASMapFile(ioas uint32, iova uint64, fd int, start, length uint64, flags MapFlags) (uint64, error) {
+	m := ioasMapFile{
+		Size:   sizeofIOASMapFile,
+		Flags:  uint32(flags),
+		IOASID: ioas,
+		FD:     int32(fd),
+		Start:  start,
+		Length: length,
+		IOVA:   iova,
+	}
+	if err := ioctlPtr(f.fd, ioctlIOASMapFile, &m); err != nil {
+		return 0, fmt.Errorf("IOMMU_IOAS_MAP_FILE ioas %d iova %#x fd %d start %#x length %#x: %w", ioas, iova, fd, start, length, err)
 	}
 	return m.IOVA, nil
 }

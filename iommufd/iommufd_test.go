@@ -25,6 +25,7 @@ func TestIoctlNumbers(t *testing.T) {
 		{"IOMMU_IOAS_MAP", ioctlIOASMap, 0x3B85},
 		{"IOMMU_IOAS_UNMAP", ioctlIOASUnmap, 0x3B86},
 		{"IOMMU_OPTION", ioctlOption, 0x3B87},
+		{"IOMMU_IOAS_MAP_FILE", ioctlIOASMapFile, 0x3B8F},
 		{"IOMMU_VFIO_IOAS", ioctlVFIOIOAS, 0x3B88},
 		{"VFIO_IOMMU_UNMAP_DMA", ioctlVFIOUnmapDMA, 0x3B72},
 		{"IOMMU_VFIO_IOAS_GET", vfioIOASGet, 0},

@@ -12,14 +12,19 @@ import (
 )
 
 // GuestMemfd is a guest_memfd file: guest memory that belongs to one VM,
-// unevictable, with a size fixed at creation. On kernels up to 7.3 it has no
-// ioctls of its own; it is used through mmap, fallocate and memslots. Its
-// methods are safe for concurrent use, Close included; after Close they
-// return ErrClosed.
+// unevictable, with a size fixed at creation. It is used through mmap,
+// fallocate and memslots; from Linux 7.4, with in-place conversion on, it
+// also keeps its pages' attributes (SetMemoryAttributes2). Its methods are
+// safe for concurrent use, Close included; after Close they return
+// ErrClosed.
 type GuestMemfd struct {
 	fd    *fdio.FD
 	size  uint64
 	flags uint64
+	// attrs is the VM's CapGuestMemfdMemoryAttributes when the file was
+	// created; attrsKnown is false for an adopted file.
+	attrs      uint64
+	attrsKnown bool
 }
 
 // Fd returns the file descriptor, or -1 after Close; memslots take it in

@@ -54,7 +54,9 @@ func (vm *VM) EnableCap(c EnableCap) error {
 
 // CreateGuestMemfd creates a guest_memfd file of size bytes bound to this VM
 // (KVM_CREATE_GUEST_MEMFD). size must be a positive multiple of [PageSize];
-// the size never changes afterwards. flags are checked against
+// the size never changes afterwards. The VM's CapGuestMemfdMemoryAttributes
+// is recorded with the file (see [GuestMemfd.SetMemoryAttributes2]). flags
+// are checked against
 // CheckExtension(CapGuestMemfdFlags) first; bits the VM does not accept give
 // an *UnsupportedError matching unix.EINVAL without issuing the ioctl. The
 // new fd is made close-on-exec, which the kernel does not do.
@@ -74,11 +76,15 @@ func (vm *VM) CreateGuestMemfd(size, flags uint64) (*GuestMemfd, error) {
 				Have: uint64(have), Want: flags, Errno: unix.EINVAL}
 		}
 	}
+	attrs, err := vm.CheckExtension(CapGuestMemfdMemoryAttributes)
+	if err != nil {
+		return nil, err
+	}
 	fd, err := vm.createGuestMemfd(size, flags)
 	if err != nil {
 		return nil, err
 	}
-	g := &GuestMemfd{fd: newFD(fd, "guest_memfd"), size: size, flags: flags}
+	g := &GuestMemfd{fd: newFD(fd, "guest_memfd"), size: size, flags: flags, attrs: GuestMemfdAttributes(attrs), attrsKnown: true}
 	if err := g.fd.Do(func(fd int) error {
 		_, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
 		return err
@@ -173,6 +179,9 @@ type Capabilities struct {
 	GuestMemfdFlags uint64
 	// MemoryAttributes is the KVM_SET_MEMORY_ATTRIBUTES bits this VM accepts.
 	MemoryAttributes uint64
+	// GuestMemfdMemoryAttributes is the KVM_SET_MEMORY_ATTRIBUTES2 bits this
+	// VM's guest_memfd files accept (read by GuestMemfdAttributes).
+	GuestMemfdMemoryAttributes uint64
 	// ExitHypercall is the set of hypercalls that may exit to userspace.
 	ExitHypercall uint64
 	// VMTypes has bit n set when VM type n can be created.
@@ -193,6 +202,7 @@ func (vm *VM) ProbeCapabilities() (Capabilities, error) {
 		{CapGuestMemfd, func(v int) { c.GuestMemfd = v != 0 }},
 		{CapGuestMemfdFlags, func(v int) { c.GuestMemfdFlags = uint64(v) }},
 		{CapMemoryAttributes, func(v int) { c.MemoryAttributes = uint64(v) }},
+		{CapGuestMemfdMemoryAttributes, func(v int) { c.GuestMemfdMemoryAttributes = GuestMemfdAttributes(v) }},
 		{CapExitHypercall, func(v int) { c.ExitHypercall = uint64(v) }},
 		{CapVMTypes, func(v int) { c.VMTypes = uint64(v) }},
 		{CapPreFaultMemory, func(v int) { c.PreFaultMemory = v != 0 }},

@@ -30,7 +30,7 @@ const (
 // benchLine prints one measurement for gmem bench --rig, in one write:
 //
 //	GMEM-RIG bench <backend> <scenario> <policy> key=value ...
-func benchLine(backend, scenario, policy string, kv ...any) {
+func benchLine(backend, scenario string, policy dma.Policy, kv ...any) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s bench %s %s %s", "GMEM-RIG", backend, scenario, policy)
 	for i := 0; i+1 < len(kv); i += 2 {
@@ -110,7 +110,7 @@ func benchRoundTrip(t *testing.T, backend string, space iommu.Space, policy dma.
 	if err := m.Unregister(mapper); err != nil {
 		t.Fatal(err)
 	}
-	benchLine(backend, "roundtrip", policy.String(), "bytes", benchRegion, "map_calls", end.MapCalls, "unmap_calls", end.UnmapCalls,
+	benchLine(backend, "roundtrip", policy, "bytes", benchRegion, "map_calls", end.MapCalls, "unmap_calls", end.UnmapCalls,
 		"entries_peak", st.PeakEntries, "pinned_pages", pinned,
 		"ns", (toShared + toPrivate).Nanoseconds(), "ns_to_shared", toShared.Nanoseconds(), "ns_to_private", toPrivate.Nanoseconds())
 }
@@ -132,7 +132,7 @@ func benchChurn(t *testing.T, backend string, space iommu.Space, policy dma.Poli
 	if err := m.Unregister(mapper); err != nil {
 		t.Fatal(err)
 	}
-	benchLine(backend, "churn", policy.String(), "ops", benchChurnOps, "map_calls", st.MapCalls, "ns", d.Nanoseconds(),
+	benchLine(backend, "churn", policy, "ops", benchChurnOps, "map_calls", st.MapCalls, "ns", d.Nanoseconds(),
 		"ns_per_op", d.Nanoseconds()/benchChurnOps)
 }
 
@@ -283,9 +283,9 @@ func benchSplit(t *testing.T, sp *iommufd.Space) {
 	}
 	ct, cm := sum(cuts)
 	bt, bm := sum(bounds)
-	benchLine("iommufd", "split", "cut", "splits", benchSplits, "ns", ct.Nanoseconds(), "ns_per_split", ct.Nanoseconds()/benchSplits,
+	benchLine("iommufd", "split", dma.Cut, "splits", benchSplits, "ns", ct.Nanoseconds(), "ns_per_split", ct.Nanoseconds()/benchSplits,
 		"ns_median", cm.Nanoseconds(), "repinned_bytes", 0, "window_bytes", 0)
-	benchLine("iommufd", "split", dma.Extent.String(), "splits", benchSplits, "ns", bt.Nanoseconds(), "ns_per_split", bt.Nanoseconds()/benchSplits,
+	benchLine("iommufd", "split", dma.Extent, "splits", benchSplits, "ns", bt.Nanoseconds(), "ns_per_split", bt.Nanoseconds()/benchSplits,
 		"ns_median", bm.Nanoseconds(), "repinned_bytes", repinned, "window_bytes", repinned)
 }
 
