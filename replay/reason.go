@@ -24,8 +24,10 @@ const (
 	ReasonOther      = "other"
 )
 
-// Reason classifies why the executor refused a request: the one mapping
-// from guestmem's errors to the counts of a Result.
+// Reason classifies why the executor refused a guest request (convert,
+// plug, unplug): the one mapping from guestmem's errors to the counts of a
+// Result. An attach the library refuses is not a guest request and is never
+// classified here: it is a *RunError.
 func Reason(err error) string {
 	switch {
 	case errors.Is(err, span.ErrAlign):

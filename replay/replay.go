@@ -54,6 +54,7 @@ import (
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/span"
 	"github.com/gmemproject/gmem/trace"
 )
@@ -87,6 +88,30 @@ type Options struct {
 	// MaxExtent is the gmem run's dma.Options.MaxExtent (0: the default,
 	// dma.Unbounded: none).
 	MaxExtent uint64
+}
+
+// ErrOptions is wrapped by every error of Options.Validate.
+var ErrOptions = errors.New("replay: invalid options")
+
+// Validate reports whether the options can be replayed with: the mapper
+// options of both runs as dma.New accepts them. New does not check; with
+// options Validate refuses, every attach of the trace fails as a *RunError.
+func (o Options) Validate() error {
+	for _, baseline := range []bool{true, false} {
+		if _, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, o.dmaOptions(baseline, nil)); err != nil {
+			return fmt.Errorf("%w: %w", ErrOptions, err)
+		}
+	}
+	return nil
+}
+
+// dmaOptions is the mapper configuration of a run: QEMU's granule policy
+// for the baseline, the extent policy with the replay's bound for gmem.
+func (o Options) dmaOptions(baseline bool, log *slog.Logger) dma.Options {
+	if baseline {
+		return dma.Options{Policy: dma.Granule, Logger: log}
+	}
+	return dma.Options{Policy: dma.Extent, MaxExtent: o.MaxExtent, Logger: log}
 }
 
 // RunStats is what one run (baseline or gmem) did.
@@ -133,6 +158,9 @@ type Result struct {
 	// refused; from then on the two may differ where such events applied.
 	Diverged   uint64 `json:"diverged"`
 	Violations uint64 `json:"violations"` // broken invariants
+	// RunErrors counts the steps of the machine a run could not take (an
+	// attach the library refused): neither guest requests nor input errors.
+	RunErrors uint64 `json:"run_errors"`
 
 	// Page state at the end, from the gmem run.
 	RAMBytes       uint64 `json:"ram_bytes"`
@@ -147,7 +175,33 @@ type Result struct {
 	ViolationDetails  []Violation  `json:"violation_details,omitempty"`
 	Rejections        []Rejection  `json:"rejection_details,omitempty"`
 	InputErrorDetails []InputError `json:"input_error_details,omitempty"`
+	RunErrorDetails   []RunError   `json:"run_error_details,omitempty"`
 }
+
+// RunError is a step of the machine that a run could not take: the library
+// refused to attach a device's IOMMU (out of type1 entries for what is
+// already shared, or mapper options it does not accept). It is not a guest
+// request, and not refused to the guest: a VMM would fail to start or to
+// hot-plug the device. From then on the run lacks the device.
+type RunError struct {
+	Event   uint64 `json:"event"`
+	Line    int    `json:"line,omitempty"`
+	Run     string `json:"run"`   // "baseline" or "gmem"
+	Message string `json:"error"` // Err's text
+	Err     error  `json:"-"`
+}
+
+// Error returns "line N: the RUN run could not ...".
+func (e *RunError) Error() string {
+	where := fmt.Sprintf("event %d", e.Event)
+	if e.Line > 0 {
+		where = fmt.Sprintf("line %d", e.Line)
+	}
+	return fmt.Sprintf("%s: the %s run %s", where, e.Run, e.Message)
+}
+
+// Unwrap returns the cause.
+func (e *RunError) Unwrap() error { return e.Err }
 
 // InputError is an event that breaks the trace's own structure
 // (trace.Validator): RAM or MMIO overlapping, a device attached twice, a
@@ -217,15 +271,17 @@ type Replayer struct {
 	diverged span.Set // GPAs where the runs may differ
 
 	events, conversions, rejected, inputErrors, divergedEvents uint64
-	violations                                                 uint64
+	violations, runErrors                                      uint64
 	rejectedBy                                                 map[string]uint64
 	vlist                                                      []Violation
 	rlist                                                      []Rejection
 	ilist                                                      []InputError
+	elist                                                      []RunError
 
 	limit    uint64     // largest type1 entry limit attached, for the drawing
 	line     int        // input line of the current event
 	first    *Violation // first violation of the current step
+	runErr   *RunError  // first run error of the current step
 	finished bool
 }
 
@@ -288,18 +344,32 @@ func (rp *Replayer) reject(run string, err error) {
 	}
 }
 
+// runError records a step of the machine run could not take.
+func (rp *Replayer) runError(run string, err error) {
+	rp.runErrors++
+	e := RunError{Event: rp.events, Line: rp.line, Run: run, Message: err.Error(), Err: err}
+	if rp.runErr == nil {
+		rp.runErr = &e
+	}
+	if len(rp.elist) < rp.opts.MaxDetails {
+		rp.elist = append(rp.elist, e)
+	}
+}
+
 // Apply replays one event; line is its input line (0 if unknown). An event
 // that breaks the trace's structure is not replayed and returned as an
-// *InputError. Otherwise Apply returns the first invariant the event broke,
-// as a *Violation, or nil. A guest request either run refuses is not an
-// error: it is counted in the Result by reason.
+// *InputError. An attach a run could not do is returned as a *RunError; the
+// replay may go on without that device in that run. Otherwise Apply returns
+// the first invariant the event broke, as a *Violation, or nil. A guest
+// request either run refuses is not an error: it is counted in the Result by
+// reason.
 func (rp *Replayer) Apply(e trace.Event, line int) error {
 	if rp.finished {
 		return errors.New("replay: Apply after Finish")
 	}
 	rp.events++
 	rp.line = line
-	rp.first = nil
+	rp.first, rp.runErr = nil, nil
 	if _, ok := e.(trace.Convert); ok {
 		rp.conversions++
 	}
@@ -325,6 +395,9 @@ func (rp *Replayer) Apply(e trace.Event, line int) error {
 	}
 	if inputErr != nil {
 		return inputErr
+	}
+	if rp.runErr != nil {
+		return rp.runErr
 	}
 	if rp.first != nil {
 		return rp.first
@@ -373,11 +446,15 @@ func (rp *Replayer) apply(e trace.Event) {
 		if e.IOMMU == trace.Type1 {
 			rp.limit = max(rp.limit, cmp.Or(e.Limit, defaultType1Limit))
 		}
-		rp.both(func(r *run) error { return r.attach(e) })
 		for _, r := range rp.runs {
-			if d := r.devices[e.Dev]; d != nil {
-				r.checkDevice(d, span.Range{Start: 0, End: ^uint64(0)})
+			t0 := time.Now()
+			err := r.attach(e)
+			r.elapsed += time.Since(t0)
+			if err != nil {
+				rp.runError(r.name, err)
+				continue
 			}
+			r.checkDevice(r.devices[e.Dev], span.Range{Start: 0, End: ^uint64(0)})
 		}
 	case trace.Detach:
 		rp.both(func(r *run) error { return r.detach(e.Dev) })
@@ -561,6 +638,8 @@ func (rp *Replayer) Result() Result {
 		RejectedBy:        maps.Clone(rp.rejectedBy),
 		Diverged:          rp.divergedEvents,
 		Violations:        rp.violations,
+		RunErrors:         rp.runErrors,
+		RunErrorDetails:   append([]RunError(nil), rp.elist...),
 		ViolationDetails:  append([]Violation(nil), rp.vlist...),
 		Rejections:        append([]Rejection(nil), rp.rlist...),
 		InputErrorDetails: append([]InputError(nil), rp.ilist...),

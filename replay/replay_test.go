@@ -12,6 +12,7 @@ import (
 	"github.com/google/go-cmp/cmp/cmpopts"
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/memattr"
@@ -29,7 +30,8 @@ func replayText(t *testing.T, text string) (*Replayer, Result) {
 	rp := New(Options{})
 	for i, e := range tr.Events {
 		var ie *InputError
-		if err := rp.Apply(e, tr.Lines[i]); err != nil && !errors.As(err, &ie) {
+		var re *RunError
+		if err := rp.Apply(e, tr.Lines[i]); err != nil && !errors.As(err, &ie) && !errors.As(err, &re) {
 			t.Fatalf("line %d: %v", tr.Lines[i], err)
 		}
 	}
@@ -42,6 +44,7 @@ func replayText(t *testing.T, text string) (*Replayer, Result) {
 // want is what a golden test checks of a Result; every field is compared.
 type want struct {
 	events, conversions, rejected, inputErrors, diverged uint64
+	runErrors                                            uint64
 	reasons                                              map[string]uint64
 	shared, unplugged                                    uint64
 	devices                                              int
@@ -56,7 +59,7 @@ func (w want) check(t *testing.T, res Result) {
 	t.Helper()
 	got := want{
 		events: res.Events, conversions: res.Conversions, rejected: res.Rejected, inputErrors: res.InputErrors, reasons: res.RejectedBy,
-		diverged: res.Diverged, shared: res.SharedBytes, unplugged: res.UnpluggedBytes, devices: res.Devices,
+		diverged: res.Diverged, runErrors: res.RunErrors, shared: res.SharedBytes, unplugged: res.UnpluggedBytes, devices: res.Devices,
 		base: runWant{res.Baseline.EntriesFinal, res.Baseline.EntriesPeak, res.Baseline.MapCalls, res.Baseline.UnmapCalls,
 			res.Baseline.Splits, res.Baseline.LimitFailures, res.Baseline.Failures},
 		gmem: runWant{res.Gmem.EntriesFinal, res.Gmem.EntriesPeak, res.Gmem.MapCalls, res.Gmem.UnmapCalls,
@@ -195,16 +198,17 @@ func TestGolden(t *testing.T) {
 		{
 			// Attaching after the guest shared 2 MiB: registering replays
 			// it, 512 entries for the baseline (over the limit of 100, so
-			// its attach is refused) and 1 for gmem. Detach drops what was
-			// mapped but keeps the counts.
+			// its attach fails: a run error, not a refused guest request)
+			// and 1 for gmem. Detach drops what was mapped but keeps the
+			// counts.
 			name: "attach after conversions, detach",
 			trace: ram1G + `{"op":"convert","gpa":"0","size":"2MiB","to":"shared"}
 {"op":"attach","dev":"dev0","iommu":"type1","limit":100}
 {"op":"detach","dev":"dev0"}
 {"op":"attach","dev":"dev1","iommu":"iommufd"}
 {"op":"detach","dev":"dev1"}`,
-			want: want{events: 6, conversions: 1, rejected: 1, diverged: 1, reasons: map[string]uint64{ReasonNoEntries: 1}, shared: 2 << 20,
-				base: runWant{peak: 512, maps: 512, unmaps: 1, limit: 1, failures: 1},
+			want: want{events: 6, conversions: 1, runErrors: 1, shared: 2 << 20,
+				base: runWant{peak: 512, maps: 512, unmaps: 1},
 				gmem: runWant{peak: 1, maps: 2, unmaps: 2}},
 		},
 		{
@@ -543,5 +547,67 @@ func TestInputErrors(t *testing.T) {
 				t.Errorf("result %+v", res)
 			}
 		})
+	}
+}
+
+// TestRunErrors: an attach a run cannot do is neither a guest request nor
+// an input error but a *RunError, whatever the reason; options the mapper
+// refuses are caught by Validate first.
+func TestRunErrors(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		opts    Options
+		trace   string
+		runs    []string
+		why     string
+		invalid bool
+	}{
+		{"max extent not a power of two", Options{MaxExtent: 3 << 20}, ram1G + `{"op":"attach","dev":"d","iommu":"type1"}`,
+			[]string{"gmem"}, "not a power of two", true},
+		{"max extent below a page", Options{MaxExtent: 1 << 10}, ram1G + `{"op":"attach","dev":"d","iommu":"iommufd"}`,
+			[]string{"gmem"}, "at least 4 KiB", true},
+		{"out of entries for what is shared", Options{}, ram1G + `{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}
+{"op":"attach","dev":"d","iommu":"type1","limit":10}`, []string{"baseline"}, "no space left", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if err := c.opts.Validate(); (err != nil) != c.invalid || (err != nil && !errors.Is(err, ErrOptions)) {
+				t.Errorf("Validate: %v, want invalid %v wrapping ErrOptions", err, c.invalid)
+			}
+			tr, err := trace.Parse(strings.NewReader(c.trace), trace.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rp := New(c.opts)
+			var got []string
+			for i, e := range tr.Events {
+				err := rp.Apply(e, tr.Lines[i])
+				var re *RunError
+				switch {
+				case errors.As(err, &re):
+					got = append(got, re.Run)
+					if re.Line != tr.Lines[i] || !strings.Contains(re.Error(), c.why) || !strings.Contains(re.Error(), `could not attach "d"`) {
+						t.Errorf("run error %q, want line %d and %q", re, tr.Lines[i], c.why)
+					}
+				case err != nil:
+					t.Fatalf("line %d: %v", tr.Lines[i], err)
+				}
+			}
+			if err := rp.Finish(); err != nil {
+				t.Fatal(err)
+			}
+			res := rp.Result()
+			if !slices.Equal(got, c.runs) || res.RunErrors != uint64(len(c.runs)) || len(res.RunErrorDetails) != len(c.runs) {
+				t.Errorf("run errors %v (%d counted, %v), want %v", got, res.RunErrors, res.RunErrorDetails, c.runs)
+			}
+			if res.Rejected != 0 || len(res.RejectedBy) != 0 || res.Diverged != 0 || res.Baseline.Failures != 0 || res.Gmem.Failures != 0 || res.Violations != 0 {
+				t.Errorf("a failed attach counted as a refused request: %+v", res)
+			}
+		})
+	}
+	if err := (Options{MaxExtent: dma.Unbounded}).Validate(); err != nil {
+		t.Errorf("unbounded: %v", err)
+	}
+	if err := (Options{}).Validate(); err != nil {
+		t.Errorf("zero options: %v", err)
 	}
 }

@@ -56,13 +56,6 @@ func newRun(rp *Replayer, name string, baseline bool) *run {
 	return &run{rp: rp, name: name, baseline: baseline, devices: map[string]*device{}}
 }
 
-func (r *run) policy() dma.Policy {
-	if r.baseline {
-		return dma.Granule
-	}
-	return dma.Extent
-}
-
 // start creates the run's memory: one model-backed block per RAM event, the
 // MMIO holes, and, for the baseline, QEMU's bitmaps. The executor's backend
 // calls go through observe, which checks I2 between the steps.
@@ -90,30 +83,21 @@ func (r *run) start(ram []trace.RAM, mmio []trace.MMIO) error {
 	return nil
 }
 
-// dmaOptions is the mapper configuration of this run: QEMU's granule policy
-// for the baseline, the extent policy with the replay's bound for gmem.
-func (r *run) dmaOptions() dma.Options {
-	opts := dma.Options{Policy: r.policy(), Logger: r.rp.log}
-	if !r.baseline {
-		opts.MaxExtent = r.rp.opts.MaxExtent
-	}
-	return opts
-}
-
 // attach attaches the device's IOMMU, which maps what is shared. If the
-// executor refuses (out of entries), the device is not attached in this run.
+// executor refuses (out of entries for what is shared already, or options
+// the mapper does not take), the device is not attached in this run.
 func (r *run) attach(e trace.Attach) error {
 	caps := iommu.Caps{Rules: iommu.Type1v2, EntryLimit: e.Limit}
 	if e.IOMMU == trace.IOMMUFD {
 		caps = iommu.Caps{Rules: iommu.IOMMUFD}
 	}
 	model := iommu.NewModel(caps)
-	att, err := r.mem.AttachIOMMU(model, r.dmaOptions())
+	att, err := r.mem.AttachIOMMU(model, r.rp.opts.dmaOptions(r.baseline, r.rp.log))
 	if err != nil {
 		if n := model.Len(); n != 0 {
 			r.rp.violate(r.name, "I3", "refused attach of %q left %d IOMMU entries", e.Dev, n)
 		}
-		return fmt.Errorf("attach %q: %w", e.Dev, err)
+		return fmt.Errorf("could not attach %q: %w", e.Dev, err)
 	}
 	d := &device{name: e.Dev, model: model, att: att}
 	r.devices[e.Dev] = d

@@ -72,7 +72,10 @@ type replayFlags struct {
 }
 
 // maxExtentFlag is --max-extent: a size, or "none" for dma.Unbounded.
-type maxExtentFlag struct{ v uint64 }
+type maxExtentFlag struct {
+	v    uint64
+	text string // as given, for messages
+}
 
 func (f *maxExtentFlag) String() string {
 	switch f.v {
@@ -85,6 +88,7 @@ func (f *maxExtentFlag) String() string {
 }
 
 func (f *maxExtentFlag) Set(s string) error {
+	f.text = s
 	if s == "none" {
 		f.v = dma.Unbounded
 		return nil
@@ -150,6 +154,11 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 		fmt.Fprintf(stderr, "gmem replay: --devices %d: want 1 to %d\n", f.devices, trace.MaxDevices)
 		return exitUsage
 	}
+	ropts := replay.Options{MaxExtent: f.maxExtent.v}
+	if err := ropts.Validate(); err != nil {
+		fmt.Fprintf(stderr, "gmem replay: --max-extent %s: %s\n", f.maxExtent.text, strings.TrimPrefix(err.Error(), replay.ErrOptions.Error()+": "))
+		return exitUsage
+	}
 	if f.iommu == trace.IOMMUFD && f.limit != 0 {
 		fmt.Fprintln(stderr, "gmem replay: --limit: iommufd has no entry limit")
 		return exitUsage
@@ -169,7 +178,8 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 
 	start := time.Now()
 	prog := &progress{w: stderr, start: start, on: env.terminal(stderr)}
-	rp := env.newReplayer(replay.Options{Progress: prog.report, MaxExtent: f.maxExtent.v})
+	ropts.Progress = prog.report
+	rp := env.newReplayer(ropts)
 	s := &replaySession{rp: rp, name: name, stderr: stderr, keepGoing: f.keepGoing, ctx: ctx}
 	rd := trace.NewReader(in, opts)
 	err := s.read(rd, qemuOnly)
@@ -178,7 +188,7 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 		fmt.Fprintf(stderr, "gmem replay: %s: %v\n", name, err)
 		return exitUsage
 	}
-	if s.stopped == "" || s.stopped == stopViolation {
+	if s.stopped == "" || s.stopped == stopViolation || s.stopped == stopRun {
 		if err := rp.Finish(); err != nil {
 			s.printViolation(err)
 		}
@@ -218,6 +228,9 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 	switch {
 	case res.Violations > 0:
 		return exitFail
+	case res.RunErrors > 0:
+		fmt.Fprintf(stderr, "gmem replay: %s: %s\n", name, runErrorSummary(res, s.stopped == stopRun))
+		return exitFail
 	case s.stopped == stopInterrupted:
 		fmt.Fprintf(stderr, "gmem replay: interrupted after %d events\n", res.Events)
 		return exitFail
@@ -226,6 +239,15 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 		return exitUsage
 	}
 	return exitOK
+}
+
+// runErrorSummary says what the run errors mean for the result.
+func runErrorSummary(res replay.Result, stopped bool) string {
+	what := fmt.Sprintf("%s could not be attached", plural(res.RunErrors, "device", "devices"))
+	if stopped {
+		return what + "; the replay stopped there (--keep-going replays the rest without it)"
+	}
+	return what + "; the run that could not attach went on without it"
 }
 
 // inputStats is what gmem replay read: the format and why, and what became
@@ -259,6 +281,7 @@ type replaySession struct {
 	events      uint64
 	malformed   int
 	inputErrors int
+	runErrors   int
 	violations  int
 	stopped     string             // why the replay stopped early, or ""
 	inputErr    *replay.InputError // the input error it stopped at
@@ -269,6 +292,7 @@ const (
 	stopViolation   = "violation"
 	stopInterrupted = "interrupted"
 	stopInput       = "input"
+	stopRun         = "run"
 )
 
 // apply replays one event and reports whether to go on.
@@ -280,7 +304,15 @@ func (s *replaySession) apply(e trace.Event, line int) bool {
 	}
 	err := s.rp.Apply(e, line)
 	var ie *replay.InputError
+	var re *replay.RunError
 	switch {
+	case errors.As(err, &re):
+		s.runErrors++
+		s.report(&s.runErrors, "devices a run could not attach", re.Error())
+		if !s.keepGoing {
+			s.stopped = stopRun
+			return false
+		}
 	case errors.As(err, &ie):
 		s.inputErrors++
 		if !s.keepGoing {
@@ -505,6 +537,15 @@ func ratio(b, g float64) string {
 func count(v float64) string { return commas(uint64(v)) }
 
 func bytesCell(v float64) string { return human(uint64(v)) }
+
+// plural formats a count with the noun that agrees with it: "1 device",
+// "2 devices", "1,024 devices".
+func plural(n uint64, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return commas(n) + " " + many
+}
 
 // commas formats n with thousands separators.
 func commas(n uint64) string {

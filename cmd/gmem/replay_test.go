@@ -473,3 +473,43 @@ func TestReadmeExamples(t *testing.T) {
 		t.Errorf("README QEMU example: exit %d, stderr %q, %+v\n%s", code, errOut, res, log)
 	}
 }
+
+// TestReplayOptionsAndRunErrors: a --max-extent the mapper cannot take is a
+// usage error before anything is read; a device a run cannot attach is an
+// error of the run (exit 1, said on stderr), never a refused guest request.
+func TestReplayOptionsAndRunErrors(t *testing.T) {
+	ctx := context.Background()
+	file := writeFile(t, "t.jsonl", replayTrace)
+	for _, size := range []string{"3MiB", "1KiB", "0x3000"} {
+		code, out, errOut := runReplayEnv(ctx, replayEnv{}, "--max-extent", size, file)
+		if code != exitUsage || out != "" || !strings.Contains(errOut, "--max-extent "+size+": ") || !strings.Contains(errOut, "power of two") {
+			t.Errorf("--max-extent %s: exit %d, stdout %.80q, stderr %q; want 2", size, code, out, errOut)
+		}
+	}
+	for _, size := range []string{"4KiB", "1GiB", "none"} {
+		if code, _, errOut := runReplayEnv(ctx, replayEnv{}, "--max-extent", size, file); code != exitOK {
+			t.Errorf("--max-extent %s: exit %d, stderr %q", size, code, errOut)
+		}
+	}
+
+	attach := `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB"}
+{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}
+{"op":"attach","dev":"d","iommu":"type1","limit":10}
+{"op":"convert","gpa":"0x200000","size":"4KiB","to":"shared"}
+`
+	for _, keepGoing := range []bool{false, true} {
+		args := []string{"--json", "-"}
+		events := uint64(3)
+		if keepGoing {
+			args, events = append(args, "--keep-going"), 4
+		}
+		code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(attach)}, args...)
+		res := decodeResult(t, out)
+		if code != exitFail || !strings.Contains(errOut, `line 3: the baseline run could not attach "d"`) || !strings.Contains(errOut, "1 device could not be attached") {
+			t.Errorf("keep-going %v: exit %d, stderr %q; want 1", keepGoing, code, errOut)
+		}
+		if res.RunErrors != 1 || res.Rejected != 0 || res.Baseline.Failures != 0 || res.Events != events {
+			t.Errorf("keep-going %v: %+v", keepGoing, res)
+		}
+	}
+}
