@@ -36,7 +36,8 @@
 // running out of type1 entries (ENOSPC); both kinds of refusal are counted.
 // Memory stays proportional to the runs and IOMMU entries of the two runs,
 // never to the size of the guest, except for the baseline's bitmaps (one bit
-// per page, as QEMU has).
+// per page, as QEMU has), and those only up to Options.BitmapBudget: past it
+// the baseline keeps runs too and its state memory is computed.
 package replay
 
 import (
@@ -88,7 +89,24 @@ type Options struct {
 	// MaxExtent is the gmem run's dma.Options.MaxExtent (0: the default,
 	// dma.Unbounded: none).
 	MaxExtent uint64
+	// BitmapBudget bounds the baseline's bitmaps, in bytes (default
+	// DefaultBitmapBudget). A guest whose bitmaps would be larger has the
+	// baseline keep its page state as runs, with the same answers and the
+	// same IOMMU entries, and its state memory computed (RunStats.StateHow).
+	BitmapBudget uint64
 }
+
+// DefaultBitmapBudget is Options.BitmapBudget when 0: 256 MiB of bitmaps,
+// one bit per 4 KiB page of 8 TiB of RAM. Past it, allocating and clearing
+// the bitmaps takes seconds and gigabytes (2 GiB at 64 TiB, 32 GiB at
+// 1 PiB, which no ordinary machine has), for a figure that is arithmetic.
+const DefaultBitmapBudget = 256 << 20
+
+// Values of RunStats.StateHow.
+const (
+	StateMeasured = ""         // the state maps' own size
+	StateComputed = "computed" // the bitmaps' size, computed: they were not allocated
+)
 
 // ErrOptions is wrapped by every error of Options.Validate.
 var ErrOptions = errors.New("replay: invalid options")
@@ -131,6 +149,10 @@ type RunStats struct {
 	WindowBytes    uint64 `json:"window_bytes"`    // bytes a notification left mapped but hid from the device meanwhile
 	MaxWindow      uint64 `json:"max_window"`      // the largest window of one notification
 	PrivateRefused uint64 `json:"private_refused"` // valid conversions to private refused
+	// StateHow says how StateBytes was obtained: StateMeasured, or
+	// StateComputed for a baseline past Options.BitmapBudget (Result.Notes
+	// says why).
+	StateHow string `json:"state_how,omitempty"`
 }
 
 // addCosts adds a mapper's pin and window counters to s.
@@ -171,6 +193,10 @@ type Result struct {
 
 	Baseline RunStats `json:"baseline"`
 	Gmem     RunStats `json:"gmem"`
+
+	// Notes say, in a sentence each, where a figure is not what it seems:
+	// a baseline whose bitmaps were computed rather than allocated.
+	Notes []string `json:"notes,omitempty"`
 
 	ViolationDetails  []Violation  `json:"violation_details,omitempty"`
 	Rejections        []Rejection  `json:"rejection_details,omitempty"`
@@ -298,6 +324,9 @@ func New(opts Options) *Replayer {
 	}
 	if opts.MaxDetails <= 0 {
 		opts.MaxDetails = DefaultMaxDetails
+	}
+	if opts.BitmapBudget == 0 {
+		opts.BitmapBudget = DefaultBitmapBudget
 	}
 	log := opts.Logger
 	if log == nil {
@@ -664,5 +693,11 @@ func (rp *Replayer) Result() Result {
 	res.Devices = len(g.order)
 	res.Baseline = rp.runs[0].stats(rp.events)
 	res.Gmem = g.stats(rp.events)
+	if b := rp.runs[0]; b.computedState != 0 {
+		res.Notes = append(res.Notes, fmt.Sprintf("the baseline's bitmaps would take %s, past the replay's budget of %s: "+
+			"they were not allocated; the baseline kept its page state as runs (same answers, same IOMMU entries), "+
+			"its state memory is computed, and its time per event is not a bitmap's",
+			trace.FormatSize(b.computedState), trace.FormatSize(rp.opts.BitmapBudget)))
+	}
 	return res
 }

@@ -611,3 +611,66 @@ func TestRunErrors(t *testing.T) {
 		t.Errorf("zero options: %v", err)
 	}
 }
+
+// TestBitmapBytes: the size the replay computes for the baseline's bitmaps
+// is what guestmem allocates, for plain and hot-pluggable blocks of odd
+// sizes.
+func TestBitmapBytes(t *testing.T) {
+	for _, ram := range [][]trace.RAM{
+		{{Name: "a", GPA: 0, Size: 1 << 30}},
+		{{Name: "a", GPA: 0, Size: 3 << 12}},
+		{{Name: "a", GPA: 0, Size: 65 << 12}, {Name: "b", GPA: 1 << 30, Size: 1 << 30, Block: 2 << 20}},
+		{{Name: "h", GPA: 4 << 30, Size: 128 << 20, Block: 4 << 10}},
+		{{Name: "h", GPA: 4 << 30, Size: 64 << 20, Block: 64 << 20}},
+	} {
+		rp := New(Options{BitmapBudget: ^uint64(0)})
+		for _, e := range ram {
+			e.Mode = trace.Split
+			if err := rp.Apply(e, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := rp.Apply(trace.Attach{Dev: "d", IOMMU: trace.IOMMUFD}, 0); err != nil {
+			t.Fatal(err)
+		}
+		res := rp.Result()
+		if got := bitmapBytes(ram); res.Baseline.StateBytes != got || res.Baseline.StateHow != StateMeasured {
+			t.Errorf("%+v: guestmem's bitmaps take %d bytes (%q), computed %d", ram, res.Baseline.StateBytes, res.Baseline.StateHow, got)
+		}
+	}
+}
+
+// TestBitmapBudget: past the budget the baseline's bitmaps are not
+// allocated; its answers and entries are the same, its state memory is
+// computed, and a note says so. A petabyte guest replays in bounded memory.
+func TestBitmapBudget(t *testing.T) {
+	seq, err := trace.Churn(trace.ChurnOptions{Common: trace.Common{RAM: 4 << 30, Events: 500, Seed: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := collectEvents(seq)
+	full := Events(slices.Values(events), Options{})
+	small := Events(slices.Values(events), Options{BitmapBudget: 64 << 10})
+	if full.Baseline.StateHow != StateMeasured || len(full.Notes) != 0 {
+		t.Errorf("4 GiB within the default budget: %q, notes %q", full.Baseline.StateHow, full.Notes)
+	}
+	if small.Baseline.StateHow != StateComputed || small.Baseline.StateBytes != full.Baseline.StateBytes ||
+		len(small.Notes) != 1 || !strings.Contains(small.Notes[0], "past the replay's budget of 64KiB") {
+		t.Errorf("past the budget: %q %d bytes (want %d), notes %q", small.Baseline.StateHow, small.Baseline.StateBytes, full.Baseline.StateBytes, small.Notes)
+	}
+	if small.Violations != 0 || small.Baseline.EntriesPeak != full.Baseline.EntriesPeak || small.Baseline.MapCalls != full.Baseline.MapCalls ||
+		small.Rejected != full.Rejected || small.SharedBytes != full.SharedBytes {
+		t.Errorf("the baseline without bitmaps answers differently: %+v\nwith bitmaps %+v", small, full)
+	}
+
+	const pib = 1 << 50
+	res := Events(slices.Values([]trace.Event{
+		trace.RAM{Name: "huge", GPA: 0, Size: pib, Mode: trace.Split},
+		trace.Attach{Dev: "d", IOMMU: trace.Type1},
+		trace.Convert{GPA: 1 << 40, Size: 2 << 20, To: trace.Shared},
+	}), Options{})
+	if res.Violations != 0 || res.Baseline.StateHow != StateComputed || res.Baseline.StateBytes != pib/4096/8 ||
+		res.Baseline.EntriesFinal != 512 || res.Gmem.EntriesFinal != 1 || len(res.Notes) != 1 {
+		t.Errorf("1 PiB: %+v", res)
+	}
+}

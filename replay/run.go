@@ -37,6 +37,9 @@ type run struct {
 	goneCosts                        RunStats
 
 	privateRefused uint64
+	// computedState is the size of the bitmaps a baseline past the budget
+	// did not allocate, or 0.
+	computedState uint64
 
 	failures, limitFailures uint64
 	elapsed                 time.Duration
@@ -65,6 +68,9 @@ func (r *run) start(ram []trace.RAM, mmio []trace.MMIO) error {
 		mode = guestmem.InPlace
 	}
 	cfg := guestmem.Config{Mode: mode, Bitmap: r.baseline, Logger: r.rp.log, Inject: r.observe}
+	if n := bitmapBytes(ram); r.baseline && n > r.rp.opts.BitmapBudget {
+		cfg.Bitmap, r.computedState = false, n
+	}
 	for _, e := range ram {
 		b, err := guestmem.NewModelBacking(e.Size, mode)
 		if err != nil {
@@ -81,6 +87,22 @@ func (r *run) start(ram []trace.RAM, mmio []trace.MMIO) error {
 	}
 	r.mem, r.inPlace = m, mode == guestmem.InPlace
 	return nil
+}
+
+// bitmapBytes is the size of QEMU's bitmaps for the RAM blocks: one bit
+// per 4 KiB page, and one per plug block of a hot-pluggable block, in whole
+// 64-bit words (guestmem.Config.Bitmap allocates exactly these;
+// TestBitmapBytes compares).
+func bitmapBytes(ram []trace.RAM) uint64 {
+	words := func(bits uint64) uint64 { return (bits + 63) / 64 * 8 }
+	var n uint64
+	for _, e := range ram {
+		n += words(e.Size / trace.PageSize)
+		if e.Block != 0 {
+			n += words(e.Size / e.Block)
+		}
+	}
+	return n
 }
 
 // attach attaches the device's IOMMU, which maps what is shared. If the
@@ -366,7 +388,10 @@ func (r *run) stats(events uint64) RunStats {
 		s.Splits += st.Splits
 		s.addCosts(st)
 	}
-	if r.mem != nil {
+	switch {
+	case r.computedState != 0:
+		s.StateBytes, s.StateHow = r.computedState, StateComputed
+	case r.mem != nil:
 		s.StateBytes = r.mem.StateStats().MapBytes
 	}
 	if events > 0 {

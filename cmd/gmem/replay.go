@@ -68,6 +68,7 @@ type replayFlags struct {
 	mode      trace.Mode
 	format    trace.Format
 	maxExtent maxExtentFlag
+	bitmap    uint64
 	file      string
 }
 
@@ -110,6 +111,7 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 	fs.Var(enumFlag[trace.IOMMU]{&f.iommu, trace.ParseIOMMU}, "iommu", "QEMU logs: devices' IOMMU, type1 or iommufd (default type1)")
 	fs.Uint64Var(&f.limit, "limit", 0, "QEMU logs: type1 dma_entry_limit (0: the kernel's default, 65535)")
 	fs.Var(enumFlag[trace.Mode]{&f.mode, trace.ParseMode}, "mode", "QEMU logs: RAM backing, split or inplace (default split, as QEMU's guest_memfd RAM)")
+	fs.Var(sizeFlag{&f.bitmap}, "bitmap-budget", fmt.Sprintf("largest baseline bitmaps to allocate, a `SIZE` (default %s: 8 TiB of RAM); past it the baseline keeps runs and its state memory is computed", trace.FormatSize(replay.DefaultBitmapBudget)))
 	fs.Var(&f.maxExtent, "max-extent", fmt.Sprintf("gmem's largest IOMMU entry, a power-of-two `SIZE`, or none (default %s)", trace.FormatSize(dma.DefaultMaxExtent)))
 
 	// Flags may come before or after the file name.
@@ -154,7 +156,7 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 		fmt.Fprintf(stderr, "gmem replay: --devices %d: want 1 to %d\n", f.devices, trace.MaxDevices)
 		return exitUsage
 	}
-	ropts := replay.Options{MaxExtent: f.maxExtent.v}
+	ropts := replay.Options{MaxExtent: f.maxExtent.v, BitmapBudget: f.bitmap}
 	if err := ropts.Validate(); err != nil {
 		fmt.Fprintf(stderr, "gmem replay: --max-extent %s: %s\n", f.maxExtent.text, strings.TrimPrefix(err.Error(), replay.ErrOptions.Error()+": "))
 		return exitUsage
@@ -485,6 +487,9 @@ func printResult(w io.Writer, name string, in inputStats, res replay.Result, too
 		fmt.Fprintf(w, "%-26s %12s %12s %10s\n", r.name, r.fmt(r.b), r.fmt(r.g), ratio(r.b, r.g))
 	}
 	fmt.Fprintln(w, "\nratio: baseline / gmem (above 1: gmem needs less)")
+	for _, n := range res.Notes {
+		fmt.Fprintf(w, "note: %s\n", n)
+	}
 	if len(res.ViolationDetails) > 0 {
 		fmt.Fprintln(w, "\nviolations:")
 		for _, v := range res.ViolationDetails {

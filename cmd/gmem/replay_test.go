@@ -513,3 +513,21 @@ func TestReplayOptionsAndRunErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestReplayPetabyte: a petabyte guest replays in bounded memory, and the
+// output says that the baseline's state memory is computed, and why.
+func TestReplayPetabyte(t *testing.T) {
+	big := `{"op":"ram","name":"huge","gpa":"0","size":"1PiB"}
+{"op":"attach","dev":"d","iommu":"type1"}
+{"op":"convert","gpa":"1TiB","size":"2MiB","to":"shared"}
+`
+	code, out, errOut := runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(big)}, "-")
+	if code != exitOK || !strings.Contains(out, "note: the baseline's bitmaps would take 32GiB, past the replay's budget") {
+		t.Errorf("exit %d, stderr %q\n%s", code, errOut, out)
+	}
+	code, out, _ = runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(big)}, "--json", "-")
+	res := decodeResult(t, out)
+	if code != exitOK || res.Baseline.StateHow != replay.StateComputed || res.Baseline.StateBytes != 32<<30 || len(res.Notes) != 1 {
+		t.Errorf("--json: exit %d, %+v", code, res)
+	}
+}
