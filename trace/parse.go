@@ -68,10 +68,13 @@ type Options struct {
 	// The rest describes the machine of a QEMU log, which the log itself does
 	// not say; JSON Lines traces declare their own and ignore these.
 
-	// RAM lists the guest's RAM blocks (see ParseRAMLayout). If empty, one
-	// block from 0 up to the highest converted address rounded up to 1 GiB is
-	// assumed.
+	// RAM lists the guest's RAM blocks (see ParseRAMLayout). If empty, RAM
+	// from 0 up to the highest converted address rounded up to 1 GiB is
+	// assumed, less the MMIO holes.
 	RAM []span.Range
+	// MMIO lists the guest's MMIO holes (see ParseMMIOLayout), such as the
+	// PCI hole: a conversion there is of MMIO, not of unbacked memory.
+	MMIO []span.Range
 	// Devices is the number of devices to attach; 0 means 1.
 	Devices int
 	// IOMMU is the devices' IOMMU; 0 means Type1.
@@ -147,7 +150,7 @@ type item struct {
 // reports each malformed line and lets its caller decide.
 func NewReader(r io.Reader, opts Options) *Reader {
 	rd := &Reader{lr: newLineReader(r), opts: opts}
-	rd.err = opts.check()
+	rd.err = opts.Check()
 	return rd
 }
 
@@ -386,8 +389,11 @@ func Parse(r io.Reader, opts Options) (*Trace, error) {
 	return t, nil
 }
 
-// check validates the options.
-func (o Options) check() error {
+// Check reports whether the options are valid: known enums, a device count
+// in range, no limit for iommufd, and RAM blocks and MMIO holes that are
+// page aligned and overlap nothing. Errors wrap ErrValue. A Reader with
+// invalid options returns this error from Next.
+func (o Options) Check() error {
 	switch o.Format {
 	case 0, JSONLines, QEMULog:
 	default:
@@ -413,7 +419,25 @@ func (o Options) check() error {
 			return fmt.Errorf("%w: RAM block %v is empty, misaligned or wraps", ErrValue, r)
 		}
 	}
-	return checkDisjoint(o.RAM)
+	for i, r := range o.MMIO {
+		if err := checkPages("MMIO hole "+strconv.Itoa(i+1), r.Start, r.End-r.Start); err != nil || r.End <= r.Start {
+			return fmt.Errorf("%w: MMIO hole %v is empty, misaligned or wraps", ErrValue, r)
+		}
+	}
+	if err := checkDisjoint("RAM blocks", o.RAM); err != nil {
+		return err
+	}
+	if err := checkDisjoint("MMIO holes", o.MMIO); err != nil {
+		return err
+	}
+	for _, r := range o.RAM {
+		for _, h := range o.MMIO {
+			if r.Overlaps(h) {
+				return fmt.Errorf("%w: RAM block %v and MMIO hole %v overlap", ErrValue, r, h)
+			}
+		}
+	}
+	return nil
 }
 
 // machine returns the RAM and attach events that describe the machine of a
@@ -429,7 +453,14 @@ func (o Options) machine(highest uint64, seen bool) ([]Event, error) {
 		if !ok || r.End == 0 {
 			return nil, fmt.Errorf("%w: highest address %#x cannot be rounded up to 1 GiB", ErrValue, highest)
 		}
-		ram = []span.Range{r}
+		var holes span.Set
+		for _, h := range o.MMIO {
+			holes.Add(h)
+		}
+		ram = holes.Minus(r)
+		if len(ram) == 0 {
+			return nil, fmt.Errorf("%w: the MMIO holes cover all of %v, up to the highest converted address: no RAM left; give it with a RAM layout", ErrValue, r)
+		}
 	}
 	mode := o.Mode
 	if mode == 0 {
@@ -440,9 +471,12 @@ func (o Options) machine(highest uint64, seen bool) ([]Event, error) {
 		kind = Type1
 	}
 	devices := max(o.Devices, 1)
-	out := make([]Event, 0, len(ram)+devices)
+	out := make([]Event, 0, len(ram)+len(o.MMIO)+devices)
 	for i, r := range ram {
 		out = append(out, RAM{Name: "ram" + strconv.Itoa(i), GPA: r.Start, Size: r.Len(), Mode: mode})
+	}
+	for _, h := range o.MMIO {
+		out = append(out, MMIO{GPA: h.Start, Size: h.Len()})
 	}
 	for i := range devices {
 		out = append(out, Attach{Dev: "dev" + strconv.Itoa(i), IOMMU: kind, Limit: o.Limit})
