@@ -42,11 +42,13 @@ package replay
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"iter"
 	"log/slog"
 	"maps"
+	"math"
 	"slices"
 	"sort"
 	"time"
@@ -80,8 +82,9 @@ type Options struct {
 	// ProgressEvery is the interval of Progress calls (default
 	// DefaultProgressEvery).
 	ProgressEvery uint64
-	// MaxDetails bounds the violations and rejections kept with their
-	// description (default DefaultMaxDetails).
+	// MaxDetails bounds the violations, rejections, input and run errors
+	// kept with their description, each (0: DefaultMaxDetails; negative: no
+	// bound). All are counted, and Result says how many were left out.
 	MaxDetails int
 	// Logger receives the library's own logs (default: discarded). A
 	// baseline running out of type1 entries logs every refusal.
@@ -107,6 +110,13 @@ const (
 	StateMeasured = ""         // the state maps' own size
 	StateComputed = "computed" // the bitmaps' size, computed: they were not allocated
 )
+
+// ErrInterrupted is wrapped by the error of ApplyContext when its context
+// ends: before the event, or during it (the next IOMMU map call of either
+// run fails, and the library undoes the event). The event is not counted,
+// and the Replayer takes no more events: after an undo cut short the runs
+// need not be consistent, so Finish checks nothing.
+var ErrInterrupted = errors.New("replay: interrupted")
 
 // ErrOptions is wrapped by every error of Options.Validate.
 var ErrOptions = errors.New("replay: invalid options")
@@ -180,6 +190,9 @@ type Result struct {
 	// refused; from then on the two may differ where such events applied.
 	Diverged   uint64 `json:"diverged"`
 	Violations uint64 `json:"violations"` // broken invariants
+	// Interrupted says the replay was stopped by its context (ApplyContext)
+	// before the end of the trace; Events counts the events it finished.
+	Interrupted bool `json:"interrupted,omitempty"`
 	// RunErrors counts the steps of the machine a run could not take (an
 	// attach the library refused): neither guest requests nor input errors.
 	RunErrors uint64 `json:"run_errors"`
@@ -198,10 +211,16 @@ type Result struct {
 	// a baseline whose bitmaps were computed rather than allocated.
 	Notes []string `json:"notes,omitempty"`
 
-	ViolationDetails  []Violation  `json:"violation_details,omitempty"`
-	Rejections        []Rejection  `json:"rejection_details,omitempty"`
-	InputErrorDetails []InputError `json:"input_error_details,omitempty"`
-	RunErrorDetails   []RunError   `json:"run_error_details,omitempty"`
+	// The first Options.MaxDetails of each, described, and how many of
+	// each were counted but left out.
+	ViolationDetails   []Violation  `json:"violation_details,omitempty"`
+	Rejections         []Rejection  `json:"rejection_details,omitempty"`
+	InputErrorDetails  []InputError `json:"input_error_details,omitempty"`
+	RunErrorDetails    []RunError   `json:"run_error_details,omitempty"`
+	ViolationsOmitted  uint64       `json:"violations_omitted"`
+	RejectionsOmitted  uint64       `json:"rejections_omitted"`
+	InputErrorsOmitted uint64       `json:"input_errors_omitted"`
+	RunErrorsOmitted   uint64       `json:"run_errors_omitted"`
 }
 
 // RunError is a step of the machine that a run could not take: the library
@@ -236,9 +255,14 @@ func (e *RunError) Unwrap() error { return e.Err }
 type InputError struct {
 	Event   uint64 `json:"event"`
 	Line    int    `json:"line,omitempty"`
+	Kind    string `json:"kind"`  // InputMachine; a caller reading the trace adds its own (gmem replay: "malformed")
 	Message string `json:"error"` // Err's text
 	Err     error  `json:"-"`
 }
+
+// InputMachine is the Kind of the input errors a Replayer finds: events
+// that describe an impossible machine.
+const InputMachine = "machine"
 
 // Error returns "line N: what is wrong" (or "event N: ..." without a line).
 func (e *InputError) Error() string {
@@ -304,6 +328,11 @@ type Replayer struct {
 	ilist                                                      []InputError
 	elist                                                      []RunError
 
+	// done is the context of the event being applied; interrupted says it
+	// ended and the replay stopped.
+	done        <-chan struct{}
+	interrupted bool
+
 	limit    uint64     // largest type1 entry limit attached, for the drawing
 	line     int        // input line of the current event
 	first    *Violation // first violation of the current step
@@ -322,8 +351,11 @@ func New(opts Options) *Replayer {
 	if opts.ProgressEvery == 0 {
 		opts.ProgressEvery = DefaultProgressEvery
 	}
-	if opts.MaxDetails <= 0 {
+	switch {
+	case opts.MaxDetails == 0:
 		opts.MaxDetails = DefaultMaxDetails
+	case opts.MaxDetails < 0:
+		opts.MaxDetails = math.MaxInt
 	}
 	if opts.BitmapBudget == 0 {
 		opts.BitmapBudget = DefaultBitmapBudget
@@ -393,9 +425,26 @@ func (rp *Replayer) runError(run string, err error) {
 // request either run refuses is not an error: it is counted in the Result by
 // reason.
 func (rp *Replayer) Apply(e trace.Event, line int) error {
-	if rp.finished {
+	return rp.ApplyContext(context.Background(), e, line)
+}
+
+// ApplyContext is Apply, stopped when ctx ends, even in the middle of a long
+// event (a conversion of gigabytes is millions of map calls for the
+// baseline): it then returns an error wrapping ErrInterrupted and takes no
+// more events.
+func (rp *Replayer) ApplyContext(ctx context.Context, e trace.Event, line int) error {
+	switch {
+	case rp.finished:
 		return errors.New("replay: Apply after Finish")
+	case rp.interrupted:
+		return fmt.Errorf("%w: no more events", ErrInterrupted)
 	}
+	if err := ctx.Err(); err != nil {
+		rp.interrupted = true
+		return fmt.Errorf("%w after %d events: %w", ErrInterrupted, rp.events, context.Cause(ctx))
+	}
+	rp.done = ctx.Done()
+	defer func() { rp.done = nil }()
 	rp.events++
 	rp.line = line
 	rp.first, rp.runErr = nil, nil
@@ -409,12 +458,23 @@ func (rp *Replayer) Apply(e trace.Event, line int) error {
 	}
 	if err != nil {
 		rp.inputErrors++
-		inputErr = &InputError{Event: rp.events, Line: line, Message: err.Error(), Err: err}
+		inputErr = &InputError{Event: rp.events, Line: line, Kind: InputMachine, Message: err.Error(), Err: err}
 		if len(rp.ilist) < rp.opts.MaxDetails {
 			rp.ilist = append(rp.ilist, *inputErr)
 		}
 	} else {
 		rp.apply(e)
+	}
+	if rp.interrupted {
+		rp.events--
+		if _, ok := e.(trace.Convert); ok {
+			rp.conversions--
+		}
+		where := fmt.Sprintf("event %d", rp.events+1)
+		if line > 0 {
+			where += fmt.Sprintf(" (line %d)", line)
+		}
+		return fmt.Errorf("%w during %s, undone: %w", ErrInterrupted, where, context.Cause(ctx))
 	}
 	for _, r := range rp.runs {
 		r.afterEvent()
@@ -479,6 +539,9 @@ func (rp *Replayer) apply(e trace.Event) {
 			t0 := time.Now()
 			err := r.attach(e)
 			r.elapsed += time.Since(t0)
+			if rp.interrupt(err) {
+				return
+			}
 			if err != nil {
 				rp.runError(r.name, err)
 				continue
@@ -533,6 +596,9 @@ func (rp *Replayer) both(fn func(*run) error) (errs [2]error) {
 		t0 := time.Now()
 		errs[i] = fn(r)
 		r.elapsed += time.Since(t0)
+		if rp.interrupt(errs[i]) {
+			return errs
+		}
 		if errs[i] != nil {
 			r.failures++
 			if errors.Is(errs[i], unix.ENOSPC) {
@@ -551,6 +617,30 @@ func (rp *Replayer) both(fn func(*run) error) (errs [2]error) {
 		rp.reject("gmem", errs[1])
 	}
 	return errs
+}
+
+// interrupt reports whether err is an interruption, and if so marks the
+// replay as stopped.
+func (rp *Replayer) interrupt(err error) bool {
+	if err != nil && errors.Is(err, ErrInterrupted) {
+		rp.interrupted = true
+	}
+	return rp.interrupted
+}
+
+// fault is the IOMMU models' hook: once the event's context has ended, every
+// map call fails, so that the library stops and undoes the event. Unmap
+// calls go through: the undo needs them.
+func (rp *Replayer) fault(c iommu.Call) error {
+	if c.Op != iommu.OpMap || rp.done == nil {
+		return nil
+	}
+	select {
+	case <-rp.done:
+		return ErrInterrupted
+	default:
+		return nil
+	}
 }
 
 func (rp *Replayer) insertArea(a area) {
@@ -575,6 +665,9 @@ func (rp *Replayer) stateEvent(r span.Range, fn func(*run) error, want guestmem.
 		bs[i] = before{window: rn.window(r), state: rn.state(r), stats: rn.devStats()}
 	}
 	errs := rp.both(fn)
+	if rp.interrupted {
+		return
+	}
 	for i, rn := range rp.runs {
 		w := bs[i].window
 		w2 := rn.window(r)
@@ -639,6 +732,9 @@ func (rp *Replayer) Finish() error {
 	}
 	rp.finished = true
 	rp.first = nil
+	if rp.interrupted {
+		return nil // the runs were left mid-undo; there is nothing to check
+	}
 	if err := rp.start(); err != nil {
 		return nil // the input error was reported with its event
 	}
@@ -667,12 +763,17 @@ func (rp *Replayer) Result() Result {
 		RejectedBy:        maps.Clone(rp.rejectedBy),
 		Diverged:          rp.divergedEvents,
 		Violations:        rp.violations,
+		Interrupted:       rp.interrupted,
 		RunErrors:         rp.runErrors,
 		RunErrorDetails:   append([]RunError(nil), rp.elist...),
 		ViolationDetails:  append([]Violation(nil), rp.vlist...),
 		Rejections:        append([]Rejection(nil), rp.rlist...),
 		InputErrorDetails: append([]InputError(nil), rp.ilist...),
 	}
+	res.ViolationsOmitted = res.Violations - uint64(len(res.ViolationDetails))
+	res.RejectionsOmitted = res.Rejected - uint64(len(res.Rejections))
+	res.InputErrorsOmitted = res.InputErrors - uint64(len(res.InputErrorDetails))
+	res.RunErrorsOmitted = res.RunErrors - uint64(len(res.RunErrorDetails))
 	g := rp.runs[1]
 	for _, e := range rp.ram {
 		res.RAMBytes += e.Size

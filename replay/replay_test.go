@@ -1,6 +1,7 @@
 package replay
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -672,5 +673,64 @@ func TestBitmapBudget(t *testing.T) {
 	if res.Violations != 0 || res.Baseline.StateHow != StateComputed || res.Baseline.StateBytes != pib/4096/8 ||
 		res.Baseline.EntriesFinal != 512 || res.Gmem.EntriesFinal != 1 || len(res.Notes) != 1 {
 		t.Errorf("1 PiB: %+v", res)
+	}
+}
+
+// TestInterrupted: a context that ends in the middle of a long event stops
+// it at the next map call; the library undoes the event, which is neither a
+// refusal nor counted, and the replay takes no more events.
+func TestInterrupted(t *testing.T) {
+	for _, run := range []int{0, 1} {
+		ctx, cancel := context.WithCancel(context.Background())
+		rp := New(Options{})
+		for _, e := range []trace.Event{
+			trace.RAM{Name: "r", GPA: 0, Size: 1 << 30, Mode: trace.Split},
+			trace.Attach{Dev: "d", IOMMU: trace.IOMMUFD},
+		} {
+			if err := rp.ApplyContext(ctx, e, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Cancel at the 1000th map call of one run: the baseline maps 4 KiB
+		// granules, gmem 2 MiB extents.
+		maps, at := 0, []int{1000, 10}[run]
+		model := rp.runs[run].devices["d"].model
+		model.SetFault(func(c iommu.Call) error {
+			if c.Op == iommu.OpMap {
+				if maps++; maps == at {
+					cancel()
+				}
+			}
+			return rp.fault(c)
+		})
+		err := rp.ApplyContext(ctx, trace.Convert{GPA: 0, Size: 512 << 20, To: trace.Shared}, 3)
+		if !errors.Is(err, ErrInterrupted) || !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "during event 3 (line 3)") {
+			t.Fatalf("run %d: %v, want an interruption during event 3", run, err)
+		}
+		if n := model.Len(); n != 0 {
+			t.Errorf("run %d: %d entries left after the undo", run, n)
+		}
+		if err := rp.Apply(trace.Convert{GPA: 0, Size: 4096, To: trace.Shared}, 4); !errors.Is(err, ErrInterrupted) {
+			t.Errorf("run %d: Apply after the interruption: %v", run, err)
+		}
+		if err := rp.Finish(); err != nil {
+			t.Errorf("run %d: Finish: %v", run, err)
+		}
+		res := rp.Result()
+		if !res.Interrupted || res.Events != 2 || res.Conversions != 0 || res.Rejected != 0 || res.Baseline.Failures != 0 ||
+			res.Gmem.Failures != 0 || res.Violations != 0 || res.SharedBytes != 0 {
+			t.Errorf("run %d: %+v", run, res)
+		}
+	}
+
+	// Cancelled before an event: nothing is applied.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	rp := New(Options{})
+	if err := rp.ApplyContext(ctx, trace.RAM{Name: "r", GPA: 0, Size: 1 << 30}, 1); !errors.Is(err, ErrInterrupted) || !strings.Contains(err.Error(), "after 0 events") {
+		t.Errorf("cancelled before: %v", err)
+	}
+	if res := rp.Result(); !res.Interrupted || res.Events != 0 {
+		t.Errorf("cancelled before: %+v", res)
 	}
 }

@@ -114,6 +114,7 @@ func (r *run) attach(e trace.Attach) error {
 		caps = iommu.Caps{Rules: iommu.IOMMUFD}
 	}
 	model := iommu.NewModel(caps)
+	model.SetFault(r.rp.fault)
 	att, err := r.mem.AttachIOMMU(model, r.rp.opts.dmaOptions(r.baseline, r.rp.log))
 	if err != nil {
 		if n := model.Len(); n != 0 {
