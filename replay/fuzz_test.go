@@ -152,5 +152,23 @@ func FuzzReplay(f *testing.F) {
 		if res.SharedBytes+res.PrivateBytes+res.UnpluggedBytes != res.RAMBytes {
 			t.Fatalf("shared %d + private %d + unplugged %d != RAM %d", res.SharedBytes, res.PrivateBytes, res.UnpluggedBytes, res.RAMBytes)
 		}
+		// What the trace needs with no limit: where the limit refused
+		// nothing and every device is type1, exactly what the run held.
+		onlyType1 := true
+		for _, e := range events {
+			if a, ok := e.(trace.Attach); ok && a.IOMMU != trace.Type1 {
+				onlyType1 = false
+			}
+		}
+		if l := res.Limits; l != nil {
+			for i, n := range []EntryNeed{l.Baseline, l.Gmem} {
+				if n.Limit < n.Peak || (n.FirstRefusal != nil) != (n.Refusals > 0) || n.Unknown != "" || n.Advice == "" {
+					t.Fatalf("run %d: %+v", i, n)
+				}
+				if n.Refusals == 0 && onlyType1 && n.Peak != rp.runs[i].devicePeak {
+					t.Fatalf("run %d refused nothing for want of entries, held %d at most, but needs %d with no limit", i, rp.runs[i].devicePeak, n.Peak)
+				}
+			}
+		}
 	})
 }

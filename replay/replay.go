@@ -97,6 +97,11 @@ type Options struct {
 	// baseline keep its page state as runs, with the same answers and the
 	// same IOMMU entries, and its state memory computed (RunStats.StateHow).
 	BitmapBudget uint64
+	// WithoutLimits skips Result.Limits: the second replay of each policy
+	// with no type1 entry limit, which costs as much again as the runs'
+	// own mapping (not their checks) where the trace attaches type1
+	// devices.
+	WithoutLimits bool
 }
 
 // DefaultBitmapBudget is Options.BitmapBudget when 0: 256 MiB of bitmaps,
@@ -187,8 +192,11 @@ type Result struct {
 	// gmem run's reason where both refused.
 	RejectedBy map[string]uint64 `json:"rejected_by"`
 	// Diverged counts the requests that one run accepted and the other
-	// refused; from then on the two may differ where such events applied.
+	// refused; from then on the two may differ where such events applied,
+	// and their counts compare different traces. DivergedAt is the first
+	// such event (0 for none).
 	Diverged   uint64 `json:"diverged"`
+	DivergedAt uint64 `json:"diverged_at,omitempty"`
 	Violations uint64 `json:"violations"` // broken invariants
 	// Interrupted says the replay was stopped by its context (ApplyContext)
 	// before the end of the trace; Events counts the events it finished.
@@ -206,6 +214,10 @@ type Result struct {
 
 	Baseline RunStats `json:"baseline"`
 	Gmem     RunStats `json:"gmem"`
+
+	// Limits answers, when type1 devices were attached, what
+	// dma_entry_limit the trace needs with each policy.
+	Limits *Limits `json:"dma_entry_limit,omitempty"`
 
 	// Notes say, in a sentence each, where a figure is not what it seems:
 	// a baseline whose bitmaps were computed rather than allocated.
@@ -247,6 +259,44 @@ func (e *RunError) Error() string {
 
 // Unwrap returns the cause.
 func (e *RunError) Unwrap() error { return e.Err }
+
+// Limits answers the question of a type1 user: what
+// vfio_iommu_type1.dma_entry_limit does this guest need, with QEMU's policy
+// and with gmem's? The limit is per container: each device of a trace has
+// its own.
+type Limits struct {
+	// Devices counts the type1 devices attached; Given is the smallest
+	// dma_entry_limit they were given (65,535, the kernel's default, for
+	// those given none).
+	Devices int    `json:"type1_devices"`
+	Given   uint64 `json:"given"`
+	// Baseline and Gmem answer for each policy.
+	Baseline EntryNeed `json:"baseline"`
+	Gmem     EntryNeed `json:"gmem"`
+}
+
+// EntryNeed is what one policy needs of a type1 container for the whole
+// trace.
+type EntryNeed struct {
+	// Peak is the most IOMMU entries one type1 device held after any event
+	// of the trace replayed with no entry limit: every request the limit
+	// refused granted, as the guest asked.
+	Peak uint64 `json:"peak"`
+	// Limit is the smallest dma_entry_limit under which the policy refuses
+	// nothing for want of entries: Peak, and for gmem the entries its
+	// mapper keeps free for splits (dma.DefaultSplitReserve of the limit).
+	Limit uint64 `json:"limit"`
+	// Refusals counts what the trace's own limits refused for want of
+	// entries (requests, and attaches), and FirstRefusal is the first:
+	// where QEMU, for the baseline, stops the VM; gmem answers the guest
+	// EAGAIN and runs on.
+	Refusals     uint64     `json:"refusals"`
+	FirstRefusal *Rejection `json:"first_refusal,omitempty"`
+	// Advice says in one line what to set.
+	Advice string `json:"advice"`
+	// Unknown, if not empty, says why Peak could not be measured.
+	Unknown string `json:"unknown,omitempty"`
+}
 
 // InputError is an event that breaks the trace's own structure
 // (trace.Validator): RAM or MMIO overlapping, a device attached twice, a
@@ -318,9 +368,13 @@ type Replayer struct {
 	started  bool  // the runs' memory exists
 	startErr error // why it could not be created
 	runs     [2]*run
+	// shadows replay the requests again with no type1 entry limit, each
+	// with a run's policy, to find the entries the trace needs (Limits).
+	shadows  [2]*run
 	diverged span.Set // GPAs where the runs may differ
 
 	events, conversions, rejected, inputErrors, divergedEvents uint64
+	divergedAt                                                 uint64
 	violations, runErrors                                      uint64
 	rejectedBy                                                 map[string]uint64
 	vlist                                                      []Violation
@@ -334,6 +388,8 @@ type Replayer struct {
 	interrupted bool
 
 	limit    uint64     // largest type1 entry limit attached, for the drawing
+	minLimit uint64     // smallest type1 entry limit attached (the default for none), 0 before any
+	type1    int        // type1 devices attached
 	line     int        // input line of the current event
 	first    *Violation // first violation of the current step
 	runErr   *RunError  // first run error of the current step
@@ -365,8 +421,10 @@ func New(opts Options) *Replayer {
 		log = slog.New(slog.DiscardHandler)
 	}
 	rp := &Replayer{opts: opts, log: log, val: trace.NewValidator(), rejectedBy: map[string]uint64{}}
-	rp.runs[0] = newRun(rp, "baseline", true)
-	rp.runs[1] = newRun(rp, "gmem", false)
+	rp.runs[0] = newRun(rp, "baseline", true, false)
+	rp.runs[1] = newRun(rp, "gmem", false, false)
+	rp.shadows[0] = newRun(rp, "baseline", true, true)
+	rp.shadows[1] = newRun(rp, "gmem", false, true)
 	return rp
 }
 
@@ -479,6 +537,9 @@ func (rp *Replayer) ApplyContext(ctx context.Context, e trace.Event, line int) e
 	for _, r := range rp.runs {
 		r.afterEvent()
 	}
+	for _, r := range rp.shadows {
+		r.afterEvent()
+	}
 	if rp.opts.Progress != nil && rp.events%rp.opts.ProgressEvery == 0 {
 		rp.opts.Progress(rp.events)
 	}
@@ -516,7 +577,7 @@ func (rp *Replayer) machine(e trace.Event) error {
 func (rp *Replayer) start() error {
 	if !rp.started {
 		rp.started = true
-		for _, r := range rp.runs {
+		for _, r := range append(rp.runs[:], rp.shadows[:]...) {
 			if err := r.start(rp.ram, rp.mmio); err != nil {
 				rp.startErr = fmt.Errorf("%w: the library refuses the machine: %w", trace.ErrMachine, err)
 				break
@@ -533,7 +594,12 @@ func (rp *Replayer) apply(e trace.Event) {
 		// Part of the machine, created at the first request.
 	case trace.Attach:
 		if e.IOMMU == trace.Type1 {
-			rp.limit = max(rp.limit, cmp.Or(e.Limit, defaultType1Limit))
+			limit := cmp.Or(e.Limit, defaultType1Limit)
+			rp.limit = max(rp.limit, limit)
+			if rp.type1 == 0 || limit < rp.minLimit {
+				rp.minLimit = limit
+			}
+			rp.type1++
 		}
 		for _, r := range rp.runs {
 			t0 := time.Now()
@@ -543,13 +609,28 @@ func (rp *Replayer) apply(e trace.Event) {
 				return
 			}
 			if err != nil {
+				if errors.Is(err, unix.ENOSPC) {
+					r.noEntries(err)
+				}
 				rp.runError(r.name, err)
 				continue
 			}
 			r.checkDevice(r.devices[e.Dev], span.Range{Start: 0, End: ^uint64(0)})
 		}
+		if e.IOMMU == trace.Type1 && !rp.opts.WithoutLimits {
+			for _, r := range rp.shadows {
+				if err := r.attach(e); rp.interrupt(err) {
+					return
+				} else if err != nil && r.shadowErr == nil {
+					r.shadowErr = err
+				}
+			}
+		}
 	case trace.Detach:
 		rp.both(func(r *run) error { return r.detach(e.Dev) })
+		for _, r := range rp.shadows {
+			_ = r.detach(e.Dev)
+		}
 	case trace.Convert:
 		want := guestmem.KindShared
 		if e.To == trace.Private {
@@ -603,6 +684,7 @@ func (rp *Replayer) both(fn func(*run) error) (errs [2]error) {
 			r.failures++
 			if errors.Is(errs[i], unix.ENOSPC) {
 				r.limitFailures++
+				r.noEntries(errs[i])
 			}
 		}
 	}
@@ -610,13 +692,21 @@ func (rp *Replayer) both(fn func(*run) error) (errs [2]error) {
 	case errs[0] != nil && errs[1] != nil:
 		rp.reject("both", errs[1])
 	case errs[0] != nil:
-		rp.divergedEvents++
+		rp.diverge()
 		rp.reject("baseline", errs[0])
 	case errs[1] != nil:
-		rp.divergedEvents++
+		rp.diverge()
 		rp.reject("gmem", errs[1])
 	}
 	return errs
+}
+
+// diverge records a request one run refused and the other accepted.
+func (rp *Replayer) diverge() {
+	rp.divergedEvents++
+	if rp.divergedAt == 0 {
+		rp.divergedAt = rp.events
+	}
 }
 
 // interrupt reports whether err is an interruption, and if so marks the
@@ -667,6 +757,11 @@ func (rp *Replayer) stateEvent(r span.Range, fn func(*run) error, want guestmem.
 	errs := rp.both(fn)
 	if rp.interrupted {
 		return
+	}
+	for _, sh := range rp.shadows {
+		if rp.interrupt(fn(sh)) {
+			return
+		}
 	}
 	for i, rn := range rp.runs {
 		w := bs[i].window
@@ -762,6 +857,7 @@ func (rp *Replayer) Result() Result {
 		Rejected:          rp.rejected,
 		RejectedBy:        maps.Clone(rp.rejectedBy),
 		Diverged:          rp.divergedEvents,
+		DivergedAt:        rp.divergedAt,
 		Violations:        rp.violations,
 		Interrupted:       rp.interrupted,
 		RunErrors:         rp.runErrors,
@@ -794,6 +890,14 @@ func (rp *Replayer) Result() Result {
 	res.Devices = len(g.order)
 	res.Baseline = rp.runs[0].stats(rp.events)
 	res.Gmem = g.stats(rp.events)
+	if rp.type1 > 0 && !rp.opts.WithoutLimits {
+		res.Limits = &Limits{
+			Devices:  rp.type1,
+			Given:    rp.minLimit,
+			Baseline: rp.need(0),
+			Gmem:     rp.need(1),
+		}
+	}
 	if b := rp.runs[0]; b.computedState != 0 {
 		res.Notes = append(res.Notes, fmt.Sprintf("the baseline's bitmaps would take %s, past the replay's budget of %s: "+
 			"they were not allocated; the baseline kept its page state as runs (same answers, same IOMMU entries), "+

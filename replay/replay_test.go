@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"testing"
@@ -732,5 +733,86 @@ func TestInterrupted(t *testing.T) {
 	}
 	if res := rp.Result(); !res.Interrupted || res.Events != 0 {
 		t.Errorf("cancelled before: %+v", res)
+	}
+}
+
+// TestLimits answers "what dma_entry_limit does this trace need?" for a
+// trace computed by hand: 1 MiB shared, then another MiB that a limit of
+// 300 refuses to the baseline (512 granules), then a 4 KiB cut.
+func TestLimits(t *testing.T) {
+	_, res := replayText(t, ram1G+`{"op":"attach","dev":"d","iommu":"type1","limit":300}
+{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}
+{"op":"convert","gpa":"2MiB","size":"1MiB","to":"shared"}
+{"op":"convert","gpa":"0","size":"4KiB","to":"private"}
+{"op":"attach","dev":"e","iommu":"iommufd"}`)
+	l := res.Limits
+	if l == nil {
+		t.Fatal("no limits for a type1 trace")
+	}
+	if l.Devices != 1 || l.Given != 300 {
+		t.Errorf("devices %d, given %d", l.Devices, l.Given)
+	}
+	// The baseline: 512 granules at the peak with no limit, refused first
+	// at event 4 (line 4).
+	b := l.Baseline
+	if b.Peak != 512 || b.Limit != 512 || b.Refusals != 1 || b.FirstRefusal == nil || b.FirstRefusal.Event != 4 || b.FirstRefusal.Line != 4 ||
+		!strings.Contains(b.Advice, "first refuses at event 4 (line 4): QEMU stops the VM there; set vfio_iommu_type1.dma_entry_limit=512 or more") {
+		t.Errorf("baseline %+v", b)
+	}
+	// gmem: two extents, then a cut leaves two (0 and the rest of the
+	// first MiB, and the second MiB: 2 after the cut of [0, 4K)); with its
+	// split reserve a limit of 3 holds them.
+	g := l.Gmem
+	if g.Peak != 2 || g.Limit != 3 || g.Refusals != 0 || g.FirstRefusal != nil || !strings.Contains(g.Advice, "the limit of 300 is enough; the trace needs 3 entries") {
+		t.Errorf("gmem %+v", g)
+	}
+	// The limited runs are what they were: the baseline stopped at 256,
+	// 255 after the cut, and as many for the iommufd device attached last.
+	if res.Baseline.EntriesPeak != 2*255 || res.Baseline.LimitFailures != 1 {
+		t.Errorf("baseline run %+v", res.Baseline)
+	}
+
+	_, res = replayText(t, ram1G+`{"op":"attach","dev":"d","iommu":"iommufd"}
+{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}`)
+	if res.Limits != nil {
+		t.Errorf("limits for an iommufd trace: %+v", res.Limits)
+	}
+
+	// Without limits: no second replay, no answer.
+	rp := New(Options{WithoutLimits: true})
+	for _, e := range []trace.Event{
+		trace.RAM{Name: "r", GPA: 0, Size: 1 << 30, Mode: trace.Split},
+		trace.Attach{Dev: "d", IOMMU: trace.Type1},
+		trace.Convert{GPA: 0, Size: 1 << 20, To: trace.Shared},
+	} {
+		if err := rp.Apply(e, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if res := rp.Result(); res.Limits != nil || len(rp.shadows[0].order) != 0 || res.Baseline.EntriesFinal != 256 {
+		t.Errorf("WithoutLimits: %+v, shadow devices %d", res.Limits, len(rp.shadows[0].order))
+	}
+}
+
+// TestLimitFor compares limitFor with a scan from 0 up, for the gmem
+// reserve and none.
+func TestLimitFor(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	none := func(uint64) uint64 { return 0 }
+	for i := range 2000 {
+		peak := uint64(i)
+		if i >= 1000 {
+			peak = rng.Uint64N(200000)
+		}
+		for _, reserve := range []func(uint64) uint64{none, dma.DefaultSplitReserve} {
+			want := uint64(0)
+			if peak > 0 {
+				for want = peak; want-min(reserve(want), want) < peak; want++ {
+				}
+			}
+			if got := limitFor(peak, reserve); got != want {
+				t.Fatalf("limitFor(%d) = %d, want %d", peak, got, want)
+			}
+		}
 	}
 }
