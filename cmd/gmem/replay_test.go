@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"maps"
 	"os"
@@ -67,7 +68,7 @@ func TestReplayOK(t *testing.T) {
 	if code != exitOK || errOut != "" {
 		t.Fatalf("exit %d, stderr %q", code, errOut)
 	}
-	for _, want := range []string{"3 events, 1 conversions", "2.00 MiB shared", "IOMMU entries at the end", "512", "512.00x", "0 violations"} {
+	for _, want := range []string{"3 events, 1 conversion,", "2.00 MiB shared", "IOMMU entries at the end", "512", "512.00x", "0 violations"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
@@ -95,7 +96,7 @@ func TestReplayOK(t *testing.T) {
 
 	// Machine flags are for QEMU logs only.
 	code, _, errOut = runCmd(ctx, "replay", "--devices", "3", file)
-	if code != exitOK || !strings.Contains(errOut, "apply to QEMU logs only") {
+	if code != exitOK || !strings.Contains(errOut, "--devices is for QEMU logs only") {
 		t.Errorf("--devices on JSON Lines: exit %d, stderr %q", code, errOut)
 	}
 
@@ -139,7 +140,7 @@ func TestReplayInputErrors(t *testing.T) {
 		stderr string
 		stdout string
 	}{
-		{nil, exitUsage, "usage: gmem replay", ""},
+		{nil, exitUsage, "no trace given", ""},
 		{[]string{"a", "b"}, exitUsage, `unexpected argument "b"`, ""},
 		{[]string{"--nope", "x"}, exitUsage, "flag provided but not defined", ""},
 		{[]string{filepath.Join(t.TempDir(), "missing")}, exitUsage, "no such file", ""},
@@ -177,9 +178,9 @@ type faultyReplayer struct {
 	at, applied uint64
 }
 
-func (f *faultyReplayer) Apply(e trace.Event, line int) error {
+func (f *faultyReplayer) ApplyContext(ctx context.Context, e trace.Event, line int) error {
 	f.applied++
-	if err := f.Replayer.Apply(e, line); err != nil {
+	if err := f.Replayer.ApplyContext(ctx, e, line); err != nil {
 		return err
 	}
 	if f.applied == f.at {
@@ -242,26 +243,45 @@ func TestReplayInterrupted(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: &b}, "-")
-	if code != exitFail || !strings.Contains(errOut, "interrupted after 1023 events") || !strings.Contains(out, "1,023 events") {
+	if code != exitFail || !strings.Contains(errOut, "interrupted after 0 events") || !strings.Contains(out, " 0 events") {
 		t.Errorf("exit %d, stdout %.100q, stderr %q", code, out, errOut)
 	}
 }
 
 func TestProgressLine(t *testing.T) {
-	var b bytes.Buffer
-	p := &progress{w: &b, start: time.Now().Add(-2 * time.Second), on: true}
-	p.report(123456)
-	p.report(200000) // too soon after the first: not written
-	p.done()
-	if got := b.String(); !strings.HasPrefix(got, "\rreplay: 123,456 events (") || strings.Contains(got, "200,000") || !strings.HasSuffix(got, "\r\x1b[K") {
-		t.Errorf("progress wrote %q", got)
+	now := time.Now()
+	s := &replaySession{}
+	s.events.Store(123456)
+	s.line.Store(123460)
+	s.since.Store(now.Add(-3 * time.Second).UnixNano())
+	in := &countingReader{size: 4 << 20}
+	in.n.Store(1 << 20)
+	p := &progress{start: now.Add(-20 * time.Second), input: in, s: s}
+	if got, want := p.line(now), "replay: 123,456 events done, 1.00 MiB of 4.00 MiB read (25%), 20s; event 123,457 (line 123,460) running for 3s"; got != want {
+		t.Errorf("progress %q\nwant     %q", got, want)
 	}
-	b.Reset()
-	off := &progress{w: &b, start: time.Now().Add(-2 * time.Second)}
-	off.report(1)
-	off.done()
-	if b.Len() != 0 {
-		t.Errorf("progress off wrote %q", b.String())
+	// A QEMU log, read whole: the line of the total.
+	s.total.Store(200000)
+	s.since.Store(0)
+	if got, want := p.line(now), "replay: 123,456 events done, line 123,460 of 200,000, 20s"; got != want {
+		t.Errorf("progress %q\nwant     %q", got, want)
+	}
+	s.finished.Store(true)
+	if got := p.line(now); !strings.HasSuffix(got, "; final checks") {
+		t.Errorf("progress %q", got)
+	}
+
+	// A diagnostic clears the progress line first; nothing is written once
+	// closed.
+	var b bytes.Buffer
+	d := &diagWriter{w: &b}
+	d.show("replay: 1 event done")
+	fmt.Fprintln(d, "gmem replay: something")
+	d.show("replay: 2 events done")
+	d.close()
+	fmt.Fprintln(d, "dropped")
+	if got, want := b.String(), "\rreplay: 1 event done\x1b[K\r\x1b[Kgmem replay: something\n\rreplay: 2 events done\x1b[K\r\x1b[K"; got != want {
+		t.Errorf("diagnostics %q\nwant        %q", got, want)
 	}
 	if isTerminal(&b) {
 		t.Error("a buffer is a terminal")
@@ -272,7 +292,8 @@ func TestFormatting(t *testing.T) {
 	for _, c := range []struct{ got, want string }{
 		{commas(0), "0"}, {commas(999), "999"}, {commas(1000), "1,000"}, {commas(4194304), "4,194,304"},
 		{human(512), "512 B"}, {human(2 << 20), "2.00 MiB"}, {human(32 << 20), "32.0 MiB"}, {human(1 << 40), "1.00 TiB"}, {human(801 << 10), "801 KiB"},
-		{ratio(512, 1), "512.00x"}, {ratio(0, 0), "1.00x"}, {ratio(5, 0), "-"},
+		{ratio(512, 1), "512.00x"}, {ratio(0, 0), "-"}, {ratio(5, 0), "-"}, {ratio(0, 5), "-"}, {ratio(3, 3), "1.00x"},
+		{human(1<<50 - 1<<30), "1.00 PiB"}, {human(102369), "100 KiB"}, {human(10238), "10.0 KiB"},
 		{duration(1500), "1.50 µs"}, {duration(20), "20 ns"}, {duration(2.5e9), "2.50 s"},
 	} {
 		if c.got != c.want {
@@ -429,7 +450,7 @@ func TestReplayTwoKindsOfBadInput(t *testing.T) {
 		t.Errorf("refused requests: exit %d, stderr %q, %+v", code, errOut, res)
 	}
 	code, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(requests)}, "-")
-	if code != exitOK || !strings.Contains(out, "rejected   4 guest requests (2 not RAM, to private, 1 misaligned, 1 size 0), 0 refused by one run only") {
+	if code != exitOK || !strings.Contains(out, "rejected   4 guest requests (2 not RAM made private, 1 misaligned, 1 size 0), 0 by one run only") {
 		t.Errorf("table: exit %d\n%s", code, out)
 	}
 }
@@ -529,5 +550,221 @@ func TestReplayPetabyte(t *testing.T) {
 	res := decodeResult(t, out)
 	if code != exitOK || res.Baseline.StateHow != replay.StateComputed || res.Baseline.StateBytes != 32<<30 || len(res.Notes) != 1 {
 		t.Errorf("--json: exit %d, %+v", code, res)
+	}
+}
+
+// stuckReplayer is in an event that does not end when asked to: an undo
+// longer than the command's grace.
+type stuckReplayer struct {
+	*replay.Replayer
+	release chan struct{}
+}
+
+func (s *stuckReplayer) ApplyContext(ctx context.Context, e trace.Event, line int) error {
+	if _, ok := e.(trace.Convert); ok {
+		<-s.release
+	}
+	return s.Replayer.ApplyContext(ctx, e, line)
+}
+
+// TestReplayInterruptGrace: an interrupted replay that cannot stop within
+// the grace is abandoned: exit 1, "interrupted during event N", and with
+// --json an error object, not a result.
+func TestReplayInterruptGrace(t *testing.T) {
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	ctx, cancel := context.WithCancel(context.Background())
+	env := replayEnv{
+		stdin:       strings.NewReader(replayTrace),
+		newReplayer: func(o replay.Options) replayer { return &stuckReplayer{Replayer: replay.New(o), release: release} },
+		grace:       10 * time.Millisecond,
+	}
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		cancel()
+	}()
+	code, out, errOut := runReplayEnv(ctx, env, "--json", "-")
+	var v struct {
+		Error *replayError `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		t.Fatalf("stdout is not JSON: %v\n%s", err, out)
+	}
+	if code != exitFail || !strings.Contains(errOut, "interrupted during event 3 (line 3)") || v.Error == nil || v.Error.Kind != "interrupted" || v.Error.Line != 3 {
+		t.Errorf("exit %d, stderr %q, stdout %s", code, errOut, out)
+	}
+}
+
+// decodeError reads the "error" object of --json.
+func decodeError(t *testing.T, out string) *replayError {
+	t.Helper()
+	var v struct {
+		Error *replayError `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		t.Fatalf("stdout is not one JSON object: %v\n%s", err, out)
+	}
+	return v.Error
+}
+
+// TestReplayJSONErrors: with --json, stdout is one JSON object whatever
+// happens, with an "error" object exactly when the exit status is not 0.
+func TestReplayJSONErrors(t *testing.T) {
+	ctx := context.Background()
+	bad := writeFile(t, "bad.jsonl", replayTrace+`{"op":"convert","gpa":"0x1000","size":"4KiB","to":"sideways"}
+{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"convert","gpa":"0x200000","size":"4KiB","to":"private"}
+`)
+	for _, c := range []struct {
+		name string
+		args []string
+		code int
+		kind string
+		line int
+	}{
+		{"malformed line", []string{bad}, exitUsage, "input", 4},
+		{"missing file", []string{filepath.Join(t.TempDir(), "missing")}, exitUsage, "input", 0},
+		{"empty input", []string{writeFile(t, "empty", "")}, exitUsage, "input", 0},
+		{"bad flag value", []string{"--max-extent", "3MiB", bad}, exitUsage, "usage", 0},
+		{"unknown flag", []string{"--nope", bad}, exitUsage, "usage", 0},
+		{"keep going", []string{"--keep-going", bad}, exitUsage, "input", 0},
+		{"clean", []string{writeFile(t, "ok.jsonl", replayTrace)}, exitOK, "", 0},
+	} {
+		code, out, errOut := runReplayEnv(ctx, replayEnv{}, append([]string{"--json"}, c.args...)...)
+		e := decodeError(t, out)
+		switch {
+		case code != c.code:
+			t.Errorf("%s: exit %d, want %d; stderr %q", c.name, code, c.code, errOut)
+		case c.kind == "" && e != nil:
+			t.Errorf("%s: error %+v with exit 0", c.name, e)
+		case c.kind != "" && (e == nil || e.Kind != c.kind || e.Line != c.line || e.Message == ""):
+			t.Errorf("%s: error %+v, want kind %q line %d", c.name, e, c.kind, c.line)
+		}
+	}
+	// A stopped replay still reports what it replayed until then.
+	_, out, _ := runReplayEnv(ctx, replayEnv{}, "--json", bad)
+	if res := decodeResult(t, out); res.Events != 3 || res.Baseline.EntriesFinal != 512 {
+		t.Errorf("partial result %+v", res)
+	}
+
+	// --keep-going counts and lists every input error, malformed lines and
+	// impossible machine events together, as stderr reports them.
+	code, out, errOut := runReplayEnv(ctx, replayEnv{}, "--json", "--keep-going", bad)
+	res := decodeResult(t, out)
+	if code != exitUsage || res.InputErrors != 2 || len(res.InputErrorDetails) != 2 || res.InputErrorsOmitted != 0 ||
+		res.InputErrorDetails[0].Line != 4 || res.InputErrorDetails[0].Kind != "malformed" ||
+		res.InputErrorDetails[1].Line != 5 || res.InputErrorDetails[1].Kind != replay.InputMachine ||
+		!strings.Contains(errOut, "1 malformed line and 1 impossible machine event skipped") {
+		t.Errorf("--keep-going: exit %d, stderr %q, %+v", code, errOut, res)
+	}
+}
+
+// TestReplayDetails: the table and --json say how many rejections were
+// left out; --details sets how many are described, all for every one.
+func TestReplayDetails(t *testing.T) {
+	var b strings.Builder
+	b.WriteString(`{"op":"ram","name":"ram0","gpa":"0","size":"1GiB"}` + "\n")
+	for i := range 30 {
+		fmt.Fprintf(&b, `{"op":"convert","gpa":"%d","size":"0","to":"shared"}`+"\n", i*4096)
+	}
+	ctx := context.Background()
+	for _, c := range []struct {
+		args            []string
+		listed, omitted uint64
+		tableSays       string
+	}{
+		{nil, 20, 10, "... 25 more: --json describes 20 of the 30, --details all every one\n"},
+		{[]string{"--details", "3"}, 3, 27, "... 27 more: --json describes 3 of the 30, --details all every one\n"},
+		{[]string{"--details", "all"}, 30, 0, "... 25 more: --json describes all 30\n"},
+	} {
+		_, out, _ := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(b.String())}, append([]string{"--json", "-"}, c.args...)...)
+		res := decodeResult(t, out)
+		if res.Rejected != 30 || uint64(len(res.Rejections)) != c.listed || res.RejectionsOmitted != c.omitted {
+			t.Errorf("%q: %d rejected, %d listed, %d omitted; want 30, %d, %d", c.args, res.Rejected, len(res.Rejections), res.RejectionsOmitted, c.listed, c.omitted)
+		}
+		_, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(b.String())}, append([]string{"-"}, c.args...)...)
+		if !strings.Contains(out, c.tableSays) {
+			t.Errorf("%q: the table does not say %q:\n%s", c.args, c.tableSays, out)
+		}
+	}
+	for _, bad := range []string{"0", "-1", "x"} {
+		if code, _, errOut := runReplayEnv(ctx, replayEnv{}, "--details", bad, "-"); code != exitUsage || !strings.Contains(errOut, "--details") {
+			t.Errorf("--details %s: exit %d, stderr %q", bad, code, errOut)
+		}
+	}
+}
+
+// TestReplaySVGStdout: --svg - writes the drawing to stdout in place of
+// the table, and cannot share stdout with --json.
+func TestReplaySVGStdout(t *testing.T) {
+	ctx := context.Background()
+	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(replayTrace)}, "--svg", "-", "-")
+	if code != exitOK || !strings.HasPrefix(out, "<svg") || !strings.HasSuffix(strings.TrimSpace(out), "</svg>") || strings.Contains(out, "baseline") && !strings.Contains(out, "<svg") {
+		t.Errorf("--svg -: exit %d, stderr %q, stdout %.100q", code, errOut, out)
+	}
+	if _, err := os.Stat("-"); err == nil {
+		t.Error("--svg - wrote a file named -")
+	}
+	code, _, errOut = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(replayTrace)}, "--svg", "-", "--json", "-")
+	if code != exitUsage || !strings.Contains(errOut, "both write to stdout") {
+		t.Errorf("--svg - --json: exit %d, stderr %q", code, errOut)
+	}
+}
+
+// TestReplayMMIOFlag: --mmio declares a QEMU log's holes: a conversion to
+// private there is refused as MMIO, the default RAM leaves the hole out,
+// and bad holes are usage errors.
+func TestReplayMMIOFlag(t *testing.T) {
+	ctx := context.Background()
+	log := "kvm_convert_memory start 0xfe000000 size 0x1000 private_to_shared\n" +
+		"kvm_convert_memory start 0x100000000 size 0x1000 private_to_shared\n"
+	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(log)}, "--json", "--mmio", "3GiB:1GiB", "-")
+	res := decodeResult(t, out)
+	if code != exitOK || res.RAMBytes != 4<<30 || res.SharedBytes != 4096 || res.Rejected != 0 {
+		t.Errorf("--mmio: exit %d, stderr %q, %+v", code, errOut, res)
+	}
+	// Without it the hole is RAM up to 5 GiB.
+	_, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(log)}, "--json", "-")
+	if res := decodeResult(t, out); res.RAMBytes != 5<<30 || res.SharedBytes != 8192 {
+		t.Errorf("without --mmio: %+v", res)
+	}
+	for _, c := range []struct {
+		args []string
+		why  string
+	}{
+		{[]string{"--mmio", "3GiB"}, "--mmio"},
+		{[]string{"--mmio", "0x800:4096"}, "4 KiB"},
+		{[]string{"--ram", "0:4GiB", "--mmio", "3GiB:1GiB"}, "overlap"},
+		{[]string{"--mmio", "3GiB:1GiB", "--mmio", "3GiB:2GiB"}, "overlap"},
+	} {
+		code, _, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(log)}, append(c.args, "-")...)
+		if code != exitUsage || !strings.Contains(errOut, c.why) {
+			t.Errorf("%q: exit %d, stderr %q; want 2 and %q", c.args, code, errOut, c.why)
+		}
+	}
+}
+
+// TestFlagErrorsSayTwoDashes: a flag error names the flag as help does.
+func TestFlagErrorsSayTwoDashes(t *testing.T) {
+	ctx := context.Background()
+	for _, c := range []struct {
+		args []string
+		flag string
+	}{
+		{[]string{"replay", "--ram", "16GB", "-"}, "ram"},
+		{[]string{"replay", "--nope", "-"}, "nope"},
+		{[]string{"replay", "-nope", "-"}, "nope"},
+		{[]string{"replay", "--devices"}, "devices"},
+		{[]string{"replay", "--json=maybe", "-"}, "json"},
+		{[]string{"gen", "churn", "--ram", "16GB"}, "ram"},
+		{[]string{"gen", "churn", "--nope"}, "nope"},
+		{[]string{"demo", "--vcpus", "x"}, "vcpus"},
+		{[]string{"demo", "--nope"}, "nope"},
+		{[]string{"version", "--nope"}, "nope"},
+	} {
+		code, _, errOut := runCmd(ctx, c.args...)
+		if code != exitUsage || !strings.Contains(errOut, "--"+c.flag) || strings.Contains(errOut, " -"+c.flag) {
+			t.Errorf("gmem %q: exit %d, stderr %q; want --%s", c.args, code, errOut, c.flag)
+		}
 	}
 }
