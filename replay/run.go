@@ -490,7 +490,10 @@ func advice(qemu bool, n EntryNeed, given uint64) string {
 	if n.Unknown != "" {
 		return fmt.Sprintf("%s: unknown (%s)", who, n.Unknown)
 	}
-	if n.FirstRefusal == nil && n.Limit <= given {
+	switch {
+	case n.FirstRefusal == nil && n.Limit == 0:
+		return fmt.Sprintf("%s: %s is enough; the trace maps nothing while a type1 device is attached", who, limit)
+	case n.FirstRefusal == nil && n.Limit <= given:
 		return fmt.Sprintf("%s: %s is enough; the trace needs %s at most", who, limit, entries(n.Limit))
 	}
 	where := ""

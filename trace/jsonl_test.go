@@ -219,6 +219,7 @@ func TestParseJSONLErrors(t *testing.T) {
 		{`{"op":"attach","dev":"d","iommu":"vfio"}`, ErrValue, "type1 or iommufd"},
 		{`{"op":"attach","dev":"d","iommu":"iommufd","limit":10}`, ErrValue, "no entry limit"},
 		{`{"op":"attach","dev":"d","iommu":"type1","limit":"64KiB"}`, ErrValue, "count"},
+		{`{"op":"attach","dev":"d","iommu":"type1","limit":4294967296}`, ErrValue, "largest dma_entry_limit"},
 		{`{"op":"attach","dev":"d","iommu":"type1","limit":1.5}`, ErrValue, "whole number"},
 	} {
 		_, err := Parse(strings.NewReader("\n\n"+c.line+"\n"), Options{})

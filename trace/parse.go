@@ -86,6 +86,11 @@ type Options struct {
 	Mode Mode
 }
 
+// MaxGPA bounds the guest physical addresses a QEMU log's conversions may
+// size the default RAM with: 2^52, the largest physical address of x86-64
+// (and guestmem's default end of the address space).
+const MaxGPA = 1 << 52
+
 // Trace is a whole parsed input.
 type Trace struct {
 	// Format is the detected input format.
@@ -296,8 +301,10 @@ func (rd *Reader) readQEMU(first []byte, firstLong bool) error {
 				break
 			}
 			rd.items = append(rd.items, item{line: rd.lr.line, ev: q.conv})
-			if r, err := span.FromSize(q.conv.GPA, q.conv.Size); err == nil {
-				// A request that wraps says nothing of the guest's size.
+			if r, err := span.FromSize(q.conv.GPA, q.conv.Size); err == nil && r.End <= MaxGPA {
+				// A request that wraps, or lies past any physical
+				// address, says nothing of the guest's size: it is
+				// replayed as the refusal it is.
 				highest = max(highest, r.End)
 			}
 			seen = true
@@ -313,6 +320,16 @@ func (rd *Reader) readQEMU(first []byte, firstLong bool) error {
 	}
 	head, err := rd.opts.machine(highest, seen)
 	if err != nil {
+		if !seen {
+			// Say what was wrong with the lines that were meant to be
+			// conversions, if any (not wrapped: this error ends the
+			// input, a *ParseError would not).
+			for _, it := range rd.items {
+				if it.err != nil {
+					return fmt.Errorf("%w; the first line that tried, line %d: %v", err, it.line, it.err)
+				}
+			}
+		}
 		return err
 	}
 	items := make([]item, 0, len(head)+len(rd.items))
@@ -404,6 +421,9 @@ func (o Options) Check() error {
 	}
 	switch o.IOMMU {
 	case 0, Type1:
+		if o.Limit > MaxEntryLimit {
+			return fmt.Errorf("%w: entry limit %d is past type1's largest dma_entry_limit, %d", ErrValue, o.Limit, uint64(MaxEntryLimit))
+		}
 	case IOMMUFD:
 		if o.Limit != 0 {
 			return fmt.Errorf("%w: iommufd has no entry limit", ErrValue)
@@ -446,8 +466,11 @@ func (o Options) Check() error {
 func (o Options) machine(highest uint64, seen bool) ([]Event, error) {
 	ram := o.RAM
 	if len(ram) == 0 {
-		if !seen {
+		switch {
+		case !seen:
 			return nil, fmt.Errorf("%w: no %s or %s line, and no RAM layout given", ErrSyntax, qemuConvert, qemuFault)
+		case highest == 0:
+			return nil, fmt.Errorf("%w: no conversion says how much RAM the guest has (they are empty, wrap, or lie past 2^52), and no RAM layout given", ErrValue)
 		}
 		r, ok := span.Range{Start: 0, End: highest}.Outward(ramAlign)
 		if !ok || r.End == 0 {

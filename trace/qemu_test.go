@@ -447,6 +447,30 @@ func TestQEMUMMIO(t *testing.T) {
 	}
 }
 
+// TestQEMUDefaultRAM: the default RAM is sized by the conversions that can
+// be RAM: not those that wrap or lie past 2^52, which are replayed as the
+// refusals they are; a log with none says so, and one whose conversion
+// lines are all malformed says what is wrong with the first.
+func TestQEMUDefaultRAM(t *testing.T) {
+	tr, err := Parse(strings.NewReader("kvm_convert_memory start 0x10000000000000 size 0x1000 private_to_shared\n"+
+		"kvm_convert_memory start 0xfffffffffffff000 size 0x2000 private_to_shared\n"+
+		"kvm_convert_memory start 0x40001000 size 0x1000 private_to_shared\n"), Options{})
+	if err != nil || tr.Events[0] != (RAM{Name: "ram0", GPA: 0, Size: 2 << 30, Mode: Split}) || len(tr.Events) != 5 {
+		t.Errorf("%v, %v", tr, err)
+	}
+	for _, c := range []struct{ log, why string }{
+		{"kvm_convert_memory start 0xfffffffffffff000 size 0x2000 private_to_shared\n", "no conversion says how much RAM"},
+		{"kvm_convert_memory start 0x0 size 0x0 private_to_shared\n", "no conversion says how much RAM"},
+		{"x\nkvm_convert_memory start -0x1000 size 0x1000 private_to_shared\n", "the first line that tried, line 2: syntax error: start"},
+	} {
+		if _, err := Parse(strings.NewReader(c.log), Options{KeepGoing: true}); err == nil || !strings.Contains(err.Error(), c.why) {
+			t.Errorf("%q: %v, want %q", c.log, err, c.why)
+		} else if pe := (*ParseError)(nil); errors.As(err, &pe) {
+			t.Errorf("%q: %v is a ParseError: a reader that keeps going would loop", c.log, err)
+		}
+	}
+}
+
 func TestReaderQEMU(t *testing.T) {
 	in := "12@1.2:kvm_convert_memory start 0x1000 size 0x1000 private_to_shared\n" +
 		"kvm_convert_memory start 0x1000 size 0x1000 bad\n" +

@@ -134,6 +134,10 @@ func runGen(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "gmem gen %s: unexpected argument %q\n", name, fs.Arg(0))
 		return exitUsage
 	}
+	if err := explicitZero(fs); err != nil {
+		flagUsage(stderr, "gmem gen "+name, err)
+		return exitUsage
+	}
 	seq, err := build(c)
 	if err != nil {
 		fmt.Fprintf(stderr, "gmem gen %s: %v\n", name, err)
@@ -167,6 +171,27 @@ func runGen(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitFail
 	}
 	return exitOK
+}
+
+// zeroMeans lists the gen flags whose 0 is a value of its own; for the
+// others the library reads 0 as "the default", so a 0 given on the command
+// line is refused rather than silently replaced.
+var zeroMeans = map[string]bool{
+	"limit": true, // the kernel's default, as documented
+	"large": true, // no 16 KiB buffers
+	"seed":  true, // a seed like any other
+}
+
+// explicitZero returns an error for the first flag given as 0 that is not
+// in zeroMeans.
+func explicitZero(fs *flag.FlagSet) error {
+	var err error
+	fs.Visit(func(f *flag.Flag) {
+		if err == nil && !zeroMeans[f.Name] && f.Value.String() == "0" {
+			err = fmt.Errorf("--%s 0: want more than 0 (leave the flag out for its default)", f.Name)
+		}
+	})
+	return err
 }
 
 func isHelp(s string) bool { return s == "-h" || s == "-help" || s == "--help" }

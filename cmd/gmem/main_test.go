@@ -71,6 +71,7 @@ func TestGenExitCodes(t *testing.T) {
 		{[]string{"gen", "churn", "--ram", "100MiB"}, exitUsage, "multiple of 2 MiB"},
 		{[]string{"gen", "churn", "--ram", "1GiB", "--iommu", "vfio"}, exitUsage, "type1 or iommufd"},
 		{[]string{"gen", "churn", "--iommu", "iommufd", "--limit", "5"}, exitUsage, "no entry limit"},
+		{[]string{"gen", "churn", "--limit", "4294967296"}, exitUsage, "largest dma_entry_limit, 4294967295"},
 		{[]string{"gen", "churn", "--mode", "fast"}, exitUsage, "split or inplace"},
 		{[]string{"gen", "churn", "--platform", "arm"}, exitUsage, "tdx or snp"},
 		{[]string{"gen", "churn", "--events", "-1"}, exitUsage, "negative"},
@@ -83,6 +84,14 @@ func TestGenExitCodes(t *testing.T) {
 		{[]string{"gen", "implicit", "--run", "1000"}, exitUsage, "run"},
 		{[]string{"gen", "adversarial", "--window", "4KiB"}, exitUsage, "window"},
 		{[]string{"gen", "boot", "--live", "-3"}, exitUsage, "live"},
+		// 0 is the library's default for these: given, it is refused, not
+		// silently replaced.
+		{[]string{"gen", "boot", "--ram", "0"}, exitUsage, "--ram 0: want more than 0"},
+		{[]string{"gen", "churn", "--events", "0"}, exitUsage, "--events 0"},
+		{[]string{"gen", "churn", "--devices", "0"}, exitUsage, "--devices 0"},
+		{[]string{"gen", "boot", "--vcpus", "0"}, exitUsage, "--vcpus 0"},
+		{[]string{"gen", "implicit", "--run", "0"}, exitUsage, "--run 0"},
+		{[]string{"gen", "adversarial", "--window", "0"}, exitUsage, "--window 0"},
 	} {
 		code, out, errOut := runCmd(ctx, c.args...)
 		if code != c.code || !strings.Contains(errOut, c.stderr) || out != "" {

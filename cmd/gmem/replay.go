@@ -68,7 +68,7 @@ func runReplay(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	env := replayEnv{
 		stdin:       os.Stdin,
 		newReplayer: func(o replay.Options) replayer { return replay.New(o) },
-		terminal:    isTerminal,
+		terminal:    func(w io.Writer) bool { return isTerminal(w) },
 	}
 	return env.run(ctx, args, stdout, stderr)
 }
@@ -213,11 +213,16 @@ func parseReplayFlags(args []string) (*replayFlags, *flag.FlagSet, error) {
 		}
 		f.opts.MMIO = append(f.opts.MMIO, holes...)
 	}
+	if f.devices < 1 || f.devices > trace.MaxDevices {
+		return f, fs, fmt.Errorf("--devices %d: want 1 to %d", f.devices, trace.MaxDevices)
+	}
 	if err := f.opts.Check(); err != nil {
 		return f, fs, machineFlagError(err)
 	}
-	if f.devices < 1 || f.devices > trace.MaxDevices {
-		return f, fs, fmt.Errorf("--devices %d: want 1 to %d", f.devices, trace.MaxDevices)
+	budget := false
+	fs.Visit(func(fl *flag.Flag) { budget = budget || fl.Name == "bitmap-budget" })
+	if budget && f.bitmap == 0 {
+		return f, fs, errors.New("--bitmap-budget 0: want more than 0 (a budget of 1 allocates no bitmap)")
 	}
 	f.ropts = replay.Options{MaxExtent: f.maxExtent.v, BitmapBudget: f.bitmap, MaxDetails: f.details.n}
 	if err := f.ropts.Validate(); err != nil {
@@ -233,7 +238,7 @@ func parseReplayFlags(args []string) (*replayFlags, *flag.FlagSet, error) {
 func machineFlagError(err error) error {
 	msg := err.Error()
 	switch {
-	case strings.Contains(msg, "entry limit"):
+	case strings.Contains(msg, "entry limit") || strings.Contains(msg, "dma_entry_limit"):
 		return fmt.Errorf("--limit: %w", err)
 	case strings.Contains(msg, "MMIO"):
 		return fmt.Errorf("--ram, --mmio: %w", err)
@@ -301,6 +306,9 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 			return out.fail(exitUsage, replayError{Kind: "input", Message: f.file + " is a directory"})
 		}
 		in, name = file, f.file
+	}
+	if f.file == "-" && isTerminal(in) {
+		fmt.Fprintln(stderr, "gmem replay: reading the trace from the terminal; end it with Ctrl-D")
 	}
 	counted := &countingReader{r: in}
 	if st, ok := in.(interface{ Stat() (os.FileInfo, error) }); ok {
@@ -784,12 +792,13 @@ func (p *progress) line(now time.Time) string {
 	return b.String()
 }
 
-// isTerminal reports whether w is a terminal (a TCGETS ioctl succeeds).
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
+// isTerminal reports whether f, a reader or a writer, is a terminal (a
+// TCGETS ioctl succeeds).
+func isTerminal(f any) bool {
+	file, ok := f.(*os.File)
 	if !ok {
 		return false
 	}
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	_, err := unix.IoctlGetTermios(int(file.Fd()), unix.TCGETS)
 	return err == nil
 }

@@ -146,6 +146,9 @@ func TestReplayInputErrors(t *testing.T) {
 		{[]string{filepath.Join(t.TempDir(), "missing")}, exitUsage, "no such file", ""},
 		{[]string{"--devices", "0", "-"}, exitUsage, "--devices 0", ""},
 		{[]string{"--iommu", "iommufd", "--limit", "5", "-"}, exitUsage, "no entry limit", ""},
+		{[]string{"--limit", "4294967296", "-"}, exitUsage, "--limit: invalid value: entry limit 4294967296 is past type1's largest", ""},
+		{[]string{"--devices", "2000", "-"}, exitUsage, "--devices 2000: want 1 to 1024", ""},
+		{[]string{"--bitmap-budget", "0", "-"}, exitUsage, "--bitmap-budget 0: want more than 0", ""},
 		{[]string{"--iommu", "vfio", "-"}, exitUsage, "type1 or iommufd", ""},
 		{[]string{"--ram", "0:3000", "-"}, exitUsage, "--ram", ""},
 		// A malformed line stops the replay with its line number.
@@ -292,7 +295,7 @@ func TestFormatting(t *testing.T) {
 	for _, c := range []struct{ got, want string }{
 		{commas(0), "0"}, {commas(999), "999"}, {commas(1000), "1,000"}, {commas(4194304), "4,194,304"},
 		{human(512), "512 B"}, {human(2 << 20), "2.00 MiB"}, {human(32 << 20), "32.0 MiB"}, {human(1 << 40), "1.00 TiB"}, {human(801 << 10), "801 KiB"},
-		{ratio(512, 1), "512.00x"}, {ratio(0, 0), "-"}, {ratio(5, 0), "-"}, {ratio(0, 5), "-"}, {ratio(3, 3), "1.00x"},
+		{ratio(512, 1), "512.00x"}, {ratio(0, 0), "-"}, {ratio(5, 0), "-"}, {ratio(0, 5), "-"}, {ratio(3, 3), "1.00x"}, {ratio(137438953472, 2857), "48,106,039x"},
 		{human(1<<50 - 1<<30), "1.00 PiB"}, {human(102369), "100 KiB"}, {human(10238), "10.0 KiB"},
 		{duration(1500), "1.50 µs"}, {duration(20), "20 ns"}, {duration(2.5e9), "2.50 s"},
 	} {
@@ -767,4 +770,31 @@ func TestFlagErrorsSayTwoDashes(t *testing.T) {
 			t.Errorf("gmem %q: exit %d, stderr %q; want --%s", c.args, code, errOut, c.flag)
 		}
 	}
+}
+
+// FuzzReplayFlags checks gmem replay's command line parser: no panic, and
+// what it accepts is usable: a file, options the trace reader and the
+// replay take, and a device count in range.
+func FuzzReplayFlags(f *testing.F) {
+	f.Add("--json\x00-")
+	f.Add("--ram\x000:2GiB,4GiB:2GiB\x00--mmio\x002GiB:2GiB\x00log")
+	f.Add("--max-extent\x00none\x00--details\x00all\x00x")
+	f.Add("--limit\x0065535\x00--iommu\x00type1\x00--devices\x004\x00-")
+	f.Add("--svg\x00-\x00--json\x00-")
+	f.Add("--bitmap-budget\x001PiB\x00--keep-going\x00t")
+	f.Fuzz(func(t *testing.T, joined string) {
+		fl, _, err := parseReplayFlags(strings.Split(joined, "\x00"))
+		if err != nil {
+			return // a usage error or -h
+		}
+		if fl.file == "" || fl.devices < 1 || fl.devices > trace.MaxDevices || (fl.svg == "-" && fl.json) {
+			t.Fatalf("accepted %q as %+v", joined, fl)
+		}
+		if err := fl.opts.Check(); err != nil {
+			t.Fatalf("accepted %q with trace options %+v: %v", joined, fl.opts, err)
+		}
+		if err := fl.ropts.Validate(); err != nil {
+			t.Fatalf("accepted %q with replay options %+v: %v", joined, fl.ropts, err)
+		}
+	})
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -123,7 +124,11 @@ func printResult(w io.Writer, name string, in inputStats, res replay.Result, too
 	}
 	if len(res.Rejections) > 0 {
 		shown := min(len(res.Rejections), shownRejections)
-		fmt.Fprintf(w, "\nfirst %s:\n", plural(uint64(shown), "rejection", "rejections"))
+		if uint64(shown) == res.Rejected {
+			fmt.Fprintln(w, "\nrejections:")
+		} else {
+			fmt.Fprintf(w, "\nfirst %d of %s rejections:\n", shown, commas(res.Rejected))
+		}
 		for _, r := range res.Rejections[:shown] {
 			where := "event " + strconv.FormatUint(r.Event, 10)
 			if r.Line > 0 {
@@ -175,10 +180,14 @@ func byReason(m map[string]uint64) string {
 // ratio formats baseline/gmem, or "-" if either is zero: a ratio to or
 // from nothing says nothing.
 func ratio(b, g float64) string {
-	if b == 0 || g == 0 {
+	switch r := b / g; {
+	case b == 0 || g == 0:
 		return "-"
+	case r >= 1000:
+		return commas(uint64(math.Round(r))) + "x"
+	default:
+		return fmt.Sprintf("%.2fx", r)
 	}
-	return fmt.Sprintf("%.2fx", b/g)
 }
 
 func count(v float64) string { return commas(uint64(v)) }
