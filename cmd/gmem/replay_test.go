@@ -798,3 +798,43 @@ func FuzzReplayFlags(f *testing.F) {
 		}
 	})
 }
+
+// TestReadmeBootExample: the README's boot example is today's output, but
+// for the times.
+func TestReadmeBootExample(t *testing.T) {
+	if testing.Short() {
+		t.Skip("replays a 16 GiB boot trace: not with -short")
+	}
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cmd = "    $ go run ./cmd/gmem gen boot --ram 16GiB | go run ./cmd/gmem replay -\n"
+	_, after, ok := strings.Cut(string(b), cmd)
+	if !ok {
+		t.Fatalf("README has no %q", cmd)
+	}
+	example, _, _ := strings.Cut(after, "\n    ...\n")
+	var gen bytes.Buffer
+	if code := run(context.Background(), []string{"gen", "boot", "--ram", "16GiB"}, &gen, io.Discard); code != exitOK {
+		t.Fatalf("gen: exit %d", code)
+	}
+	code, out, errOut := runReplayEnv(context.Background(), replayEnv{stdin: &gen}, "-")
+	if code != exitOK {
+		t.Fatalf("replay: exit %d, %s", code, errOut)
+	}
+	timed := func(l string) bool {
+		return strings.Contains(l, "replayed in") || strings.HasPrefix(strings.TrimSpace(l), "time per event")
+	}
+	want := strings.Split(example, "\n")
+	got := strings.Split(out, "\n")
+	for i, w := range want {
+		w = strings.TrimPrefix(w, "    ")
+		if i >= len(got) {
+			t.Fatalf("README line %q past the output", w)
+		}
+		if !timed(w) && w != got[i] {
+			t.Errorf("README line %d:\n  %q\noutput:\n  %q", i+1, w, got[i])
+		}
+	}
+}

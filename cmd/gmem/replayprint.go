@@ -83,30 +83,38 @@ func printResult(w io.Writer, name string, in inputStats, res replay.Result, too
 		}
 		fmt.Fprintf(w, "%-27s %12s %12s %10s\n", r.name, bc, r.cell(r.g), rc)
 	}
-	fmt.Fprintln(w, "\nratio: baseline / gmem (above 1: gmem needs less); -: none, for a zero on either side, refusal counts and one timed run")
+	fmt.Fprintln(w)
+	legend(w, "ratio: ", "baseline / gmem (above 1: gmem needs less); -: none, for a zero on either side, refusal counts and one timed run")
 	if diverged {
-		fmt.Fprintf(w, "n/c: not comparable: from event %s the runs replayed different traces (%s refused by one run only);\n"+
-			"     'entries needed, no limit' replays each policy with every request granted, like with like\n",
-			commas(res.DivergedAt), plural(res.Diverged, "request", "requests"))
+		legend(w, "n/c: ", fmt.Sprintf("not comparable: from event %s the runs replayed different traces (%s refused by one run only); "+
+			"'entries needed, no limit' replays each policy with every request granted, like with like",
+			commas(res.DivergedAt), plural(res.Diverged, "request", "requests")))
 	}
-	fmt.Fprintln(w, "refused: each run's refusals of requests (all reasons: 'rejected' above); 'out of entries' is the type1 limit, 'to private' a guest giving memory back")
+	legend(w, "refused: ", "each run's refusals of requests (all reasons: 'rejected' above); 'out of entries' is the type1 limit, 'to private' a guest giving memory back")
 	if res.Limits != nil {
-		fmt.Fprintln(w, "entries needed: the most IOMMU entries of one type1 device, with no limit")
+		legend(w, "entries needed: ", "the most IOMMU entries of one type1 device, with no limit")
 	}
 	if b.StateHow == replay.StateComputed {
-		fmt.Fprintln(w, "*: computed, not allocated (see the note)")
+		legend(w, "*: ", "computed, not allocated (see the note)")
 	}
 	for _, n := range res.Notes {
-		fmt.Fprintf(w, "note: %s\n", n)
+		legend(w, "note: ", n)
 	}
 	if l := res.Limits; l != nil {
 		given := "the default, " + commas(l.Given)
 		if l.Given != 65535 {
 			given = commas(l.Given)
 		}
-		fmt.Fprintf(w, "\ndma_entry_limit (vfio_iommu_type1, per device's container; %s, smallest given: %s)\n",
-			plural(uint64(l.Devices), "type1 device", "type1 devices"), given)
-		fmt.Fprintf(w, "  %s\n  %s\n", l.Baseline.Advice, l.Gmem.Advice)
+		fmt.Fprintln(w)
+		legend(w, "dma_entry_limit: ", fmt.Sprintf("%s, each its own container; the smallest limit the trace gives: %s",
+			plural(uint64(l.Devices), "type1 device", "type1 devices"), given))
+		for _, a := range []string{l.Baseline.Advice, l.Gmem.Advice} {
+			indent := "  "
+			for _, line := range wrap(a, lineWidth-4) {
+				fmt.Fprintf(w, "%s%s\n", indent, line)
+				indent = "    "
+			}
+		}
 	}
 	if len(res.RunErrorDetails) > 0 {
 		fmt.Fprintln(w, "\ndevices not attached:")
@@ -146,6 +154,18 @@ func printResult(w io.Writer, name string, in inputStats, res replay.Result, too
 				fmt.Fprint(w, ", --details all every one")
 			}
 			fmt.Fprintln(w)
+		}
+	}
+}
+
+// legend writes a paragraph wrapped to 80 columns, the lines after the
+// first indented under its text.
+func legend(w io.Writer, head, text string) {
+	for i, l := range wrap(text, lineWidth-len(head)) {
+		if i == 0 {
+			fmt.Fprintf(w, "%s%s\n", head, l)
+		} else {
+			fmt.Fprintf(w, "%*s%s\n", len(head), "", l)
 		}
 	}
 }
