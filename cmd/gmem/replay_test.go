@@ -838,3 +838,70 @@ func TestReadmeBootExample(t *testing.T) {
 		}
 	}
 }
+
+// slowReplayer takes a while over every event, as a big one would.
+type slowReplayer struct {
+	*replay.Replayer
+	pause time.Duration
+}
+
+func (s *slowReplayer) ApplyContext(ctx context.Context, e trace.Event, line int) error {
+	time.Sleep(s.pause)
+	return s.Replayer.ApplyContext(ctx, e, line)
+}
+
+// TestReplayProgressTick: on a terminal the progress line is redrawn while
+// the replay runs, and cleared before the result.
+func TestReplayProgressTick(t *testing.T) {
+	env := replayEnv{
+		stdin: strings.NewReader(replayTrace),
+		newReplayer: func(o replay.Options) replayer {
+			return &slowReplayer{Replayer: replay.New(o), pause: 30 * time.Millisecond}
+		},
+		terminal:      func(io.Writer) bool { return true },
+		progressEvery: 5 * time.Millisecond,
+	}
+	code, out, errOut := runReplayEnv(context.Background(), env, "-")
+	if code != exitOK || !strings.Contains(errOut, "\rreplay: ") || !strings.Contains(errOut, " done") || !strings.HasSuffix(errOut, "\r\x1b[K") {
+		t.Errorf("exit %d, stderr %q", code, errOut)
+	}
+	if strings.Contains(out, "\r") {
+		t.Errorf("progress on stdout: %q", out)
+	}
+}
+
+// TestReplayLimitsTable: when the trace's limit refuses what the other run
+// grants, the counts that follow the events are not compared, the entries
+// needed with no limit are, and the dma_entry_limit lines say where QEMU
+// stops and what to set.
+func TestReplayLimitsTable(t *testing.T) {
+	in := `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB"}
+{"op":"attach","dev":"d","iommu":"type1","limit":300}
+{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}
+{"op":"convert","gpa":"2MiB","size":"1MiB","to":"shared"}
+`
+	code, out, errOut := runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(in)}, "-")
+	if code != exitOK {
+		t.Fatalf("exit %d, %s", code, errOut)
+	}
+	for _, want := range []string{
+		"1 device attached",
+		"pinned                          1.00 MiB     2.00 MiB        n/c",
+		"entries needed, no limit             512            2    256.00x",
+		"n/c: not comparable: from event 4 the runs replayed different traces",
+		"the limit of 300 first refuses at event 4 (line\n    4): QEMU stops the VM there; set vfio_iommu_type1.dma_entry_limit=512 or\n    more",
+		"gmem: the limit of 300 is enough; the trace needs 3 entries at most",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	code, out, _ = runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(in)}, "--json", "-")
+	var v struct {
+		Limits *replay.Limits `json:"dma_entry_limit"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil || code != exitOK || v.Limits == nil || v.Limits.Baseline.Limit != 512 ||
+		v.Limits.Baseline.FirstRefusal == nil || v.Limits.Baseline.FirstRefusal.Line != 4 || v.Limits.Gmem.Limit != 3 {
+		t.Errorf("--json: exit %d, %v, %+v", code, err, v.Limits)
+	}
+}
