@@ -126,7 +126,7 @@ func FuzzReplay(f *testing.F) {
 		if len(events) > 200 {
 			events = events[:200]
 		}
-		rp := New(Options{})
+		rp := New(Options{Limits: true})
 		for i, e := range events {
 			var ie *InputError
 			var re *RunError

@@ -97,11 +97,12 @@ type Options struct {
 	// baseline keep its page state as runs, with the same answers and the
 	// same IOMMU entries, and its state memory computed (RunStats.StateHow).
 	BitmapBudget uint64
-	// WithoutLimits skips Result.Limits: the second replay of each policy
-	// with no type1 entry limit, which costs as much again as the runs'
-	// own mapping (not their checks) where the trace attaches type1
-	// devices.
-	WithoutLimits bool
+	// Limits answers Result.Limits: what dma_entry_limit the trace needs
+	// with each policy. It replays each policy a second time, with no type1
+	// entry limit (no checks, type1 devices only), which costs as much
+	// again as the runs' own mapping, and more where the limit refused
+	// much.
+	Limits bool
 }
 
 // DefaultBitmapBudget is Options.BitmapBudget when 0: 256 MiB of bitmaps,
@@ -215,8 +216,8 @@ type Result struct {
 	Baseline RunStats `json:"baseline"`
 	Gmem     RunStats `json:"gmem"`
 
-	// Limits answers, when type1 devices were attached, what
-	// dma_entry_limit the trace needs with each policy.
+	// Limits answers, with Options.Limits and when type1 devices were
+	// attached, what dma_entry_limit the trace needs with each policy.
 	Limits *Limits `json:"dma_entry_limit,omitempty"`
 
 	// Notes say, in a sentence each, where a figure is not what it seems:
@@ -369,8 +370,9 @@ type Replayer struct {
 	startErr error // why it could not be created
 	runs     [2]*run
 	// shadows replay the requests again with no type1 entry limit, each
-	// with a run's policy, to find the entries the trace needs (Limits).
-	shadows  [2]*run
+	// with a run's policy, to find the entries the trace needs
+	// (Options.Limits); none without.
+	shadows  []*run
 	diverged span.Set // GPAs where the runs may differ
 
 	events, conversions, rejected, inputErrors, divergedEvents uint64
@@ -423,8 +425,9 @@ func New(opts Options) *Replayer {
 	rp := &Replayer{opts: opts, log: log, val: trace.NewValidator(), rejectedBy: map[string]uint64{}}
 	rp.runs[0] = newRun(rp, "baseline", true, false)
 	rp.runs[1] = newRun(rp, "gmem", false, false)
-	rp.shadows[0] = newRun(rp, "baseline", true, true)
-	rp.shadows[1] = newRun(rp, "gmem", false, true)
+	if opts.Limits {
+		rp.shadows = []*run{newRun(rp, "baseline", true, true), newRun(rp, "gmem", false, true)}
+	}
 	return rp
 }
 
@@ -577,7 +580,7 @@ func (rp *Replayer) machine(e trace.Event) error {
 func (rp *Replayer) start() error {
 	if !rp.started {
 		rp.started = true
-		for _, r := range append(rp.runs[:], rp.shadows[:]...) {
+		for _, r := range append(rp.runs[:], rp.shadows...) {
 			if err := r.start(rp.ram, rp.mmio); err != nil {
 				rp.startErr = fmt.Errorf("%w: the library refuses the machine: %w", trace.ErrMachine, err)
 				break
@@ -617,7 +620,7 @@ func (rp *Replayer) apply(e trace.Event) {
 			}
 			r.checkDevice(r.devices[e.Dev], span.Range{Start: 0, End: ^uint64(0)})
 		}
-		if e.IOMMU == trace.Type1 && !rp.opts.WithoutLimits {
+		if e.IOMMU == trace.Type1 {
 			for _, r := range rp.shadows {
 				if err := r.attach(e); rp.interrupt(err) {
 					return
@@ -890,7 +893,7 @@ func (rp *Replayer) Result() Result {
 	res.Devices = len(g.order)
 	res.Baseline = rp.runs[0].stats(rp.events)
 	res.Gmem = g.stats(rp.events)
-	if rp.type1 > 0 && !rp.opts.WithoutLimits {
+	if rp.type1 > 0 && rp.opts.Limits {
 		res.Limits = &Limits{
 			Devices:  rp.type1,
 			Given:    rp.minLimit,

@@ -25,11 +25,17 @@ import (
 // replayText replays a JSON Lines trace and fails the test on any violation.
 func replayText(t *testing.T, text string) (*Replayer, Result) {
 	t.Helper()
+	return replayWith(t, Options{}, text)
+}
+
+// replayWith is replayText with options.
+func replayWith(t *testing.T, opts Options, text string) (*Replayer, Result) {
+	t.Helper()
 	tr, err := trace.Parse(strings.NewReader(text), trace.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	rp := New(Options{})
+	rp := New(opts)
 	for i, e := range tr.Events {
 		var ie *InputError
 		var re *RunError
@@ -740,7 +746,7 @@ func TestInterrupted(t *testing.T) {
 // trace computed by hand: 1 MiB shared, then another MiB that a limit of
 // 300 refuses to the baseline (512 granules), then a 4 KiB cut.
 func TestLimits(t *testing.T) {
-	_, res := replayText(t, ram1G+`{"op":"attach","dev":"d","iommu":"type1","limit":300}
+	_, res := replayWith(t, Options{Limits: true}, ram1G+`{"op":"attach","dev":"d","iommu":"type1","limit":300}
 {"op":"convert","gpa":"0","size":"1MiB","to":"shared"}
 {"op":"convert","gpa":"2MiB","size":"1MiB","to":"shared"}
 {"op":"convert","gpa":"0","size":"4KiB","to":"private"}
@@ -772,14 +778,14 @@ func TestLimits(t *testing.T) {
 		t.Errorf("baseline run %+v", res.Baseline)
 	}
 
-	_, res = replayText(t, ram1G+`{"op":"attach","dev":"d","iommu":"iommufd"}
+	_, res = replayWith(t, Options{Limits: true}, ram1G+`{"op":"attach","dev":"d","iommu":"iommufd"}
 {"op":"convert","gpa":"0","size":"1MiB","to":"shared"}`)
 	if res.Limits != nil {
 		t.Errorf("limits for an iommufd trace: %+v", res.Limits)
 	}
 
-	// Without limits: no second replay, no answer.
-	rp := New(Options{WithoutLimits: true})
+	// Without Options.Limits: no second replay, no answer.
+	rp := New(Options{})
 	for _, e := range []trace.Event{
 		trace.RAM{Name: "r", GPA: 0, Size: 1 << 30, Mode: trace.Split},
 		trace.Attach{Dev: "d", IOMMU: trace.Type1},
@@ -789,8 +795,8 @@ func TestLimits(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if res := rp.Result(); res.Limits != nil || len(rp.shadows[0].order) != 0 || res.Baseline.EntriesFinal != 256 {
-		t.Errorf("WithoutLimits: %+v, shadow devices %d", res.Limits, len(rp.shadows[0].order))
+	if res := rp.Result(); res.Limits != nil || len(rp.shadows) != 0 || res.Baseline.EntriesFinal != 256 {
+		t.Errorf("without Limits: %+v, %d shadows", res.Limits, len(rp.shadows))
 	}
 }
 

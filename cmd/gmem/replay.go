@@ -224,7 +224,7 @@ func parseReplayFlags(args []string) (*replayFlags, *flag.FlagSet, error) {
 	if budget && f.bitmap == 0 {
 		return f, fs, errors.New("--bitmap-budget 0: want more than 0 (a budget of 1 allocates no bitmap)")
 	}
-	f.ropts = replay.Options{MaxExtent: f.maxExtent.v, BitmapBudget: f.bitmap, MaxDetails: f.details.n}
+	f.ropts = replay.Options{MaxExtent: f.maxExtent.v, BitmapBudget: f.bitmap, MaxDetails: f.details.n, Limits: true}
 	if err := f.ropts.Validate(); err != nil {
 		return f, fs, fmt.Errorf("--max-extent %s: %s", f.maxExtent.text, strings.TrimPrefix(err.Error(), replay.ErrOptions.Error()+": "))
 	}
