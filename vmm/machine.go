@@ -206,6 +206,11 @@ func (m *Machine) Memory() *guestmem.Memory { return m.mem }
 // IOMMU returns the IOMMU model the devices go through.
 func (m *Machine) IOMMU() *iommu.Model { return m.model }
 
+// Policy returns the policy the machine's IOMMU is mapped with:
+// MachineConfig.Policy as dma.New resolved it for the model (Auto: Cut on a
+// model that cuts, Extent otherwise).
+func (m *Machine) Policy() dma.Policy { return m.att.Policy() }
+
 // VCPUs returns the number of vCPUs the machine has devices for.
 func (m *Machine) VCPUs() int { return len(m.conv) }
 
