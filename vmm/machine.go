@@ -143,11 +143,24 @@ func (p *peakSpace) Map(iova, size uint64, host []byte) error {
 	if err := p.Model.Map(iova, size, host); err != nil {
 		return err
 	}
+	p.note()
+	return nil
+}
+
+// Cut cuts and notes the entry count: a cut inside an entry leaves two.
+func (p *peakSpace) Cut(iova, size uint64) (uint64, error) {
+	n, err := p.Model.Cut(iova, size)
+	p.note()
+	return n, err
+}
+
+// note records the model's entry count if it is the most so far.
+func (p *peakSpace) note() {
 	n := int64(p.Model.Len())
 	for {
 		old := p.peak.Load()
 		if n <= old || p.peak.CompareAndSwap(old, n) {
-			return nil
+			return
 		}
 	}
 }

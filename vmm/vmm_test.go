@@ -193,6 +193,22 @@ func TestPolicyReported(t *testing.T) {
 	}
 }
 
+// TestPeakCountsCuts: a cut in the middle of an entry leaves two, so the
+// peak the report gives counts entries made by cuts, not only by maps.
+func TestPeakCountsCuts(t *testing.T) {
+	s := Scenario{Programs: []Program{{Steps: []Step{
+		Convert("share four pages", BuffersGPA, 4*4096, memattr.Shared, ConvStatusOK),
+		Convert("a page in the middle back", BuffersGPA+4096, 4096, memattr.Private, ConvStatusOK),
+	}}}}
+	rep, err := RunHostDriven(context.Background(), Config{Mode: guestmem.Split, Scenario: &s, IOMMU: iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD, Cut: true})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() || rep.IOMMUPolicy != "cut" || rep.IOMMUCutCalls != 1 || rep.IOMMUEntriesNow != 2 || rep.IOMMUEntriesPeak != 2 {
+		t.Errorf("report %+v: want one cut, two entries at the peak and at the end", rep)
+	}
+}
+
 // portLog records the port accesses of each vCPU.
 type portLog struct {
 	mu  sync.Mutex
