@@ -256,14 +256,26 @@ func stoppedBy(parent, ctx context.Context, timeout time.Duration) string {
 
 // probeKVM reports why the KVM device cannot hold the demo guest's memory
 // of mode, or nil: it must open, and offer guest_memfd (in place, one that
-// can be mmapped and start shared).
+// can be mmapped and start shared) on the VM type vmm.New picks for split
+// memory: a KVM_X86_SW_PROTECTED_VM where the host offers one (a kernel
+// before 6.18 offers guest_memfd on no other), the default type elsewhere.
 func probeKVM(path string, mode guestmem.Mode) error {
 	sys, err := kvm.OpenPath(path)
 	if err != nil {
 		return err
 	}
 	defer sys.Close()
-	vm, err := sys.CreateVM(kvm.VMTypeDefault)
+	vmType := uint64(kvm.VMTypeDefault)
+	if mode == guestmem.Split {
+		ok, err := sys.SupportsVMType(kvm.VMTypeSWProtected)
+		if err != nil {
+			return err
+		}
+		if ok {
+			vmType = kvm.VMTypeSWProtected
+		}
+	}
+	vm, err := sys.CreateVM(vmType)
 	if err != nil {
 		return err
 	}
