@@ -328,7 +328,7 @@ func modelPolicyLine(r vmm.Report) string {
 // space cut and if not why.
 func vfioPolicyLine(r demoReport) string {
 	switch {
-	case r.VFIOCut:
+	case r.VFIOCut != nil && *r.VFIOCut:
 		return r.VFIOPolicy + " (the IOAS cuts: huge pages off, set as its file's compat IOAS)"
 	case r.VFIOCutReason != "":
 		return fmt.Sprintf("%s (the IOAS does not cut: %s)", r.VFIOPolicy, r.VFIOCutReason)

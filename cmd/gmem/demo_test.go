@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -188,6 +189,37 @@ func TestDemoPolicy(t *testing.T) {
 			(d.CutCalls > 0) != (c.policy == "cut") {
 			t.Errorf("%v --json: exit %d, %v, %+v", c.args, code, err, d)
 		}
+	}
+}
+
+// TestDemoVFIOReport: the report of a real IOMMU says its policy and
+// whether its space cut, and if not why (the real path runs in the rig:
+// scripts/rig --demo).
+func TestDemoVFIOReport(t *testing.T) {
+	yes, no := true, false
+	for _, c := range []struct {
+		rep  demoReport
+		want string
+	}{
+		{demoReport{VFIO: "iommufd", VFIOPolicy: "cut", VFIOCut: &yes, VFIOCutCalls: 20},
+			"  VFIO policy   cut (the IOAS cuts: huge pages off, set as its file's compat IOAS)\n"},
+		{demoReport{VFIO: "iommufd", VFIOPolicy: "extent", VFIOCut: &no, VFIOCutReason: "large IOMMU pages kept (SpaceOptions.HugePages)"},
+			"  VFIO policy   extent (the IOAS does not cut: large IOMMU pages kept (SpaceOptions.HugePages))\n"},
+		{demoReport{VFIO: "type1", VFIOPolicy: "extent", VFIOCut: &no}, "  VFIO policy   extent (type1 never cuts)\n"},
+	} {
+		c.rep.VFIODevice, c.rep.Mode = "0000:00:03.0", "split"
+		var b bytes.Buffer
+		writeDemoReport(&b, c.rep)
+		if !strings.Contains(b.String(), c.want) || !strings.Contains(b.String(), fmt.Sprintf("%d cut calls", c.rep.VFIOCutCalls)) {
+			t.Errorf("report lacks %q:\n%s", c.want, b.String())
+		}
+		j, err := json.Marshal(c.rep)
+		if err != nil || !strings.Contains(string(j), fmt.Sprintf(`"vfio_cut":%v`, *c.rep.VFIOCut)) || !strings.Contains(string(j), `"vfio_policy":"`+c.rep.VFIOPolicy+`"`) {
+			t.Errorf("JSON %s, %v", j, err)
+		}
+	}
+	if j, _ := json.Marshal(demoReport{}); strings.Contains(string(j), "vfio") {
+		t.Errorf("without --vfio the JSON has VFIO fields: %s", j)
 	}
 }
 

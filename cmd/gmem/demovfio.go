@@ -32,11 +32,11 @@ type demoReport struct {
 	VFIOEntriesNow  uint64 `json:"vfio_entries_now,omitempty"`
 	// VFIOPolicy is the policy the real space's mappers resolved
 	// ("granule", "extent" or "cut"); VFIOCut says whether the space could
-	// cut (an iommufd IOAS with huge pages off, set as its file's compat
+	// cut (nil without --vfio) (an iommufd IOAS with huge pages off, set as its file's compat
 	// IOAS), and VFIOCutReason, for an iommufd space that could not, why
 	// (iommufd.Space.CutReason).
 	VFIOPolicy    string `json:"vfio_policy,omitempty"`
-	VFIOCut       bool   `json:"vfio_cut,omitempty"`
+	VFIOCut       *bool  `json:"vfio_cut,omitempty"`
 	VFIOCutReason string `json:"vfio_cut_reason,omitempty"`
 }
 
@@ -171,7 +171,8 @@ func (r *realIOMMU) detach(rep *demoReport) error {
 	st := r.att.Stats()
 	rep.VFIO, rep.VFIODevice = r.kind, r.bdf
 	rep.VFIOMapCalls, rep.VFIOUnmapCalls, rep.VFIOCutCalls, rep.VFIOSplits = st.MapCalls, st.UnmapCalls, st.CutCalls, st.Splits
-	rep.VFIOPolicy, rep.VFIOCut, rep.VFIOCutReason = r.att.Policy().String(), r.space.Caps().Cut, r.cutReason
+	cut := r.space.Caps().Cut
+	rep.VFIOPolicy, rep.VFIOCut, rep.VFIOCutReason = r.att.Policy().String(), &cut, r.cutReason
 	rep.VFIOEntriesPeak, rep.VFIOEntriesNow = st.PeakEntries, st.Entries
 	err := r.att.Detach()
 	r.att = nil
