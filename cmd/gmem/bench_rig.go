@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/gmemproject/gmem/internal/bench"
 	"github.com/gmemproject/gmem/trace"
 )
 
@@ -73,8 +74,8 @@ func readRig(r io.Reader) (map[string]rigMeasure, []string, error) {
 // against extent (gmem) on each real driver. Each is a single run inside a
 // TCG guest, where the absolute times mean little and the ratio is what
 // carries over.
-func rigRows(ms map[string]rigMeasure, backends []string) ([]benchRow, error) {
-	var rows []benchRow
+func rigRows(ms map[string]rigMeasure, backends []string) ([]bench.Row, error) {
+	var rows []bench.Row
 	for _, b := range backends {
 		get := func(scenario, key string) (g, e float64, err error) {
 			gm, ok1 := ms[b+" "+scenario+" granule"]
@@ -104,7 +105,7 @@ func rigRows(ms map[string]rigMeasure, backends []string) ([]benchRow, error) {
 			if err != nil {
 				return nil, err
 			}
-			rows = append(rows, benchRow{Name: "rig " + b + ": " + x.name, Unit: x.unit, Baseline: g, Gmem: e, Better: "lower", Scale: rt, Note: x.note, Source: src})
+			rows = append(rows, bench.Row{Name: "rig " + b + ": " + x.name, Unit: x.unit, Baseline: g, Gmem: e, Better: "lower", Scale: rt, Note: x.note, Source: src})
 		}
 		ops, eops, err := get("churn", "ops")
 		if err != nil {
@@ -117,12 +118,12 @@ func rigRows(ms map[string]rigMeasure, backends []string) ([]benchRow, error) {
 		if err != nil {
 			return nil, err
 		}
-		rows = append(rows, benchRow{Name: "rig " + b + ": 4 KiB churn time", Unit: "ns/op", Baseline: g / ops, Gmem: e / ops, Better: "lower",
+		rows = append(rows, bench.Row{Name: "rig " + b + ": 4 KiB churn time", Unit: "ns/op", Baseline: g / ops, Gmem: e / ops, Better: "lower",
 			Scale: fmt.Sprintf("%s conversions in %s, real %s, TCG guest", commas(uint64(ops)), trace.FormatSize(uint64(gBytes)), b), Source: src,
 			Note: "random single-page conversions on the real driver, timed inside a TCG guest (one run each): only the ratio is meaningful"})
 	}
 	for i := range rows {
-		rows[i].Ratio = improvement(rows[i])
+		rows[i].Ratio = bench.Improvement(rows[i])
 	}
 	return rows, nil
 }

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/internal/bench"
 	"github.com/gmemproject/gmem/replay"
 	"github.com/gmemproject/gmem/trace"
 )
@@ -507,38 +508,11 @@ func count(v float64) string { return commas(uint64(v)) }
 func bytesCell(v float64) string { return human(uint64(v)) }
 
 // commas formats n with thousands separators.
-func commas(n uint64) string {
-	s := strconv.FormatUint(n, 10)
-	var b strings.Builder
-	for i, c := range s {
-		if i > 0 && (len(s)-i)%3 == 0 {
-			b.WriteByte(',')
-		}
-		b.WriteRune(c)
-	}
-	return b.String()
-}
+func commas(n uint64) string { return bench.Commas(n) }
 
 // human formats a byte count with a binary unit and three significant
 // digits.
-func human(n uint64) string {
-	const units = "KMGTPE"
-	if n < 1024 {
-		return strconv.FormatUint(n, 10) + " B"
-	}
-	v, u := float64(n), -1
-	for v >= 1024 && u < len(units)-1 {
-		v /= 1024
-		u++
-	}
-	switch {
-	case v >= 100:
-		return fmt.Sprintf("%.0f %ciB", v, units[u])
-	case v >= 10:
-		return fmt.Sprintf("%.1f %ciB", v, units[u])
-	}
-	return fmt.Sprintf("%.2f %ciB", v, units[u])
-}
+func human(n uint64) string { return bench.Human(n) }
 
 // duration formats nanoseconds with a unit.
 func duration(ns float64) string {
