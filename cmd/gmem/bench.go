@@ -42,7 +42,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	asJSON := fs.Bool("json", false, `print {"rows":[...]} as JSON`)
 	quick := fs.Bool("quick", false, "smaller sizes and 3 rounds: fast, for tests; the numbers are rougher")
 	rounds := fs.Int("rounds", 0, "rounds of each timed row, baseline and gmem alternating (default 9, 3 with --quick)")
-	only := fs.String("only", "", "run only these `scenarios` (comma-separated: state, replay, churn, churn-runs, roundtrip, parallel, boot, split, scale; rig, with --rig, for the real-kernel rows alone)")
+	only := fs.String("only", "", "run only these `scenarios` (comma-separated: state, replay, churn, churn-runs, roundtrip, floor, parallel, boot, split, scale; rig, with --rig, for the real-kernel rows alone)")
 	rigLog := fs.String("rig", "", "also print the real-kernel rows from the console `log` of scripts/rig --bench")
 	maxSpread := fs.Float64("max-spread", defaultMaxSpread, "mark a timed row noisy when its interquartile range over median exceeds this")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring to `file`, for go tool pprof; timed rows carry the labels side=baseline|gmem and row=NAME (pprof -tagfocus)")
@@ -168,6 +168,9 @@ func printBench(w io.Writer, rows []bench.Row, sz bench.Sizes, quick bool, maxSp
 	noisy := 0
 	for i, r := range rows {
 		ratio := fmt.Sprintf("%.2fx", r.Ratio)
+		if r.Ratio > 0 && r.Ratio < 0.01 {
+			ratio = fmt.Sprintf("%.2gx", r.Ratio)
+		}
 		base := benchValue(r.Unit, r.Baseline)
 		switch {
 		case math.IsInf(r.Ratio, 1):
@@ -241,6 +244,11 @@ one row per measurement with what it means:
   4 KiB churn           random page conversions: time and map calls per op,
                         in 16 GiB and among 1,000,000 runs in 1 TiB
   round trip            1 GiB to shared and back: map calls and time
+  floor                 the same round trip against its floor, one map
+                        call of the whole 1 GiB and one unmap on the same
+                        model IOMMU (the baseline column), for granule,
+                        bounded and unbounded extents: gmem's own cost,
+                        with no kernel's; pinned pages equal on every side
   parallel conversions  throughput with GOMAXPROCS goroutines against 1
   boot DMA entries      peak IOMMU entries of the boot trace of a 16 GiB
                         and a 1 TiB guest

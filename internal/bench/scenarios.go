@@ -48,7 +48,7 @@ type Scenario struct {
 func Scenarios() []Scenario {
 	return []Scenario{
 		{"state", State}, {"replay", ListenerReplay}, {"churn", ScatteredChurnRows}, {"churn-runs", ChurnAmongRunsRows},
-		{"roundtrip", RoundTripRows}, {"parallel", Parallel}, {"boot", Boot}, {"split", Split}, {"scale", Huge},
+		{"roundtrip", RoundTripRows}, {"floor", FloorModel}, {"parallel", Parallel}, {"boot", Boot}, {"split", Split}, {"scale", Huge},
 	}
 }
 
