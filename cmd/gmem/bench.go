@@ -86,14 +86,17 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			fmt.Fprintf(stderr, "gmem bench: %v\n", err)
 			return exitUsage
 		}
-		ms, backends, err := readRig(f)
+		l, err := readRig(f)
 		f.Close()
 		if err == nil {
-			rig, err = rigRows(ms, backends)
+			rig, err = rigRows(l)
 		}
 		if err != nil {
 			fmt.Fprintf(stderr, "gmem bench: %s: %v\n", *rigLog, err)
 			return exitUsage
+		}
+		for i := range rig {
+			rig[i].Noisy = rig[i].Spread > *maxSpread
 		}
 	}
 	if *cpuProfile != "" {
@@ -197,8 +200,11 @@ func printBench(w io.Writer, rows []bench.Row, sz bench.Sizes, quick bool, maxSp
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "\nbaseline: QEMU's algorithm (bitmap, one IOMMU entry per 4 KiB); gmem: runs, one entry per extent")
-	if slices.ContainsFunc(rows, func(r bench.Row) bool { return r.Rounds > 0 }) {
+	if slices.ContainsFunc(rows, func(r bench.Row) bool { return r.Rounds > 0 && r.Source == "" }) {
 		fmt.Fprintf(w, "timed rows: medians of %d rounds, baseline and gmem alternating; spread: interquartile range/median of the worse side\n", sz.Rounds)
+	}
+	if slices.ContainsFunc(rows, func(r bench.Row) bool { return r.Rounds > 0 && r.Source != "" }) {
+		fmt.Fprintln(w, "rig rows with a spread: the sides interleaved inside the guest over the rounds their scale gives, the median of each")
 	}
 	for i, r := range rows {
 		fmt.Fprintf(w, "%2d  %s\n", i+1, r.Note)
@@ -260,8 +266,12 @@ one row per measurement with what it means:
                         type1 and iommufd drivers inside the rig's TCG
                         guest (scripts/rig --bench), granule policy against
                         extent; one run each, only the ratio is meaningful.
-                        Read from the log, not measured: --only rig --rig LOG
-                        prints these rows alone
+                        Then the same round trip against its floor on each
+                        driver (one map call of 1 GiB, one unmap), medians
+                        of interleaved rounds with their spread, and the
+                        time inside the driver's calls. Read from the log,
+                        not measured: --only rig --rig LOG prints these rows
+                        alone
 
 The ratio column says how many times better gmem is (baseline/gmem where
 lower is better, gmem/baseline where higher is). Timed rows run baseline and

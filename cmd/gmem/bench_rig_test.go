@@ -18,31 +18,59 @@ GMEM-RIG check type1 bench-roundtrip-granule pass
 GMEM-RIG bench type1 churn granule ops=10000 map_calls=4881 ns=2000000000 ns_per_op=200000
 [    9.9] some kernel message GMEM-RIG bench type1 roundtrip extent bytes=1073741824 map_calls=1 unmap_calls=1 entries_peak=1 pinned_pages=262144 ns=1000000000 ns_to_shared=900000000 ns_to_private=100000000
 GMEM-RIG bench type1 churn extent ops=10000 map_calls=4881 ns=1000000000 ns_per_op=100000
+` + rigFloorSample
+
+// rigFloorSample is the floor comparison of one backend, as floor_test.go
+// prints it.
+const rigFloorSample = `GMEM-RIG bench type1 floor one-map rounds=5 bytes=1073741824 ns=2000000000 ns_min=1900000000 ns_q1=1950000000 ns_q3=2050000000 ns_max=2100000000 ns_to_shared=1800000000 ns_to_private=200000000 ns_space=1990000000 map_calls=1 unmap_calls=1 pinned_pages=262144 default=0
+GMEM-RIG bench type1 floor granule rounds=5 bytes=1073741824 ns=16000000000 ns_min=15000000000 ns_q1=15500000000 ns_q3=16800000000 ns_max=17000000000 ns_to_shared=9000000000 ns_to_private=7000000000 map_calls=262144 unmap_calls=1 pinned_pages=262144 default=0
+GMEM-RIG bench type1 floor extent rounds=5 bytes=1073741824 ns=2400000000 ns_min=2300000000 ns_q1=2350000000 ns_q3=2450000000 ns_max=2500000000 ns_to_shared=2100000000 ns_to_private=300000000 ns_space=2300000000 map_calls=512 unmap_calls=1 pinned_pages=262144 default=1
+GMEM-RIG bench type1 floor extent-unbounded rounds=5 bytes=1073741824 ns=2100000000 ns_min=2000000000 ns_q1=2050000000 ns_q3=2150000000 ns_max=2200000000 ns_to_shared=1900000000 ns_to_private=200000000 map_calls=1 unmap_calls=1 pinned_pages=262144 default=0
 `
 
 func TestRigRows(t *testing.T) {
-	ms, backends, err := readRig(strings.NewReader(rigLogSample))
+	l, err := readRig(strings.NewReader(rigLogSample))
 	if err != nil {
 		t.Fatal(err)
 	}
-	rows, err := rigRows(ms, backends)
+	rows, err := rigRows(l)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string][3]float64{ // baseline, gmem, ratio
-		"rig type1: round trip map calls":    {262144, 1, 262144},
-		"rig type1: round trip time":         {50e9, 1e9, 50},
-		"rig type1: round trip pinned pages": {262144, 262144, 1},
-		"rig type1: 4 KiB churn time":        {200000, 100000, 2},
+	want := map[string][4]float64{ // baseline, gmem, ratio, spread
+		"rig type1: round trip map calls":                    {262144, 1, 262144, 0},
+		"rig type1: round trip time":                         {50e9, 1e9, 50, 0},
+		"rig type1: round trip pinned pages":                 {262144, 262144, 1, 0},
+		"rig type1: 4 KiB churn time":                        {200000, 100000, 2, 0},
+		"rig type1: floor: granule round trip time":          {2e9, 16e9, 0.125, 1.3 / 16},
+		"rig type1: floor: extent round trip time":           {2e9, 2.4e9, 2 / 2.4, 0.05},
+		"rig type1: floor: extent-unbounded round trip time": {2e9, 2.1e9, 2 / 2.1, 0.05},
+		"rig type1: floor: round trip pinned pages":          {262144, 262144, 1, 0},
 	}
 	if len(rows) != len(want) {
 		t.Fatalf("%d rows, want %d: %+v", len(rows), len(want), rows)
 	}
 	for _, r := range rows {
 		w, ok := want[r.Name]
-		if !ok || r.Baseline != w[0] || r.Gmem != w[1] || r.Ratio != w[2] || !strings.Contains(r.Source, "TCG guest") {
-			t.Errorf("row %q: %v %v %v %q, want %v", r.Name, r.Baseline, r.Gmem, r.Ratio, r.Source, w)
+		if !ok || r.Baseline != w[0] || r.Gmem != w[1] || math.Abs(r.Ratio-w[2]) > 1e-12 || math.Abs(r.Spread-w[3]) > 1e-12 || !strings.Contains(r.Source, "TCG guest") {
+			t.Errorf("row %q: %v %v %v spread %v %q, want %v", r.Name, r.Baseline, r.Gmem, r.Ratio, r.Spread, r.Source, w)
 		}
+		if strings.Contains(r.Name, "floor") && strings.HasSuffix(r.Name, "time") &&
+			(r.Rounds != 5 || len(r.BaselineIQR) != 2 || len(r.GmemRange) != 2 || !strings.Contains(r.Scale, "5 rounds")) {
+			t.Errorf("floor row %q: rounds %d, quartiles %v, range %v, scale %q", r.Name, r.Rounds, r.BaselineIQR, r.GmemRange, r.Scale)
+		}
+	}
+	if n := rows[5].Note; !strings.Contains(n, "default policy") || !strings.Contains(n, "1.20x the floor") ||
+		!strings.Contains(n, "inside the space's calls 2.30 s (the floor 1.99 s), gmem's own work 100.00 ms") {
+		t.Errorf("extent floor row's note %q", rows[5].Note)
+	}
+	// A backend that measured only the floor has only floor rows.
+	l, err = readRig(strings.NewReader(strings.ReplaceAll(rigFloorSample, "type1", "iommufd")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rows, err := rigRows(l); err != nil || len(rows) != 4 {
+		t.Errorf("floor alone: %d rows, %v", len(rows), err)
 	}
 }
 
@@ -56,17 +84,43 @@ func TestRigRowsBad(t *testing.T) {
 		"infinite":  "GMEM-RIG bench type1 churn extent ns=+Inf\n",
 		"negative":  "GMEM-RIG bench type1 churn extent ns=-1\n",
 	} {
-		if _, _, err := readRig(strings.NewReader(log)); err == nil {
+		if _, err := readRig(strings.NewReader(log)); err == nil {
 			t.Errorf("%s: no error", name)
 		}
 	}
 	// One policy missing.
-	ms, backends, err := readRig(strings.NewReader("GMEM-RIG bench iommufd roundtrip extent bytes=1 ns=1 map_calls=1 pinned_pages=1\n"))
+	l, err := readRig(strings.NewReader("GMEM-RIG bench iommufd roundtrip extent bytes=1 ns=1 map_calls=1 pinned_pages=1\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := rigRows(ms, backends); err == nil || !strings.Contains(err.Error(), "granule") {
+	if _, err := rigRows(l); err == nil || !strings.Contains(err.Error(), "granule") {
 		t.Errorf("rigRows without the granule run: %v", err)
+	}
+	// Lines of no scenario rows are made of.
+	if l, err := readRig(strings.NewReader("GMEM-RIG bench type1 other extent ns=1\n")); err != nil {
+		t.Fatal(err)
+	} else if _, err := rigRows(l); err == nil {
+		t.Errorf("rigRows of an unknown scenario: no error")
+	}
+	// Floors that cannot be compared.
+	for name, log := range map[string]string{
+		"no floor":         strings.ReplaceAll(rigFloorSample, "one-map", "other"),
+		"floor alone":      strings.SplitAfter(rigFloorSample, "\n")[0],
+		"pinned differs":   strings.Replace(rigFloorSample, "pinned_pages=262144 default=1", "pinned_pages=131072 default=1", 1),
+		"rounds differ":    strings.Replace(rigFloorSample, "floor extent rounds=5", "floor extent rounds=4", 1),
+		"quartiles":        strings.Replace(rigFloorSample, "ns_q1=2350000000", "ns_q1=2450000001", 1),
+		"median 0":         strings.Replace(rigFloorSample, "ns=2000000000 ns_min=1900000000", "ns=0 ns_min=0", 1),
+		"no map calls":     strings.Replace(rigFloorSample, "map_calls=512", "map_calls=0", 1),
+		"lacks a quartile": strings.Replace(rigFloorSample, " ns_q3=2450000000", "", 1),
+		"space over all":   strings.Replace(rigFloorSample, "ns_space=2300000000", "ns_space=2400000001", 1),
+	} {
+		l, err := readRig(strings.NewReader(log))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if _, err := rigRows(l); err == nil || !strings.Contains(err.Error(), "floor") {
+			t.Errorf("%s: %v", name, err)
+		}
 	}
 	// Churns of no conversions, or of different numbers on the two sides,
 	// have no time per conversion to compare.
@@ -74,11 +128,11 @@ func TestRigRowsBad(t *testing.T) {
 		strings.ReplaceAll(rigLogSample, "ops=10000", "ops=0"),
 		strings.Replace(rigLogSample, "ops=10000", "ops=5000", 1),
 	} {
-		ms, backends, err := readRig(strings.NewReader(log))
+		l, err := readRig(strings.NewReader(log))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := rigRows(ms, backends); err == nil || !strings.Contains(err.Error(), "conversions") {
+		if _, err := rigRows(l); err == nil || !strings.Contains(err.Error(), "conversions") {
 			t.Errorf("rigRows of churns %q: %v", log, err)
 		}
 	}
@@ -106,8 +160,8 @@ func TestBenchRigFlag(t *testing.T) {
 			n++
 		}
 	}
-	if n != 4 {
-		t.Errorf("%d rig rows, want 4", n)
+	if n != 8 {
+		t.Errorf("%d rig rows, want 8", n)
 	}
 	if code, _, errOut := runCmd(context.Background(), "bench", "--rig", filepath.Join(t.TempDir(), "missing")); code != exitUsage || errOut == "" {
 		t.Errorf("missing rig log: exit %d, %q", code, errOut)
@@ -136,8 +190,8 @@ func TestBenchOnlyRig(t *testing.T) {
 		if err := json.Unmarshal([]byte(out), &rep); err != nil {
 			t.Fatal(err)
 		}
-		if len(rep.Rows) != 4 {
-			t.Errorf("bench --only rig --json: %d rows, want the log's 4", len(rep.Rows))
+		if len(rep.Rows) != 8 {
+			t.Errorf("bench --only rig --json: %d rows, want the log's 8", len(rep.Rows))
 		}
 		for _, r := range rep.Rows {
 			if !strings.HasPrefix(r.Name, "rig type1: ") {
@@ -160,24 +214,27 @@ func FuzzReadRig(f *testing.F) {
 	f.Add("GMEM-RIG bench type1 roundtrip granule bytes=NaN ns=1 map_calls=1 pinned_pages=1\n")
 	f.Add(strings.ReplaceAll(rigLogSample, "ops=10000", "ops=0"))
 	f.Add(strings.ReplaceAll(rigLogSample, "ns=1000000000", "ns=-1"))
+	f.Add(rigFloorSample)
+	f.Add(strings.Replace(rigFloorSample, "ns=2000000000 ns_min=1900000000", "ns=0 ns_min=0", 1))
+	f.Add(strings.ReplaceAll(rigFloorSample, "rounds=5", "rounds=0"))
 	f.Fuzz(func(t *testing.T, log string) {
-		ms, backends, err := readRig(strings.NewReader(log))
+		l, err := readRig(strings.NewReader(log))
 		if err != nil {
 			return
 		}
-		for key, m := range ms {
-			for k, v := range m {
+		for _, x := range l {
+			for k, v := range x.m {
 				if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
-					t.Fatalf("accepted %s %s=%v", key, k, v)
+					t.Fatalf("accepted %s %s %s %s=%v", x.backend, x.scenario, x.side, k, v)
 				}
 			}
 		}
-		rows, err := rigRows(ms, backends)
+		rows, err := rigRows(l)
 		if err != nil {
 			return
 		}
 		for _, r := range rows {
-			for _, v := range []float64{r.Baseline, r.Gmem} {
+			for _, v := range []float64{r.Baseline, r.Gmem, r.Spread} {
 				if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
 					t.Fatalf("row %q has %v", r.Name, v)
 				}

@@ -515,17 +515,7 @@ func commas(n uint64) string { return bench.Commas(n) }
 func human(n uint64) string { return bench.Human(n) }
 
 // duration formats nanoseconds with a unit.
-func duration(ns float64) string {
-	switch {
-	case ns >= 1e9:
-		return fmt.Sprintf("%.2f s", ns/1e9)
-	case ns >= 1e6:
-		return fmt.Sprintf("%.2f ms", ns/1e6)
-	case ns >= 1e3:
-		return fmt.Sprintf("%.2f µs", ns/1e3)
-	}
-	return fmt.Sprintf("%.0f ns", ns)
-}
+func duration(ns float64) string { return bench.Duration(ns) }
 
 func replayHelp(w io.Writer, fs *flag.FlagSet) {
 	fmt.Fprint(w, `usage: gmem replay [flags] FILE|-

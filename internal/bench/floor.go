@@ -2,6 +2,7 @@ package bench
 
 import (
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/gmemproject/gmem/discard"
@@ -54,22 +55,25 @@ type FloorRig struct {
 // FloorSample is one round trip of one side.
 type FloorSample struct {
 	ToShared, ToPrivate time.Duration // the two directions
+	InSpace             time.Duration // of both, the time inside the space's Map and Unmap
 	MapCalls            uint64
 	UnmapCalls          uint64
 	Pinned              uint64 // pages pinned while the range was reachable, over those before
 }
 
 // Round runs one round trip of side. Only the two directions are timed:
-// building the stack and reading the pinned pages are not.
+// building the stack and reading the pinned pages are not. The time inside
+// the space's calls is measured too: the rest is gmem's own work.
 func (r FloorRig) Round(side FloorSide) (FloorSample, error) {
 	before, err := r.Pinned()
 	if err != nil {
 		return FloorSample{}, err
 	}
 	var s FloorSample
+	space := &TimedSpace{Space: r.Space}
 	if side.Floor {
 		t0 := time.Now()
-		if err := r.Space.Map(r.GPA, r.Size, r.Host); err != nil {
+		if err := space.Map(r.GPA, r.Size, r.Host); err != nil {
 			return s, fmt.Errorf("floor: map of %s: %w", trace.FormatSize(r.Size), err)
 		}
 		s.ToShared = time.Since(t0)
@@ -77,8 +81,8 @@ func (r FloorRig) Round(side FloorSide) (FloorSample, error) {
 			return s, err
 		}
 		t1 := time.Now()
-		n, err := r.Space.Unmap(r.GPA, r.Size)
-		s.ToPrivate = time.Since(t1)
+		n, err := space.Unmap(r.GPA, r.Size)
+		s.ToPrivate, s.InSpace = time.Since(t1), space.Spent()
 		if err != nil || n != r.Size {
 			return s, fmt.Errorf("floor: unmap of %s: %d bytes, %v", trace.FormatSize(r.Size), n, err)
 		}
@@ -90,7 +94,7 @@ func (r FloorRig) Round(side FloorSide) (FloorSample, error) {
 	if err != nil {
 		return s, err
 	}
-	mapper, err := dma.New(r.Space, r.Host, side.Options)
+	mapper, err := dma.New(space, r.Host, side.Options)
 	if err != nil {
 		return s, err
 	}
@@ -109,7 +113,7 @@ func (r FloorRig) Round(side FloorSide) (FloorSample, error) {
 	if err := attrs.Convert(0, r.Size, memattr.Private); err != nil {
 		return s, fmt.Errorf("%s: to private: %w", side.Name, err)
 	}
-	s.ToPrivate = time.Since(t1)
+	s.ToPrivate, s.InSpace = time.Since(t1), space.Spent()
 	st := mapper.Stats()
 	if st.Entries != 0 {
 		return s, fmt.Errorf("%s: %d entries left after the round trip", side.Name, st.Entries)
@@ -142,9 +146,13 @@ func (r FloorRig) noPinsLeft(before uint64) error {
 
 // FloorResult is one side's rounds.
 type FloorResult struct {
-	Side    FloorSide
-	Samples []FloorSample // in the order run
-	Time    Summary       // of both directions, in nanoseconds
+	Side     FloorSide
+	Samples  []FloorSample // in the order run (none when read from a log)
+	Rounds   int
+	Time     Summary // of both directions, in nanoseconds
+	InSpace  float64 // the median nanoseconds inside the space's calls
+	MapCalls uint64  // of one round
+	Pinned   uint64  // pages pinned while reachable, the same every round
 }
 
 // Measure runs rounds round trips of every side, interleaved (Rounds: the
@@ -174,7 +182,13 @@ func (r FloorRig) Measure(rounds int, warmup bool, sides []FloorSide) ([]FloorRe
 		if warmup {
 			out[i].Samples = out[i].Samples[1:]
 		}
-		out[i].Time = Summarize(vs[i])
+		r := &out[i]
+		r.Rounds, r.Time, r.MapCalls, r.Pinned = len(vs[i]), Summarize(vs[i]), r.Samples[0].MapCalls, pinned
+		var in []float64
+		for _, s := range r.Samples {
+			in = append(in, float64(s.InSpace.Nanoseconds()))
+		}
+		r.InSpace = Summarize(in).Median
 		for _, s := range out[i].Samples {
 			if s.Pinned != pinned {
 				return nil, fmt.Errorf("floor: %s pinned %d pages, %s %d", out[i].Side.Name, s.Pinned, out[0].Side.Name, pinned)
@@ -200,40 +214,78 @@ func FloorModel(sz Sizes) ([]Row, error) {
 	if err != nil {
 		return nil, err
 	}
-	return FloorRows(res, trace.FormatSize(sz.RoundTrip)+", model IOMMU", "the model IOMMU", ""), nil
+	return FloorRows(res, FloorWhere{Scale: trace.FormatSize(sz.RoundTrip) + ", model IOMMU", Space: "the model IOMMU"}), nil
+}
+
+// FloorWhere says where floor rows were measured.
+type FloorWhere struct {
+	Prefix string // of the row names ("rig type1: ")
+	Scale  string // the rows' Scale
+	Space  string // the space, for the notes ("the model IOMMU")
+	Source string // the rows' Source
 }
 
 // FloorRows turns measured sides (the floor first) into rows: each policy's
 // round trip time against the floor's, and the pinned pages of the floor
-// against those of the default policy. scale and where say where they were
-// measured; source is the rows' Source.
-func FloorRows(res []FloorResult, scale, where, source string) []Row {
+// against those of the default policy.
+func FloorRows(res []FloorResult, at FloorWhere) []Row {
 	floor := res[0]
 	var rows []Row
-	var def FloorResult
-	for _, r := range res[1:] {
+	var def *FloorResult
+	for i, r := range res[1:] {
 		if r.Side.Default {
-			def = r
+			def = &res[1+i]
 		}
 		row := Row{
-			Name: "floor: " + r.Side.Name + " round trip time", Unit: "ns", Better: "lower", Scale: scale, Source: source,
-			Note: fmt.Sprintf("baseline column: the floor, one map call of the whole range and one unmap on %s; gmem: the %s policy through attributes, manager and mapper, %.2fx the floor's time (map calls: %s; %.0f ns a call over the floor)",
-				where, r.Side.Name, r.Time.Median/floor.Time.Median, Commas(r.Samples[0].MapCalls),
-				(r.Time.Median-floor.Time.Median)/float64(r.Samples[0].MapCalls)),
+			Name: at.Prefix + "floor: " + r.Side.Name + " round trip time", Unit: "ns", Better: "lower", Scale: at.Scale, Source: at.Source,
+			Note: fmt.Sprintf("baseline column: the floor, one map call of the whole range and one unmap on %s; gmem: the %s policy through attributes, manager and mapper, %.2fx the floor's time (map calls: %s; %.2f µs a call over the floor)",
+				at.Space, r.Side.Name, r.Time.Median/floor.Time.Median, Commas(r.MapCalls),
+				(r.Time.Median-floor.Time.Median)/1e3/float64(max(r.MapCalls, 1))),
+		}
+		if r.InSpace > 0 && floor.InSpace > 0 {
+			row.Note += fmt.Sprintf("; inside the space's calls %s (the floor %s), gmem's own work %s",
+				Duration(r.InSpace), Duration(floor.InSpace), Duration(r.Time.Median-r.InSpace))
 		}
 		if r.Side.Default {
 			row.Note += "; the default policy"
 		}
-		row.SetSides(len(r.Samples), floor.Time, r.Time)
+		row.SetSides(r.Rounds, floor.Time, r.Time)
 		row.Ratio = Improvement(row)
 		rows = append(rows, row)
 	}
-	if def.Samples != nil {
-		rows = append(rows, Row{
-			Name: "floor: round trip pinned pages", Unit: "pages", Baseline: float64(floor.Samples[0].Pinned), Gmem: float64(def.Samples[0].Pinned),
-			Better: "lower", Scale: scale, Source: source, Ratio: 1,
-			Note: "pages pinned while the range was reachable: the same on every side (checked), so the time rows compare calls and bookkeeping, not pinning",
-		})
+	if def != nil {
+		row := Row{
+			Name: at.Prefix + "floor: round trip pinned pages", Unit: "pages", Baseline: float64(floor.Pinned), Gmem: float64(def.Pinned),
+			Better: "lower", Scale: at.Scale, Source: at.Source,
+			Note: "pages pinned while the range was reachable, the floor against the default policy: the same on every side (checked), so the time rows compare calls and bookkeeping, not pinning",
+		}
+		row.Ratio = Improvement(row)
+		rows = append(rows, row)
 	}
 	return rows
 }
+
+// TimedSpace is an iommu.Space that adds up the time its Map and Unmap
+// calls take: what a conversion spends in the kernel's (or the model's)
+// IOMMU calls, against what gmem spends around them.
+type TimedSpace struct {
+	iommu.Space
+	spent atomic.Int64 // nanoseconds
+}
+
+// Map maps and counts the time.
+func (s *TimedSpace) Map(iova, size uint64, host []byte) error {
+	start := time.Now()
+	defer func() { s.spent.Add(int64(time.Since(start))) }()
+	return s.Space.Map(iova, size, host)
+}
+
+// Unmap unmaps and counts the time.
+func (s *TimedSpace) Unmap(iova, size uint64) (uint64, error) {
+	start := time.Now()
+	defer func() { s.spent.Add(int64(time.Since(start))) }()
+	return s.Space.Unmap(iova, size)
+}
+
+// Spent returns the time spent in Map and Unmap so far.
+func (s *TimedSpace) Spent() time.Duration { return time.Duration(s.spent.Load()) }

@@ -40,7 +40,7 @@ func TestFloorModel(t *testing.T) {
 	if model.Len() != 0 {
 		t.Errorf("%d mappings left", model.Len())
 	}
-	rows := FloorRows(res, "64MiB, model IOMMU", "the model IOMMU", "")
+	rows := FloorRows(res, FloorWhere{Scale: "64MiB, model IOMMU", Space: "the model IOMMU"})
 	if len(rows) != 4 {
 		t.Fatalf("%d rows, want 3 policies and the pinned pages", len(rows))
 	}

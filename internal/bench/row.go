@@ -131,3 +131,16 @@ func Human(n uint64) string {
 	}
 	return fmt.Sprintf("%.2f %ciB", v, units[u])
 }
+
+// Duration formats nanoseconds with a unit.
+func Duration(ns float64) string {
+	switch {
+	case ns >= 1e9:
+		return fmt.Sprintf("%.2f s", ns/1e9)
+	case ns >= 1e6:
+		return fmt.Sprintf("%.2f ms", ns/1e6)
+	case ns >= 1e3:
+		return fmt.Sprintf("%.2f µs", ns/1e3)
+	}
+	return fmt.Sprintf("%.0f ns", ns)
+}
