@@ -269,9 +269,12 @@ one row per measurement with what it means:
                         Then the same round trip against its floor on each
                         driver (one map call of 1 GiB, one unmap), medians
                         of interleaved rounds with their spread, and the
-                        time inside the driver's calls. Read from the log,
-                        not measured: --only rig --rig LOG prints these rows
-                        alone
+                        time inside the driver's calls. And conversion
+                        latency as the guest sees it (KVM_EXIT_HYPERCALL to
+                        re-entry, 4 KiB and 2 MiB, p50 and p99): the kernel
+                        calls gmem makes (baseline column) against gmem's
+                        own work. Read from the log, not measured:
+                        --only rig --rig LOG prints these rows alone
 
 The ratio column says how many times better gmem is (baseline/gmem where
 lower is better, gmem/baseline where higher is). Timed rows run baseline and

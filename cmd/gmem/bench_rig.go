@@ -116,8 +116,8 @@ func (l rigLog) value(backend, scenario, side, key string) (float64, error) {
 
 // rigRows turns the rig's measurements into rows, backend by backend:
 // granule (the baseline) against extent (gmem) for the round trip and the
-// churn, each a single run; and the round trip against its floor, medians
-// of interleaved rounds.
+// churn, each a single run; the round trip against its floor, medians of
+// interleaved rounds; and the latency of conversions as a guest sees them.
 func rigRows(l rigLog) ([]bench.Row, error) {
 	var rows []bench.Row
 	for _, b := range l.backends() {
@@ -135,9 +135,16 @@ func rigRows(l rigLog) ([]bench.Row, error) {
 			}
 			rows = append(rows, rs...)
 		}
+		if l.has(b, "latency") {
+			rs, err := rigLatencyRows(l, b)
+			if err != nil {
+				return nil, err
+			}
+			rows = append(rows, rs...)
+		}
 	}
 	if len(rows) == 0 {
-		return nil, fmt.Errorf("rig log: no scenario these rows are made of (roundtrip, churn, floor)")
+		return nil, fmt.Errorf("rig log: no scenario these rows are made of (roundtrip, churn, floor, latency)")
 	}
 	for i := range rows {
 		rows[i].Ratio = bench.Improvement(rows[i])
@@ -244,4 +251,46 @@ func rigFloorRows(l rigLog, b string) ([]bench.Row, error) {
 		Prefix: "rig " + b + ": ", Scale: fmt.Sprintf("%s, real %s, TCG guest, %v rounds", trace.FormatSize(uint64(bytes)), b, rounds),
 		Space: "the real " + b + " driver", Source: "rig " + b + ", TCG guest",
 	}), nil
+}
+
+// rigLatencyRows are backend b's conversion latencies, a side a size and
+// IOMMU ("4KiB-type1"): the time from KVM_EXIT_HYPERCALL to re-entry,
+// split into the kernel calls gmem makes (the baseline column) and gmem's
+// own work (the gmem column), at the median and the 99th percentile.
+func rigLatencyRows(l rigLog, b string) ([]bench.Row, error) {
+	var rows []bench.Row
+	for _, x := range l {
+		if x.backend != b || x.scenario != "latency" {
+			continue
+		}
+		size, iommu, ok := strings.Cut(x.side, "-")
+		if !ok || size == "" || iommu == "" {
+			return nil, fmt.Errorf("rig log: %s latency %s: want SIZE-IOMMU", b, x.side)
+		}
+		v := map[string]float64{}
+		for _, key := range []string{"exits", "p50_ns", "p99_ns", "own_p50_ns", "own_p99_ns", "kernel_p50_ns", "kernel_p99_ns",
+			"vmm_p50_ns", "attr_p50_ns", "punch_p50_ns", "iommu_p50_ns", "own_share_pct"} {
+			var err error
+			if v[key], err = l.value(b, "latency", x.side, key); err != nil {
+				return nil, err
+			}
+		}
+		if v["exits"] == 0 || v["p50_ns"] == 0 || v["p50_ns"] > v["p99_ns"] || v["own_p50_ns"] > v["own_p99_ns"] ||
+			v["kernel_p50_ns"] > v["kernel_p99_ns"] || v["own_share_pct"] > 100 {
+			return nil, fmt.Errorf("rig log: %s latency %s: %v exits, percentiles out of order or a share over 100%%", b, x.side, v["exits"])
+		}
+		scale := fmt.Sprintf("%s conversions, %s exits, SW-protected VM, real %s, TCG guest", size, commas(uint64(v["exits"])), iommu)
+		note := fmt.Sprintf("KVM_EXIT_HYPERCALL to the vCPU's re-entry: p50 %s, p99 %s; gmem's own work %.1f%% of it. "+
+			"Baseline column: the kernel calls gmem makes (p50: KVM_SET_MEMORY_ATTRIBUTES %s, punch %s, IOMMU map/unmap %s); "+
+			"gmem column: the rest of the executor's time (with the VMM's model device's mapper); the VMM's own p50 %s",
+			duration(v["p50_ns"]), duration(v["p99_ns"]), v["own_share_pct"],
+			duration(v["attr_p50_ns"]), duration(v["punch_p50_ns"]), duration(v["iommu_p50_ns"]), duration(v["vmm_p50_ns"]))
+		for _, q := range []string{"p50", "p99"} {
+			rows = append(rows, bench.Row{
+				Name: fmt.Sprintf("rig %s: %s conversion latency %s, %s", b, size, q, iommu), Unit: "ns", Better: "lower",
+				Baseline: v["kernel_"+q+"_ns"], Gmem: v["own_"+q+"_ns"], Scale: scale, Source: "rig " + b + ", TCG guest", Note: note,
+			})
+		}
+	}
+	return rows, nil
 }

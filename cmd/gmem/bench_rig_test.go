@@ -20,6 +20,12 @@ GMEM-RIG bench type1 churn granule ops=10000 map_calls=4881 ns=2000000000 ns_per
 GMEM-RIG bench type1 churn extent ops=10000 map_calls=4881 ns=1000000000 ns_per_op=100000
 ` + rigFloorSample
 
+// rigLatencySample is the kvm backend's latency lines, as latency_test.go
+// prints them.
+const rigLatencySample = `GMEM-RIG bench kvm latency 4KiB-type1 exits=800 bytes=4096 p50_ns=200000 p99_ns=900000 own_p50_ns=20000 own_p99_ns=90000 kernel_p50_ns=150000 kernel_p99_ns=700000 vmm_p50_ns=30000 attr_p50_ns=50000 punch_p50_ns=40000 iommu_p50_ns=60000 own_share_pct=10.5
+GMEM-RIG bench kvm latency 2MiB-type1 exits=800 bytes=2097152 p50_ns=5000000 p99_ns=9000000 own_p50_ns=100000 own_p99_ns=400000 kernel_p50_ns=4800000 kernel_p99_ns=8000000 vmm_p50_ns=30000 attr_p50_ns=50000 punch_p50_ns=400000 iommu_p50_ns=4000000 own_share_pct=2.0
+`
+
 // rigFloorSample is the floor comparison of one backend, as floor_test.go
 // prints it.
 const rigFloorSample = `GMEM-RIG bench type1 floor one-map rounds=5 bytes=1073741824 ns=2000000000 ns_min=1900000000 ns_q1=1950000000 ns_q3=2050000000 ns_max=2100000000 ns_to_shared=1800000000 ns_to_private=200000000 ns_space=1990000000 map_calls=1 unmap_calls=1 pinned_pages=262144 default=0
@@ -64,6 +70,23 @@ func TestRigRows(t *testing.T) {
 		!strings.Contains(n, "inside the space's calls 2.30 s (the floor 1.99 s), gmem's own work 100.00 ms") {
 		t.Errorf("extent floor row's note %q", rows[5].Note)
 	}
+	// The latency rows: the kernel calls against gmem's own work.
+	l, err = readRig(strings.NewReader(rigLatencySample))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows, err = rigRows(l)
+	if err != nil || len(rows) != 4 {
+		t.Fatalf("latency rows %+v, %v", rows, err)
+	}
+	for i, w := range [][3]float64{{150000, 20000, 7.5}, {700000, 90000, 700.0 / 90}, {4.8e6, 1e5, 48}, {8e6, 4e5, 20}} {
+		if r := rows[i]; r.Baseline != w[0] || r.Gmem != w[1] || math.Abs(r.Ratio-w[2]) > 1e-9 || !strings.Contains(r.Name, "type1") {
+			t.Errorf("latency row %d %q: %v %v %v, want %v", i, r.Name, r.Baseline, r.Gmem, r.Ratio, w)
+		}
+	}
+	if n := rows[0].Note; !strings.Contains(n, "p50 200.00 µs, p99 900.00 µs; gmem's own work 10.5% of it") || !strings.Contains(n, "IOMMU map/unmap 60.00 µs") {
+		t.Errorf("latency note %q", n)
+	}
 	// A backend that measured only the floor has only floor rows.
 	l, err = readRig(strings.NewReader(strings.ReplaceAll(rigFloorSample, "type1", "iommufd")))
 	if err != nil {
@@ -102,7 +125,7 @@ func TestRigRowsBad(t *testing.T) {
 	} else if _, err := rigRows(l); err == nil {
 		t.Errorf("rigRows of an unknown scenario: no error")
 	}
-	// Floors that cannot be compared.
+	// Floors that cannot be compared, latencies that cannot be.
 	for name, log := range map[string]string{
 		"no floor":         strings.ReplaceAll(rigFloorSample, "one-map", "other"),
 		"floor alone":      strings.SplitAfter(rigFloorSample, "\n")[0],
@@ -113,12 +136,17 @@ func TestRigRowsBad(t *testing.T) {
 		"no map calls":     strings.Replace(rigFloorSample, "map_calls=512", "map_calls=0", 1),
 		"lacks a quartile": strings.Replace(rigFloorSample, " ns_q3=2450000000", "", 1),
 		"space over all":   strings.Replace(rigFloorSample, "ns_space=2300000000", "ns_space=2400000001", 1),
+		"latency no size":  strings.Replace(rigLatencySample, "4KiB-type1", "4KiB", 1),
+		"latency order":    strings.Replace(rigLatencySample, "p99_ns=900000", "p99_ns=100000", 1),
+		"latency share":    strings.Replace(rigLatencySample, "own_share_pct=10.5", "own_share_pct=100.5", 1),
+		"latency no exits": strings.Replace(rigLatencySample, "exits=800", "exits=0", 1),
+		"latency lacks":    strings.Replace(rigLatencySample, " vmm_p50_ns=30000", "", 1),
 	} {
 		l, err := readRig(strings.NewReader(log))
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
-		if _, err := rigRows(l); err == nil || !strings.Contains(err.Error(), "floor") {
+		if _, err := rigRows(l); err == nil || (!strings.Contains(err.Error(), "floor") && !strings.Contains(err.Error(), "latency")) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
@@ -215,6 +243,8 @@ func FuzzReadRig(f *testing.F) {
 	f.Add(strings.ReplaceAll(rigLogSample, "ops=10000", "ops=0"))
 	f.Add(strings.ReplaceAll(rigLogSample, "ns=1000000000", "ns=-1"))
 	f.Add(rigFloorSample)
+	f.Add(rigLatencySample)
+	f.Add(strings.Replace(rigLatencySample, "own_share_pct=10.5", "own_share_pct=1e308", 1))
 	f.Add(strings.Replace(rigFloorSample, "ns=2000000000 ns_min=1900000000", "ns=0 ns_min=0", 1))
 	f.Add(strings.ReplaceAll(rigFloorSample, "rounds=5", "rounds=0"))
 	f.Fuzz(func(t *testing.T, log string) {
