@@ -41,11 +41,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.Usage = func() {}
 	asJSON := fs.Bool("json", false, `print {"rows":[...]} as JSON`)
 	quick := fs.Bool("quick", false, "smaller sizes and 3 rounds: fast, for tests; the numbers are rougher")
-	rounds := fs.Int("rounds", 0, "rounds of each timed row, baseline and gmem alternating (default 9, 3 with --quick)")
-	only := fs.String("only", "", "run only these `scenarios` (comma-separated: state, replay, churn, churn-runs, roundtrip, floor, parallel, boot, split, scale; rig, with --rig, for the real-kernel rows alone)")
-	rigLog := fs.String("rig", "", "also print the real-kernel rows from the console `log` of scripts/rig --bench")
-	maxSpread := fs.Float64("max-spread", defaultMaxSpread, "mark a timed row noisy when its interquartile range over median exceeds this")
-	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring to `file`, for go tool pprof; timed rows carry the labels side=baseline|gmem and row=NAME (pprof -tagfocus)")
+	rounds := fs.Int("rounds", 0, "`N` rounds of each timed row, baseline and gmem alternating (default 9, 3 with --quick)")
+	only := fs.String("only", "", "run only the scenarios in `LIST` (comma-separated: state, replay, churn, churn-runs, roundtrip, floor, parallel, boot, split, scale; rig, with --rig, for the real-kernel rows alone)")
+	rigLog := fs.String("rig", "", "also print the real-kernel rows from `LOG`, the console log of scripts/rig --bench")
+	maxSpread := fs.Float64("max-spread", defaultMaxSpread, fmt.Sprintf("mark a timed row noisy when its interquartile range over median exceeds `F` (default %v)", defaultMaxSpread))
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring to `FILE`, for go tool pprof; timed rows carry the labels side=baseline|gmem and row=NAME (pprof -tagfocus)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			benchHelp(stdout, fs)
@@ -237,7 +237,7 @@ func benchValue(unit string, v float64) string {
 }
 
 func benchHelp(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprint(w, `usage: gmem bench [--quick] [--json] [--rounds N] [--max-spread F] [--only LIST] [--rig LOG] [--cpuprofile FILE]
+	fmt.Fprint(w, `usage: gmem bench [flags]
 
 Runs the standard scenarios with the baseline (QEMU's algorithm: one bit
 per 4 KiB page, one IOMMU entry per 4 KiB granule) and with gmem (state as
@@ -289,7 +289,12 @@ are exact. A full run takes a few minutes on two cores. --json prints
 flags:
 `)
 	fs.VisitAll(func(f *flag.Flag) {
-		_, usage := flag.UnquoteUsage(f)
-		fmt.Fprintf(w, "  --%-11s %s\n", f.Name, usage)
+		kind, usage := flag.UnquoteUsage(f)
+		fmt.Fprintf(w, "  %-22s %s\n", strings.TrimSpace("--"+f.Name+" "+kind), usage)
 	})
+	fmt.Fprint(w, `
+Exit status: 0 done (NOISY rows included), 1 a scenario failed or the run
+was interrupted, 2 usage errors: a bad flag, an unknown scenario, a --rig
+log that is missing or damaged, a profile file that cannot be created.
+`)
 }
