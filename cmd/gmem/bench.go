@@ -42,7 +42,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	asJSON := fs.Bool("json", false, `print {"rows":[...]} as JSON`)
 	quick := fs.Bool("quick", false, "smaller sizes and 3 rounds: fast, for tests; the numbers are rougher")
 	rounds := fs.Int("rounds", 0, "`N` rounds of each timed row, baseline and gmem alternating (default 9, 3 with --quick)")
-	only := fs.String("only", "", "run only the scenarios in `LIST` (comma-separated: state, replay, churn, churn-runs, roundtrip, floor, parallel, boot, split, scale; rig, with --rig, for the real-kernel rows alone)")
+	only := fs.String("only", "", "run only the scenarios in `LIST` (comma-separated: state, replay, churn, churn-runs, roundtrip, parallel, boot, split, scale, floor; rig, with --rig, for the real-kernel rows alone)")
 	rigLog := fs.String("rig", "", "also print the real-kernel rows from `LOG`, the console log of scripts/rig --bench")
 	maxSpread := fs.Float64("max-spread", defaultMaxSpread, fmt.Sprintf("mark a timed row noisy when its interquartile range over median exceeds `F` (default %v)", defaultMaxSpread))
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring to `FILE`, for go tool pprof; timed rows carry the labels side=baseline|gmem and row=NAME (pprof -tagfocus)")
@@ -250,17 +250,17 @@ one row per measurement with what it means:
   4 KiB churn           random page conversions: time and map calls per op,
                         in 16 GiB and among 1,000,000 runs in 1 TiB
   round trip            1 GiB to shared and back: map calls and time
-  floor                 the same round trip against its floor, one map
-                        call of the whole 1 GiB and one unmap on the same
-                        model IOMMU (the baseline column), for granule,
-                        bounded and unbounded extents: gmem's own cost,
-                        with no kernel's; pinned pages equal on every side
   parallel conversions  throughput with GOMAXPROCS goroutines against 1
   boot DMA entries      peak IOMMU entries of the boot trace of a 16 GiB
                         and a 1 TiB guest
   scale                 state memory, listener replay and churn of a
                         64 TiB region (2^34 pages): gmem alone, the
                         baseline's bitmap size computed
+  floor                 the 1 GiB round trip against its floor, one map
+                        call of the whole 1 GiB and one unmap on the same
+                        model IOMMU (the baseline column), for granule,
+                        bounded and unbounded extents: gmem's own cost,
+                        with no kernel's; pinned pages equal on every side
   rig                   with --rig LOG: the 1 GiB round trip (map calls,
                         time, pinned pages) and churn measured on the real
                         type1 and iommufd drivers inside the rig's TCG
