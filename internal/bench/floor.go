@@ -238,10 +238,13 @@ func FloorRows(res []FloorResult, at FloorWhere) []Row {
 		}
 		row := Row{
 			Name: at.Prefix + "floor: " + r.Side.Name + " round trip time", Unit: "ns", Better: "lower", Scale: at.Scale, Source: at.Source,
-			Note: fmt.Sprintf("baseline column: the floor, one map call of the whole range and one unmap on %s; gmem: the %s policy through attributes, manager and mapper, %.2fx the floor's time (map calls: %s; %.2f µs a call over the floor)",
-				at.Space, r.Side.Name, r.Time.Median/floor.Time.Median, Commas(r.MapCalls),
-				(r.Time.Median-floor.Time.Median)/1e3/float64(max(r.MapCalls, 1))),
+			Note: fmt.Sprintf("baseline column: the floor, one map call of the whole range and one unmap on %s; gmem: the %s policy through attributes, manager and mapper, %.2fx the floor's time (map calls: %s",
+				at.Space, r.Side.Name, r.Time.Median/floor.Time.Median, Commas(r.MapCalls)),
 		}
+		if over := r.Time.Median - floor.Time.Median; over > 0 {
+			row.Note += fmt.Sprintf("; %s a call over the floor", Duration(over/float64(max(r.MapCalls, 1))))
+		}
+		row.Note += ")"
 		if r.InSpace > 0 && floor.InSpace > 0 {
 			row.Note += fmt.Sprintf("; inside the space's calls %s (the floor %s), gmem's own work %s",
 				Duration(r.InSpace), Duration(floor.InSpace), Duration(r.Time.Median-r.InSpace))
