@@ -16,9 +16,12 @@ var errBoom = errors.New("injected IOMMU failure")
 
 // FuzzMapper drives a mapper directly with arbitrary populates and discards
 // (each then either settled or reverted, some with an IOMMU call made to
-// fail) on a model IOMMU, against a
-// per-page oracle: after a success the section's pages are mapped (or not),
-// after a failure, and after a revert, the entries are exactly as before.
+// fail) on a model IOMMU (type1, iommufd, or iommufd that cuts, where the
+// default policy is Cut), against a per-page oracle: after a success the
+// section's pages are mapped (or not), after a failure, and after a revert,
+// the entries are exactly as before; after the revert of a cut, the same
+// pages are mapped (the kernel cannot join areas). Cut never has a window
+// or re-pins.
 func FuzzMapper(f *testing.F) {
 	f.Add([]byte{0x00, 0x00, 0, 16, 0x80, 4, 4})
 	f.Add([]byte{0x31, 0x01, 0, 8, 0x01, 8, 8, 0x80, 6, 4, 0xc0, 2, 2})
@@ -28,13 +31,16 @@ func FuzzMapper(f *testing.F) {
 	f.Add([]byte{0x01, 0x00, 0x00, 0, 4, 0x00, 4, 2, 0x00, 6, 2, 0x00, 8, 4, 0xa2, 2, 8})
 	// 4-page extents: a populate of 20 pages is five entries, cut twice.
 	f.Add([]byte{0x01, 0x04, 0x00, 1, 20, 0x80, 6, 1, 0x80, 9, 5})
+	// Cut: a middle page, reverted; a span of entries; a failed cut.
+	f.Add([]byte{0x03, 0x00, 0x00, 0, 16, 0xc0, 4, 1, 0x80, 4, 1, 0x00, 20, 4, 0x80, 2, 20, 0xa0, 8, 2})
+	f.Add([]byte{0x03, 0x04, 0x00, 1, 20, 0x80, 6, 1, 0xc0, 3, 9, 0x80, 0, 48})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		const pages = 48
 		if len(data) < 2 || len(data) > 2+3*160 {
 			return
 		}
 		// Header: rules and entry limit; policy and granularity.
-		caps := iommu.Caps{Rules: iommu.IOMMUFD}
+		caps := iommu.Caps{Rules: iommu.IOMMUFD, Cut: data[0]&2 != 0}
 		if data[0]&1 == 0 {
 			caps = iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 1 + uint64(data[0]>>4)}
 		}
@@ -53,6 +59,10 @@ func FuzzMapper(f *testing.F) {
 		m, err := dma.New(model, host, opts)
 		if err != nil {
 			t.Fatal(err)
+		}
+		policy := m.Policy()
+		if want := map[bool]dma.Policy{false: dma.Extent, true: dma.Cut}[caps.Cut]; opts.Policy == dma.Auto && policy != want {
+			t.Fatalf("Auto on %+v resolved to %v, want %v", caps, policy, want)
 		}
 		var mapped [pages]bool
 		ops := data[2:]
@@ -95,14 +105,22 @@ func FuzzMapper(f *testing.F) {
 					t.Fatalf("op %d: failed notification stats %+v after %+v", op, st, stats)
 				}
 			case c&0x40 != 0 && count > 0:
-				// Revert: back to exactly the entries before.
+				// Revert: back to exactly the entries before; after a
+				// cut, to the same pages, as at least as many entries.
 				if err := m.Revert(s); err != nil {
 					t.Fatalf("op %d: Revert: %v", op, err)
 				}
-				if got := model.Mappings(); !slices.Equal(got, before) {
+				got := model.Mappings()
+				st := m.Stats()
+				if policy == dma.Cut && !populate {
+					if !slices.Equal(pagesOf(got), pagesOf(before)) || st.Entries < stats.Entries {
+						t.Fatalf("op %d: Revert of a cut left %v, had %v", op, got, before)
+					}
+					stats.Entries = st.Entries
+				} else if !slices.Equal(got, before) {
 					t.Fatalf("op %d: Revert left %v, had %v", op, got, before)
 				}
-				if st := m.Stats(); st.Splits != stats.Splits || st.Entries != stats.Entries || st.MappedBytes != stats.MappedBytes {
+				if st.Splits != stats.Splits || st.Entries != stats.Entries || st.MappedBytes != stats.MappedBytes {
 					t.Fatalf("op %d: Revert stats %+v, had %+v", op, st, stats)
 				}
 			default:
@@ -123,10 +141,10 @@ func FuzzMapper(f *testing.F) {
 				if i > 0 && got[i-1].IOVA+got[i-1].Size > x.IOVA {
 					t.Fatalf("op %d: entries overlap: %v", op, got)
 				}
-				if opts.Policy == dma.Granule && (x.IOVA-gpa)/opts.Granularity != (x.IOVA-gpa+x.Size-1)/opts.Granularity {
+				if policy == dma.Granule && (x.IOVA-gpa)/opts.Granularity != (x.IOVA-gpa+x.Size-1)/opts.Granularity {
 					t.Fatalf("op %d: granule entry %v crosses a granule of %#x", op, x, opts.Granularity)
 				}
-				if opts.Policy == dma.Extent && chunk != dma.Unbounded && (x.IOVA-gpa)/chunk != (x.IOVA-gpa+x.Size-1)/chunk {
+				if policy != dma.Granule && chunk != dma.Unbounded && (x.IOVA-gpa)/chunk != (x.IOVA-gpa+x.Size-1)/chunk {
 					t.Fatalf("op %d: extent entry %v crosses a multiple of MaxExtent %#x", op, x, chunk)
 				}
 			}
@@ -135,8 +153,14 @@ func FuzzMapper(f *testing.F) {
 				t.Fatalf("op %d: pinned %d, unpinned %d, mapped %d, re-pinned %d, window %d (largest %d)",
 					op, st.PinnedBytes, st.UnpinnedBytes, st.MappedBytes, st.RepinnedBytes, st.WindowBytes, st.MaxWindow)
 			}
-			if opts.Policy == dma.Extent && chunk != dma.Unbounded && st.MaxWindow > 2*chunk {
+			if policy == dma.Extent && chunk != dma.Unbounded && st.MaxWindow > 2*chunk {
 				t.Fatalf("op %d: a window of %#x bytes with MaxExtent %#x", op, st.MaxWindow, chunk)
+			}
+			if policy == dma.Cut && (st.WindowBytes != 0 || st.RepinnedBytes != 0) {
+				t.Fatalf("op %d: cut policy: window %#x, re-pinned %#x", op, st.WindowBytes, st.RepinnedBytes)
+			}
+			if pins := model.Pins(); pins.Pinned*pg != st.PinnedBytes || pins.Unpinned*pg != st.UnpinnedBytes {
+				t.Fatalf("op %d: model pinned %d / unpinned %d pages, mapper counted %#x / %#x bytes", op, pins.Pinned, pins.Unpinned, st.PinnedBytes, st.UnpinnedBytes)
 			}
 			if st.Entries != uint64(len(got)) || st.MappedBytes != bytes || st.PeakEntries < st.Entries {
 				t.Fatalf("op %d: stats %+v for %d entries of %#x bytes", op, st, len(got), bytes)
@@ -151,4 +175,16 @@ func FuzzMapper(f *testing.F) {
 			}
 		}
 	})
+}
+
+// pagesOf normalises mappings to one page each, so that two layouts of the
+// same pages compare equal.
+func pagesOf(ms []iommu.Mapping) []uint64 {
+	var out []uint64
+	for _, x := range ms {
+		for a := x.IOVA; a < x.IOVA+x.Size; a += pg {
+			out = append(out, a)
+		}
+	}
+	return out
 }

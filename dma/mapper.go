@@ -2,22 +2,35 @@
 // section of guest memory: Mapper is a discard.Listener that maps what
 // becomes populated and unmaps what is discarded, with IOVA = GPA.
 //
-// Two policies shape the mappings:
+// Three policies shape the mappings and what a discard inside one costs:
 //
-//   - Extent (the default) maps each populated section as notified with one
-//     entry, cut at multiples of Options.MaxExtent (2 MiB by default). A
-//     discard that cuts an entry unmaps it and maps what remains (the kernel
-//     cannot split a mapping: type1 v2 answers EINVAL, iommufd ENOENT),
-//     which is counted as a split. Between that unmap and the remap the
-//     remainder is unreachable for a moment, so a device DMAing there then
-//     faults, and the kernel unpins and pins it again; the bound keeps that
-//     to the chunks the cut falls in. Extent never merges separate
-//     notifications into one entry, so a guest that converts back exactly
-//     what it converted (bounce buffers, coherent buffers) never causes a
-//     split.
+//   - Cut maps each populated section as notified with one entry, cut at
+//     multiples of Options.MaxExtent (2 MiB by default), and makes a discard
+//     one cut request over the discarded range (iommu.Cutter): the kernel
+//     splits the entries at both ends and unmaps only the range, and the
+//     remainders stay mapped and pinned throughout. Nothing is unmapped
+//     that stays shared, nothing is re-pinned, and a device never loses
+//     memory it still owns: the window is 0 by construction. It needs a
+//     space that can cut (Caps().Cut: an iommufd IOAS with huge pages off,
+//     set as its file's compat IOAS), which then maps with 4 KiB IOPTEs
+//     only, the IOTLB reach of QEMU's 4 KiB mappings.
+//   - Extent maps entries as Cut does, but the kernels cannot split a
+//     mapping (type1 v2 answers EINVAL, iommufd's native unmap ENOENT), so
+//     a discard that cuts an entry unmaps it and maps what remains, which
+//     is counted as a split. Between that unmap and the remap the remainder
+//     is unreachable for a moment, so a device DMAing there then faults,
+//     and the kernel unpins and pins it again; the bound keeps that to the
+//     chunks the cut falls in.
 //   - Granule is QEMU's: one entry per granule (4 KiB by default), so any
 //     granule can be unmapped alone and nothing is ever split, at the cost of
 //     one entry and one map call per granule. It is the baseline.
+//
+// The zero Policy is Auto: Cut wherever the space can cut, Extent elsewhere,
+// so cutting is the default wherever the kernel offers it and a space that
+// does not falls back to the bounded extent; Mapper.Policy says which.
+// Cut and Extent never merge separate notifications into one entry, so a
+// guest that converts back exactly what it converted (bounce buffers,
+// coherent buffers) never causes a split.
 //
 // A Mapper knows the IOMMU's entry budget (type1's dma_entry_limit): a
 // populate that would need more entries than are left fails with ENOSPC
@@ -27,10 +40,13 @@
 // Options.SplitReserve entries free for splits: with at most that many
 // splits outstanding (one per vCPU converting, say), a conversion to private
 // is never refused; conversions to shared are refused earlier instead.
+// (Spaces that cut are iommufd's, which have no entry limit: Cut keeps no
+// reserve.)
 //
 // Populate and Discard are all or nothing: on any failure the mapper restores
-// the entries it had before the call. A Mapper is safe for concurrent use;
-// calls on sections far enough apart run in parallel (see Mapper).
+// the pages it had mapped before the call (Extent and Granule: the very
+// entries). A Mapper is safe for concurrent use; calls on sections far
+// enough apart run in parallel (see Mapper).
 package dma
 
 import (
@@ -51,54 +67,79 @@ import (
 	"github.com/gmemproject/gmem/span"
 )
 
-// Policy says how a Mapper shapes its IOMMU entries.
+// Policy says how a Mapper shapes its IOMMU entries and splits them.
 type Policy int
 
 const (
-	// Extent maps each notified section with one entry (the default).
-	Extent Policy = iota
+	// Auto (the zero value) is Cut where the space can cut (Caps().Cut),
+	// else Extent. New resolves it; Mapper.Policy never returns it.
+	Auto Policy = iota
+	// Extent maps each notified section with one entry, bounded by
+	// MaxExtent, and splits an entry by unmapping it and mapping the
+	// remainders.
+	Extent
 	// Granule maps one entry per granule, as QEMU does.
 	Granule
+	// Cut maps as Extent does and splits an entry with one cut request
+	// (iommu.Cutter): the remainders are never unmapped.
+	Cut
 )
 
-// String returns "extent" or "granule".
+// String returns "auto", "extent", "granule" or "cut".
 func (p Policy) String() string {
-	if p == Granule {
+	switch p {
+	case Auto:
+		return "auto"
+	case Extent:
+		return "extent"
+	case Granule:
 		return "granule"
+	case Cut:
+		return "cut"
 	}
-	return "extent"
+	return fmt.Sprintf("policy(%d)", int(p))
 }
 
-// ParsePolicy parses "extent" or "granule".
+// ParsePolicy parses "auto", "extent", "granule" or "cut".
 func ParsePolicy(s string) (Policy, error) {
-	switch s {
-	case "extent":
-		return Extent, nil
-	case "granule":
-		return Granule, nil
+	for _, p := range []Policy{Auto, Extent, Granule, Cut} {
+		if s == p.String() {
+			return p, nil
+		}
 	}
-	return 0, fmt.Errorf("dma: unknown policy %q (want extent or granule)", s)
+	return 0, fmt.Errorf("dma: unknown policy %q (want auto, extent, granule or cut): %w", s, ErrOptions)
 }
+
+// ErrOptions is wrapped by every error New returns for Options it cannot
+// use: an unknown policy, a granularity or MaxExtent that is not a power of
+// two of the right size, Cut on a space that cannot cut.
+var ErrOptions = errors.New("dma: invalid mapper options")
 
 // Options configure a Mapper.
 type Options struct {
-	// Policy shapes the entries (default Extent).
+	// Policy shapes the entries (default Auto: Cut where the space can
+	// cut, else Extent).
 	Policy Policy
 	// Granularity is the granule of the Granule policy in bytes, a power of
 	// two (default 4096).
 	Granularity uint64
-	// MaxExtent bounds the entries of the Extent policy: no entry crosses a
-	// multiple of MaxExtent (in region offsets), so a split unmaps, re-pins
-	// and hides from the device at most one chunk of MaxExtent bytes at each
-	// end of the discarded range, and the rest of a large extent stays
-	// mapped. A power of two; 0 means DefaultMaxExtent, Unbounded none.
+	// MaxExtent bounds the entries of the Extent and Cut policies: no
+	// entry crosses a multiple of MaxExtent (in region offsets). For
+	// Extent it bounds the cost of a split, which unmaps, re-pins and hides
+	// from the device at most one chunk of MaxExtent bytes at each end of
+	// the discarded range, while the rest of a large extent stays mapped.
+	// A cut hides nothing outside its range, so for Cut the bound limits
+	// no window: it only shapes the entries (2 MiB ones, by default) and
+	// the lock shards (see Mapper), and Unbounded is as good. A power of
+	// two of at least 4 KiB; 0 means DefaultMaxExtent, Unbounded none.
 	MaxExtent uint64
 	// SplitReserve is the number of IOMMU entries a populate must leave free
 	// in a limited space, so that a discard that splits an entry finds one:
 	// populates are refused (ENOSPC) while the space is that close to full,
 	// discards may use the reserve. 0 means DefaultSplitReserve of the
 	// space's limit for Extent, none for Granule (whose discards of whole
-	// granules never split, as in QEMU); NoReserve none.
+	// granules never split, as in QEMU) and Cut (whose spaces, iommufd's,
+	// have no limit); NoReserve none.
 	SplitReserve uint64
 	// RegionSize is the size of the region whose sections the mapper is
 	// told about (0: len(host), if host is given). It only spreads the lock
@@ -140,18 +181,25 @@ func DefaultSplitReserve(limit uint64) uint64 {
 // Stats counts what a Mapper did.
 //
 // Pinned and unpinned bytes are what the kernel pins for the map requests and
-// unpins for the unmap requests. An operation is one Populate, Discard or
-// Revert; its window is the memory whose state it does not change that the
-// device cannot reach at some moment during it (iommu.Window), and re-pinned
-// bytes are what it mapped again after unmapping them itself. A split's
-// remainders are both; with MaxExtent they are bounded by two chunks.
+// unpins for the unmap and cut requests. An operation is one Populate,
+// Discard or Revert; its window is the memory whose state it does not change
+// that the device cannot reach at some moment during it (iommu.Window), and
+// re-pinned bytes are what it mapped again after unmapping them itself. An
+// Extent split's remainders are both; with MaxExtent they are bounded by two
+// chunks. A Cut split's remainders are neither: its window and re-pinned
+// bytes are 0.
 type Stats struct {
-	Entries       uint64 // IOMMU entries held now
-	PeakEntries   uint64 // most entries held at once
-	MappedBytes   uint64 // bytes mapped now
-	MapCalls      uint64 // map requests sent to the IOMMU
-	UnmapCalls    uint64 // unmap requests sent to the IOMMU
-	Splits        uint64 // entries cut by a discard and remapped in pieces
+	Entries     uint64 // IOMMU entries held now
+	PeakEntries uint64 // most entries held at once
+	MappedBytes uint64 // bytes mapped now
+	MapCalls    uint64 // map requests sent to the IOMMU
+	UnmapCalls  uint64 // unmap requests sent to the IOMMU
+	CutCalls    uint64 // cut requests sent to the IOMMU (Cut policy)
+	// Splits counts the entries a discard cut while keeping their pages
+	// outside it mapped: Extent and Granule unmap such an entry and map the
+	// remainders again, Cut leaves them in place. A discard that failed, or
+	// was reverted, splits nothing.
+	Splits        uint64
 	Failures      uint64 // Populate or Discard calls that failed
 	PinnedBytes   uint64 // bytes pinned by successful map requests
 	UnpinnedBytes uint64 // bytes unpinned by successful unmap requests
@@ -170,6 +218,7 @@ func (s *Stats) Add(x Stats) {
 	s.MappedBytes += x.MappedBytes
 	s.MapCalls += x.MapCalls
 	s.UnmapCalls += x.UnmapCalls
+	s.CutCalls += x.CutCalls
 	s.Splits += x.Splits
 	s.Failures += x.Failures
 	s.PinnedBytes += x.PinnedBytes
@@ -182,22 +231,29 @@ func (s *Stats) Add(x Stats) {
 // Mapper is a discard.Listener that mirrors its section's populated pages
 // into an IOMMU space.
 //
+// Its table holds an entry per IOMMU mapping it made. Under Cut the kernel
+// may hold one entry as several areas (a failed cut may have split it before
+// failing); the pages always agree, and every request the mapper makes
+// covers whole entries or is a cut, so that never matters.
+//
 // Its entry table is kept in windows of IOVA (64 MiB, a 64th of the
 // region, or the bound, whichever is largest) spread over a fixed set of
 // shards, each with its own lock. Every
 // entry lies inside one chunk of the bound in region offsets (MaxExtent for
-// Extent, the granule for Granule), so an operation on a section touches
-// only entries that start less than one bound below or above the section's
-// IOVA range. It locks the shards of those windows in ascending order for
-// its whole run, table and IOMMU calls together (they must change in step),
-// so operations on sections a window apart take different locks. An
-// Unbounded Extent mapper has a single shard: an entry may be as large as
-// the region.
+// Extent and Cut, the granule for Granule: splits, cuts and reverts only
+// make parts of entries), so an operation on a section touches only entries
+// that start less than one bound below or above the section's IOVA range.
+// It locks the shards of those windows in ascending order for its whole
+// run, table and IOMMU calls together (they must change in step), so
+// operations on sections a window apart take different locks. An Unbounded
+// mapper has a single shard: an entry may be as large as the region.
 type Mapper struct {
 	space iommu.Space
-	host  []byte
-	opts  Options
-	log   *slog.Logger
+	// cutter is space as a Cutter under the Cut policy, else nil.
+	cutter iommu.Cutter
+	host   []byte
+	opts   Options
+	log    *slog.Logger
 
 	// bound is the size no entry exceeds; 1<<shift the bytes of a window.
 	bound uint64
@@ -287,10 +343,13 @@ type op struct {
 	w    *iommu.Window
 }
 
-// change is what one notification did to the entries.
+// change is what one notification did to the entries. A cut discard
+// (cut) removed the parts of removed inside its section and left added,
+// the remainders, in place.
 type change struct {
 	removed, added []entry
 	splits         uint64
+	cut            bool
 }
 
 var (
@@ -305,29 +364,52 @@ type entry struct {
 
 func (e entry) end() uint64 { return e.iova + e.size }
 
+// inside returns the part of e's IOVA range inside r.
+func (e entry) inside(r span.Range) span.Range {
+	return span.Range{Start: e.iova, End: e.end()}.Intersect(r)
+}
+
 // New returns a Mapper that maps into space. host is the region's memory
 // (region offset 0 is host[0]); it may be nil for a Model used without DMA.
+// Options it cannot use are an error wrapping ErrOptions; Auto is resolved
+// here, from space.Caps().Cut.
 func New(space iommu.Space, host []byte, opts Options) (*Mapper, error) {
 	if opts.Granularity == 0 {
 		opts.Granularity = 4096
 	}
 	if !span.IsPowerOfTwo(opts.Granularity) {
-		return nil, fmt.Errorf("dma: granularity %#x is not a power of two", opts.Granularity)
+		return nil, fmt.Errorf("dma: granularity %#x is not a power of two: %w", opts.Granularity, ErrOptions)
 	}
-	if opts.Policy != Extent && opts.Policy != Granule {
-		return nil, fmt.Errorf("dma: unknown policy %d", opts.Policy)
+	cutter, canCut := space.(iommu.Cutter)
+	canCut = canCut && space.Caps().Cut
+	switch opts.Policy {
+	case Auto:
+		opts.Policy = Extent
+		if canCut {
+			opts.Policy = Cut
+		}
+	case Cut:
+		if !canCut {
+			return nil, fmt.Errorf("dma: the cut policy needs a space that can cut a mapping (an iommufd IOAS with huge pages off, set as the compat IOAS): %w", ErrOptions)
+		}
+	case Extent, Granule:
+	default:
+		return nil, fmt.Errorf("dma: unknown policy %d: %w", opts.Policy, ErrOptions)
 	}
 	if opts.MaxExtent == 0 {
 		opts.MaxExtent = DefaultMaxExtent
 	}
 	if opts.MaxExtent != Unbounded && (!span.IsPowerOfTwo(opts.MaxExtent) || opts.MaxExtent < 4096) {
-		return nil, fmt.Errorf("dma: maximum extent %#x is not a power of two of at least 4 KiB", opts.MaxExtent)
+		return nil, fmt.Errorf("dma: maximum extent %#x is not a power of two of at least 4 KiB: %w", opts.MaxExtent, ErrOptions)
 	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	m := &Mapper{space: space, host: host, opts: opts, log: log}
+	if opts.Policy == Cut {
+		m.cutter = cutter
+	}
 	m.bound = opts.MaxExtent
 	if opts.Policy == Granule {
 		m.bound = opts.Granularity
@@ -414,7 +496,8 @@ func (m *Mapper) end(o *op) {
 	m.unlock(o.mask)
 }
 
-// Policy returns the mapper's policy.
+// Policy returns the mapper's policy: Extent, Granule or Cut (Auto
+// resolved).
 func (m *Mapper) Policy() Policy { return m.opts.Policy }
 
 // Stats returns the counters, as one snapshot.
@@ -518,11 +601,23 @@ func (m *Mapper) populate(o *op, s discard.Section) error {
 }
 
 // Discard implements discard.Listener: it unmaps everything inside s,
-// splitting entries that stick out of it.
+// splitting entries that stick out of it (under Cut, with one cut request).
 func (m *Mapper) Discard(s discard.Section) error {
 	o := m.begin(s)
 	defer m.end(&o)
-	if err := m.discard(&o, s); err != nil {
+	if s.Size == 0 {
+		// Nothing to discard (and an empty range inside an entry must not
+		// split it), but a notification a failed operation may revert.
+		o.home.journal[s] = change{}
+		return nil
+	}
+	var err error
+	if m.cutter != nil {
+		err = m.cut(&o, s)
+	} else {
+		err = m.discard(&o, s)
+	}
+	if err != nil {
 		o.home.stats.Failures++
 		m.log.Warn("dma discard failed", "section", s, "err", err)
 		return err
@@ -635,6 +730,11 @@ func (m *Mapper) discard(o *op, s discard.Section) error {
 // since (its pages may even have become private). Restoring the old entries
 // would then map stale pages, so in that case Revert takes back s alone: it
 // maps s again as a populate would.
+//
+// A cut cannot be taken back whole: the kernel does not join areas. Revert
+// of a cut discard maps again the parts of s it removed, each as a new
+// entry, and leaves the remainders as they are: the same pages are mapped
+// as before, as more entries, and nothing outside s is touched.
 func (m *Mapper) Revert(s discard.Section) error {
 	o := m.begin(s)
 	defer m.end(&o)
@@ -644,7 +744,9 @@ func (m *Mapper) Revert(s discard.Section) error {
 	}
 	delete(o.home.journal, s)
 	var err error
-	if m.holds(&o, c.added) {
+	if c.cut {
+		err = m.uncut(&o, s, c)
+	} else if m.holds(&o, c.added) {
 		err = m.restore(&o, c)
 	} else {
 		m.log.Info("dma revert: entries around the section changed since; mapping the section anew", "section", s)
@@ -687,6 +789,144 @@ func (m *Mapper) restore(o *op, c change) error {
 	slices.SortFunc(c.removed, func(a, b entry) int { return cmp.Compare(a.iova, b.iova) })
 	for _, e := range c.removed {
 		if err := m.mapEntry(o, e); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	o.home.stats.Splits -= c.splits
+	return errors.Join(errs...)
+}
+
+// cut is Discard under the Cut policy: one cut request over s removes the
+// pages of s from every entry that meets it, and the table replaces those
+// entries by their remainders without any other call.
+func (m *Mapper) cut(o *op, s discard.Section) error {
+	r := s.GPARange()
+	var buf [2]entry
+	met := m.overlapping(buf[:0], o, r)
+	if len(met) == 0 {
+		o.home.journal[s] = change{}
+		return nil
+	}
+	removed := append(o.home.take(), met...)
+	var rest []entry
+	var splits, want uint64
+	for _, e := range met {
+		if e.iova < r.Start || e.end() > r.End {
+			splits++
+			if rest == nil {
+				rest = o.home.take()
+			}
+		}
+		if e.iova < r.Start {
+			rest = append(rest, entry{iova: e.iova, size: r.Start - e.iova, off: e.off})
+		}
+		if e.end() > r.End {
+			rest = append(rest, entry{iova: r.End, size: e.end() - r.End, off: e.off + (r.End - e.iova)})
+		}
+		want += e.inside(r).Len()
+	}
+	// Generic budget logic; the spaces that cut have no limit.
+	if uint64(len(rest)) > uint64(len(met)) {
+		held, err := m.budget(uint64(len(rest)-len(met)), false, r)
+		if err != nil {
+			o.home.give(removed)
+			o.home.give(rest)
+			return err
+		}
+		if held {
+			defer m.budgetMu.Unlock()
+		}
+	}
+	st := &o.home.stats
+	st.CutCalls++
+	n, err := m.cutter.Cut(r.Start, r.Len())
+	if err != nil {
+		err = fmt.Errorf("dma: cut iova %#x size %#x: %w", r.Start, r.Len(), err)
+		if n > 0 {
+			err = m.recut(o, met, r, n, err)
+		}
+		o.home.give(removed)
+		o.home.give(rest)
+		return err
+	}
+	if n != want {
+		m.log.Error("dma: cut removed an unexpected size", "iova", r.Start, "size", r.Len(), "unmapped", n, "expected", want)
+	}
+	for _, e := range met {
+		m.locked(o, e.iova).entries.Delete(e)
+		in := e.inside(r)
+		o.w.Unmapped(in)
+		st.MappedBytes -= in.Len()
+		st.UnpinnedBytes += in.Len()
+	}
+	for _, p := range rest {
+		m.locked(o, p.iova).entries.ReplaceOrInsert(p)
+	}
+	m.count(len(rest) - len(met))
+	st.Splits += splits
+	o.home.journal[s] = change{removed: removed, added: rest, splits: splits, cut: true}
+	return nil
+}
+
+// recut handles a cut request that failed after unmapping n bytes (an
+// unmap that stopped part way): the kernel had split the entries at both
+// ends of r and removed areas in ascending order, so the pages gone are the
+// first n mapped bytes of r. It maps them again, each part a new entry, and
+// makes the table what the kernel now holds: the remainders, the parts
+// mapped again and the parts never removed, each its own entry. A part that
+// cannot be mapped again leaves the table (so it stays truthful about what
+// is mapped) and its error is joined to err.
+func (m *Mapper) recut(o *op, met []entry, r span.Range, n uint64, err error) error {
+	st := &o.home.stats
+	errs := []error{err}
+	var pieces [3]entry
+	for _, e := range met {
+		in := e.inside(r)
+		gone := min(n, in.Len())
+		n -= gone
+		ps := pieces[:0]
+		if e.iova < r.Start {
+			ps = append(ps, entry{iova: e.iova, size: r.Start - e.iova, off: e.off})
+		}
+		if e.end() > r.End {
+			ps = append(ps, entry{iova: r.End, size: e.end() - r.End, off: e.off + (r.End - e.iova)})
+		}
+		if kept := in.Len() - gone; kept > 0 {
+			ps = append(ps, entry{iova: in.Start + gone, size: kept, off: e.off + (in.Start + gone - e.iova)})
+		}
+		m.locked(o, e.iova).entries.Delete(e)
+		for _, p := range ps {
+			m.locked(o, p.iova).entries.ReplaceOrInsert(p)
+		}
+		m.count(len(ps) - 1)
+		if gone == 0 {
+			continue
+		}
+		lost := entry{iova: in.Start, size: gone, off: e.off + (in.Start - e.iova)}
+		o.w.Unmapped(span.Range{Start: lost.iova, End: lost.end()})
+		st.MappedBytes -= gone
+		st.UnpinnedBytes += gone
+		if merr := m.mapEntry(o, lost); merr != nil {
+			errs = append(errs, merr)
+		}
+	}
+	if len(errs) > 1 {
+		m.log.Error("dma: restoring pages after a failed cut failed", "err", errors.Join(errs[1:]...))
+	}
+	return errors.Join(errs...)
+}
+
+// uncut undoes a cut discard of s: it maps again, each as a new entry, the
+// parts of s the cut removed. The remainders stay as the cut left them
+// (whatever a neighbour has done to them since), and s is the caller's to
+// change, so nothing else is looked at.
+func (m *Mapper) uncut(o *op, s discard.Section, c change) error {
+	r := s.GPARange()
+	slices.SortFunc(c.removed, func(a, b entry) int { return cmp.Compare(a.iova, b.iova) })
+	var errs []error
+	for _, e := range c.removed {
+		in := e.inside(r)
+		if err := m.mapEntry(o, entry{iova: in.Start, size: in.Len(), off: e.off + (in.Start - e.iova)}); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -761,7 +1001,7 @@ func (m *Mapper) reserve() uint64 {
 	case NoReserve:
 		return 0
 	case 0:
-		if m.opts.Policy == Granule {
+		if m.opts.Policy != Extent {
 			return 0
 		}
 		return DefaultSplitReserve(m.space.Caps().EntryLimit)
@@ -808,10 +1048,19 @@ func (m *Mapper) mapEntry(o *op, e entry) error {
 	o.w.Mapped(span.Range{Start: e.iova, End: e.end()})
 	st.MappedBytes += e.size
 	st.PinnedBytes += e.size
-	n := m.entries.Add(1)
+	m.count(1)
+	return nil
+}
+
+// count adds d to the entries held, and keeps the peak.
+func (m *Mapper) count(d int) {
+	if d <= 0 {
+		m.entries.Add(-uint64(-d))
+		return
+	}
+	n := m.entries.Add(uint64(d))
 	for p := m.peak.Load(); n > p && !m.peak.CompareAndSwap(p, n); p = m.peak.Load() {
 	}
-	return nil
 }
 
 // unmapEntries removes es with one unmap request from the first to the end
@@ -840,7 +1089,7 @@ func (m *Mapper) unmapEntries(o *op, es []entry) error {
 		st.MappedBytes -= e.size
 		st.UnpinnedBytes += e.size
 	}
-	m.entries.Add(-uint64(len(es)))
+	m.count(-len(es))
 	if n != want {
 		m.log.Error("dma: unmap removed an unexpected size", "iova", first.iova, "size", size, "unmapped", n, "expected", want)
 	}

@@ -95,27 +95,63 @@ func (f *fixture) discard(s discard.Section) {
 }
 
 func TestPolicy(t *testing.T) {
-	for _, p := range []dma.Policy{dma.Extent, dma.Granule} {
-		got, err := dma.ParsePolicy(p.String())
+	for p, name := range map[dma.Policy]string{dma.Auto: "auto", dma.Extent: "extent", dma.Granule: "granule", dma.Cut: "cut"} {
+		if p.String() != name {
+			t.Errorf("%d.String() = %q, want %q", int(p), p.String(), name)
+		}
+		got, err := dma.ParsePolicy(name)
 		if err != nil || got != p {
-			t.Errorf("ParsePolicy(%q) = %v, %v", p.String(), got, err)
+			t.Errorf("ParsePolicy(%q) = %v, %v", name, got, err)
 		}
 	}
-	if _, err := dma.ParsePolicy("adaptive"); err == nil {
-		t.Error("ParsePolicy accepted an unknown policy")
+	if _, err := dma.ParsePolicy("adaptive"); !errors.Is(err, dma.ErrOptions) {
+		t.Errorf("ParsePolicy of an unknown policy = %v, want ErrOptions", err)
+	}
+	if got := dma.Policy(7).String(); got != "policy(7)" {
+		t.Errorf("Policy(7).String() = %q", got)
 	}
 	model := iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD})
-	if _, err := dma.New(model, nil, dma.Options{Granularity: 3 * pg}); err == nil {
-		t.Error("New accepted a granularity that is not a power of two")
+	for name, opts := range map[string]dma.Options{
+		"granularity not a power of two": {Granularity: 3 * pg},
+		"unknown policy":                 {Policy: dma.Policy(7)},
+		"maximum extent of 3 MiB":        {MaxExtent: 3 << 20},
+		"maximum extent of 1 KiB":        {MaxExtent: 1 << 10},
+		"cut on a space that cannot cut": {Policy: dma.Cut},
+	} {
+		if _, err := dma.New(model, nil, opts); !errors.Is(err, dma.ErrOptions) {
+			t.Errorf("New with %s = %v, want ErrOptions", name, err)
+		}
 	}
-	if _, err := dma.New(model, nil, dma.Options{Policy: dma.Policy(7)}); err == nil {
-		t.Error("New accepted an unknown policy")
+	// Auto is Cut where the space can cut, Extent elsewhere; explicit
+	// policies stay as asked.
+	for _, c := range []struct {
+		caps iommu.Caps
+		opts dma.Options
+		want dma.Policy
+	}{
+		{iommu.Caps{Rules: iommu.Type1v2}, dma.Options{}, dma.Extent},
+		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{}, dma.Extent},
+		{iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, dma.Options{}, dma.Cut},
+		{iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, dma.Options{Policy: dma.Cut, MaxExtent: dma.Unbounded}, dma.Cut},
+		{iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, dma.Options{Policy: dma.Extent}, dma.Extent},
+		{iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, dma.Options{Policy: dma.Granule}, dma.Granule},
+	} {
+		m, err := dma.New(iommu.NewModel(c.caps), nil, c.opts)
+		if err != nil || m.Policy() != c.want {
+			t.Errorf("policy %v on %+v = %v, %v; want %v", c.opts.Policy, c.caps, m.Policy(), err, c.want)
+		}
 	}
-	m, err := dma.New(model, nil, dma.Options{})
-	if err != nil || m.Policy() != dma.Extent {
-		t.Errorf("default policy = %v, %v; want extent", m.Policy(), err)
+	// A space that says it cuts but is no Cutter cannot take Cut.
+	if _, err := dma.New(noCutter{iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD, Cut: true})}, nil, dma.Options{Policy: dma.Cut}); !errors.Is(err, dma.ErrOptions) {
+		t.Errorf("Cut on a space without a Cut method = %v, want ErrOptions", err)
+	}
+	if m, err := dma.New(noCutter{iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD, Cut: true})}, nil, dma.Options{}); err != nil || m.Policy() != dma.Extent {
+		t.Errorf("Auto on a space without a Cut method = %v, %v; want extent", m.Policy(), err)
 	}
 }
+
+// noCutter is a Space that hides its model's Cut method.
+type noCutter struct{ iommu.Space }
 
 // TestExtentEntries checks that Extent maps one entry per populate, never
 // merges two notifications, and maps only the gaps of a partly mapped
@@ -205,8 +241,11 @@ func TestDiscardSplit(t *testing.T) {
 			if st.Splits != 2 || st.Entries != 1 || st.MappedBytes != 6*pg {
 				t.Fatalf("stats after the second discard: %+v", st)
 			}
-			// A discard of nothing mapped makes no call.
+			// A discard of nothing mapped, or of an empty section inside
+			// an entry, makes no call.
 			f.discard(sec(40, 4))
+			f.discard(sec(12, 0))
+			f.entries(ent(10, 6))
 			if got := f.mapper.Stats(); got.UnmapCalls != st.UnmapCalls || got.MapCalls != st.MapCalls {
 				t.Fatalf("a discard of unmapped pages made calls: %+v", got)
 			}
@@ -329,6 +368,7 @@ func TestFailureRestores(t *testing.T) {
 	boom := errors.New("boom")
 	type tc struct {
 		name  string
+		cut   bool // on a space that cuts (Auto: the Cut policy)
 		opts  dma.Options
 		setup []discard.Section
 		op    func(m *dma.Mapper) error
@@ -338,11 +378,14 @@ func TestFailureRestores(t *testing.T) {
 		{name: "populate around entries", setup: []discard.Section{sec(2, 1), sec(5, 1)}, op: func(m *dma.Mapper) error { return m.Populate(sec(0, 8)) }},
 		{name: "split in the middle", setup: []discard.Section{sec(0, 16)}, op: func(m *dma.Mapper) error { return m.Discard(sec(4, 4)) }},
 		{name: "two straddlers and inside entries", setup: []discard.Section{sec(0, 4), sec(4, 2), sec(6, 2), sec(8, 4)}, op: func(m *dma.Mapper) error { return m.Discard(sec(2, 8)) }},
+		{name: "cut in the middle", cut: true, setup: []discard.Section{sec(0, 16)}, op: func(m *dma.Mapper) error { return m.Discard(sec(4, 4)) }},
+		{name: "cut of straddlers and inside entries", cut: true, setup: []discard.Section{sec(0, 4), sec(4, 2), sec(6, 2), sec(8, 4)}, op: func(m *dma.Mapper) error { return m.Discard(sec(2, 8)) }},
+		{name: "populate on a space that cuts", cut: true, setup: []discard.Section{sec(2, 1), sec(5, 1)}, op: func(m *dma.Mapper) error { return m.Populate(sec(0, 8)) }},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			for n := 1; ; n++ {
-				f := newFixture(t, iommu.Caps{Rules: iommu.IOMMUFD}, c.opts)
+				f := newFixture(t, iommu.Caps{Rules: iommu.IOMMUFD, Cut: c.cut}, c.opts)
 				for _, s := range c.setup {
 					f.populate(s)
 				}
@@ -372,7 +415,7 @@ func TestFailureRestores(t *testing.T) {
 				f.entries(before...)
 				after := f.mapper.Stats()
 				beforeStats.Failures++
-				beforeStats.MapCalls, beforeStats.UnmapCalls = after.MapCalls, after.UnmapCalls
+				beforeStats.MapCalls, beforeStats.UnmapCalls, beforeStats.CutCalls = after.MapCalls, after.UnmapCalls, after.CutCalls
 				beforeStats.PeakEntries = after.PeakEntries
 				// Pins follow the calls made and undone; what was mapped
 				// stays pinned, and only what the undo restored was
@@ -475,24 +518,34 @@ func (p *probingSpace) Unmap(iova, size uint64) (uint64, error) {
 	return n, err
 }
 
+func (p *probingSpace) Cut(iova, size uint64) (uint64, error) {
+	n, err := p.Model.Cut(iova, size)
+	p.probe()
+	return n, err
+}
+
 // TestMaxExtent checks that Extent entries stop at multiples of MaxExtent,
 // and that a cut then unmaps only the chunk it falls in: a device DMAing to
 // another chunk while the split runs (between its unmap and its map) reaches
 // memory, while without the bound it faults. The model measures the same
-// window and re-pinned bytes as the mapper.
+// window and re-pinned bytes as the mapper. The Cut policy hides nothing,
+// bounded or not.
 func TestMaxExtent(t *testing.T) {
 	for _, c := range []struct {
 		name      string
+		caps      iommu.Caps
 		max       uint64
 		entries   []iommu.Mapping
 		window    uint64 // bytes hidden from the device by the cut
 		probeHits bool   // a DMA to page 40 during the split lands
 	}{
-		{"bounded", 16 * pg, []iommu.Mapping{ent(0, 16), ent(16, 4), ent(21, 11), ent(32, 16), ent(48, 16)}, 15 * pg, true},
-		{"unbounded", dma.Unbounded, []iommu.Mapping{ent(0, 20), ent(21, 43)}, 63 * pg, false},
+		{"bounded", iommu.Caps{Rules: iommu.Type1v2}, 16 * pg, []iommu.Mapping{ent(0, 16), ent(16, 4), ent(21, 11), ent(32, 16), ent(48, 16)}, 15 * pg, true},
+		{"unbounded", iommu.Caps{Rules: iommu.Type1v2}, dma.Unbounded, []iommu.Mapping{ent(0, 20), ent(21, 43)}, 63 * pg, false},
+		{"cut bounded", iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, 16 * pg, []iommu.Mapping{ent(0, 16), ent(16, 4), ent(21, 11), ent(32, 16), ent(48, 16)}, 0, true},
+		{"cut unbounded", iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, dma.Unbounded, []iommu.Mapping{ent(0, 20), ent(21, 43)}, 0, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			space := &probingSpace{Model: iommu.NewModel(iommu.Caps{Rules: iommu.Type1v2}), iova: gpa + 40*pg}
+			space := &probingSpace{Model: iommu.NewModel(c.caps), iova: gpa + 40*pg}
 			host := make([]byte, 64*pg)
 			m, err := dma.New(space, host, dma.Options{MaxExtent: c.max})
 			if err != nil {
@@ -567,12 +620,12 @@ func TestSplitReserve(t *testing.T) {
 
 // TestStatsAdd: every counter is summed, the largest window kept.
 func TestStatsAdd(t *testing.T) {
-	a := dma.Stats{Entries: 1, PeakEntries: 2, MappedBytes: 3, MapCalls: 4, UnmapCalls: 5, Splits: 6, Failures: 7,
+	a := dma.Stats{Entries: 1, PeakEntries: 2, MappedBytes: 3, MapCalls: 4, UnmapCalls: 5, CutCalls: 13, Splits: 6, Failures: 7,
 		PinnedBytes: 8, UnpinnedBytes: 9, RepinnedBytes: 10, WindowBytes: 11, MaxWindow: 12}
-	b := dma.Stats{Entries: 10, PeakEntries: 20, MappedBytes: 30, MapCalls: 40, UnmapCalls: 50, Splits: 60, Failures: 70,
+	b := dma.Stats{Entries: 10, PeakEntries: 20, MappedBytes: 30, MapCalls: 40, UnmapCalls: 50, CutCalls: 130, Splits: 60, Failures: 70,
 		PinnedBytes: 80, UnpinnedBytes: 90, RepinnedBytes: 100, WindowBytes: 110, MaxWindow: 5}
 	a.Add(b)
-	want := dma.Stats{Entries: 11, PeakEntries: 22, MappedBytes: 33, MapCalls: 44, UnmapCalls: 55, Splits: 66, Failures: 77,
+	want := dma.Stats{Entries: 11, PeakEntries: 22, MappedBytes: 33, MapCalls: 44, UnmapCalls: 55, CutCalls: 143, Splits: 66, Failures: 77,
 		PinnedBytes: 88, UnpinnedBytes: 99, RepinnedBytes: 110, WindowBytes: 121, MaxWindow: 12}
 	if a != want {
 		t.Errorf("Add = %+v, want %+v", a, want)

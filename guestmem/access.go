@@ -174,10 +174,10 @@ func copyPieces(ps []piece, p []byte, base uint64, write bool) {
 // private ones included. It implements io.ReaderAt and io.WriterAt with GPA
 // offsets. It is for writing the boot image before the guest runs and for
 // software vCPUs that act for the guest; host code uses Memory.ReadAt and
-// Memory.WriteAt. Where KVM enforces the attributes (EnforceKVM) private
-// pages are not reachable from the host (a split block's live in
-// guest_memfd, an in-place block's mapping faults on them), so GuestView
-// refuses them; it refuses unplugged pages always.
+// Memory.WriteAt. Where the kernel enforces the attributes (EnforceKVM,
+// EnforceGuestMemfd) private pages are not reachable from the host (a split
+// block's live in guest_memfd, an in-place block's mapping faults on them),
+// so GuestView refuses them; it refuses unplugged pages always.
 type GuestView struct{ m *Memory }
 
 // Guest returns the guest's view of the memory.
@@ -190,6 +190,10 @@ func (g GuestView) ReadAt(p []byte, off int64) (int, error) { return g.access(p,
 func (g GuestView) WriteAt(p []byte, off int64) (int, error) { return g.access(p, off, true) }
 
 func (g GuestView) access(p []byte, off int64, write bool) (int, error) {
+	if g.m == nil {
+		// A zero GuestView, not made by Memory.Guest, has no memory.
+		return 0, &AccessError{GPA: uint64(off), Size: uint64(len(p)), Write: write, Err: ErrClosed}
+	}
 	if err := g.m.enter(); err != nil {
 		return 0, &AccessError{GPA: uint64(off), Size: uint64(len(p)), Write: write, Err: err}
 	}
@@ -203,7 +207,7 @@ func (g GuestView) access(p []byte, off int64, write bool) (int, error) {
 	}
 	// With KVM's attributes a private page is not the host's to touch: a
 	// split block's lives in guest_memfd, an in-place block's mapping faults.
-	shared := g.m.enforcement == EnforceKVM
+	shared := g.m.enforcement.Kernel()
 	if err := lockPieces(ps, shared, func() { copyPieces(ps, p, uint64(off), write) }); err != nil {
 		return 0, &AccessError{GPA: firstRefused(ps, err), Size: uint64(len(p)), Write: write, Err: err}
 	}

@@ -18,9 +18,14 @@ type backend struct{ b *Block }
 
 var _ memattr.Backend = backend{}
 
-// SetAttributes sets the runs' attributes with KVM_SET_MEMORY_ATTRIBUTES
-// where the VM has private memory, and in the user-space record in any case.
-// It is all or nothing: when a run fails, the runs already set are set back.
+// SetAttributes sets the runs' attributes where the kernel keeps them
+// (KVM_SET_MEMORY_ATTRIBUTES where the VM has private memory,
+// KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd in place with
+// per-guest_memfd attributes), and in the user-space record in any case. It
+// is all or nothing: when a run fails, the runs already set are set back.
+// In place, memattr calls it to make runs private only after the listeners
+// have unmapped them, so gmem's own device pins are gone and a refusal
+// (*PinnedError) means someone else pins a page.
 func (be backend) SetAttributes(runs []span.Range, to memattr.State) error {
 	b, m := be.b, be.b.m
 	for i, r := range runs {
@@ -29,9 +34,9 @@ func (be backend) SetAttributes(runs []span.Range, to memattr.State) error {
 		if err == nil && m.closed.Load() {
 			err = ErrClosed
 		}
-		if err == nil && m.enforcement == EnforceKVM {
+		if err == nil && m.enforcement != EnforceUserSpace {
 			start := time.Now()
-			err = m.vm.SetMemoryAttributes(kvmAttributes(g, to))
+			err = b.setKernelAttributes(r, to)
 			m.attrNanos.Add(int64(time.Since(start)))
 		}
 		if err != nil {
@@ -48,14 +53,23 @@ func (be backend) SetAttributes(runs []span.Range, to memattr.State) error {
 	return nil
 }
 
-// restoreKVM sets runs back to the state opposite to `to` in KVM.
-func (be backend) restoreKVM(runs []span.Range, to memattr.State) error {
-	if be.b.m.enforcement != EnforceKVM {
-		return nil
+// setKernelAttributes sets run r (block offsets) to `to` where the kernel
+// keeps the attributes, if it does.
+func (b *Block) setKernelAttributes(r span.Range, to memattr.State) error {
+	switch b.m.enforcement {
+	case EnforceKVM:
+		return b.m.vm.SetMemoryAttributes(kvmAttributes(b.toGPA(r), to))
+	case EnforceGuestMemfd:
+		return b.setFileAttributes(r, to)
 	}
+	return nil
+}
+
+// restoreKVM sets runs back to the state opposite to `to` in the kernel.
+func (be backend) restoreKVM(runs []span.Range, to memattr.State) error {
 	var errs []error
 	for _, r := range runs {
-		if err := be.b.m.vm.SetMemoryAttributes(kvmAttributes(be.b.toGPA(r), opposite(to))); err != nil {
+		if err := be.b.setKernelAttributes(r, opposite(to)); err != nil {
 			errs = append(errs, err)
 		}
 	}

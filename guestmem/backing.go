@@ -101,11 +101,16 @@ type files struct {
 func (f *files) Size() uint64  { return f.size }
 func (f *files) InPlace() bool { return f.inPlace }
 
-// Discard punches [off, off+n) out of the side's file.
+// Discard punches [off, off+n) out of the side's file. An unknown side is
+// ErrInvalid; a backing that is closed, or a zero value never made by its
+// constructor, ErrClosed.
 func (f *files) Discard(s Side, off, n uint64) error {
+	if err := checkSide(s); err != nil {
+		return err
+	}
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	if f.closed {
+	if f.closed || f.shared == nil {
 		return fmt.Errorf("guestmem: discard %v side at offset %#x: %w", s, off, ErrClosed)
 	}
 	file := f.shared
@@ -155,8 +160,8 @@ func NewMemfdBacking(name string, size uint64, mode Mode) (*MemfdBacking, error)
 	if err := checkBackingSize(size); err != nil {
 		return nil, err
 	}
-	if mode != InPlace && mode != Split {
-		return nil, fmt.Errorf("guestmem: unknown mode %d", mode)
+	if err := checkMode(mode); err != nil {
+		return nil, err
 	}
 	b := &MemfdBacking{files{size: size, inPlace: mode == InPlace}}
 	ok := false
@@ -213,6 +218,12 @@ func NewKVMBacking(vm MemslotBinder, name string, size uint64, mode Mode) (*KVMB
 	if err := checkBackingSize(size); err != nil {
 		return nil, err
 	}
+	if err := checkMode(mode); err != nil {
+		return nil, err
+	}
+	if isNil(vm) {
+		return nil, fmt.Errorf("%w: no VM to create a guest_memfd on", ErrLayout)
+	}
 	b := &KVMBacking{files: files{size: size, inPlace: mode == InPlace}}
 	ok := false
 	defer func() {
@@ -223,7 +234,7 @@ func NewKVMBacking(vm MemslotBinder, name string, size uint64, mode Mode) (*KVMB
 	var err error
 	switch mode {
 	case InPlace:
-		flags := uint64(kvm.GuestMemfdFlagMmap | kvm.GuestMemfdFlagInitShared)
+		flags := uint64(kvm.InPlaceFlags)
 		if b.gmem, err = vm.CreateGuestMemfd(size, flags); err != nil {
 			return nil, fmt.Errorf("guestmem: in-place memory needs an mmap-able, initially shared guest_memfd: %w", err)
 		}
@@ -244,8 +255,6 @@ func NewKVMBacking(vm MemslotBinder, name string, size uint64, mode Mode) (*KVMB
 		if b.host, err = sh.mmap(); err != nil {
 			return nil, err
 		}
-	default:
-		return nil, fmt.Errorf("guestmem: unknown mode %d", mode)
 	}
 	ok = true
 	return b, nil
@@ -259,9 +268,14 @@ func (b *KVMBacking) Host() []byte {
 	return b.host
 }
 
-// GuestMemfd returns the guest_memfd's descriptor (-1 after Close) and the
-// block's offset in it (0).
-func (b *KVMBacking) GuestMemfd() (int, uint64) { return b.gmem.Fd(), 0 }
+// GuestMemfd returns the guest_memfd's descriptor (-1 after Close, and for
+// a zero KVMBacking) and the block's offset in it (0).
+func (b *KVMBacking) GuestMemfd() (int, uint64) {
+	if b.gmem == nil {
+		return -1, 0
+	}
+	return b.gmem.Fd(), 0
+}
 
 // Close unmaps the memory and closes the files. Memslots bound to the
 // guest_memfd keep its memory alive until deleted. A second Close returns
@@ -284,10 +298,10 @@ type ModelBacking struct {
 // multiple of PageSize) laid out for mode.
 func NewModelBacking(size uint64, mode Mode) (*ModelBacking, error) {
 	if _, err := span.Checked(0, size, PageSize, ^uint64(0)); err != nil {
-		return nil, fmt.Errorf("guestmem: model backing size %#x: %w", size, err)
+		return nil, fmt.Errorf("%w: model backing size %#x: %w", ErrLayout, size, err)
 	}
-	if mode != InPlace && mode != Split {
-		return nil, fmt.Errorf("guestmem: unknown mode %d", mode)
+	if err := checkMode(mode); err != nil {
+		return nil, err
 	}
 	return &ModelBacking{size: size, inPlace: mode == InPlace}, nil
 }
@@ -301,8 +315,11 @@ func (b *ModelBacking) InPlace() bool { return b.inPlace }
 // Host returns nil: there is no host memory.
 func (b *ModelBacking) Host() []byte { return nil }
 
-// Discard checks the range and counts it.
+// Discard checks the side and the range and counts it.
 func (b *ModelBacking) Discard(s Side, off, n uint64) error {
+	if err := checkSide(s); err != nil {
+		return err
+	}
 	if _, err := span.Checked(off, n, PageSize, b.size); err != nil {
 		return fmt.Errorf("guestmem: discard %v side at offset %#x: %w", s, off, err)
 	}
@@ -319,10 +336,38 @@ func (b *ModelBacking) Discards() (calls, bytes uint64) {
 // checkBackingSize accepts sizes that can be mapped.
 func checkBackingSize(size uint64) error {
 	if _, err := span.Checked(0, size, PageSize, ^uint64(0)); err != nil {
-		return fmt.Errorf("guestmem: backing size %#x: %w", size, err)
+		return fmt.Errorf("%w: backing size %#x: %w", ErrLayout, size, err)
 	}
 	if size > uint64(int(^uint(0)>>1)) {
-		return fmt.Errorf("guestmem: backing size %#x too large to map", size)
+		return fmt.Errorf("%w: backing size %#x too large to map", ErrLayout, size)
 	}
 	return nil
+}
+
+// checkMode accepts the two modes.
+func checkMode(mode Mode) error {
+	if mode != InPlace && mode != Split {
+		return fmt.Errorf("%w: unknown mode %d", ErrLayout, mode)
+	}
+	return nil
+}
+
+// checkSide accepts the two sides.
+func checkSide(s Side) error {
+	if s != SharedSide && s != PrivateSide {
+		return fmt.Errorf("guestmem: discard: %w: unknown side %d", ErrInvalid, s)
+	}
+	return nil
+}
+
+var _ AttributeBacking = (*KVMBacking)(nil)
+
+// AttributeFile returns the guest_memfd, which keeps its own attributes on
+// kernels with in-place conversion, and the block's offset in it (0); nil
+// for a KVMBacking that NewKVMBacking did not make.
+func (b *KVMBacking) AttributeFile() (AttributeFile, uint64) {
+	if b.gmem == nil {
+		return nil, 0
+	}
+	return b.gmem, 0
 }

@@ -77,7 +77,7 @@ var closedCalls = map[string]struct {
 		return err
 	}},
 	"Attachment.Check": {true, func(_ *guestmem.Memory, a *guestmem.Attachment, _ *guestmem.Block) error {
-		return a.Check(nil)
+		return a.Check()
 	}},
 	// Detach after Close is a no-op: Close detached it.
 	"Attachment.Detach":  {false, func(_ *guestmem.Memory, a *guestmem.Attachment, _ *guestmem.Block) error { return a.Detach() }},

@@ -42,8 +42,9 @@ type Result struct {
 var (
 	// ErrInvalid is a malformed request: size 0, overflow, not page
 	// aligned, beyond MaxGPA, or an unknown target state. It wraps the
-	// span error that says which.
-	ErrInvalid = errors.New("invalid conversion request")
+	// span error that says which. Plug, Unplug, Walk and Backing.Discard
+	// (an unknown Side) answer it for their malformed arguments too.
+	ErrInvalid = errors.New("invalid request")
 	// ErrNotRAM is a request to make an MMIO hole or unbacked range private.
 	ErrNotRAM = errors.New("not guest RAM")
 )

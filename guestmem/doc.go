@@ -66,19 +66,33 @@
 //	question               test with                  examples
 //	what kind of failure   errors.Is(err, sentinel)   ErrInvalid, ErrNotRAM, ErrUnplugged, ErrPrivate,
 //	                                                  ErrNoRAM, ErrNoHostMemory, ErrAddress, ErrLayout,
-//	                                                  ErrClosed; span.ErrAlign etc.; unix.ENOSPC etc.
+//	                                                  ErrOptions, ErrIOMMUPage, ErrTooLarge,
+//	                                                  ErrNoAttributeFile, ErrClosed;
+//	                                                  span.ErrAlign etc.; unix.ENOSPC etc.
 //	the details            errors.As(err, &ptr)       *ConvertError, *AccessError, *PlugError,
-//	                                                  *Violation, *kvm.UnsupportedError
+//	                                                  *Violation, *PinnedError, *pagemap.SizeError,
+//	                                                  *kvm.UnsupportedError
 //	what to tell the guest HypercallRet(err)          0, EAGAIN, EINVAL
 //	retry or not           Transient(err)             ENOSPC, ENOMEM, EBUSY, EAGAIN, EINTR
 //
-// Messages say whether a number is a GPA or an offset into a block.
+// Messages say whether a number is a GPA or an offset into a block. No
+// argument makes a call panic: nil and zero arguments (a nil pointer in an
+// interface among them) answer an error matching a sentinel, or nil where
+// zero is valid, such as an empty read.
 //
 // # Enforcement
 //
 // Where the VM accepts KVM_MEMORY_ATTRIBUTE_PRIVATE (KVM_CAP_MEMORY_ATTRIBUTES
 // on the VM fd), the executor sets KVM's attributes with
-// KVM_SET_MEMORY_ATTRIBUTES ([EnforceKVM]). Otherwise the attributes are kept
+// KVM_SET_MEMORY_ATTRIBUTES ([EnforceKVM]). In place, where the kernel keeps
+// attributes per guest_memfd (kvm.CapGuestMemfdMemoryAttributes reports
+// PRIVATE: Linux 7.4's in-place conversion on a VM with private memory), it
+// sets them on each block's guest_memfd with KVM_SET_MEMORY_ATTRIBUTES2
+// ([EnforceGuestMemfd], [AttributeBacking]). The kernel then refuses to make
+// a page private while anything pins it; gmem's own device mappings are gone
+// by then (the listeners unmap first), so a refusal is someone else's pin:
+// the conversion is undone, the guest gets EAGAIN and the error is a
+// [PinnedError] naming the GPA. Otherwise the attributes are kept
 // in user space only ([EnforceUserSpace]): the host accessor and the IOMMU
 // mappings follow them, but nothing stops the guest itself from touching a
 // page it calls private. [Memory.Enforcement] says which one the host gave.

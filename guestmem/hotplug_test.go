@@ -12,6 +12,7 @@ import (
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/memattr"
+	"github.com/gmemproject/gmem/span"
 )
 
 // The hot-plug layout: ordinary RAM, a gap, hot-pluggable RAM in 64 KiB
@@ -188,7 +189,7 @@ func TestRandomizedHotplug(t *testing.T) {
 					failed++
 				}
 				for _, d := range devs {
-					if err := d.att.Check(d.model.Mappings()); err != nil {
+					if err := d.att.Check(); err != nil {
 						t.Fatalf("step %d: %v", i, err)
 					}
 				}
@@ -267,14 +268,35 @@ func FuzzPlug(f *testing.F) {
 		if err != nil && !errors.As(err, &pe) {
 			t.Fatalf("plug error %v is no *PlugError", err)
 		}
-		aligned := size != 0 && gpa%page == 0 && size%page == 0 && gpa+size > gpa
-		if !aligned && !errors.Is(err, guestmem.ErrInvalid) {
-			t.Fatalf("malformed range %#x+%#x: %v", gpa, size, err)
+		// The order of the checks (see Plug): the range, where it starts,
+		// its fit to the block, the state.
+		end := gpa + size
+		switch {
+		case size == 0 || end < gpa || gpa%page != 0 || size%page != 0 || end > guestmem.DefaultMaxGPA:
+			if !errors.Is(err, guestmem.ErrInvalid) {
+				t.Fatalf("malformed range %#x+%#x: %v, want ErrInvalid", gpa, size, err)
+			}
+		case gpa < hpGPA || gpa >= hpGPA+hpSize:
+			if !errors.Is(err, guestmem.ErrUnplugged) || errors.Is(err, guestmem.ErrInvalid) {
+				t.Fatalf("%#x+%#x starts outside the hot-pluggable block: %v, want ErrUnplugged", gpa, size, err)
+			}
+		case gpa%hpBlock != 0 || size%hpBlock != 0 || end > hpGPA+hpSize:
+			if !errors.Is(err, guestmem.ErrInvalid) || errors.Is(err, guestmem.ErrPlugged) {
+				t.Fatalf("%#x+%#x does not fit the plug blocks: %v, want ErrInvalid", gpa, size, err)
+			}
+		default:
+			want := guestmem.ErrUnplugged
+			if plug {
+				want = guestmem.ErrPlugged
+			}
+			if err != nil && (!errors.Is(err, want) || errors.Is(err, guestmem.ErrInvalid)) {
+				t.Fatalf("well-formed %#x+%#x: %v, want nil or %v", gpa, size, err, want)
+			}
 		}
 		if _, err := mem.Convert(guestmem.Request{GPA: gpa, Size: size, To: memattr.Shared}); err != nil && !errors.As(err, new(*guestmem.ConvertError)) {
 			t.Fatal(err)
 		}
-		if err := att.Check(model.Mappings()); err != nil {
+		if err := att.Check(); err != nil {
 			t.Fatal(err)
 		}
 		walk, err := mem.Walk(wgpa, wsize)
@@ -290,4 +312,84 @@ func FuzzPlug(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestPlugErrors: Plug and Unplug check the range, then where it starts,
+// then its fit to the plug blocks, then the state; every malformed
+// request is ErrInvalid with the span error that says why, whatever the
+// state of the memory.
+func TestPlugErrors(t *testing.T) {
+	mem, err := guestmem.New(guestmem.Config{
+		Blocks: []guestmem.BlockConfig{
+			{Name: "ram", GPA: 0, Size: hpRAM},
+			{Name: "vmem", GPA: hpGPA, Size: hpSize, Hotplug: hpBlock},
+		},
+		MMIO: []guestmem.Hole{{Name: "dev", GPA: hpRAM, Size: 64 * kib}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	// The first two plug blocks are plugged.
+	if err := mem.Plug(hpGPA, 2*hpBlock); err != nil {
+		t.Fatal(err)
+	}
+	last := uint64(hpGPA + hpSize - hpBlock)
+	for _, c := range []struct {
+		name      string
+		plug      bool
+		gpa, size uint64
+		want      []error // all must match; nil: success
+	}{
+		{"byte misaligned", true, hpGPA + 1, hpBlock, []error{guestmem.ErrInvalid, span.ErrAlign}},
+		{"size 0", true, hpGPA, 0, []error{guestmem.ErrInvalid, span.ErrEmpty}},
+		{"wraps", true, 1<<64 - page, 2 * page, []error{guestmem.ErrInvalid, span.ErrOverflow}},
+		{"past MaxGPA", true, guestmem.DefaultMaxGPA, page, []error{guestmem.ErrInvalid, span.ErrBounds}},
+		{"page aligned, not block aligned", true, last + page, hpBlock, []error{guestmem.ErrInvalid, span.ErrAlign}},
+		{"part of a block, unplugged", true, last, page, []error{guestmem.ErrInvalid, span.ErrAlign}},
+		{"part of a block, plugged", true, hpGPA, page, []error{guestmem.ErrInvalid, span.ErrAlign}},
+		{"unplug part of a plugged block", false, hpGPA, page, []error{guestmem.ErrInvalid, span.ErrAlign}},
+		{"unplug part of an unplugged block", false, last, page, []error{guestmem.ErrInvalid, span.ErrAlign}},
+		{"past the block's end", true, last, 2 * hpBlock, []error{guestmem.ErrInvalid, span.ErrBounds}},
+		{"unplug past the block's end", false, last, 2 * hpBlock, []error{guestmem.ErrInvalid, span.ErrBounds}},
+		{"ordinary RAM", true, 0, hpBlock, []error{guestmem.ErrUnplugged}},
+		{"MMIO hole", true, hpRAM, hpBlock, []error{guestmem.ErrUnplugged}},
+		{"unbacked", false, 3 * mib, hpBlock, []error{guestmem.ErrUnplugged}},
+		{"plugged already", true, hpGPA, hpBlock, []error{guestmem.ErrPlugged}},
+		{"partly plugged", true, hpGPA + hpBlock, 2 * hpBlock, []error{guestmem.ErrPlugged}},
+		{"unplug unplugged", false, last, hpBlock, []error{guestmem.ErrUnplugged}},
+		{"unplug partly plugged", false, hpGPA + hpBlock, 2 * hpBlock, []error{guestmem.ErrUnplugged}},
+		{"plug", true, last, hpBlock, nil},
+		{"unplug", false, last, hpBlock, nil},
+	} {
+		var err error
+		if c.plug {
+			err = mem.Plug(c.gpa, c.size)
+		} else {
+			err = mem.Unplug(c.gpa, c.size)
+		}
+		if c.want == nil {
+			if err != nil {
+				t.Errorf("%s: %v", c.name, err)
+			}
+			continue
+		}
+		var pe *guestmem.PlugError
+		if !errors.As(err, &pe) || pe.Plug != c.plug {
+			t.Errorf("%s: %v, want a *PlugError", c.name, err)
+		}
+		for _, w := range c.want {
+			if !errors.Is(err, w) {
+				t.Errorf("%s: %v does not match %v", c.name, err, w)
+			}
+		}
+		for _, state := range []error{guestmem.ErrPlugged, guestmem.ErrUnplugged} {
+			if errors.Is(err, guestmem.ErrInvalid) && errors.Is(err, state) {
+				t.Errorf("%s: %v is both ErrInvalid and %v", c.name, err, state)
+			}
+		}
+	}
+	if got := mem.Stats(); got.Plugs != 2 || got.Unplugs != 1 {
+		t.Errorf("stats: %d plugs, %d unplugs; want 2, 1", got.Plugs, got.Unplugs)
+	}
 }

@@ -14,6 +14,26 @@ import (
 	"github.com/gmemproject/gmem/span"
 )
 
+// Errors of AttachIOMMU. Neither is transient: the same call fails again.
+var (
+	// ErrOptions is an AttachIOMMU whose arguments cannot make a mapper: no
+	// space (nil, or a nil pointer), or dma.Options that dma.New refuses
+	// (an unknown policy, a granularity or maximum extent that is not a
+	// power of two, ...). It wraps dma's error, so errors.Is also matches
+	// any sentinel dma gives its refusals.
+	ErrOptions = errors.New("bad IOMMU attachment")
+	// ErrIOMMUPage is an IOMMU space whose smallest page (Caps.PageSize)
+	// is larger than PageSize, or does not divide it. A conversion changes
+	// 4 KiB pages, and such an IOMMU cannot map or unmap one: every
+	// conversion would fail, to private included, so the guest could not
+	// give memory back. VFIO type1 and iommufd never offer a page smaller
+	// than the host kernel's, so every space of a host built with 16 or
+	// 64 KiB pages is one: arm64 kernels with 64 KiB pages (an Arm SMMU
+	// then uses its 64 KiB granule), ppc64 (64 KiB pages), Apple silicon
+	// (16 KiB, DART).
+	ErrIOMMUPage = errors.New("IOMMU page larger than the conversion page")
+)
+
 // Attachment is one IOMMU space kept equal to the shared, plugged pages of
 // every block: a dma.Mapper per block, IOVA = GPA. Its methods are safe for
 // concurrent use; Memory.Close detaches it.
@@ -31,19 +51,34 @@ type Attachment struct {
 // iommu.Model maps and faults every DMA). The shared, plugged pages of each
 // block are mapped at once. If a block's mapper cannot be registered, the
 // blocks already attached are detached again and the error returned. The
-// Memory keeps the attachment until Detach or Close.
+// Memory keeps the attachment until Detach or Close. A nil space or
+// options dma refuses answer ErrOptions, a space whose pages are larger
+// than PageSize ErrIOMMUPage, both before anything is mapped.
 func (m *Memory) AttachIOMMU(space iommu.Space, opts dma.Options) (*Attachment, error) {
 	if err := m.enter(); err != nil {
 		return nil, err
 	}
 	defer m.exit()
-	a := &Attachment{m: m, space: space}
-	for _, b := range m.blocks {
+	if isNil(space) {
+		return nil, fmt.Errorf("guestmem: attach IOMMU: %w: no space (%T)", ErrOptions, space)
+	}
+	if ps := space.Caps().PageSize; ps != 0 && (ps > PageSize || PageSize%ps != 0) {
+		return nil, fmt.Errorf("guestmem: attach IOMMU: %w: the space's smallest page is %#x bytes; a conversion changes %#x", ErrIOMMUPage, ps, uint64(PageSize))
+	}
+	// Every mapper first, so that options dma refuses map nothing.
+	mps := make([]*dma.Mapper, len(m.blocks))
+	for i, b := range m.blocks {
 		mp, err := dma.New(space, b.host, opts)
-		if err == nil {
-			err = b.mgr.Register(mp, b.Section())
-		}
 		if err != nil {
+			// dma.New refuses nothing but its options.
+			return nil, fmt.Errorf("guestmem: attach IOMMU: %w: %w", ErrOptions, err)
+		}
+		mps[i] = mp
+	}
+	a := &Attachment{m: m, space: space}
+	for i, b := range m.blocks {
+		mp := mps[i]
+		if err := b.mgr.Register(mp, b.Section()); err != nil {
 			derr := a.detach()
 			return nil, errors.Join(fmt.Errorf("guestmem: attach IOMMU to block %s at GPA %#x: %w", b.name, b.gpa, err), derr)
 		}
@@ -113,12 +148,27 @@ func (a *Attachment) Stats() dma.Stats {
 	return s
 }
 
+// Lister is an iommu.Space that can list its own mappings: iommu.Model, or a
+// VMM's fake. A real IOMMU cannot (neither VFIO type1 nor iommufd lists its
+// mappings), so Attachment.Check compares such a space against the mappers'
+// bookkeeping only.
+type Lister interface {
+	// Mappings returns the space's mappings in ascending IOVA order.
+	Mappings() []iommu.Mapping
+}
+
+var _ Lister = (*iommu.Model)(nil)
+
 // Violation is a broken invariant found by Attachment.Check: I1 (a shared,
 // plugged page no entry maps) or I2 (an entry over a private, unplugged or
 // non-RAM page).
 type Violation struct {
 	// Invariant is "I1" or "I2".
 	Invariant string
+	// Table is the table that breaks it: "mapper" (a dma.Mapper's
+	// bookkeeping of what it mapped) or "space" (the space's own listing,
+	// for a space that is a Lister).
+	Table string
 	// Block is the block the pages belong to, "" outside guest RAM.
 	Block string
 	// GPA is the pages in question (IOVA = GPA).
@@ -133,37 +183,67 @@ func (v *Violation) Error() string {
 	if v.Block != "" {
 		where = "in block " + v.Block
 	}
-	return fmt.Sprintf("guestmem: %s violated at GPA %v %s: %s", v.Invariant, v.GPA, where, v.Detail)
+	return fmt.Sprintf("guestmem: %s violated by the %s table at GPA %v %s: %s", v.Invariant, v.Table, v.GPA, where, v.Detail)
 }
 
-// Check verifies invariants I1 and I2 for every block: entries (the IOMMU
-// space's mappings, ascending IOVA, such as iommu.Model.Mappings returns)
-// must cover exactly the shared, plugged pages. It returns the first
-// violation as a *Violation (an entry outside every block breaks I2 too),
-// or ErrClosed after Close.
-func (a *Attachment) Check(entries []iommu.Mapping) error {
+// Check verifies invariants I1 and I2 for every attached block: the IOMMU
+// entries must cover exactly the shared, plugged pages. It compares the
+// state with two tables: each block's dma.Mapper's bookkeeping (what the
+// mapper mapped and has not unmapped: Mappers()[i].Entries()), and, where
+// the space is a Lister (iommu.Model), the space's own mappings. With a
+// real IOMMU only the first exists: the kernel cannot list its mappings,
+// so Check proves that gmem asked for the right mappings, and what the
+// device reaches is proved by DMA (the rig's checks do that).
+//
+// Check may be called at any time: it holds off conversions, plugs and
+// unplugs while it reads the state and the tables, so it sees one
+// consistent moment (it waits for the operations in flight, and they wait
+// for it). Changes made through a block's Manager or Attributes directly
+// bypass the executor and are not held off. It returns the first violation
+// as a *Violation (an entry outside every block breaks I2 too), or
+// ErrClosed after Close.
+func (a *Attachment) Check() error {
 	m := a.m
 	if err := m.enter(); err != nil {
 		return err
 	}
 	defer m.exit()
+	// Conversions within one block hold convMu for reading, the others and
+	// plugs for writing: holding it for writing is a moment without any.
+	m.convMu.Lock()
+	defer m.convMu.Unlock()
+	// a.mu keeps a Detach from unregistering mappers half way through.
 	a.mu.Lock()
-	blocks := slices.Clone(a.blocks)
-	a.mu.Unlock()
+	defer a.mu.Unlock()
+	for i, mp := range a.mappers {
+		if err := checkTable("mapper", mp.Entries(), a.blocks[i:i+1]); err != nil {
+			return err
+		}
+	}
+	if l, ok := a.space.(Lister); ok {
+		return checkTable("space", l.Mappings(), a.blocks)
+	}
+	return nil
+}
+
+// checkTable checks I1 and I2 of entries (ascending) against blocks
+// (ascending GPA): every entry inside a block, every block's populated
+// pages mapped exactly.
+func checkTable(table string, entries []iommu.Mapping, blocks []*Block) error {
 	for _, e := range entries {
 		r := e.Range()
 		for _, b := range blocks {
 			r = minusFront(r, b.Range())
 		}
 		if !r.Empty() {
-			return &Violation{Invariant: "I2", GPA: r, Detail: "mapped outside the attached guest RAM"}
+			return &Violation{Invariant: "I2", Table: table, GPA: r, Detail: "mapped outside the attached guest RAM"}
 		}
 	}
 	for _, b := range blocks {
 		err := invariant.Mapped(b.mgr, b.Section(), invariant.Within(entries, b.Range()))
 		var v *invariant.Violation
 		if errors.As(err, &v) {
-			return &Violation{Invariant: v.Invariant, Block: b.name, GPA: v.IOVA, Detail: v.Detail}
+			return &Violation{Invariant: v.Invariant, Table: table, Block: b.name, GPA: v.IOVA, Detail: v.Detail}
 		}
 		if err != nil {
 			return fmt.Errorf("guestmem: block %s: %w", b.name, err)

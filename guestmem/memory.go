@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"reflect"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -40,7 +41,8 @@ type BlockConfig struct {
 	// GPA and Size place the block; both multiples of PageSize, Size > 0.
 	GPA, Size uint64
 	// Backing, if not nil, is the block's memory, borrowed: its Size must
-	// be Size and its InPlace must match Config.Mode, and guestmem never
+	// be Size, its InPlace must match Config.Mode, it must share no memory
+	// with another block's (see Config.Validate), and guestmem never
 	// closes it (the VMM closes it after Memory.Close). Nil means guestmem
 	// creates a KVMBacking (with a Config.VM that is a MemslotBinder) or a
 	// MemfdBacking (without a VM) and closes it in Memory.Close.
@@ -110,9 +112,12 @@ type Config struct {
 	// MaxGPA is the end of the guest physical address space (default
 	// DefaultMaxGPA). Requests reaching past it are invalid.
 	MaxGPA uint64
-	// VM, if not nil, is the KVM VM the memory belongs to (*kvm.VM or a
+	// VM, if not nil (nor a nil pointer), is the KVM VM the memory belongs to (*kvm.VM or a
 	// VMM's own). Where it reports private memory the attributes are set
-	// with KVM_SET_MEMORY_ATTRIBUTES (EnforceKVM). If it is also a
+	// with KVM_SET_MEMORY_ATTRIBUTES (EnforceKVM); in place, where it
+	// reports per-guest_memfd attributes (kvm.CapGuestMemfdMemoryAttributes),
+	// with each block's KVM_SET_MEMORY_ATTRIBUTES2 (EnforceGuestMemfd, see
+	// AttributeBacking). If it is also a
 	// MemslotBinder, blocks without a Backing get a KVMBacking and blocks
 	// whose backing is a GuestMemfdBacking are bound to memslots
 	// FirstSlot, FirstSlot+1, ... in the order of Blocks. Without a VM the
@@ -124,8 +129,16 @@ type Config struct {
 	// itself: guestmem then never calls KVM_SET_USER_MEMORY_REGION2.
 	ExternalMemslots bool
 	// Bitmap keeps the state in dense bitmaps (QEMU's representation), the
-	// baseline for comparisons.
+	// baseline for comparisons. They are allocated at once: one bit per
+	// page, 32 MiB per TiB of RAM (BitmapBytes).
 	Bitmap bool
+	// MaxBitmapBytes, with Bitmap, caps what the bitmaps of all blocks may
+	// take together (BitmapBytes); 0 means the machine's physical memory
+	// (pagemap.BitmapLimit), and a larger cap does not lift pagemap's own
+	// limit of physical memory per bitmap. Validate and New refuse a
+	// larger memory with a *pagemap.SizeError matching ErrTooLarge, before
+	// allocating anything.
+	MaxBitmapBytes uint64
 	// Logger receives conversion failures and undo problems (default:
 	// discard).
 	Logger *slog.Logger
@@ -189,6 +202,10 @@ type Block struct {
 	host    []byte // backing.Host(), fixed at creation
 	slot    uint32
 	slotted bool
+	// file keeps the attributes of an in-place block under
+	// EnforceGuestMemfd, the block at offset fileOff.
+	file    AttributeFile
+	fileOff uint64
 
 	// record is the attributes as last set where they are kept (KVM or the
 	// user-space record), one entry per page, 1 = private.
@@ -196,13 +213,12 @@ type Block struct {
 	record pagemap.Map
 }
 
-// ErrLayout is a Config whose blocks or holes are misplaced, or whose
-// backings do not fit them.
-var ErrLayout = errors.New("guestmem: bad memory layout")
-
 // Validate checks cfg without creating anything: the mode, the layout of
-// blocks and holes, the backings' sizes and modes, the hot-plug block sizes.
-// New calls it first.
+// blocks and holes, the backings' sizes and modes, the hot-plug block
+// sizes, and that no two blocks share memory (one Backing in two blocks,
+// overlapping host mappings, overlapping ranges of one file behind host
+// mappings or guest_memfds; the private side of a backing that is no
+// GuestMemfdBacking cannot be seen). New calls it first.
 func (cfg Config) Validate() error {
 	_, err := cfg.validate()
 	return err
@@ -224,8 +240,8 @@ func New(cfg Config) (*Memory, error) {
 		inject:      cfg.Inject,
 		holes:       holes,
 	}
-	if v, ok := m.vm.(*kvm.VM); ok && v == nil {
-		m.vm = nil // a nil *kvm.VM in the interface means no VM
+	if isNil(m.vm) {
+		m.vm = nil // a nil *kvm.VM (or other pointer) in the interface means no VM
 	}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
@@ -234,12 +250,8 @@ func New(cfg Config) (*Memory, error) {
 		if b, ok := m.vm.(MemslotBinder); ok {
 			m.binder = b
 		}
-		have, err := m.vm.CheckExtension(kvm.CapMemoryAttributes)
-		if err != nil {
-			return nil, fmt.Errorf("guestmem: %w", err)
-		}
-		if uint64(have)&kvm.MemoryAttributePrivate != 0 {
-			m.enforcement = EnforceKVM
+		if m.enforcement, err = enforcement(m.vm, m.mode); err != nil {
+			return nil, err
 		}
 	}
 	for i, bc := range cfg.Blocks {
@@ -289,6 +301,9 @@ func (cfg Config) validate() ([]Hole, error) {
 			return nil, fmt.Errorf("%w: block %s at GPA %#x: %w", ErrLayout, b.Name, b.GPA, err)
 		}
 		if bk := b.Backing; bk != nil {
+			if isNil(bk) {
+				return nil, fmt.Errorf("%w: block %s: backing is a nil %T", ErrLayout, b.Name, bk)
+			}
 			if bk.Size() != b.Size {
 				return nil, fmt.Errorf("%w: block %s: backing of %#x bytes for a block of %#x", ErrLayout, b.Name, bk.Size(), b.Size)
 			}
@@ -321,8 +336,74 @@ func (cfg Config) validate() ([]Hole, error) {
 			return nil, fmt.Errorf("%w: %s at GPA %v overlaps %s at GPA %v", ErrLayout, all[i-1].what, all[i-1].r, all[i].what, all[i].r)
 		}
 	}
+	if err := checkShared(cfg.Blocks); err != nil {
+		return nil, err
+	}
+	if cfg.Bitmap {
+		if err := cfg.checkBitmaps(); err != nil {
+			return nil, err
+		}
+	}
 	slices.SortFunc(holes, func(a, b Hole) int { return cmp.Compare(a.GPA, b.GPA) })
 	return holes, nil
+}
+
+// ErrTooLarge is a memory whose state cannot be held on this machine: with
+// Config.Bitmap, bitmaps larger than Config.MaxBitmapBytes or the physical
+// memory. Errors matching it are *pagemap.SizeError, which give the bytes
+// needed and the limit. It is pagemap.ErrTooLarge.
+var ErrTooLarge = pagemap.ErrTooLarge
+
+// BitmapBytes returns what Config.Bitmap allocates for blocks: one bit per
+// page of each block, and one per plug block of a hot-pluggable block.
+// Their sizes must be multiples of PageSize (and of Hotplug).
+func BitmapBytes(blocks []BlockConfig) uint64 {
+	var n uint64
+	for _, b := range blocks {
+		n += pagemap.BitmapBytes(b.Size/PageSize, 1)
+		if b.Hotplug != 0 {
+			n += pagemap.BitmapBytes(b.Size/b.Hotplug, 1)
+		}
+	}
+	return n
+}
+
+// checkBitmaps refuses bitmaps larger than the limit, before anything is
+// allocated: Go's runtime answers an allocation the kernel refuses with a
+// fatal error.
+func (cfg Config) checkBitmaps() error {
+	need := BitmapBytes(cfg.Blocks)
+	limit, name := cfg.MaxBitmapBytes, "Config.MaxBitmapBytes"
+	if limit == 0 {
+		limit, name = pagemap.BitmapLimit()
+	}
+	if need <= limit {
+		return nil
+	}
+	var ram uint64
+	for _, b := range cfg.Blocks {
+		ram += b.Size
+	}
+	return fmt.Errorf("guestmem: %w", &pagemap.SizeError{
+		What:      fmt.Sprintf("the bitmap state (Config.Bitmap) of %s of RAM", pagemap.FormatBytes(ram)),
+		Bytes:     need,
+		Limit:     limit,
+		LimitName: name,
+	})
+}
+
+// isNil reports whether x is nil or, held in an interface, a nil pointer,
+// map, slice, function or channel: a value whose methods cannot be called
+// with any meaning.
+func isNil(x any) bool {
+	if x == nil {
+		return true
+	}
+	switch v := reflect.ValueOf(x); v.Kind() {
+	case reflect.Pointer, reflect.Map, reflect.Slice, reflect.Func, reflect.Chan, reflect.UnsafePointer:
+		return v.IsNil()
+	}
+	return false
 }
 
 // newBlock creates or adopts a block's backing, binds its memslot and
@@ -354,11 +435,16 @@ func (m *Memory) newBlock(bc BlockConfig, slot uint32, cfg Config) (_ *Block, er
 		return nil, fmt.Errorf("guestmem: block %s: %w", b.name, err)
 	}
 	b.record = rec
-	if m.enforcement == EnforceKVM {
+	switch m.enforcement {
+	case EnforceKVM:
 		// KVM starts every GPA shared; a confidential block starts private.
 		err := m.vm.SetMemoryAttributes(kvm.MemoryAttributes{Address: b.gpa, Size: b.size, Attributes: kvm.MemoryAttributePrivate})
 		if err != nil {
 			return nil, fmt.Errorf("guestmem: block %s: %w", b.name, err)
+		}
+	case EnforceGuestMemfd:
+		if err := b.adoptAttributeFile(); err != nil {
+			return nil, err
 		}
 	}
 	b.mgr = discard.New(b.size, m.log)
@@ -631,9 +717,11 @@ type Stats struct {
 	AttributeCalls uint64
 	// Punches and PunchedBytes count hole punches of backing files.
 	Punches, PunchedBytes uint64
-	// AttributeTime and PunchTime are the time spent in
-	// KVM_SET_MEMORY_ATTRIBUTES and in punches (Backing.Discard): what
-	// conversions spent in the kernel, against gmem's own work.
+	// AttributeTime and PunchTime are the time spent in the kernel's
+	// attribute calls (KVM_SET_MEMORY_ATTRIBUTES, or the guest_memfd's
+	// KVM_SET_MEMORY_ATTRIBUTES2 in place) and in punches
+	// (Backing.Discard): what conversions spent in the kernel, against
+	// gmem's own work.
 	AttributeTime, PunchTime time.Duration
 	// UndoFailures counts undo steps that failed after a failure.
 	UndoFailures uint64

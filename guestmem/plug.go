@@ -83,9 +83,22 @@ func (e *PlugError) Unwrap() error { return e.Err }
 // Plug plugs [gpa, gpa+size) of one hot-pluggable block (virtio-mem
 // VIRTIO_MEM_REQ_PLUG), aligned to its plug granularity. Plugged memory
 // starts private, as it was while unplugged, so plugging maps nothing into
-// any IOMMU; the guest converts what it shares. The error is a *PlugError:
-// ErrInvalid for a malformed range, ErrUnplugged if the range is not inside
-// one hot-pluggable block, ErrPlugged if part of it is plugged already.
+// any IOMMU; the guest converts what it shares.
+//
+// The error is a *PlugError, and nothing changed. The request is checked
+// in this order, the first failure answering:
+//
+//  1. the range itself: ErrInvalid wrapping span.ErrEmpty (size 0),
+//     span.ErrOverflow (wraps), span.ErrAlign (not page aligned) or
+//     span.ErrBounds (past MaxGPA);
+//  2. where it starts: ErrUnplugged if not in a hot-pluggable block;
+//  3. its fit to that block: ErrInvalid wrapping span.ErrAlign (not
+//     aligned to the plug granularity) or span.ErrBounds (past the
+//     block's end);
+//  4. the state: ErrPlugged if part of it is plugged already (for Unplug,
+//     ErrUnplugged if part of it is not plugged).
+//
+// So a malformed request is ErrInvalid whatever the state of the memory.
 func (m *Memory) Plug(gpa, size uint64) error {
 	return m.plug(gpa, size, true)
 }
@@ -93,8 +106,9 @@ func (m *Memory) Plug(gpa, size uint64) error {
 // Unplug unplugs [gpa, gpa+size) of one hot-pluggable block (virtio-mem
 // VIRTIO_MEM_REQ_UNPLUG): devices lose what they mapped of it, the range
 // becomes private, and both sides of its memory are discarded. It is all or
-// nothing, like Convert; the error is a *PlugError, ErrUnplugged if part of
-// the range is not plugged (virtio-mem refuses that request too).
+// nothing, like Convert. The request is checked as Plug's is; its state
+// error is ErrUnplugged if part of the range is not plugged (virtio-mem
+// refuses that request too).
 func (m *Memory) Unplug(gpa, size uint64) error {
 	return m.plug(gpa, size, false)
 }
@@ -112,13 +126,16 @@ func (m *Memory) plug(gpa, size uint64, plug bool) error {
 		return fail("", fmt.Errorf("%w: %w", ErrInvalid, err))
 	}
 	b := m.Block(gpa)
-	if b == nil || !b.Range().Contains(r.End-1) {
-		return fail("", fmt.Errorf("%w: GPA %v is not inside one RAM block", ErrUnplugged, r))
+	if b == nil {
+		return fail("", fmt.Errorf("%w: GPA %#x is not hot-pluggable RAM (%s)", ErrUnplugged, gpa, m.describe(span.Range{Start: gpa, End: gpa + 1})))
 	}
 	if b.vmem == nil {
 		return fail(b.name, fmt.Errorf("%w: block is not hot-pluggable", ErrUnplugged))
 	}
-	off := span.Range{Start: r.Start - b.gpa, End: r.End - b.gpa}
+	off, err := span.Checked(r.Start-b.gpa, r.Len(), b.vmem.BlockSize(), b.size)
+	if err != nil {
+		return fail(b.name, fmt.Errorf("%w: plug granularity %#x, block size %#x: %w", ErrInvalid, b.vmem.BlockSize(), b.size, err))
+	}
 	m.convMu.Lock()
 	defer m.convMu.Unlock()
 	if plug && !b.vmem.IsUnplugged(off) {

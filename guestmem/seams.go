@@ -92,3 +92,26 @@ type GuestMemfdBacking interface {
 	Backing
 	GuestMemfd() (fd int, offset uint64)
 }
+
+// AttributeFile is a guest_memfd that keeps the attributes of its pages
+// (KVM_SET_MEMORY_ATTRIBUTES2 on the file: in-place conversion with private
+// memory, Linux 7.4). *kvm.GuestMemfd implements it. Offsets are the
+// file's. A conversion to private that the kernel refuses because a page is
+// still in use answers a *kvm.PinnedError (EAGAIN, the first such offset).
+// Implementations must be safe for concurrent use.
+type AttributeFile interface {
+	SetMemoryAttributes2(kvm.MemoryAttributes2) error
+}
+
+// AttributeBacking is an in-place Backing whose memory is a guest_memfd
+// that keeps its own attributes. Where Config.VM answers
+// kvm.CapGuestMemfdMemoryAttributes with kvm.MemoryAttributePrivate, every
+// in-place block's backing must be one: guestmem converts its pages with
+// the file's KVM_SET_MEMORY_ATTRIBUTES2 (EnforceGuestMemfd).
+type AttributeBacking interface {
+	Backing
+	// AttributeFile returns the guest_memfd and the block's offset in it.
+	AttributeFile() (AttributeFile, uint64)
+}
+
+var _ AttributeFile = (*kvm.GuestMemfd)(nil)

@@ -168,7 +168,7 @@ func TestVMMOwnedFds(t *testing.T) {
 		t.Errorf("failing VM: %v", err)
 	}
 	vm.fail = nil
-	if err := att.Check(model.Mappings()); err != nil {
+	if err := att.Check(); err != nil {
 		t.Error(err)
 	}
 	if err := mem.Close(); err != nil {
@@ -245,7 +245,7 @@ func TestModelBacking(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if err := att.Check(model.Mappings()); err != nil {
+			if err := att.Check(); err != nil {
 				t.Fatal(err)
 			}
 			if n := model.Len(); n != 4 {
@@ -309,7 +309,7 @@ func TestHotplug(t *testing.T) {
 	}
 	check := func() {
 		t.Helper()
-		if err := att.Check(model.Mappings()); err != nil {
+		if err := att.Check(); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -410,28 +410,63 @@ func TestHotplug(t *testing.T) {
 	}
 }
 
-// TestCheckViolation: Check answers a public *Violation naming the GPA.
+// TestCheckViolation: Check answers a public *Violation naming the GPA and
+// the table that breaks the invariant: the space's own listing (a Lister)
+// or a mapper's bookkeeping.
 func TestCheckViolation(t *testing.T) {
 	r := newRig(t, rigOpts{})
 	if _, err := r.mem.Convert(guestmem.Request{GPA: 0, Size: 4 * page, To: memattr.Shared}); err != nil {
 		t.Fatal(err)
 	}
+	lo := r.mem.Blocks()[0]
+	mp := r.att.Mappers()[0]
 	for _, c := range []struct {
-		entries []iommu.Mapping
-		want    guestmem.Violation
+		name         string
+		break_, mend func() error
+		want         guestmem.Violation
 	}{
-		{nil, guestmem.Violation{Invariant: "I1", Block: "lo", GPA: span.Range{End: 4 * page}, Detail: "populated but not mapped"}},
-		{[]iommu.Mapping{{IOVA: 0, Size: 5 * page}}, guestmem.Violation{Invariant: "I2", Block: "lo", GPA: span.Range{Start: 4 * page, End: 5 * page}, Detail: "mapped but not populated"}},
-		{[]iommu.Mapping{{IOVA: 0, Size: 4 * page}, {IOVA: 2 * mib, Size: page}}, guestmem.Violation{Invariant: "I2", GPA: span.Range{Start: 2 * mib, End: 2*mib + page}, Detail: "mapped outside the attached guest RAM"}},
+		{
+			"space lost an entry",
+			func() error { _, err := r.model.Unmap(0, 4*page); return err },
+			func() error { return r.model.Map(0, 4*page, nil) },
+			guestmem.Violation{Invariant: "I1", Table: "space", Block: "lo", GPA: span.Range{End: 4 * page}, Detail: "populated but not mapped"},
+		},
+		{
+			"space maps a private page",
+			func() error { return r.model.Map(4*page, page, nil) },
+			func() error { _, err := r.model.Unmap(4*page, page); return err },
+			guestmem.Violation{Invariant: "I2", Table: "space", Block: "lo", GPA: span.Range{Start: 4 * page, End: 5 * page}, Detail: "mapped but not populated"},
+		},
+		{
+			"space maps the MMIO hole",
+			func() error { return r.model.Map(2*mib, page, nil) },
+			func() error { _, err := r.model.Unmap(2*mib, page); return err },
+			guestmem.Violation{Invariant: "I2", Table: "space", GPA: span.Range{Start: 2 * mib, End: 2*mib + page}, Detail: "mapped outside the attached guest RAM"},
+		},
+		{
+			// Unregistered behind the executor's back, the mapper unmaps
+			// everything it mapped.
+			"mapper unregistered",
+			func() error { return lo.Manager().Unregister(mp) },
+			func() error { return lo.Manager().Register(mp, lo.Section()) },
+			guestmem.Violation{Invariant: "I1", Table: "mapper", Block: "lo", GPA: span.Range{End: 4 * page}, Detail: "populated but not mapped"},
+		},
 	} {
-		err := r.att.Check(c.entries)
+		if err := c.break_(); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		err := r.att.Check()
 		var v *guestmem.Violation
 		if !errors.As(err, &v) {
-			t.Errorf("Check(%v) = %v, want a *Violation", c.entries, err)
-			continue
+			t.Errorf("%s: Check() = %v, want a *Violation", c.name, err)
+		} else if diff := cmp.Diff(c.want, *v); diff != "" {
+			t.Errorf("%s: Check() (-want +got):\n%s", c.name, diff)
 		}
-		if diff := cmp.Diff(c.want, *v); diff != "" {
-			t.Errorf("Check(%v) (-want +got):\n%s", c.entries, diff)
+		if err := c.mend(); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if err := r.att.Check(); err != nil {
+			t.Errorf("%s: mended, Check() = %v", c.name, err)
 		}
 	}
 }

@@ -295,8 +295,8 @@ func TestRulesString(t *testing.T) {
 			t.Errorf("%d.String() = %q, want %q", int(r), got, want)
 		}
 	}
-	if iommu.OpMap.String() != "map" || iommu.OpUnmap.String() != "unmap" {
-		t.Errorf("Op names: %q %q", iommu.OpMap, iommu.OpUnmap)
+	if iommu.OpMap.String() != "map" || iommu.OpUnmap.String() != "unmap" || iommu.OpCut.String() != "cut" {
+		t.Errorf("Op names: %q %q %q", iommu.OpMap, iommu.OpUnmap, iommu.OpCut)
 	}
 }
 

@@ -122,3 +122,87 @@ func TestModelConcurrentLimit(t *testing.T) {
 		}
 	}
 }
+
+// TestModelCutSpanning cuts mappings kept as pieces across windows and
+// whole in large, where a split point's area reaches windows the cut's own
+// range does not meet (so Cut must lock more shards than its range's):
+// pages at the cuts and at window edges, the pieces left, and concurrent
+// cuts of one large mapping from goroutines in far-apart windows while a
+// device DMAs to pages that stay mapped.
+func TestModelCutSpanning(t *testing.T) {
+	for _, size := range []uint64{0, 16 << 30} {
+		m := NewModelSpan(Caps{Rules: IOMMUFD, Cut: true}, size)
+		w := uint64(1) << m.shift
+		const pg = 4 << 10
+		large := Mapping{IOVA: 4 * w, Size: (modelShards + 6) * w} // every shard
+		small := Mapping{IOVA: w - 8*pg, Size: 16 * pg}            // two windows
+		host := make([]byte, small.Size)
+		for _, x := range []Mapping{large, small} {
+			var h []byte
+			if x == small {
+				h = host
+			}
+			if err := m.Map(x.IOVA, x.Size, h); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// A page of the small mapping at the window boundary.
+		if n, err := m.Cut(w, pg); err != nil || n != pg {
+			t.Fatalf("cut at the window boundary: %#x, %v", n, err)
+		}
+		if m.Reaches(w) || !m.Reaches(w-1) || !m.Reaches(w+pg) {
+			t.Fatal("reach around the cut at the window boundary")
+		}
+		if err := m.DMAWrite(w+pg, []byte{7}); err != nil || host[9*pg] != 7 {
+			t.Fatalf("DMA after the cut landed wrong: %v", err)
+		}
+		// A page in the middle of the large mapping: both halves stay, the
+		// first still large, the second a set of pieces.
+		mid := large.IOVA + (modelShards+1)*w + 5*pg
+		if n, err := m.Cut(mid, pg); err != nil || n != pg {
+			t.Fatalf("cut in the large mapping: %#x, %v", n, err)
+		}
+		want := []Mapping{
+			{small.IOVA, 8 * pg}, {w + pg, 7 * pg},
+			{large.IOVA, mid - large.IOVA}, {mid + pg, large.IOVA + large.Size - mid - pg},
+		}
+		if got := m.Mappings(); !slices.Equal(got, want) {
+			t.Fatalf("span %#x: areas %+v, want %+v", size, got, want)
+		}
+		if m.Len() != 4 || len(m.large) != 1 {
+			t.Fatalf("span %#x: Len %d, %d large", size, m.Len(), len(m.large))
+		}
+		// Concurrent single-page cuts of the large half, one goroutine per
+		// window, with DMA to pages that stay mapped.
+		var wg sync.WaitGroup
+		const workers = 8
+		for g := range uint64(workers) {
+			wg.Go(func() {
+				base := large.IOVA + (1+7*g)*w
+				for i := range uint64(16) {
+					a := base + 2*i*pg
+					if n, err := m.Cut(a, pg); err != nil || n != pg {
+						t.Errorf("concurrent cut at %#x: %#x, %v", a, n, err)
+					}
+					if !m.Reaches(a+pg) || m.Reaches(a) {
+						t.Errorf("reach around the concurrent cut at %#x", a)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if got := m.Len(); got != 4+workers*16 {
+			t.Fatalf("span %#x: %d areas after the concurrent cuts, want %d", size, got, 4+workers*16)
+		}
+		var mapped uint64
+		for _, x := range m.Mappings() {
+			mapped += x.Size
+		}
+		if p := m.Pins(); p.Pinned-p.Unpinned != mapped/pg || p.Unpinned != 2+workers*16 {
+			t.Fatalf("span %#x: pins %+v with %#x bytes mapped", size, p, mapped)
+		}
+		if n, err := m.Unmap(0, 1<<62); err != nil || n != mapped || m.Len() != 0 || len(m.large) != 0 {
+			t.Fatalf("span %#x: unmap of everything: %#x, %v, %d left", size, n, err, m.Len())
+		}
+	}
+}

@@ -9,7 +9,9 @@ import "github.com/gmemproject/gmem/span"
 // mapped when the operation began, unmapped by one of its calls, and mapped
 // again when it ends (a split that unmaps a whole entry to map its
 // remainders). Memory the operation maps afresh, or unmaps for good, is its
-// change, not its window.
+// change, not its window. A cut (Cutter) is told as an unmap of the pages it
+// removes only: the parts of the mappings it split stay mapped throughout,
+// so an operation whose only call is a cut has no window.
 //
 // Re-pinned bytes are bytes mapped again after being unmapped within the
 // operation: the kernel unpins and pins those pages anew (type1 and iommufd

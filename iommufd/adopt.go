@@ -33,11 +33,14 @@ func (e *FdError) Unwrap() error { return e.Err }
 // setting and changes nothing; a wrong kind gives an *FdError and fd stays
 // the caller's.
 func NewIOMMUFD(fd int) (*IOMMUFD, error) {
-	f := &IOMMUFD{fd: fd}
-	if _, err := f.GetOption(OptionRlimitMode, 0); err != nil {
+	d, err := fdio.Own(fd, Path, ErrClosed, func(view *fdio.FD) error {
+		_, err := (&IOMMUFD{fd: view}).GetOption(OptionRlimitMode, 0)
+		return err
+	})
+	if err != nil {
 		return nil, &FdError{Fd: fd, Err: err}
 	}
-	return f, nil
+	return &IOMMUFD{fd: d}, nil
 }
 
 // FromFile returns an IOMMUFD for a duplicate of f's descriptor. f remains

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
 func TestAdoptWrongKind(t *testing.T) {
@@ -36,17 +38,20 @@ func TestAfterClose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &IOMMUFD{fd: fd}
+	f := &IOMMUFD{fd: fdio.New(fd, os.DevNull, ErrClosed)}
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
 	host := make([]byte, 4096)
+	ran := false
 	calls := map[string]func() error{
+		"Control":        func() error { return f.Control(func(uintptr) { ran = true }) },
 		"Close":          f.Close,
 		"Destroy":        func() error { return f.Destroy(1) },
 		"IOASAlloc":      func() error { _, err := f.IOASAlloc(); return err },
 		"IOASIOVARanges": func() error { _, err := f.IOASIOVARanges(1); return err },
 		"IOASMap":        func() error { _, err := f.IOASMap(1, 0, host, MapFixedIOVA); return err },
+		"IOASMapFile":    func() error { _, err := f.IOASMapFile(1, 0, 0, 0, 4096, MapFixedIOVA); return err },
 		"IOASUnmap":      func() error { _, err := f.IOASUnmap(1, 0, 4096); return err },
 		"IOASCopy":       func() error { _, err := f.IOASCopy(2, 0, 1, 0, 4096, MapFixedIOVA); return err },
 		"IOASAllowIOVAs": func() error { return f.IOASAllowIOVAs(1, []IOVARange{{Start: 0, Last: 4095}}) },
@@ -57,6 +62,9 @@ func TestAfterClose(t *testing.T) {
 		if err := call(); !errors.Is(err, ErrClosed) || !errors.Is(err, fs.ErrClosed) {
 			t.Errorf("%s after Close: %v, want ErrClosed", name, err)
 		}
+	}
+	if ran {
+		t.Error("Control ran its function after Close")
 	}
 	ty := reflect.TypeOf(f)
 	for i := range ty.NumMethod() {

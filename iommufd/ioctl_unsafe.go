@@ -4,23 +4,19 @@ import (
 	"runtime"
 	"unsafe"
 
-	"golang.org/x/sys/unix"
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
-// ioctlPtr issues ioctl(fd, req, p); the kernel reads and writes *p.
-func ioctlPtr[T any](fd int, req uintptr, p *T) error {
-	if fd < 0 {
-		return ErrClosed
-	}
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(unsafe.Pointer(p))); errno != 0 {
-		return errno
-	}
-	return nil
+// ioctlPtr issues ioctl(fd, req, p) inside the fd's Control; the kernel
+// reads and writes *p. After Close it answers ErrClosed and issues nothing.
+func ioctlPtr[T any](fd *fdio.FD, req uintptr, p *T) error {
+	_, err := fdio.IoctlPtr(fd, req, p)
+	return err
 }
 
 // ioctlRanges issues IOMMU_IOAS_IOVA_RANGES with r.AllowedIOVAs pointing at
 // out, which the kernel fills (up to r.NumIOVAs entries).
-func ioctlRanges(fd int, req uintptr, r *ioasIOVARanges, out []iovaRange) error {
+func ioctlRanges(fd *fdio.FD, req uintptr, r *ioasIOVARanges, out []iovaRange) error {
 	if len(out) > 0 {
 		r.AllowedIOVAs = uint64(uintptr(unsafe.Pointer(&out[0])))
 	}
@@ -32,7 +28,7 @@ func ioctlRanges(fd int, req uintptr, r *ioasIOVARanges, out []iovaRange) error 
 
 // ioctlAllow issues IOMMU_IOAS_ALLOW_IOVAS with a.AllowedIOVAs pointing at
 // in.
-func ioctlAllow(fd int, req uintptr, a *ioasAllowIOVAs, in []iovaRange) error {
+func ioctlAllow(fd *fdio.FD, req uintptr, a *ioasAllowIOVAs, in []iovaRange) error {
 	if len(in) > 0 {
 		a.AllowedIOVAs = uint64(uintptr(unsafe.Pointer(&in[0])))
 	}

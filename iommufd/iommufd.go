@@ -5,8 +5,15 @@
 // Constants and struct layouts are written by hand from the uAPI and checked
 // by tests. Errors carry the kernel's unix.Errno, wrapped with the ioctl's
 // name. A VFIO device joins an IOAS through its cdev (package vfio:
-// Device.BindIOMMUFD with Fd(), then Device.AttachIOMMUFDPT with the IOAS
-// id); this package does not import vfio.
+// Device.BindIOMMUFD with the number IOMMUFD.Control hands out, then
+// Device.AttachIOMMUFDPT with the IOAS id); this package does not import
+// vfio.
+//
+// IOMMUFD's methods are safe for concurrent use, Close included. Each
+// ioctl runs with the descriptor held open (inside its RawConn.Control), so
+// a Close racing it can never make it reach a recycled descriptor number:
+// Close refuses new calls with ErrClosed (which matches fs.ErrClosed),
+// waits for the calls in flight and then closes.
 package iommufd
 
 import (
@@ -14,6 +21,8 @@ import (
 	"fmt"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
 // ioctl request numbers: _IO(IOMMUFD_TYPE ';', IOMMUFD_CMD_BASE 0x80 + n).
@@ -29,6 +38,7 @@ const (
 	ioctlIOASMap        = iommufdType<<8 | 0x85 // IOMMU_IOAS_MAP
 	ioctlIOASUnmap      = iommufdType<<8 | 0x86 // IOMMU_IOAS_UNMAP
 	ioctlOption         = iommufdType<<8 | 0x87 // IOMMU_OPTION
+	ioctlIOASMapFile    = iommufdType<<8 | 0x8f // IOMMU_IOAS_MAP_FILE (Linux 6.13)
 )
 
 // Path is the iommufd device.
@@ -67,9 +77,10 @@ const (
 	optionOpGet = 1 // IOMMU_OPTION_OP_GET
 )
 
-// IOMMUFD is an open /dev/iommu.
+// IOMMUFD is an open /dev/iommu. Its methods are safe for concurrent use,
+// Close included; after Close they return ErrClosed.
 type IOMMUFD struct {
-	fd int
+	fd *fdio.FD
 }
 
 // Open opens /dev/iommu.
@@ -78,23 +89,34 @@ func Open() (*IOMMUFD, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", Path, err)
 	}
-	return &IOMMUFD{fd: fd}, nil
+	return &IOMMUFD{fd: fdio.New(fd, Path, ErrClosed)}, nil
 }
 
 // Fd returns the file descriptor, what VFIO_DEVICE_BIND_IOMMUFD takes, or
-// -1 after Close.
-func (f *IOMMUFD) Fd() int { return f.fd }
+// -1 after Close. The number is lent, not given: Close and the garbage
+// collector (once the IOMMUFD is unreachable) close it, and it may then
+// name another file, even another iommufd. Where Close may race, hand the
+// number over inside Control.
+func (f *IOMMUFD) Fd() int { return f.fd.Fd() }
 
-// Close closes the iommufd; the kernel destroys every object it holds once
-// no device is bound to it. Later calls, a second Close included, return
-// ErrClosed; Close must not race with the other methods.
+// Control runs fn with the descriptor, which stays open until fn returns
+// even if Close runs meanwhile (Close waits for fn); after Close it returns
+// ErrClosed without running fn. Binding a VFIO cdev inside it,
+//
+//	err := f.Control(func(fd uintptr) { id, berr = dev.BindIOMMUFD(int(fd)) })
+//
+// makes sure the device is bound to this iommufd and not to whatever file
+// a racing Close let reuse the number. fn must not Close the IOMMUFD.
+func (f *IOMMUFD) Control(fn func(fd uintptr)) error { return f.fd.Control(fn) }
+
+// Close closes the iommufd, after waiting for the calls in flight; the
+// kernel destroys every object it holds once no device is bound to it.
+// Later calls, a second Close included, return ErrClosed.
 func (f *IOMMUFD) Close() error {
-	if f.fd < 0 {
-		return ErrClosed
-	}
-	err := unix.Close(f.fd)
-	f.fd = -1
-	if err != nil {
+	if err := f.fd.Close(); err != nil {
+		if err == ErrClosed {
+			return err
+		}
 		return fmt.Errorf("iommufd: close: %w", err)
 	}
 	return nil
@@ -178,6 +200,29 @@ func (f *IOMMUFD) IOASMap(ioas uint32, iova uint64, host []byte, flags MapFlags)
 	}
 	if err := ioctlPtr(f.fd, ioctlIOASMap, &m); err != nil {
 		return 0, fmt.Errorf("IOMMU_IOAS_MAP ioas %d iova %#x length %#x: %w", ioas, iova, m.Length, err)
+	}
+	return m.IOVA, nil
+}
+
+// IOASMapFile maps [start, start+length) of the file fd at iova in ioas and
+// returns the IOVA used (IOMMU_IOAS_MAP_FILE, Linux 6.13); flags are
+// IOASMap's. The kernel pins the file's pages itself (memfd_pin_folios), so
+// nothing needs to be mapped in user space. It accepts shmem files (memfd)
+// and hugetlbfs files; guest_memfd is refused (EINVAL), so shared
+// guest_memfd is mapped by address (IOASMap). Kernels before 6.13 answer
+// ENOTTY.
+func (f *IOMMUFD) IOASMapFile(ioas uint32, iova uint64, fd int, start, length uint64, flags MapFlags) (uint64, error) {
+	m := ioasMapFile{
+		Size:   sizeofIOASMapFile,
+		Flags:  uint32(flags),
+		IOASID: ioas,
+		FD:     int32(fd),
+		Start:  start,
+		Length: length,
+		IOVA:   iova,
+	}
+	if err := ioctlPtr(f.fd, ioctlIOASMapFile, &m); err != nil {
+		return 0, fmt.Errorf("IOMMU_IOAS_MAP_FILE ioas %d iova %#x fd %d start %#x length %#x: %w", ioas, iova, fd, start, length, err)
 	}
 	return m.IOVA, nil
 }

@@ -25,6 +25,7 @@ func TestIoctlNumbers(t *testing.T) {
 		{"IOMMU_IOAS_MAP", ioctlIOASMap, 0x3B85},
 		{"IOMMU_IOAS_UNMAP", ioctlIOASUnmap, 0x3B86},
 		{"IOMMU_OPTION", ioctlOption, 0x3B87},
+		{"IOMMU_IOAS_MAP_FILE", ioctlIOASMapFile, 0x3B8F},
 		{"IOMMU_IOAS_MAP_FIXED_IOVA", uint64(MapFixedIOVA), 1},
 		{"IOMMU_IOAS_MAP_WRITEABLE", uint64(MapWriteable), 2},
 		{"IOMMU_IOAS_MAP_READABLE", uint64(MapReadable), 4},

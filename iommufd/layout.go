@@ -53,6 +53,17 @@ type ioasMap struct {
 	IOVA     uint64
 }
 
+// ioasMapFile is struct iommu_ioas_map_file (40 bytes).
+type ioasMapFile struct {
+	Size   uint32
+	Flags  uint32
+	IOASID uint32
+	FD     int32
+	Start  uint64
+	Length uint64
+	IOVA   uint64
+}
+
 // ioasCopy is struct iommu_ioas_copy (40 bytes).
 type ioasCopy struct {
 	Size      uint32
@@ -91,6 +102,7 @@ const (
 	sizeofIOASIOVARanges = 32
 	sizeofIOASAllowIOVAs = 24
 	sizeofIOASMap        = 40
+	sizeofIOASMapFile    = 40
 	sizeofIOASCopy       = 40
 	sizeofIOASUnmap      = 24
 	sizeofOption         = 24

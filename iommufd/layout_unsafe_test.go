@@ -26,6 +26,7 @@ func TestLayoutSizes(t *testing.T) {
 		{"iommu_ioas_iova_ranges", unsafe.Sizeof(ioasIOVARanges{}), sizeofIOASIOVARanges, 32},
 		{"iommu_ioas_allow_iovas", unsafe.Sizeof(ioasAllowIOVAs{}), sizeofIOASAllowIOVAs, 24},
 		{"iommu_ioas_map", unsafe.Sizeof(ioasMap{}), sizeofIOASMap, 40},
+		{"iommu_ioas_map_file", unsafe.Sizeof(ioasMapFile{}), sizeofIOASMapFile, 40},
 		{"iommu_ioas_copy", unsafe.Sizeof(ioasCopy{}), sizeofIOASCopy, 40},
 		{"iommu_ioas_unmap", unsafe.Sizeof(ioasUnmap{}), sizeofIOASUnmap, 24},
 		{"iommu_option", unsafe.Sizeof(option{}), sizeofOption, 24},
@@ -45,6 +46,7 @@ func TestLayoutOffsets(t *testing.T) {
 		rs ioasIOVARanges
 		al ioasAllowIOVAs
 		m  ioasMap
+		mf ioasMapFile
 		c  ioasCopy
 		u  ioasUnmap
 		o  option
@@ -77,6 +79,11 @@ func TestLayoutOffsets(t *testing.T) {
 				{"ioas_id", unsafe.Offsetof(m.IOASID)}, {"__reserved", unsafe.Offsetof(m.Reserved)},
 				{"user_va", unsafe.Offsetof(m.UserVA)}, {"length", unsafe.Offsetof(m.Length)}, {"iova", unsafe.Offsetof(m.IOVA)}},
 			[]field{{"size", 0}, {"flags", 4}, {"ioas_id", 8}, {"__reserved", 12}, {"user_va", 16}, {"length", 24}, {"iova", 32}}},
+		{"iommu_ioas_map_file",
+			[]field{{"size", unsafe.Offsetof(mf.Size)}, {"flags", unsafe.Offsetof(mf.Flags)},
+				{"ioas_id", unsafe.Offsetof(mf.IOASID)}, {"fd", unsafe.Offsetof(mf.FD)},
+				{"start", unsafe.Offsetof(mf.Start)}, {"length", unsafe.Offsetof(mf.Length)}, {"iova", unsafe.Offsetof(mf.IOVA)}},
+			[]field{{"size", 0}, {"flags", 4}, {"ioas_id", 8}, {"fd", 12}, {"start", 16}, {"length", 24}, {"iova", 32}}},
 		{"iommu_ioas_copy",
 			[]field{{"size", unsafe.Offsetof(c.Size)}, {"flags", unsafe.Offsetof(c.Flags)},
 				{"dst_ioas_id", unsafe.Offsetof(c.DstIOASID)}, {"src_ioas_id", unsafe.Offsetof(c.SrcIOASID)},

@@ -34,14 +34,20 @@ func (e *FdError) Unwrap() error { return e.Err }
 // must answer APIVersion; otherwise it fails with an *FdError and fd stays
 // the caller's.
 func NewSystem(fd int) (*System, error) {
-	r, err := ioctl(fd, kvmGetAPIVersion, 0)
+	d, err := fdio.Own(fd, DevicePath, ErrClosed, func(view *fdio.FD) error {
+		r, err := ioctl(view, kvmGetAPIVersion, 0)
+		if err != nil {
+			return ioctlError("KVM_GET_API_VERSION", err)
+		}
+		if r != APIVersion {
+			return fmt.Errorf("KVM_GET_API_VERSION answers %d, not %d", r, APIVersion)
+		}
+		return nil
+	})
 	if err != nil {
-		return nil, &FdError{Kind: "/dev/kvm", Fd: fd, Err: ioctlError("KVM_GET_API_VERSION", err)}
+		return nil, &FdError{Kind: "/dev/kvm", Fd: fd, Err: err}
 	}
-	if r != APIVersion {
-		return nil, &FdError{Kind: "/dev/kvm", Fd: fd, Err: fmt.Errorf("KVM_GET_API_VERSION answers %d, not %d", r, APIVersion)}
-	}
-	return &System{fd: fd}, nil
+	return &System{fd: d}, nil
 }
 
 // SystemFromFile returns a System for a duplicate of f's descriptor. f
@@ -67,13 +73,19 @@ func (s *System) NewVM(fd int) (*VM, error) {
 	if mmapSize < runSize {
 		return nil, fmt.Errorf("kvm: KVM_GET_VCPU_MMAP_SIZE %d is smaller than kvm_run (%d)", mmapSize, runSize)
 	}
-	if _, err := ioctl(fd, kvmCheckExtension, uintptr(CapUserMemory2)); err != nil {
-		return nil, &FdError{Kind: "KVM VM", Fd: fd, Err: ioctlError("KVM_CHECK_EXTENSION", err)}
+	d, err := fdio.Own(fd, "kvm-vm", ErrClosed, func(view *fdio.FD) error {
+		if _, err := ioctl(view, kvmCheckExtension, uintptr(CapUserMemory2)); err != nil {
+			return ioctlError("KVM_CHECK_EXTENSION", err)
+		}
+		if _, err := ioctl(view, kvmGetAPIVersion, 0); err == nil {
+			return errors.New("it answers KVM_GET_API_VERSION: a /dev/kvm fd")
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, &FdError{Kind: "KVM VM", Fd: fd, Err: err}
 	}
-	if _, err := ioctl(fd, kvmGetAPIVersion, 0); err == nil {
-		return nil, &FdError{Kind: "KVM VM", Fd: fd, Err: errors.New("it answers KVM_GET_API_VERSION: a /dev/kvm fd")}
-	}
-	return &VM{fd: fd, vcpuMmapSize: mmapSize, vmType: VMTypeUnknown}, nil
+	return &VM{fd: d, vcpuMmapSize: mmapSize, vmType: VMTypeUnknown}, nil
 }
 
 // VMFromFile returns a VM for a duplicate of f's descriptor, as NewVM. f
@@ -92,13 +104,19 @@ func (s *System) VMFromFile(f *os.File) (*VM, error) {
 // (EINVAL).
 func NewGuestMemfd(fd int, flags uint64) (*GuestMemfd, error) {
 	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return nil, &FdError{Kind: "guest_memfd", Fd: fd, Err: fmt.Errorf("fstat: %w", err)}
+	d, err := fdio.Own(fd, "guest_memfd", ErrClosed, func(view *fdio.FD) error {
+		if err := view.Do(func(fd int) error { return unix.Fstat(fd, &st) }); err != nil {
+			return fmt.Errorf("fstat: %w", err)
+		}
+		if st.Size <= 0 || st.Size%PageSize != 0 {
+			return fmt.Errorf("size %d is not a positive multiple of the page size", st.Size)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, &FdError{Kind: "guest_memfd", Fd: fd, Err: err}
 	}
-	if st.Size <= 0 || st.Size%PageSize != 0 {
-		return nil, &FdError{Kind: "guest_memfd", Fd: fd, Err: fmt.Errorf("size %d is not a positive multiple of the page size", st.Size)}
-	}
-	return &GuestMemfd{fd: fd, size: uint64(st.Size), flags: flags}, nil
+	return &GuestMemfd{fd: d, size: uint64(st.Size), flags: flags}, nil
 }
 
 // GuestMemfdFromFile returns a GuestMemfd for a duplicate of f's

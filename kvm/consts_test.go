@@ -15,6 +15,11 @@ func TestUAPINumbers(t *testing.T) {
 		{"KVM_CAP_MEMORY_ATTRIBUTES", uint64(CapMemoryAttributes), 233},
 		{"KVM_CAP_GUEST_MEMFD", uint64(CapGuestMemfd), 234},
 		{"KVM_CAP_VM_TYPES", uint64(CapVMTypes), 235},
+		{"KVM_CAP_GUEST_MEMFD_FLAGS", uint64(CapGuestMemfdFlags), 244},
+		// Provisional: the number of the in-place series as applied for 7.4.
+		{"KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES", uint64(CapGuestMemfdMemoryAttributes), 252},
+		{"GUEST_MEMFD_FLAG_MMAP", GuestMemfdFlagMmap, 1 << 0},
+		{"GUEST_MEMFD_FLAG_INIT_SHARED", GuestMemfdFlagInitShared, 1 << 1},
 		{"KVM_X86_DEFAULT_VM", VMTypeDefault, 0},
 		{"KVM_X86_SW_PROTECTED_VM", VMTypeSWProtected, 1},
 		{"KVM_MEM_GUEST_MEMFD", MemGuestMemfd, 1 << 2},

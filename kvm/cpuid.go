@@ -29,9 +29,6 @@ type cpuid2 struct {
 // host (KVM_GET_SUPPORTED_CPUID), the usual starting point for a vCPU's
 // KVM_SET_CPUID2.
 func (s *System) GetSupportedCPUID() ([]CPUIDEntry2, error) {
-	if s.fd < 0 {
-		return nil, ErrClosed
-	}
 	c := &cpuid2{Nent: maxCPUIDEntries}
 	if _, err := ioctlPtr(s.fd, kvmGetSupportedCPUID, c); err != nil {
 		return nil, ioctlError("KVM_GET_SUPPORTED_CPUID", err)
@@ -47,9 +44,6 @@ func (s *System) GetSupportedCPUID() ([]CPUIDEntry2, error) {
 // long mode (0x80000001 EDX bit 29) in the guest's CPUID, KVM_SET_SREGS
 // refuses a 64-bit EFER with EINVAL. It must come before the first KVM_RUN.
 func (v *VCPU) SetCPUID2(entries []CPUIDEntry2) error {
-	if v.fd < 0 {
-		return ErrClosed
-	}
 	if len(entries) > maxCPUIDEntries {
 		return fmt.Errorf("kvm: KVM_SET_CPUID2: %d entries, at most %d", len(entries), maxCPUIDEntries)
 	}

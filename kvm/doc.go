@@ -17,4 +17,13 @@
 //
 // Errors returned by ioctls are unix.Errno values wrapped with the ioctl's
 // name; test them with errors.Is(err, unix.EINVAL) and so on.
+//
+// Every type's methods are safe for concurrent use, Close included. Each
+// ioctl runs with the descriptor held open (inside its RawConn.Control), so
+// a Close racing it can never make it reach a recycled descriptor number:
+// Close refuses new calls with [ErrClosed] (which matches fs.ErrClosed),
+// waits for the calls in flight and then closes. A vCPU's Close first
+// interrupts a KVM_RUN in progress, as [VCPU.Kick] does. Fd returns a
+// number that is only lent; hand it to another call (a memslot's
+// guest_memfd) inside the owner's Control where Close may race.
 package kvm

@@ -46,7 +46,11 @@ func (e *UnsupportedError) Is(target error) bool {
 	return false
 }
 
-// ioctlError wraps the errno of a failed ioctl with the ioctl's uAPI name.
+// ioctlError wraps the errno of a failed ioctl with the ioctl's uAPI name;
+// ErrClosed, which reached no kernel, is returned as it is.
 func ioctlError(name string, err error) error {
+	if err == ErrClosed {
+		return err
+	}
 	return fmt.Errorf("kvm: %s: %w", name, err)
 }

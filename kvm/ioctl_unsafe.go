@@ -6,27 +6,18 @@ import (
 	"sync/atomic"
 	"unsafe"
 
-	"golang.org/x/sys/unix"
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
-// ioctl issues an ioctl whose argument is a plain integer.
-func ioctl(fd int, req, arg uintptr) (uintptr, error) {
-	r, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
-	if e != 0 {
-		return r, e
-	}
-	return r, nil
+// ioctl issues an ioctl whose argument is a plain integer, inside the fd's
+// Control: after Close it answers ErrClosed and issues nothing.
+func ioctl(fd *fdio.FD, req, arg uintptr) (uintptr, error) {
+	return fdio.Ioctl(fd, req, arg)
 }
 
-// ioctlPtr issues an ioctl whose argument points at *p. Converting the
-// pointer inside the Syscall argument list keeps *p alive and unmoved for the
-// duration of the call.
-func ioctlPtr[T any](fd int, req uintptr, p *T) (uintptr, error) {
-	r, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(unsafe.Pointer(p)))
-	if e != 0 {
-		return r, e
-	}
-	return r, nil
+// ioctlPtr issues an ioctl whose argument points at *p, as ioctl does.
+func ioctlPtr[T any](fd *fdio.FD, req uintptr, p *T) (uintptr, error) {
+	return fdio.IoctlPtr(fd, req, p)
 }
 
 // HostAddr returns the host virtual address of b[0], or 0 if b is empty: the

@@ -59,6 +59,26 @@ func TestLayoutMemoryAttributes(t *testing.T) {
 	})
 }
 
+func TestLayoutMemoryAttributes2(t *testing.T) {
+	var a MemoryAttributes2
+	checkFields(t, "kvm_memory_attributes2", []field{
+		{"sizeof", unsafe.Sizeof(a), 128},
+		{"offset", unsafe.Offsetof(a.Offset), 0},
+		{"size", unsafe.Offsetof(a.Size), 8},
+		{"attributes", unsafe.Offsetof(a.Attributes), 16},
+		{"flags", unsafe.Offsetof(a.Flags), 24},
+		{"error_offset", unsafe.Offsetof(a.ErrorOffset), 32},
+	})
+	// The first four fields are kvm_memory_attributes', as the uAPI
+	// asserts statically.
+	var old MemoryAttributes
+	checkFields(t, "kvm_memory_attributes2 against kvm_memory_attributes", []field{
+		{"size", unsafe.Offsetof(a.Size), unsafe.Offsetof(old.Size)},
+		{"attributes", unsafe.Offsetof(a.Attributes), unsafe.Offsetof(old.Attributes)},
+		{"flags", unsafe.Offsetof(a.Flags), unsafe.Offsetof(old.Flags)},
+	})
+}
+
 func TestLayoutEnableCap(t *testing.T) {
 	var c EnableCap
 	checkFields(t, "kvm_enable_cap", []field{
@@ -216,6 +236,7 @@ func TestIoctlNumbers(t *testing.T) {
 		{"KVM_SET_SREGS", kvmSetSregs, 0x4138AE84, w, 0x84, unsafe.Sizeof(Sregs{})},
 		{"KVM_ENABLE_CAP", kvmEnableCap, 0x4068AEA3, w, 0xA3, unsafe.Sizeof(EnableCap{})},
 		{"KVM_SET_MEMORY_ATTRIBUTES", kvmSetMemoryAttributes, 0x4020AED2, w, 0xD2, unsafe.Sizeof(MemoryAttributes{})},
+		{"KVM_SET_MEMORY_ATTRIBUTES2", kvmSetMemoryAttributes2, 0xC080AED2, rw, 0xD2, unsafe.Sizeof(MemoryAttributes2{})},
 		{"KVM_CREATE_GUEST_MEMFD", kvmCreateGuestMemfd, 0xC040AED4, rw, 0xD4, unsafe.Sizeof(createGuestMemfd{})},
 	} {
 		if c.got != c.table {

@@ -7,13 +7,19 @@ import (
 	"fmt"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
-// System is an open /dev/kvm. Its methods may be called concurrently; Close
-// must not race with them.
+// System is an open /dev/kvm. Its methods are safe for concurrent use,
+// Close included; after Close they return ErrClosed.
 type System struct {
-	fd int
+	fd *fdio.FD
 }
+
+// newFD wraps a descriptor the package owns; its calls answer ErrClosed
+// after Close.
+func newFD(fd int, name string) *fdio.FD { return fdio.New(fd, name, ErrClosed) }
 
 // Open opens [DevicePath].
 func Open() (*System, error) { return OpenPath(DevicePath) }
@@ -24,21 +30,27 @@ func OpenPath(path string) (*System, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kvm: open %s: %w", path, err)
 	}
-	return &System{fd: fd}, nil
+	return &System{fd: newFD(fd, path)}, nil
 }
 
-// Fd returns the file descriptor, or -1 after Close.
-func (s *System) Fd() int { return s.fd }
+// Fd returns the file descriptor, or -1 after Close. The number is lent,
+// not given: Close and the garbage collector (once the System is
+// unreachable) close it, and it may then name another file. Where Close
+// may race, use Control.
+func (s *System) Fd() int { return s.fd.Fd() }
 
-// Close closes the device. VMs created from it stay usable.
-func (s *System) Close() error { return closeFd(&s.fd) }
+// Control runs fn with the descriptor, which stays open until fn returns
+// even if Close runs meanwhile (Close waits for fn); after Close it returns
+// ErrClosed without running fn. fn must not Close the System.
+func (s *System) Control(fn func(fd uintptr)) error { return s.fd.Control(fn) }
+
+// Close closes the device, after waiting for the calls in flight. VMs
+// created from it stay usable. A second Close returns ErrClosed.
+func (s *System) Close() error { return closeFd(s.fd) }
 
 // GetAPIVersion returns the KVM API version (KVM_GET_API_VERSION); every
 // kernel since 2.6.22 answers [APIVersion].
 func (s *System) GetAPIVersion() (int, error) {
-	if s.fd < 0 {
-		return 0, ErrClosed
-	}
 	r, err := ioctl(s.fd, kvmGetAPIVersion, 0)
 	if err != nil {
 		return 0, ioctlError("KVM_GET_API_VERSION", err)
@@ -57,9 +69,6 @@ func (s *System) CheckExtension(c Cap) (int, error) {
 // (KVM_GET_VCPU_MMAP_SIZE), including the PIO data page that follows the
 // kvm_run structure.
 func (s *System) GetVCPUMmapSize() (int, error) {
-	if s.fd < 0 {
-		return 0, ErrClosed
-	}
 	r, err := ioctl(s.fd, kvmGetVCPUMmapSize, 0)
 	if err != nil {
 		return 0, ioctlError("KVM_GET_VCPU_MMAP_SIZE", err)
@@ -74,9 +83,6 @@ func (s *System) GetVCPUMmapSize() (int, error) {
 // answer EINTR when a signal arrives while it sets the VM up; the call is
 // then repeated.
 func (s *System) CreateVM(vmType uint64) (*VM, error) {
-	if s.fd < 0 {
-		return nil, ErrClosed
-	}
 	if err := s.checkVMType(vmType); err != nil {
 		return nil, err
 	}
@@ -95,15 +101,12 @@ func (s *System) CreateVM(vmType uint64) (*VM, error) {
 		if err != nil {
 			return nil, ioctlError(fmt.Sprintf("KVM_CREATE_VM(%d)", vmType), err)
 		}
-		return &VM{fd: int(r), vcpuMmapSize: mmapSize, vmType: vmType}, nil
+		return &VM{fd: newFD(int(r), "kvm-vm"), vcpuMmapSize: mmapSize, vmType: vmType}, nil
 	}
 }
 
 // checkExtension is KVM_CHECK_EXTENSION on either kind of fd.
-func checkExtension(fd int, c Cap) (int, error) {
-	if fd < 0 {
-		return 0, ErrClosed
-	}
+func checkExtension(fd *fdio.FD, c Cap) (int, error) {
 	r, err := ioctl(fd, kvmCheckExtension, uintptr(c))
 	if err != nil {
 		return 0, ioctlError("KVM_CHECK_EXTENSION("+c.String()+")", err)
@@ -111,14 +114,12 @@ func checkExtension(fd int, c Cap) (int, error) {
 	return int(r), nil
 }
 
-// closeFd closes *fd once and marks it closed.
-func closeFd(fd *int) error {
-	if *fd < 0 {
-		return ErrClosed
-	}
-	err := unix.Close(*fd)
-	*fd = -1
-	if err != nil {
+// closeFd closes fd once: a second call returns ErrClosed.
+func closeFd(fd *fdio.FD) error {
+	if err := fd.Close(); err != nil {
+		if err == ErrClosed {
+			return err
+		}
 		return fmt.Errorf("kvm: close: %w", err)
 	}
 	return nil

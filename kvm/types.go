@@ -49,6 +49,27 @@ type MemoryAttributes struct {
 	Flags uint64
 }
 
+// MemoryAttributes2 is struct kvm_memory_attributes2 (128 bytes), the
+// argument of KVM_SET_MEMORY_ATTRIBUTES2, which is issued on a guest_memfd
+// fd and names a range of that file, not of guest physical memory. The
+// first four fields are laid out as in [MemoryAttributes].
+type MemoryAttributes2 struct {
+	// Offset is the page-aligned first byte of the range in the file (the
+	// uAPI's union of address and offset).
+	Offset uint64
+	// Size is the page-aligned length in bytes, not 0, inside the file.
+	Size uint64
+	// Attributes is MemoryAttributePrivate or 0 (shared).
+	Attributes uint64
+	// Flags must be 0.
+	Flags uint64
+	// ErrorOffset is written by the kernel when it refuses the request
+	// with EAGAIN: the offset of the first page still in use. Its value on
+	// input is ignored.
+	ErrorOffset uint64
+	_           [11]uint64 // reserved, must be 0
+}
+
 // EnableCap is struct kvm_enable_cap (104 bytes), the argument of
 // KVM_ENABLE_CAP.
 type EnableCap struct {

@@ -6,22 +6,33 @@ import (
 	"fmt"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
-// VM is a KVM virtual machine fd. Its methods may be called concurrently;
-// Close must not race with them.
+// VM is a KVM virtual machine fd. Its methods are safe for concurrent use,
+// Close included; after Close they return ErrClosed.
 type VM struct {
-	fd           int
+	fd           *fdio.FD
 	vcpuMmapSize int
 	vmType       uint64
 }
 
-// Fd returns the file descriptor, or -1 after Close.
-func (vm *VM) Fd() int { return vm.fd }
+// Fd returns the file descriptor, or -1 after Close. The number is lent,
+// not given: Close and the garbage collector (once the VM is unreachable)
+// close it, and it may then name another file. Where Close may race, use
+// Control.
+func (vm *VM) Fd() int { return vm.fd.Fd() }
 
-// Close closes the VM fd. The kernel keeps the VM alive while vCPUs,
-// guest_memfd files or memslots refer to it.
-func (vm *VM) Close() error { return closeFd(&vm.fd) }
+// Control runs fn with the descriptor, which stays open until fn returns
+// even if Close runs meanwhile (Close waits for fn); after Close it returns
+// ErrClosed without running fn. fn must not Close the VM.
+func (vm *VM) Control(fn func(fd uintptr)) error { return vm.fd.Control(fn) }
+
+// Close closes the VM fd, after waiting for the calls in flight. The
+// kernel keeps the VM alive while vCPUs, guest_memfd files or memslots
+// refer to it. A second Close returns ErrClosed.
+func (vm *VM) Close() error { return closeFd(vm.fd) }
 
 // CheckExtension asks this VM about a capability (KVM_CHECK_EXTENSION on the
 // VM fd). Several answers depend on the VM type, so gmem asks here rather
@@ -35,9 +46,6 @@ func (vm *VM) CheckExtension(c Cap) (int, error) {
 // userspace (1 << [HCMapGPARange]) and must be a subset of what
 // CheckExtension(CapExitHypercall) answers.
 func (vm *VM) EnableCap(c EnableCap) error {
-	if vm.fd < 0 {
-		return ErrClosed
-	}
 	if _, err := ioctlPtr(vm.fd, kvmEnableCap, &c); err != nil {
 		return ioctlError("KVM_ENABLE_CAP("+c.Cap.String()+")", err)
 	}
@@ -46,14 +54,13 @@ func (vm *VM) EnableCap(c EnableCap) error {
 
 // CreateGuestMemfd creates a guest_memfd file of size bytes bound to this VM
 // (KVM_CREATE_GUEST_MEMFD). size must be a positive multiple of [PageSize];
-// the size never changes afterwards. flags are checked against
+// the size never changes afterwards. The VM's CapGuestMemfdMemoryAttributes
+// is recorded with the file (see [GuestMemfd.SetMemoryAttributes2]). flags
+// are checked against
 // CheckExtension(CapGuestMemfdFlags) first; bits the VM does not accept give
 // an *UnsupportedError matching unix.EINVAL without issuing the ioctl. The
 // new fd is made close-on-exec, which the kernel does not do.
 func (vm *VM) CreateGuestMemfd(size, flags uint64) (*GuestMemfd, error) {
-	if vm.fd < 0 {
-		return nil, ErrClosed
-	}
 	if have, err := vm.CheckExtension(CapGuestMemfd); err != nil {
 		return nil, err
 	} else if have == 0 {
@@ -69,15 +76,23 @@ func (vm *VM) CreateGuestMemfd(size, flags uint64) (*GuestMemfd, error) {
 				Have: uint64(have), Want: flags, Errno: unix.EINVAL}
 		}
 	}
+	attrs, err := vm.CheckExtension(CapGuestMemfdMemoryAttributes)
+	if err != nil {
+		return nil, err
+	}
 	fd, err := vm.createGuestMemfd(size, flags)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
-		unix.Close(fd)
+	g := &GuestMemfd{fd: newFD(fd, "guest_memfd"), size: size, flags: flags, attrs: GuestMemfdAttributes(attrs), attrsKnown: true}
+	if err := g.fd.Do(func(fd int) error {
+		_, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+		return err
+	}); err != nil {
+		g.fd.Close()
 		return nil, fmt.Errorf("kvm: guest_memfd: set FD_CLOEXEC: %w", err)
 	}
-	return &GuestMemfd{fd: fd, size: size, flags: flags}, nil
+	return g, nil
 }
 
 // createGuestMemfd issues KVM_CREATE_GUEST_MEMFD without checking flags.
@@ -95,9 +110,6 @@ func (vm *VM) createGuestMemfd(size, flags uint64) (int, error) {
 // changed, only deleted and created again, and refuse MemLogDirtyPages and
 // MemReadonly.
 func (vm *VM) SetUserMemoryRegion2(r UserspaceMemoryRegion2) error {
-	if vm.fd < 0 {
-		return ErrClosed
-	}
 	if _, err := ioctlPtr(vm.fd, kvmSetUserMemoryRegion2, &r); err != nil {
 		return ioctlError(fmt.Sprintf("KVM_SET_USER_MEMORY_REGION2(slot %d, gpa %#x, size %#x)",
 			r.Slot, r.GuestPhysAddr, r.MemorySize), err)
@@ -113,9 +125,6 @@ func (vm *VM) SetUserMemoryRegion2(r UserspaceMemoryRegion2) error {
 // never have private memory, and kernels built without per-VM attributes
 // answer the ioctl itself with ENOTTY.
 func (vm *VM) SetMemoryAttributes(a MemoryAttributes) error {
-	if vm.fd < 0 {
-		return ErrClosed
-	}
 	have, err := vm.CheckExtension(CapMemoryAttributes)
 	if err != nil {
 		return err
@@ -142,17 +151,16 @@ func (vm *VM) setMemoryAttributes(a MemoryAttributes) error {
 
 // CreateVCPU creates vCPU id (KVM_CREATE_VCPU) and maps its kvm_run page.
 func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
-	if vm.fd < 0 {
-		return nil, ErrClosed
-	}
 	r, err := ioctl(vm.fd, kvmCreateVCPU, uintptr(id))
 	if err != nil {
 		return nil, ioctlError(fmt.Sprintf("KVM_CREATE_VCPU(%d)", id), err)
 	}
-	fd := int(r)
-	run, err := unix.Mmap(fd, 0, vm.vcpuMmapSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	fd := newFD(int(r), "kvm-vcpu")
+	run, err := fdio.Call(fd, func(fd int) ([]byte, error) {
+		return unix.Mmap(fd, 0, vm.vcpuMmapSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	})
 	if err != nil {
-		unix.Close(fd)
+		fd.Close()
 		return nil, fmt.Errorf("kvm: mmap kvm_run of vCPU %d: %w", id, err)
 	}
 	return &VCPU{fd: fd, id: id, run: run}, nil
@@ -171,6 +179,9 @@ type Capabilities struct {
 	GuestMemfdFlags uint64
 	// MemoryAttributes is the KVM_SET_MEMORY_ATTRIBUTES bits this VM accepts.
 	MemoryAttributes uint64
+	// GuestMemfdMemoryAttributes is the KVM_SET_MEMORY_ATTRIBUTES2 bits this
+	// VM's guest_memfd files accept (read by GuestMemfdAttributes).
+	GuestMemfdMemoryAttributes uint64
 	// ExitHypercall is the set of hypercalls that may exit to userspace.
 	ExitHypercall uint64
 	// VMTypes has bit n set when VM type n can be created.
@@ -191,6 +202,7 @@ func (vm *VM) ProbeCapabilities() (Capabilities, error) {
 		{CapGuestMemfd, func(v int) { c.GuestMemfd = v != 0 }},
 		{CapGuestMemfdFlags, func(v int) { c.GuestMemfdFlags = uint64(v) }},
 		{CapMemoryAttributes, func(v int) { c.MemoryAttributes = uint64(v) }},
+		{CapGuestMemfdMemoryAttributes, func(v int) { c.GuestMemfdMemoryAttributes = GuestMemfdAttributes(v) }},
 		{CapExitHypercall, func(v int) { c.ExitHypercall = uint64(v) }},
 		{CapVMTypes, func(v int) { c.VMTypes = uint64(v) }},
 		{CapPreFaultMemory, func(v int) { c.PreFaultMemory = v != 0 }},

@@ -1,9 +1,8 @@
 package pagemap
 
 import (
-	"errors"
+	"fmt"
 	"iter"
-	"math"
 	"math/bits"
 
 	"github.com/gmemproject/gmem/span"
@@ -21,17 +20,21 @@ type Bitmap struct {
 var _ Map = (*Bitmap)(nil)
 
 // NewBitmap returns a Bitmap of the given number of pages, every page 0, with
-// bits (1 or 2) bits per page.
+// bits (1 or 2) bits per page. It allocates BitmapBytes(pages, bits) at once,
+// and refuses with a *SizeError (ErrTooLarge) a bitmap larger than
+// BitmapLimit: the machine's physical memory. A bitmap is written wherever
+// its pages change, so one larger than the memory cannot be held; and an
+// allocation the kernel refuses is a fatal error in Go, not one a caller
+// could handle.
 func NewBitmap(pages uint64, bits uint) (*Bitmap, error) {
 	if err := checkBits(bits); err != nil {
 		return nil, err
 	}
-	if pages > math.MaxUint64/2 {
-		// pages*bits below would wrap and size the array wrongly.
-		return nil, errors.New("pagemap: too many pages for a bitmap")
+	n := BitmapBytes(pages, bits)
+	if limit, name := BitmapLimit(); n > limit {
+		return nil, &SizeError{What: fmt.Sprintf("a bitmap of %d pages, %d bits each,", pages, bits), Bytes: n, Limit: limit, LimitName: name}
 	}
-	n := (pages*uint64(bits) + 63) / 64
-	return &Bitmap{pages: pages, bits: bits, words: make([]uint64, n)}, nil
+	return &Bitmap{pages: pages, bits: bits, words: make([]uint64, n/8)}, nil
 }
 
 // Pages implements Map.

@@ -87,6 +87,14 @@ type Options struct {
 	// MaxExtent is the gmem run's dma.Options.MaxExtent (0: the default,
 	// dma.Unbounded: none).
 	MaxExtent uint64
+	// KernelModel runs in-place traces, in both runs, on the kernel's
+	// in-place conversion as guestmem/kernelmodel models it: each block a
+	// guest_memfd (without memory) that keeps its own attributes, pinned by
+	// every attached device's IOMMU, so every conversion to private reaches
+	// a kernel that refuses pinned pages. Replay has no other pinner, so a
+	// refusal means gmem's own mappings were still there: an I2
+	// violation.
+	KernelModel bool
 }
 
 // RunStats is what one run (baseline or gmem) did.

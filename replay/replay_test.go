@@ -414,6 +414,50 @@ func TestGenerators(t *testing.T) {
 	}
 }
 
+// TestGeneratorsKernelModel replays the in-place traces of every generator
+// on the kernel's in-place rules (Options.KernelModel): every conversion to
+// private reaches a kernel that refuses pinned pages, with the devices'
+// IOMMUs as the pinners, and none is refused; the kernel's attributes end
+// equal to the state, and the results are those of the replay without the
+// model.
+func TestGeneratorsKernelModel(t *testing.T) {
+	configs := []trace.Common{
+		{RAM: 3 << 30, Events: 300, Devices: 2, IOMMU: trace.IOMMUFD, Mode: trace.InPlace, Platform: trace.SNP, Seed: 4},
+		{RAM: 1 << 30, Events: 300, Devices: 1, IOMMU: trace.Type1, Limit: 300, Mode: trace.InPlace, Platform: trace.TDX, Seed: 5},
+	}
+	for i, c := range configs {
+		gens := map[string]func() (func(func(trace.Event) bool), error){
+			"boot":    func() (func(func(trace.Event) bool), error) { return trace.Boot(trace.BootOptions{Common: c}) },
+			"churn":   func() (func(func(trace.Event) bool), error) { return trace.Churn(trace.ChurnOptions{Common: c}) },
+			"hotplug": func() (func(func(trace.Event) bool), error) { return trace.Hotplug(trace.HotplugOptions{Common: c}) },
+			"adversarial": func() (func(func(trace.Event) bool), error) {
+				return trace.Adversarial(trace.AdversarialOptions{Common: c, Window: 1 << 20})
+			},
+		}
+		for name, gen := range gens {
+			t.Run(fmt.Sprintf("%s/config%d", name, i), func(t *testing.T) {
+				var res [2]Result
+				for j, model := range []bool{false, true} {
+					seq, err := gen()
+					if err != nil {
+						t.Fatal(err)
+					}
+					res[j] = Events(seq, Options{KernelModel: model})
+				}
+				plain, kernel := res[0], res[1]
+				if kernel.Violations != 0 || kernel.Gmem.Failures != 0 {
+					t.Fatalf("%d violations, gmem refused %d events: %v %v", kernel.Violations, kernel.Gmem.Failures, kernel.ViolationDetails, kernel.Rejections)
+				}
+				if kernel.Conversions == 0 || kernel.Conversions != plain.Conversions || kernel.Rejected != plain.Rejected ||
+					kernel.Gmem.MapCalls != plain.Gmem.MapCalls || kernel.Gmem.EntriesPeak != plain.Gmem.EntriesPeak ||
+					kernel.Baseline.MapCalls != plain.Baseline.MapCalls || kernel.SharedBytes != plain.SharedBytes {
+					t.Errorf("on the kernel model %+v\nwithout it %+v", kernel, plain)
+				}
+			})
+		}
+	}
+}
+
 // TestTerabyte replays the boot of a 1 TiB guest: gmem's state stays small,
 // the baseline's is the bitmap QEMU would hold (1 bit per 4 KiB page), and
 // the baseline runs out of type1 entries at the swiotlb pool where gmem does

@@ -12,6 +12,7 @@ import (
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/guestmem/kernelmodel"
 	"github.com/gmemproject/gmem/internal/invariant"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/memattr"
@@ -28,6 +29,9 @@ type run struct {
 
 	mem     *guestmem.Memory
 	inPlace bool
+	// files are the blocks' kernel-model guest_memfds (Options.KernelModel),
+	// by block GPA.
+	files   map[uint64]*kernelmodel.GuestMemfd
 	devices map[string]*device
 	order   []*device // attached devices in attach order
 
@@ -72,8 +76,21 @@ func (r *run) start(ram []trace.RAM, mmio []trace.MMIO) error {
 		mode = guestmem.InPlace
 	}
 	cfg := guestmem.Config{Mode: mode, Bitmap: r.baseline, Logger: r.rp.log, Inject: r.observe}
+	kernel := mode == guestmem.InPlace && r.rp.opts.KernelModel
+	if kernel {
+		cfg.VM = kernelmodel.NewVM()
+		r.files = map[uint64]*kernelmodel.GuestMemfd{}
+	}
 	for _, e := range ram {
-		b, err := guestmem.NewModelBacking(e.Size, mode)
+		var b guestmem.Backing
+		var err error
+		if kernel {
+			var g *kernelmodel.GuestMemfd
+			g, err = kernelmodel.NewGuestMemfd(e.Size, false)
+			r.files[e.GPA], b = g, g
+		} else {
+			b, err = guestmem.NewModelBacking(e.Size, mode)
+		}
 		if err != nil {
 			return err
 		}
@@ -115,6 +132,9 @@ func (r *run) attach(e trace.Attach) error {
 		}
 		return fmt.Errorf("attach %q: %w", e.Dev, err)
 	}
+	for gpa, g := range r.files {
+		g.AddPinner(kernelmodel.IOMMUPins(model, gpa))
+	}
 	d := &device{name: e.Dev, model: model, att: att}
 	r.devices[e.Dev] = d
 	r.order = append(r.order, d)
@@ -154,6 +174,10 @@ func (r *run) convert(e trace.Convert) error {
 		to = memattr.Private
 	}
 	_, err := r.mem.Convert(guestmem.Request{GPA: e.GPA, Size: e.Size, To: to})
+	var pe *guestmem.PinnedError
+	if errors.As(err, &pe) {
+		r.rp.violate(r.name, "I2", "the kernel refused to make GPA %#x private: a device still mapped it (%v)", pe.GPA, err)
+	}
 	return err
 }
 
@@ -240,9 +264,24 @@ func (r *run) afterEvent() {
 // check, and that the mappers' tables together hold exactly the IOMMU's
 // entries.
 func (r *run) finish() {
+	for _, b := range r.mem.Blocks() {
+		g := r.files[b.GPA()]
+		if g == nil {
+			continue
+		}
+		var want []span.Range
+		for _, run := range b.StateRuns() {
+			if run.State == memattr.Private {
+				want = append(want, span.Range{Start: run.GPA.Start - b.GPA(), End: run.GPA.End - b.GPA()})
+			}
+		}
+		if got := g.PrivateRuns(); !slices.Equal(got, want) {
+			r.rp.violate(r.name, "I4", "block %s: the kernel holds %d private runs, the state %d different ones", b.Name(), len(got), len(want))
+		}
+	}
 	for _, d := range r.order {
 		r.checkDevice(d, span.Range{Start: 0, End: ^uint64(0)})
-		if err := d.att.Check(d.model.Mappings()); err != nil {
+		if err := d.att.Check(); err != nil {
 			inv := "I1"
 			var v *guestmem.Violation
 			if errors.As(err, &v) {

@@ -4,9 +4,14 @@
 // file, and turns the guest's verdict lines into one summary line per
 // backend and its exit status.
 //
-//	rig initramfs -busybox /bin/busybox -test guesttest [-gmem gmem] -o initrd.gz
+//	rig initramfs -busybox /bin/busybox -test guesttest [-gmem gmem] [-vmmtest vmmtest] -o initrd.gz
 //	rig boot -kernel bzImage -initrd initrd.gz -backend all -log console.log
+//	rig boot -kernel bzImage -initrd initrd.gz -backend inplace -log console.log
 //	rig boot -kernel bzImage -initrd initrd.gz -demo json -log console.log
+//
+// The inplace backend (a kernel with mmap-able guest_memfd, 6.18 or later)
+// runs the in-place checks, which also run gmem demo (-gmem) and vmm's
+// host-KVM tests (-vmmtest, a static go test -c of ./vmm) inside the guest.
 //
 // With -demo the guest runs gmem demo (the initramfs needs -gmem) on KVM
 // with private memory and a real VFIO IOMMU instead of the tests, and the
@@ -92,7 +97,8 @@ func initramfsCmd(args []string) error {
 	test := fs.String("test", "", "static guest test binary (go test -c of rig/guesttest)")
 	out := fs.String("o", "", "output initramfs (gzip'ed newc cpio)")
 	testTimeout := fs.Duration("test-timeout", 5*time.Minute, "-test.timeout of the guest test binary")
-	gmem := fs.String("gmem", "", "static gmem binary for -demo boots (optional)")
+	gmem := fs.String("gmem", "", "static gmem binary for -demo boots and the inplace backend (optional)")
+	vmmTest := fs.String("vmmtest", "", "static test binary of ./vmm for the inplace backend (optional)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -107,9 +113,14 @@ func initramfsCmd(args []string) error {
 	if err != nil {
 		return err
 	}
-	var gb []byte
+	var gb, vb []byte
 	if *gmem != "" {
 		if gb, err = os.ReadFile(*gmem); err != nil {
+			return err
+		}
+	}
+	if *vmmTest != "" {
+		if vb, err = os.ReadFile(*vmmTest); err != nil {
 			return err
 		}
 	}
@@ -118,16 +129,17 @@ func initramfsCmd(args []string) error {
 		return err
 	}
 	defer f.Close()
-	if err := writeInitramfs(f, bb, tb, gb, *testTimeout); err != nil {
+	if err := writeInitramfs(f, bb, tb, gb, vb, *testTimeout); err != nil {
 		return err
 	}
 	return f.Close()
 }
 
 // writeInitramfs writes the gzip'ed cpio archive: /init, /bin/busybox,
-// /guesttest, /gmem if given, the mount points and /dev/console (so the
-// kernel can give /init the console before devtmpfs is mounted).
-func writeInitramfs(w io.Writer, busybox, test, gmem []byte, testTimeout time.Duration) error {
+// /guesttest, /gmem and /vmmtest if given, the mount points and
+// /dev/console (so the kernel can give /init the console before devtmpfs
+// is mounted).
+func writeInitramfs(w io.Writer, busybox, test, gmem, vmmTest []byte, testTimeout time.Duration) error {
 	zw, err := gzip.NewWriterLevel(w, gzip.BestSpeed)
 	if err != nil {
 		return err
@@ -142,6 +154,9 @@ func writeInitramfs(w io.Writer, busybox, test, gmem []byte, testTimeout time.Du
 	c.File("guesttest", 0o755, test)
 	if gmem != nil {
 		c.File("gmem", 0o755, gmem)
+	}
+	if vmmTest != nil {
+		c.File("vmmtest", 0o755, vmmTest)
 	}
 	if err := c.Close(); err != nil {
 		return err
@@ -189,7 +204,7 @@ func bootCmd(args []string) (bool, error) {
 	fs := flag.NewFlagSet("boot", flag.ContinueOnError)
 	kernel := fs.String("kernel", "", "guest bzImage")
 	initrd := fs.String("initrd", "", "guest initramfs")
-	backend := fs.String("backend", "all", "type1, iommufd or all")
+	backend := fs.String("backend", "all", "type1, iommufd, kvm, inplace or all (type1, iommufd and kvm)")
 	logPath := fs.String("log", "", "file to copy the guest console to")
 	timeout := fs.Duration("timeout", 10*time.Minute, "how long the guest may run")
 	entryLimit := fs.Int("dma-entry-limit", 16, "vfio_iommu_type1.dma_entry_limit on the kernel command line")

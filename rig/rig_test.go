@@ -65,7 +65,7 @@ func readCPIO(t *testing.T, b []byte) []cpioEntry {
 
 func TestInitramfs(t *testing.T) {
 	var buf bytes.Buffer
-	if err := writeInitramfs(&buf, []byte("BUSYBOX"), []byte("TEST-BINARY-123"), nil, 90*time.Second); err != nil {
+	if err := writeInitramfs(&buf, []byte("BUSYBOX"), []byte("TEST-BINARY-123"), nil, []byte("VMM-TESTS"), 90*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	zr, err := gzip.NewReader(&buf)
@@ -81,7 +81,7 @@ func TestInitramfs(t *testing.T) {
 	for _, e := range got {
 		names = append(names, e.Name)
 	}
-	want := []string{"bin", "dev", "proc", "sys", "tmp", "dev/console", "bin/busybox", "init", "guesttest"}
+	want := []string{"bin", "dev", "proc", "sys", "tmp", "dev/console", "bin/busybox", "init", "guesttest", "vmmtest"}
 	if d := cmp.Diff(want, names); d != "" {
 		t.Fatalf("entries (-want +got):\n%s", d)
 	}
@@ -97,6 +97,9 @@ func TestInitramfs(t *testing.T) {
 	}
 	if e := byName["guesttest"]; e.Data != "TEST-BINARY-123" {
 		t.Errorf("guesttest data = %q", e.Data)
+	}
+	if e := byName["vmmtest"]; e.Data != "VMM-TESTS" || e.Mode != modeReg|0o755 {
+		t.Errorf("vmmtest = %+v", e)
 	}
 	init := byName["init"].Data
 	for _, s := range []string{"#!/bin/busybox sh", "-test.timeout=1m30s", "GMEM-RIG end rc=$?", "poweroff -f", "GMEM_RIG=1"} {
@@ -291,7 +294,7 @@ func TestParseBackend(t *testing.T) {
 	for _, tt := range []struct {
 		in   string
 		want []string
-	}{{"all", Backends}, {"type1", []string{"type1"}}, {"iommufd", []string{"iommufd"}}, {"kvm", []string{"kvm"}}} {
+	}{{"all", Backends}, {"type1", []string{"type1"}}, {"iommufd", []string{"iommufd"}}, {"kvm", []string{"kvm"}}, {"inplace", []string{"inplace"}}} {
 		got, err := parseBackend(tt.in)
 		if err != nil || !slices.Equal(got, tt.want) {
 			t.Errorf("parseBackend(%q) = %v, %v", tt.in, got, err)
@@ -384,5 +387,25 @@ func TestDemoVerdict(t *testing.T) {
 	}
 	if strings.Contains(strings.Join(qemuArgs("K", "I", "all", 16, "", false), " "), "GMEM_RIG_DEMO") {
 		t.Error("test boot sets GMEM_RIG_DEMO")
+	}
+}
+
+// TestVerdictsInPlace: the inplace backend's lines are counted as its own,
+// and "all" does not ask for it.
+func TestVerdictsInPlace(t *testing.T) {
+	v := NewVerdicts()
+	for _, l := range []string{
+		"GMEM-RIG check inplace guest-memfd-mmap pass",
+		"GMEM-RIG check inplace vmm-TestBuiltinKVM pass",
+		"GMEM-RIG end rc=0",
+	} {
+		v.Line(l)
+	}
+	lines, ok := v.Summary([]string{InPlace})
+	if !ok || len(lines) != 1 || lines[0] != "rig: inplace pass 2 checks" {
+		t.Errorf("summary %q, %v", lines, ok)
+	}
+	if slices.Contains(Backends, InPlace) {
+		t.Errorf("all (%v) includes %s, which 6.12 cannot run", Backends, InPlace)
 	}
 }

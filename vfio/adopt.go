@@ -5,8 +5,6 @@ import (
 	"io/fs"
 	"os"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/gmemproject/gmem/internal/fdio"
 )
 
@@ -33,14 +31,17 @@ func (e *FdError) Error() string {
 // Unwrap returns the reason, the kernel's errno where it gave one.
 func (e *FdError) Unwrap() error { return e.Err }
 
-// closeFd closes *fd once and marks it closed.
-func closeFd(fd *int) error {
-	if *fd < 0 {
-		return ErrClosed
-	}
-	err := unix.Close(*fd)
-	*fd = -1
-	if err != nil {
+// newFD wraps a descriptor the package owns; its calls answer ErrClosed
+// after Close.
+func newFD(fd int, name string) *fdio.FD { return fdio.New(fd, name, ErrClosed) }
+
+// closeFd closes fd once, after the calls in flight: a second call returns
+// ErrClosed.
+func closeFd(fd *fdio.FD) error {
+	if err := fd.Close(); err != nil {
+		if err == ErrClosed {
+			return err
+		}
 		return fmt.Errorf("vfio: close: %w", err)
 	}
 	return nil
@@ -52,14 +53,20 @@ func closeFd(fd *int) error {
 // answer APIVersion; otherwise it fails with an *FdError and fd stays the
 // caller's.
 func NewContainer(fd int) (*Container, error) {
-	r, err := ioctlVal(fd, ioctlGetAPIVersion, 0)
+	d, err := fdio.Own(fd, ContainerPath, ErrClosed, func(view *fdio.FD) error {
+		r, err := ioctlVal(view, ioctlGetAPIVersion, 0)
+		if err != nil {
+			return fmt.Errorf("VFIO_GET_API_VERSION: %w", err)
+		}
+		if r != APIVersion {
+			return fmt.Errorf("VFIO_GET_API_VERSION answers %d, not %d", r, APIVersion)
+		}
+		return nil
+	})
 	if err != nil {
-		return nil, &FdError{Kind: "VFIO container", Fd: fd, Err: fmt.Errorf("VFIO_GET_API_VERSION: %w", err)}
+		return nil, &FdError{Kind: "VFIO container", Fd: fd, Err: err}
 	}
-	if r != APIVersion {
-		return nil, &FdError{Kind: "VFIO container", Fd: fd, Err: fmt.Errorf("VFIO_GET_API_VERSION answers %d, not %d", r, APIVersion)}
-	}
-	return &Container{fd: fd}, nil
+	return &Container{fd: d}, nil
 }
 
 // ContainerFromFile returns a Container for a duplicate of f's descriptor.
@@ -74,11 +81,14 @@ func ContainerFromFile(f *os.File) (*Container, error) {
 // VFIO_GROUP_GET_STATUS; a wrong kind gives an *FdError and fd stays the
 // caller's.
 func NewGroup(fd, id int) (*Group, error) {
-	g := &Group{fd: fd, id: id}
-	if _, err := g.GetStatus(); err != nil {
+	d, err := fdio.Own(fd, fmt.Sprintf("/dev/vfio/%d", id), ErrClosed, func(view *fdio.FD) error {
+		_, err := (&Group{fd: view, id: id}).GetStatus()
+		return err
+	})
+	if err != nil {
 		return nil, &FdError{Kind: "VFIO group", Fd: fd, Err: err}
 	}
-	return g, nil
+	return &Group{fd: d, id: id}, nil
 }
 
 // GroupFromFile returns a Group for a duplicate of f's descriptor. f
@@ -93,11 +103,14 @@ func GroupFromFile(f *os.File, id int) (*Group, error) {
 // with VFIO_DEVICE_GET_INFO, which a cdev answers even before it is bound
 // to an iommufd; a wrong kind gives an *FdError and fd stays the caller's.
 func NewDevice(fd int, name string) (*Device, error) {
-	d := &Device{fd: fd, name: name}
-	if _, err := d.GetInfo(); err != nil {
+	d, err := fdio.Own(fd, name, ErrClosed, func(view *fdio.FD) error {
+		_, err := (&Device{fd: view, name: name}).GetInfo()
+		return err
+	})
+	if err != nil {
 		return nil, &FdError{Kind: "VFIO device", Fd: fd, Err: err}
 	}
-	return d, nil
+	return &Device{fd: d, name: name}, nil
 }
 
 // DeviceFromFile returns a Device for a duplicate of f's descriptor. f

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
 func openNull(t *testing.T) *os.File {
@@ -47,12 +49,12 @@ func TestAdoptWrongKind(t *testing.T) {
 // Device: each answers ErrClosed without reaching the kernel (the fd
 // number, free again, may belong to another file by then).
 func TestAfterClose(t *testing.T) {
-	dup := func() int {
+	dup := func() *fdio.FD {
 		fd, err := unix.Dup(int(openNull(t).Fd()))
 		if err != nil {
 			t.Fatal(err)
 		}
-		return fd
+		return newFD(fd, os.DevNull)
 	}
 	c, g, d := &Container{fd: dup()}, &Group{fd: dup(), id: 1}, &Device{fd: dup(), name: "dev"}
 	for _, cl := range []interface{ Close() error }{c, g, d} {
@@ -64,7 +66,12 @@ func TestAfterClose(t *testing.T) {
 	defer open.Close()
 	r := RegionInfo{Index: 0, Flags: RegionRead | RegionWrite | RegionMmap, Size: 4096}
 	host := make([]byte, 4096)
+	ran := false
+	control := func(fd uintptr) { ran = true }
 	calls := map[string]func() error{
+		"Container.Control":          func() error { return c.Control(control) },
+		"Group.Control":              func() error { return g.Control(control) },
+		"Device.Control":             func() error { return d.Control(control) },
 		"Container.Close":            c.Close,
 		"Container.GetAPIVersion":    func() error { _, err := c.GetAPIVersion(); return err },
 		"Container.CheckExtension":   func() error { _, err := c.CheckExtension(Type1v2IOMMU); return err },
@@ -103,6 +110,9 @@ func TestAfterClose(t *testing.T) {
 		if err := call(); !errors.Is(err, ErrClosed) || !errors.Is(err, fs.ErrClosed) {
 			t.Errorf("%s after Close: %v, want ErrClosed", name, err)
 		}
+	}
+	if ran {
+		t.Error("Control ran its function after Close")
 	}
 	// Every method with an error result is in the table.
 	for _, v := range []any{c, g, d} {

@@ -5,15 +5,18 @@ import (
 	"fmt"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
 // ContainerPath is the VFIO container device.
 const ContainerPath = "/dev/vfio/vfio"
 
 // Container is an open VFIO container (/dev/vfio/vfio): one IOMMU address
-// space shared by the groups set to it.
+// space shared by the groups set to it. Its methods are safe for
+// concurrent use, Close included; after Close they return ErrClosed.
 type Container struct {
-	fd int
+	fd *fdio.FD
 }
 
 // OpenContainer opens /dev/vfio/vfio.
@@ -22,17 +25,25 @@ func OpenContainer() (*Container, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", ContainerPath, err)
 	}
-	return &Container{fd: fd}, nil
+	return &Container{fd: newFD(fd, ContainerPath)}, nil
 }
 
-// Fd returns the container's file descriptor, or -1 after Close.
-func (c *Container) Fd() int { return c.fd }
+// Fd returns the container's file descriptor, or -1 after Close. The
+// number is lent, not given: Close and the garbage collector (once the
+// Container is unreachable) close it, and it may then name another file.
+// Where Close may race, use Control.
+func (c *Container) Fd() int { return c.fd.Fd() }
 
-// Close closes the container. The kernel removes every mapping once the
-// last reference (the groups set to it hold one) is gone. Later calls,
-// a second Close included, return ErrClosed; Close must not race with the
-// other methods.
-func (c *Container) Close() error { return closeFd(&c.fd) }
+// Control runs fn with the descriptor, which stays open until fn returns
+// even if Close runs meanwhile (Close waits for fn); after Close it returns
+// ErrClosed without running fn. fn must not Close the Container.
+func (c *Container) Control(fn func(fd uintptr)) error { return c.fd.Control(fn) }
+
+// Close closes the container, after waiting for the calls in flight. The
+// kernel removes every mapping once the last reference (the groups set to
+// it hold one) is gone. Later calls, a second Close included, return
+// ErrClosed.
+func (c *Container) Close() error { return closeFd(c.fd) }
 
 // GetAPIVersion returns the VFIO API version, APIVersion on every kernel
 // (VFIO_GET_API_VERSION).

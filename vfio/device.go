@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
 // DeviceInfo is the answer of VFIO_DEVICE_GET_INFO.
@@ -32,9 +34,11 @@ type RegionInfo struct {
 }
 
 // Device is an open VFIO device file descriptor, obtained from a group
-// (Group.GetDeviceFD) or by opening the device cdev (OpenCdev).
+// (Group.GetDeviceFD) or by opening the device cdev (OpenCdev). Its
+// methods are safe for concurrent use, Close included; after Close they
+// return ErrClosed.
 type Device struct {
-	fd   int
+	fd   *fdio.FD
 	name string
 }
 
@@ -46,18 +50,28 @@ func OpenCdev(path string) (*Device, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	return &Device{fd: fd, name: path}, nil
+	return &Device{fd: newFD(fd, path), name: path}, nil
 }
 
-// Fd returns the device's file descriptor, or -1 after Close.
-func (d *Device) Fd() int { return d.fd }
+// Fd returns the device's file descriptor, or -1 after Close. The number
+// is lent, not given: Close and the garbage collector (once the Device is
+// unreachable) close it, and it may then name another file. Where Close
+// may race, use Control.
+func (d *Device) Fd() int { return d.fd.Fd() }
+
+// Control runs fn with the descriptor, which stays open until fn returns
+// even if Close runs meanwhile (Close waits for fn); after Close it returns
+// ErrClosed without running fn. fn must not Close the Device.
+func (d *Device) Control(fn func(fd uintptr)) error { return d.fd.Control(fn) }
 
 // Name returns the device name or cdev path the device was opened with.
 func (d *Device) Name() string { return d.name }
 
-// Close closes the device. For a cdev this also unbinds it from its
-// iommufd.
-func (d *Device) Close() error { return closeFd(&d.fd) }
+// Close closes the device, after waiting for the calls in flight. For a
+// cdev this also unbinds it from its iommufd. Mappings of its regions
+// (MmapRegion) stay valid until unmapped. A second Close returns
+// ErrClosed.
+func (d *Device) Close() error { return closeFd(d.fd) }
 
 // GetInfo returns the device's flags and region and IRQ counts
 // (VFIO_DEVICE_GET_INFO).
@@ -102,10 +116,7 @@ func (d *Device) ReadRegion(r RegionInfo, off uint64, b []byte) error {
 	if err := regionIO(r, off, len(b)); err != nil {
 		return err
 	}
-	if d.fd < 0 {
-		return fmt.Errorf("read %s region %d at %#x: %w", d.name, r.Index, off, ErrClosed)
-	}
-	n, err := unix.Pread(d.fd, b, int64(r.Offset+off))
+	n, err := fdio.Call(d.fd, func(fd int) (int, error) { return unix.Pread(fd, b, int64(r.Offset+off)) })
 	if err != nil {
 		return fmt.Errorf("read %s region %d at %#x: %w", d.name, r.Index, off, err)
 	}
@@ -121,10 +132,7 @@ func (d *Device) WriteRegion(r RegionInfo, off uint64, b []byte) error {
 	if err := regionIO(r, off, len(b)); err != nil {
 		return err
 	}
-	if d.fd < 0 {
-		return fmt.Errorf("write %s region %d at %#x: %w", d.name, r.Index, off, ErrClosed)
-	}
-	n, err := unix.Pwrite(d.fd, b, int64(r.Offset+off))
+	n, err := fdio.Call(d.fd, func(fd int) (int, error) { return unix.Pwrite(fd, b, int64(r.Offset+off)) })
 	if err != nil {
 		return fmt.Errorf("write %s region %d at %#x: %w", d.name, r.Index, off, err)
 	}
@@ -135,16 +143,16 @@ func (d *Device) WriteRegion(r RegionInfo, off uint64, b []byte) error {
 }
 
 // MmapRegion maps all of region r (which must have RegionMmap) shared and
-// read-write. Unmap it with unix.Munmap. Access device registers in it with
-// Load32/Store32/Load64/Store64, which use one access of the right width.
+// read-write. Unmap it with unix.Munmap; the mapping outlives Close. Access
+// device registers in it with Load32/Store32/Load64/Store64, which use one
+// access of the right width.
 func (d *Device) MmapRegion(r RegionInfo) ([]byte, error) {
 	if r.Flags&RegionMmap == 0 {
 		return nil, fmt.Errorf("mmap %s region %d: region is not mmap-able: %w", d.name, r.Index, unix.EINVAL)
 	}
-	if d.fd < 0 {
-		return nil, fmt.Errorf("mmap %s region %d: %w", d.name, r.Index, ErrClosed)
-	}
-	b, err := unix.Mmap(d.fd, int64(r.Offset), int(r.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	b, err := fdio.Call(d.fd, func(fd int) ([]byte, error) {
+		return unix.Mmap(fd, int64(r.Offset), int(r.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	})
 	if err != nil {
 		return nil, fmt.Errorf("mmap %s region %d: %w", d.name, r.Index, err)
 	}
@@ -241,7 +249,11 @@ func (d *Device) EnableBusMaster() (uint16, error) {
 
 // BindIOMMUFD binds a cdev-opened device to the iommufd iommufd and returns
 // the device id iommufd gave it (VFIO_DEVICE_BIND_IOMMUFD). After it the
-// device fd accepts no other VFIO ioctl until AttachIOMMUFDPT.
+// device fd accepts no other VFIO ioctl until AttachIOMMUFDPT. The kernel
+// looks the number up during the call and keeps its own reference after,
+// so the number must name the iommufd only for the call: where the
+// iommufd's Close may race, call BindIOMMUFD inside its Control
+// (iommufd.IOMMUFD.Control).
 func (d *Device) BindIOMMUFD(iommufd int) (uint32, error) {
 	b := bindIOMMUFD{Argsz: sizeofBindIOMMUFD, IOMMUFD: int32(iommufd)}
 	if _, err := ioctlPtr(d.fd, ioctlDeviceBindIOMMUFD, &b); err != nil {

@@ -4,6 +4,8 @@ import (
 	"fmt"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
 // GroupStatus is the answer of VFIO_GROUP_GET_STATUS.
@@ -20,9 +22,10 @@ func (s GroupStatus) Viable() bool { return s.Flags&GroupViable != 0 }
 func (s GroupStatus) ContainerSet() bool { return s.Flags&GroupContainerSet != 0 }
 
 // Group is an open VFIO group (/dev/vfio/N): the unit of isolation the IOMMU
-// provides, and the way into a container.
+// provides, and the way into a container. Its methods are safe for
+// concurrent use, Close included; after Close they return ErrClosed.
 type Group struct {
-	fd int
+	fd *fdio.FD
 	id int
 }
 
@@ -33,18 +36,27 @@ func OpenGroup(id int) (*Group, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	return &Group{fd: fd, id: id}, nil
+	return &Group{fd: newFD(fd, path), id: id}, nil
 }
 
-// Fd returns the group's file descriptor, or -1 after Close.
-func (g *Group) Fd() int { return g.fd }
+// Fd returns the group's file descriptor, or -1 after Close. The number is
+// lent, not given: Close and the garbage collector (once the Group is
+// unreachable) close it, and it may then name another file. Where Close
+// may race, use Control.
+func (g *Group) Fd() int { return g.fd.Fd() }
+
+// Control runs fn with the descriptor, which stays open until fn returns
+// even if Close runs meanwhile (Close waits for fn); after Close it returns
+// ErrClosed without running fn. fn must not Close the Group.
+func (g *Group) Control(fn func(fd uintptr)) error { return g.fd.Control(fn) }
 
 // ID returns the IOMMU group number.
 func (g *Group) ID() int { return g.id }
 
-// Close closes the group. Device file descriptors obtained from it keep it
-// in use until they are closed too.
-func (g *Group) Close() error { return closeFd(&g.fd) }
+// Close closes the group, after waiting for the calls in flight. Device
+// file descriptors obtained from it keep it in use until they are closed
+// too. A second Close returns ErrClosed.
+func (g *Group) Close() error { return closeFd(g.fd) }
 
 // GetStatus returns the group's status (VFIO_GROUP_GET_STATUS).
 func (g *Group) GetStatus() (GroupStatus, error) {
@@ -55,13 +67,18 @@ func (g *Group) GetStatus() (GroupStatus, error) {
 	return GroupStatus{Flags: s.Flags}, nil
 }
 
-// SetContainer adds the group to c (VFIO_GROUP_SET_CONTAINER).
+// SetContainer adds the group to c (VFIO_GROUP_SET_CONTAINER). c's
+// descriptor is held open for the call, so a racing c.Close cannot make
+// the kernel look up a recycled number.
 func (g *Group) SetContainer(c *Container) error {
-	if c.fd < 0 {
-		return fmt.Errorf("VFIO_GROUP_SET_CONTAINER: container: %w", ErrClosed)
+	var err error
+	if cerr := c.fd.Control(func(cfd uintptr) {
+		fd := int32(cfd)
+		_, err = ioctlPtr(g.fd, ioctlGroupSetContainer, &fd)
+	}); cerr != nil {
+		return fmt.Errorf("VFIO_GROUP_SET_CONTAINER: container: %w", cerr)
 	}
-	fd := int32(c.fd)
-	if _, err := ioctlPtr(g.fd, ioctlGroupSetContainer, &fd); err != nil {
+	if err != nil {
 		return fmt.Errorf("VFIO_GROUP_SET_CONTAINER group %d: %w", g.id, err)
 	}
 	return nil
@@ -87,7 +104,7 @@ func (g *Group) GetDeviceFD(name string) (*Device, error) {
 	}
 	fd := int(r)
 	// Whatever flags the kernel gave the new fd, no exec may inherit the
-	// device.
+	// device. Nothing else has the number yet.
 	unix.CloseOnExec(fd)
-	return &Device{fd: fd, name: name}, nil
+	return &Device{fd: newFD(fd, name), name: name}, nil
 }

@@ -4,62 +4,38 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio"
 )
 
-// ioctlPtr issues ioctl(fd, req, p). p must point to memory the kernel may
-// read and write for the duration of the call; Go's heap does not move, and
-// the pointer argument keeps the object alive until the call returns.
-func ioctlPtr[T any](fd int, req uintptr, p *T) (uintptr, error) {
-	if fd < 0 {
-		return 0, ErrClosed
-	}
-	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(unsafe.Pointer(p)))
-	if errno != 0 {
-		return r, errno
-	}
-	return r, nil
+// ioctlPtr issues ioctl(fd, req, p) inside the fd's Control. p must point
+// to memory the kernel may read and write for the duration of the call;
+// Go's heap does not move, and the pointer argument keeps the object alive
+// until the call returns. After Close it answers ErrClosed and issues
+// nothing.
+func ioctlPtr[T any](fd *fdio.FD, req uintptr, p *T) (uintptr, error) {
+	return fdio.IoctlPtr(fd, req, p)
 }
 
 // ioctlBuf issues ioctl(fd, req, &buf[0]) for ioctls whose argument is a
 // variable-length buffer (a struct followed by a capability chain).
-func ioctlBuf(fd int, req uintptr, buf []byte) (uintptr, error) {
-	if fd < 0 {
-		return 0, ErrClosed
-	}
-	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(unsafe.Pointer(unsafe.SliceData(buf))))
-	if errno != 0 {
-		return r, errno
-	}
-	return r, nil
+func ioctlBuf(fd *fdio.FD, req uintptr, buf []byte) (uintptr, error) {
+	return fdio.IoctlBuf(fd, req, buf)
 }
 
 // ioctlVal issues ioctl(fd, req, arg) with an integer argument.
-func ioctlVal(fd int, req, arg uintptr) (uintptr, error) {
-	if fd < 0 {
-		return 0, ErrClosed
-	}
-	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
-	if errno != 0 {
-		return r, errno
-	}
-	return r, nil
+func ioctlVal(fd *fdio.FD, req, arg uintptr) (uintptr, error) {
+	return fdio.Ioctl(fd, req, arg)
 }
 
 // ioctlString issues ioctl(fd, req, s) with s passed as a NUL-terminated C
 // string (VFIO_GROUP_GET_DEVICE_FD).
-func ioctlString(fd int, req uintptr, s string) (uintptr, error) {
-	if fd < 0 {
-		return 0, ErrClosed
-	}
+func ioctlString(fd *fdio.FD, req uintptr, s string) (uintptr, error) {
 	p, err := unix.BytePtrFromString(s)
 	if err != nil {
 		return 0, err
 	}
-	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(unsafe.Pointer(p)))
-	if errno != 0 {
-		return r, errno
-	}
-	return r, nil
+	return fdio.IoctlPtr(fd, req, p)
 }
 
 // addrOf returns the user virtual address of b's first byte, or 0 for an

@@ -9,8 +9,16 @@
 // by tests. Errors carry the kernel's unix.Errno, wrapped with the ioctl's
 // name, so errors.Is(err, unix.ENOSPC) and friends work.
 //
+// Every type's methods are safe for concurrent use, Close included. Each
+// ioctl, pread, pwrite and mmap runs with the descriptor held open (inside
+// its RawConn.Control), so a Close racing it can never make it reach a
+// recycled descriptor number: Close refuses new calls with ErrClosed
+// (which matches fs.ErrClosed), waits for the calls in flight and then
+// closes.
+//
 // The package does not import package iommufd: the cdev methods take the
-// iommufd file descriptor as a plain int.
+// iommufd file descriptor as a plain int, which the caller holds open for
+// the call with the iommufd's Control where its Close may race.
 package vfio
 
 // ioctl request numbers: _IO(VFIO_TYPE ';', VFIO_BASE 100 + n). VFIO ioctls

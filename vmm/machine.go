@@ -222,7 +222,7 @@ func (m *Machine) convert(cpu int, src Source, req guestmem.Request) (guestmem.R
 	took := time.Since(start)
 	m.checkMu.RUnlock()
 	m.checkMu.Lock()
-	if verr := m.att.Check(m.model.Mappings()); verr != nil {
+	if verr := m.att.Check(); verr != nil {
 		m.stats.violations.Add(1)
 		m.log.Error("vmm: invariant violated after a conversion", "cpu", cpu, "request", req, "err", verr)
 	}

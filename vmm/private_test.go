@@ -190,7 +190,7 @@ func TestStrayPrivateAttribute(t *testing.T) {
 // KVM_X86_SW_PROTECTED_VM where the host offers one (the rig's guest
 // kernel does): KVM keeps the attributes, the guest asks with vmmcall.
 func TestBuiltinSWProtected(t *testing.T) {
-	needKVM(t)
+	needKVM(t, guestmem.Split)
 	sys, err := kvm.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -222,5 +222,41 @@ func TestBuiltinSWProtected(t *testing.T) {
 	// The guest's code and tables stay shared: one entry, the rest private.
 	if rep.IOMMUEntriesNow != 1 || rep.StateRuns != 3 {
 		t.Errorf("entries now %d, state runs %d; want 1 and 3", rep.IOMMUEntriesNow, rep.StateRuns)
+	}
+}
+
+// TestBuiltinInPlacePrivate runs the built-in scenario in place on a VM
+// with private memory where the host converts in place (Linux 7.4's
+// per-guest_memfd attributes): the guest_memfd keeps the attributes, a
+// conversion to private goes to the kernel only after the device has let
+// go, and nothing is punched.
+func TestBuiltinInPlacePrivate(t *testing.T) {
+	needKVM(t, guestmem.InPlace)
+	sys, err := kvm.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup, err := sys.ProbeInPlace()
+	sys.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !sup.OK() {
+		t.Skipf("needs in-place conversion with private memory (Linux 7.4 with kvm.gmem_in_place_conversion=1 or CONFIG_KVM_VM_MEMORY_ATTRIBUTES=n, and KVM_X86_SW_PROTECTED_VM): %s", sup.Reason)
+	}
+	v, err := New(Config{Mode: guestmem.InPlace, VCPUs: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	rep, err := v.Run(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() || rep.ChecksPassed != len(BuiltinSharedCode(2).Checks()) || rep.Enforcement != string(guestmem.EnforceGuestMemfd) {
+		t.Errorf("report %+v", rep)
+	}
+	if rep.Punches != 0 {
+		t.Errorf("%d punches in place", rep.Punches)
 	}
 }

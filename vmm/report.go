@@ -9,8 +9,9 @@ type Report struct {
 	// Mode is the memory's backing, VCPUs the number of vCPUs.
 	Mode  string `json:"mode"`
 	VCPUs int    `json:"vcpus"`
-	// Enforcement is who kept the attributes: "kvm-attributes" or
-	// "user-space".
+	// Enforcement is who kept the attributes: "kvm-attributes",
+	// "guest_memfd-attributes" (in place with private memory) or
+	// "user-space" (guestmem.Enforcement).
 	Enforcement string `json:"enforcement"`
 
 	// Conversions is the conversion requests that succeeded, out of

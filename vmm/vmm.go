@@ -40,8 +40,8 @@ type Config struct {
 	Inject func(guestmem.Fault) error
 	// KVMPath is the KVM device (default /dev/kvm).
 	KVMPath string
-	// DefaultVMType keeps a split VM on the default VM type even where the
-	// host offers KVM_X86_SW_PROTECTED_VM (see New).
+	// DefaultVMType keeps the VM on the default VM type even where the
+	// host offers one with private memory (see New).
 	DefaultVMType bool
 	// OnHostCall is passed to the Machine.
 	OnHostCall func(cpu int, id uint32)
@@ -110,7 +110,11 @@ type VM struct {
 // Split memory goes on a KVM_X86_SW_PROTECTED_VM where the host offers one
 // (KVM_CAP_VM_TYPES), unless cfg.DefaultVMType: KVM then keeps the
 // attributes and the private pages live in guest_memfd, out of the host's
-// reach. On such a VM the guest's tables, code and stacks, [0, BuffersGPA),
+// reach. In-place memory goes on one where the host converts in place with
+// private memory (kvm.System.ProbeInPlace: Linux 7.4's per-guest_memfd
+// attributes), unless cfg.DefaultVMType; elsewhere on the default type,
+// with the attributes in user space. On a VM with private memory the
+// guest's tables, code and stacks, [0, BuffersGPA),
 // are made shared before they are written (the host cannot write
 // guest_memfd, and without NRIPS KVM decodes trapping instructions through
 // the shared alias), and the guest asks for conversions with vmmcall
@@ -135,13 +139,23 @@ func New(cfg Config) (_ *VM, err error) {
 		return nil, err
 	}
 	vmType := uint64(kvm.VMTypeDefault)
-	if cfg.Mode == guestmem.Split && !cfg.DefaultVMType {
+	switch {
+	case cfg.DefaultVMType:
+	case cfg.Mode == guestmem.Split:
 		ok, err := v.sys.SupportsVMType(kvm.VMTypeSWProtected)
 		if err != nil {
 			return nil, err
 		}
 		if ok {
 			vmType = kvm.VMTypeSWProtected
+		}
+	case cfg.Mode == guestmem.InPlace:
+		sup, err := v.sys.ProbeInPlace()
+		if err != nil {
+			return nil, err
+		}
+		if sup.OK() {
+			vmType = sup.VMType
 		}
 	}
 	if v.vm, err = v.sys.CreateVM(vmType); err != nil {
@@ -157,7 +171,7 @@ func New(cfg Config) (_ *VM, err error) {
 		return nil, err
 	}
 	mach := cfg.machine(v.mem, s)
-	if v.mem.Enforcement() == guestmem.EnforceKVM {
+	if v.mem.Enforcement().Kernel() {
 		if _, err := v.mem.Convert(guestmem.Request{GPA: RAM0GPA, Size: BuffersGPA, To: memattr.Shared}); err != nil {
 			return nil, fmt.Errorf("vmm: share the guest's code and tables: %w", err)
 		}
@@ -168,7 +182,9 @@ func New(cfg Config) (_ *VM, err error) {
 		if exits {
 			v.path = ViaHypercall
 		}
-		mach.SetKVMAttributes = v.vm.SetMemoryAttributes
+		if v.mem.Enforcement() == guestmem.EnforceKVM {
+			mach.SetKVMAttributes = v.vm.SetMemoryAttributes
+		}
 	}
 	v.scenario = s
 	if v.mach, err = NewMachine(mach); err != nil {
@@ -283,7 +299,7 @@ func (v *VM) Run(ctx context.Context) (Report, error) {
 		})
 	}
 	// Kick the vCPUs out of KVM_RUN when the run is cancelled. The kicks
-	// must be over before Run returns: Close unmaps what Kick writes to.
+	// must be over before Run returns, so that none stops a later Run.
 	kicked := make(chan struct{})
 	stopKicks := context.AfterFunc(ctx, func() {
 		defer close(kicked)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"sync"
 	"testing"
 	"time"
@@ -19,17 +18,37 @@ import (
 	"github.com/gmemproject/gmem/memattr"
 )
 
-// needKVM skips the test where /dev/kvm cannot be opened.
-func needKVM(t *testing.T) {
+// needKVM skips the test where /dev/kvm cannot be opened or its KVM lacks
+// the guest_memfd that memory of the given mode needs: guest_memfd
+// (Linux 6.8) for split memory, and one that can be mmapped and start
+// shared (GUEST_MEMFD_FLAG_MMAP|INIT_SHARED, Linux 6.18) in place. The
+// rig's Linux 7.3 guest (scripts/rig --kernel-source linux-source-7.3) has
+// both.
+func needKVM(t *testing.T, mode guestmem.Mode) {
 	t.Helper()
-	f, err := os.OpenFile(kvm.DevicePath, os.O_RDWR, 0)
+	sys, err := kvm.Open()
 	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
 		t.Skipf("needs %s: %v", kvm.DevicePath, err)
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.Close()
+	defer sys.Close()
+	vm, err := sys.CreateVM(kvm.VMTypeDefault)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Close()
+	caps, err := vm.ProbeCapabilities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !caps.GuestMemfd {
+		t.Skip("needs guest_memfd (KVM_CAP_GUEST_MEMFD, Linux 6.8 with KVM_PRIVATE_MEM or KVM_GUEST_MEMFD): this host's KVM has none; scripts/rig --kernel-source linux-source-7.3 runs these tests")
+	}
+	if mode == guestmem.InPlace && caps.GuestMemfdFlags&kvm.InPlaceFlags != kvm.InPlaceFlags {
+		t.Skipf("needs an mmap-able, initially shared guest_memfd (KVM_CAP_GUEST_MEMFD_FLAGS with MMAP|INIT_SHARED, Linux 6.18): this host answers %#x; scripts/rig --kernel-source linux-source-7.3 runs these tests", caps.GuestMemfdFlags)
+	}
 }
 
 var modes = []guestmem.Mode{guestmem.InPlace, guestmem.Split}
@@ -40,7 +59,7 @@ var modes = []guestmem.Mode{guestmem.InPlace, guestmem.Split}
 // and the rig's.
 func runKVM(t *testing.T, cfg Config) Report {
 	t.Helper()
-	needKVM(t)
+	needKVM(t, cfg.Mode)
 	cfg.DefaultVMType = true
 	v, err := New(cfg)
 	if err != nil {
@@ -127,7 +146,7 @@ func TestBuiltinKVM(t *testing.T) {
 // TestOnExit checks that OnExit sees every exit the machine handled, each
 // with the time it kept its vCPU out of the guest.
 func TestOnExit(t *testing.T) {
-	needKVM(t)
+	needKVM(t, guestmem.Split)
 	var timings []ExitTiming
 	v, err := New(Config{Mode: guestmem.Split, VCPUs: 1, DefaultVMType: true, OnExit: func(e ExitTiming) { timings = append(timings, e) }})
 	if err != nil {
@@ -194,7 +213,6 @@ func (l *portLog) record(cpu int, port uint16, out bool, v uint32) {
 // interpreter make the same port accesses with the same values, vCPU by
 // vCPU, so a host-driven run is the same scenario.
 func TestCompiledMatchesInterpreter(t *testing.T) {
-	needKVM(t)
 	for _, mode := range modes {
 		t.Run(mode.String(), func(t *testing.T) {
 			var guest, host portLog
@@ -349,7 +367,7 @@ func TestFaultInjectionKVM(t *testing.T) {
 					idx++
 				},
 			}
-			needKVM(t)
+			needKVM(t, mode)
 			var err error
 			v, err = New(cfg)
 			if err != nil {
@@ -382,7 +400,7 @@ func TestFaultInjectionKVM(t *testing.T) {
 // TestRunCancel stops a running guest from outside: Run returns the
 // context's error and a report marked with it.
 func TestRunCancel(t *testing.T) {
-	needKVM(t)
+	needKVM(t, guestmem.Split)
 	var steps []Step
 	for range 2000 {
 		steps = append(steps, Fill(BuffersGPA, 2*mib, 1))

@@ -259,7 +259,8 @@ one row per measurement with what it means:
   floor                 the 1 GiB round trip against its floor, one map
                         call of the whole 1 GiB and one unmap on the same
                         model IOMMU (the baseline column), for granule,
-                        bounded and unbounded extents: gmem's own cost,
+                        bounded and unbounded extents and cuts (the
+                        default on a space that cuts): gmem's own cost,
                         with no kernel's; pinned pages equal on every side
   rig                   with --rig LOG: the 1 GiB round trip (map calls,
                         time, pinned pages) and churn measured on the real

@@ -59,6 +59,7 @@ func TestBenchQuickJSON(t *testing.T) {
 		"floor: granule round trip time":          "ns",
 		"floor: extent round trip time":           "ns",
 		"floor: extent-unbounded round trip time": "ns",
+		"floor: cut round trip time":              "ns",
 		"floor: round trip pinned pages":          "pages",
 		"parallel conversions":                    "ops/s",
 		"boot DMA entries peak, 16GiB guest":      "entries",

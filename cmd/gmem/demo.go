@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"sync"
 	"time"
 
@@ -144,7 +143,7 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 	useKVM := !f.noKVM
 	if f.noKVM {
 		progress("--no-kvm: running the scenario host-driven (no vCPU), through the same executor and devices")
-	} else if err := probeKVM(env.kvmPath); err != nil {
+	} else if err := probeKVM(env.kvmPath, f.mode); err != nil {
 		useKVM = false
 		progress("KVM is not available (%v): running the scenario host-driven (no vCPU), through the same executor and devices", err)
 		progress("to see it on real KVM with private memory (guest_memfd, KVM_SET_MEMORY_ATTRIBUTES, vmmcall) and real VFIO, run scripts/rig --demo (a QEMU guest; no /dev/kvm needed)")
@@ -196,6 +195,7 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 		// Nothing ran (the machine could not be built).
 		return exitFail
 	}
+	rep.Flavour = flavour(rep.Mode, rep.Enforcement, rep.GuestRan)
 	if f.json {
 		enc := json.NewEncoder(stdout)
 		if err := enc.Encode(rep); err != nil {
@@ -211,13 +211,30 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 	return exitOK
 }
 
-// probeKVM reports why the KVM device cannot be used, or nil.
-func probeKVM(path string) error {
-	fd, err := os.OpenFile(path, os.O_RDWR, 0)
+// probeKVM reports why the KVM device cannot hold memory of mode, or nil:
+// it must open, and offer guest_memfd (in place, one that can be mmapped
+// and start shared).
+func probeKVM(path string, mode guestmem.Mode) error {
+	sys, err := kvm.OpenPath(path)
 	if err != nil {
 		return err
 	}
-	return fd.Close()
+	defer sys.Close()
+	vm, err := sys.CreateVM(kvm.VMTypeDefault)
+	if err != nil {
+		return err
+	}
+	defer vm.Close()
+	caps, err := vm.ProbeCapabilities()
+	switch {
+	case err != nil:
+		return err
+	case !caps.GuestMemfd:
+		return errors.New("its KVM has no guest_memfd (KVM_CAP_GUEST_MEMFD)")
+	case mode == guestmem.InPlace && caps.GuestMemfdFlags&kvm.InPlaceFlags != kvm.InPlaceFlags:
+		return fmt.Errorf("its guest_memfd cannot be mmapped shared (KVM_CAP_GUEST_MEMFD_FLAGS %#x, in place needs MMAP|INIT_SHARED, Linux 6.18)", caps.GuestMemfdFlags)
+	}
+	return nil
 }
 
 // requestPathName says how the guest asks for conversions.
@@ -252,14 +269,8 @@ func writeDemoReport(w io.Writer, r demoReport) {
 	fmt.Fprintf(w, "  IOMMU entries peak %d, now %d (%d split)\n", r.IOMMUEntriesPeak, r.IOMMUEntriesNow, r.IOMMUSplits)
 	fmt.Fprintf(w, "  state map     %d runs\n", r.StateRuns)
 	fmt.Fprintf(w, "  invariants    %d violations (I1/I2 checked after every conversion)\n", r.Violations)
-	enf := r.Enforcement
-	switch guestmem.Enforcement(r.Enforcement) {
-	case guestmem.EnforceUserSpace:
-		enf += " (this VM has no KVM private memory: gmem keeps the attributes; host access and DMA follow them)"
-	case guestmem.EnforceKVM:
-		enf += " (KVM_SET_MEMORY_ATTRIBUTES)"
-	}
-	fmt.Fprintf(w, "  enforcement   %s\n", enf)
+	fmt.Fprintf(w, "  enforcement   %s (%s)\n", r.Enforcement, guestmem.Enforcement(r.Enforcement).Describe())
+	fmt.Fprintf(w, "  flavour       %s\n", r.Flavour)
 	if r.VFIO != "" {
 		fmt.Fprintf(w, "  VFIO          %s for %s: %d map and %d unmap calls, entries peak %d, now %d\n",
 			r.VFIO, r.VFIODevice, r.VFIOMapCalls, r.VFIOUnmapCalls, r.VFIOEntriesPeak, r.VFIOEntriesNow)

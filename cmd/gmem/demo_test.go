@@ -26,6 +26,7 @@ type demoJSON struct {
 	DMABlocked   uint64   `json:"dma_blocked"`
 	Violations   uint64   `json:"violations"`
 	Enforcement  string   `json:"enforcement"`
+	Flavour      string   `json:"flavour"`
 	ChecksPassed int      `json:"checks_passed"`
 	ChecksFailed int      `json:"checks_failed"`
 	FailedChecks []string `json:"failed_checks"`
@@ -65,6 +66,11 @@ func haveKVM(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
+	for _, mode := range []guestmem.Mode{guestmem.InPlace, guestmem.Split} {
+		if err := probeKVM(kvm.DevicePath, mode); err != nil {
+			t.Skipf("needs KVM with guest_memfd for %v memory (Linux 6.18 for in place; scripts/rig --kernel-source linux-source-7.3 has it): %v", mode, err)
+		}
+	}
 }
 
 var realKVM = demoEnv{kvmPath: kvm.DevicePath}
@@ -132,7 +138,8 @@ func TestDemoNoKVM(t *testing.T) {
 			}
 			d := decodeDemo(t, out)
 			if d.GuestRan || d.ChecksFailed != 0 || d.ChecksPassed == 0 || d.Violations != 0 ||
-				d.Conversions == 0 || d.DMAAllowed == 0 || d.DMABlocked == 0 || d.Enforcement != string(guestmem.EnforceUserSpace) {
+				d.Conversions == 0 || d.DMAAllowed == 0 || d.DMABlocked == 0 || d.Enforcement != string(guestmem.EnforceUserSpace) ||
+				!strings.Contains(d.Flavour, "without KVM") {
 				t.Errorf("report %+v", d)
 			}
 		})
@@ -162,6 +169,16 @@ func TestDemoKVM(t *testing.T) {
 			if !d.GuestRan || d.Mode != mode || d.VCPUs != 2 || d.ChecksPassed != want || d.ChecksFailed != 0 || d.Violations != 0 {
 				t.Errorf("report %+v", d)
 			}
+			// The flavour follows the mode and who kept the attributes.
+			wantFlavour := map[string]string{
+				"inplace/" + string(guestmem.EnforceUserSpace):  "in place on a default VM",
+				"inplace/" + string(guestmem.EnforceGuestMemfd): "in place with private memory",
+				"split/" + string(guestmem.EnforceUserSpace):    "split on a default VM",
+				"split/" + string(guestmem.EnforceKVM):          "split with private memory",
+			}[mode+"/"+d.Enforcement]
+			if wantFlavour == "" || !strings.HasPrefix(d.Flavour, wantFlavour) {
+				t.Errorf("mode %s, enforcement %s: flavour %q, want %q...", mode, d.Enforcement, d.Flavour, wantFlavour)
+			}
 			if !strings.Contains(errOut, "booting the built-in guest") {
 				t.Errorf("no progress line:\n%s", errOut)
 			}
@@ -173,7 +190,7 @@ func TestDemoKVM(t *testing.T) {
 			t.Fatalf("exit %d\nstdout %s\nstderr %s", code, out, errOut)
 		}
 		for _, w := range []string{"guest ran on KVM", "checks ", "0 failed", "conversions ", "DMA ", "blocked by the IOMMU",
-			"IOMMU entries peak", "state map", "0 violations", "enforcement   user-space", "result: PASS"} {
+			"IOMMU entries peak", "state map", "0 violations", "enforcement   user-space", "flavour       in place on a default VM", "result: PASS"} {
 			if !strings.Contains(out, w) {
 				t.Errorf("report lacks %q:\n%s", w, out)
 			}

@@ -16,6 +16,8 @@ import (
 // real IOMMU when --vfio is given.
 type demoReport struct {
 	vmm.Report
+	// Flavour says which kind of in-place or split memory ran (flavour).
+	Flavour string `json:"flavour"`
 	// VFIO is the kernel interface of the real IOMMU ("type1" or
 	// "iommufd"), VFIODevice the PCI device it is attached for.
 	VFIO       string `json:"vfio,omitempty"`
@@ -95,8 +97,13 @@ func openRealIOMMU(kind, bdf string) (_ *realIOMMU, err error) {
 			return nil, err
 		}
 		r.closers = append(r.closers, d.Close)
-		if _, err := d.BindIOMMUFD(f.Fd()); err != nil {
+		// The iommufd's number is held open for the bind.
+		var berr error
+		if err := f.Control(func(fd uintptr) { _, berr = d.BindIOMMUFD(int(fd)) }); err != nil {
 			return nil, err
+		}
+		if berr != nil {
+			return nil, berr
 		}
 		if _, err := d.AttachIOMMUFDPT(ioas); err != nil {
 			return nil, err
@@ -143,4 +150,21 @@ func (r *realIOMMU) close() error {
 	}
 	r.closers = nil
 	return errors.Join(errs...)
+}
+
+// flavour names the memory that ran: the mode, and who kept the attributes
+// (for in-place memory, the in-place flavour: the guest_memfd's own
+// attributes on a VM with private memory, or gmem's on a default VM).
+func flavour(mode, enforcement string, guestRan bool) string {
+	switch {
+	case !guestRan:
+		return mode + ", memfd memory without KVM, attributes in user space"
+	case mode == guestmem.InPlace.String() && enforcement == string(guestmem.EnforceGuestMemfd):
+		return "in place with private memory: per-guest_memfd attributes (KVM_SET_MEMORY_ATTRIBUTES2)"
+	case mode == guestmem.InPlace.String():
+		return "in place on a default VM: mmap-able guest_memfd (MMAP|INIT_SHARED), attributes in user space"
+	case enforcement == string(guestmem.EnforceKVM):
+		return "split with private memory: guest_memfd and a shared memfd, KVM attributes (KVM_SET_MEMORY_ATTRIBUTES)"
+	}
+	return "split on a default VM: guest_memfd and a shared memfd, attributes in user space"
 }

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"errors"
 	"fmt"
 	"sync/atomic"
 	"time"
@@ -25,19 +26,25 @@ type FloorSide struct {
 	Name    string
 	Floor   bool        // one map call of the whole range, one unmap
 	Options dma.Options // the mapper's, for a policy
-	Default bool        // the policy a zero dma.Options gives
+	Default bool        // the policy a zero dma.Options gives on the space
 }
 
-// FloorSides are the sides of the floor comparison: the floor, granule
-// mapping (QEMU's), extents bounded at dma.DefaultMaxExtent (the default)
-// and unbounded extents.
-func FloorSides() []FloorSide {
-	return []FloorSide{
+// FloorSides are the sides of the floor comparison on a space with caps:
+// the floor, granule mapping (QEMU's), extents bounded at
+// dma.DefaultMaxExtent and unbounded extents, and where the space can cut,
+// the Cut policy. The default is the policy a zero dma.Options resolves to
+// there (dma.Auto): Cut where the space cuts, else Extent.
+func FloorSides(caps iommu.Caps) []FloorSide {
+	sides := []FloorSide{
 		{Name: "one-map", Floor: true},
 		{Name: "granule", Options: dma.Options{Policy: dma.Granule}},
-		{Name: "extent", Options: dma.Options{}, Default: true},
+		{Name: "extent", Options: dma.Options{Policy: dma.Extent}, Default: !caps.Cut},
 		{Name: "extent-unbounded", Options: dma.Options{Policy: dma.Extent, MaxExtent: dma.Unbounded}},
 	}
+	if caps.Cut {
+		sides = append(sides, FloorSide{Name: "cut", Options: dma.Options{Policy: dma.Cut}, Default: true})
+	}
+	return sides
 }
 
 // FloorRig is a range of guest memory and the IOMMU space a device reaches
@@ -57,7 +64,7 @@ type FloorSample struct {
 	ToShared, ToPrivate time.Duration // the two directions
 	InSpace             time.Duration // of both, the time inside the space's Map and Unmap
 	MapCalls            uint64
-	UnmapCalls          uint64
+	UnmapCalls          uint64 // unmap or cut requests
 	Pinned              uint64 // pages pinned while the range was reachable, over those before
 }
 
@@ -118,7 +125,7 @@ func (r FloorRig) Round(side FloorSide) (FloorSample, error) {
 	if st.Entries != 0 {
 		return s, fmt.Errorf("%s: %d entries left after the round trip", side.Name, st.Entries)
 	}
-	s.MapCalls, s.UnmapCalls = st.MapCalls, st.UnmapCalls
+	s.MapCalls, s.UnmapCalls = st.MapCalls, st.UnmapCalls+st.CutCalls
 	if err := m.Unregister(mapper); err != nil {
 		return s, err
 	}
@@ -203,14 +210,15 @@ func (r FloorRig) Measure(rounds int, warmup bool, sides []FloorSide) ([]FloorRe
 
 // FloorModel is the floor comparison on the model IOMMU: the round trip of
 // sz.RoundTrip by every side on one model space (iommufd rules, no entry
-// limit), so that gmem's user-space cost is seen without any kernel's.
+// limit, cutting), so that gmem's user-space cost is seen without any
+// kernel's.
 func FloorModel(sz Sizes) ([]Row, error) {
-	model := iommu.NewModelSpan(iommu.Caps{Rules: iommu.IOMMUFD}, 2*sz.RoundTrip)
+	model := iommu.NewModelSpan(iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, 2*sz.RoundTrip)
 	rig := FloorRig{Space: model, Size: sz.RoundTrip, Pinned: func() (uint64, error) {
 		p := model.Pins()
 		return p.Pinned - p.Unpinned, nil
 	}}
-	res, err := rig.Measure(sz.Rounds, sz.Warmup, FloorSides())
+	res, err := rig.Measure(sz.Rounds, sz.Warmup, FloorSides(model.Caps()))
 	if err != nil {
 		return nil, err
 	}
@@ -268,8 +276,8 @@ func FloorRows(res []FloorResult, at FloorWhere) []Row {
 	return rows
 }
 
-// TimedSpace is an iommu.Space that adds up the time its Map and Unmap
-// calls take: what a conversion spends in the kernel's (or the model's)
+// TimedSpace is an iommu.Space (and Cutter) that adds up the time its Map,
+// Unmap and Cut calls take: what a conversion spends in the kernel's (or the model's)
 // IOMMU calls, against what gmem spends around them.
 type TimedSpace struct {
 	iommu.Space
@@ -290,5 +298,24 @@ func (s *TimedSpace) Unmap(iova, size uint64) (uint64, error) {
 	return s.Space.Unmap(iova, size)
 }
 
-// Spent returns the time spent in Map and Unmap so far.
+// Cut cuts and counts the time, where the space is an iommu.Cutter.
+func (s *TimedSpace) Cut(iova, size uint64) (uint64, error) {
+	c, ok := s.Space.(iommu.Cutter)
+	if !ok {
+		return 0, fmt.Errorf("bench: %T cannot cut: %w", s.Space, errors.ErrUnsupported)
+	}
+	start := time.Now()
+	defer func() { s.spent.Add(int64(time.Since(start))) }()
+	return c.Cut(iova, size)
+}
+
+// Caps are the space's, and say it cuts only where it is an iommu.Cutter.
+func (s *TimedSpace) Caps() iommu.Caps {
+	c := s.Space.Caps()
+	_, cutter := s.Space.(iommu.Cutter)
+	c.Cut = c.Cut && cutter
+	return c
+}
+
+// Spent returns the time spent in Map, Unmap and Cut so far.
 func (s *TimedSpace) Spent() time.Duration { return time.Duration(s.spent.Load()) }

@@ -11,8 +11,8 @@ import (
 )
 
 // TestConvertAllocs checks that a single-page conversion to shared and back
-// through the whole stack (attributes, manager, a mapper of each policy and
-// the model IOMMU) allocates nothing once warm: every allocation on this
+// through the whole stack (attributes, manager, a mapper of each policy,
+// cut included, and the model IOMMU) allocates nothing once warm: every allocation on this
 // path is garbage the collector must chase, and with several vCPUs
 // converting it takes the cores they would use.
 func TestConvertAllocs(t *testing.T) {
@@ -20,13 +20,14 @@ func TestConvertAllocs(t *testing.T) {
 		t.Skip("the race detector makes sync.Pool drop items: allocation counts do not hold")
 	}
 	const size = 1 << 30
-	for _, policy := range []dma.Policy{dma.Extent, dma.Granule} {
+	for _, policy := range []dma.Policy{dma.Extent, dma.Granule, dma.Cut} {
 		m := discard.New(size, nil)
 		a, err := memattr.New(m, memattr.Config{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		mp, err := dma.New(iommu.NewModelSpan(iommu.Caps{Rules: iommu.IOMMUFD}, size), nil, dma.Options{Policy: policy, RegionSize: size})
+		caps := iommu.Caps{Rules: iommu.IOMMUFD, Cut: policy == dma.Cut}
+		mp, err := dma.New(iommu.NewModelSpan(caps, size), nil, dma.Options{Policy: policy, RegionSize: size})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -218,13 +218,13 @@ func TestConcurrentConvert(t *testing.T) {
 					dead = append(dead, l)
 					continue
 				}
-				caps := iommu.Caps{Rules: iommu.IOMMUFD}
+				caps := iommu.Caps{Rules: iommu.IOMMUFD, Cut: rng.IntN(2) == 0}
 				if rng.IntN(3) == 0 {
 					caps = iommu.Caps{Rules: iommu.Type1v2, EntryLimit: 200}
 				}
 				model := iommu.NewModel(caps)
 				hook(model)
-				policy := dma.Extent
+				policy := dma.Auto // Cut where the space cuts, else Extent
 				if rng.IntN(3) == 0 {
 					policy = dma.Granule
 				}
@@ -284,6 +284,9 @@ func TestConcurrentConvert(t *testing.T) {
 			}
 			if !slices.Equal(mapped, l.mapper.Entries()) {
 				t.Fatalf("round %d: mapper %d table differs from its IOMMU", round, i)
+			}
+			if st := l.mapper.Stats(); l.mapper.Policy() == dma.Cut && (st.WindowBytes != 0 || st.RepinnedBytes != 0) {
+				t.Fatalf("round %d: cut mapper %d had a window: %+v", round, i, st)
 			}
 			// The device reaches exactly the shared and plugged pages of
 			// its section.

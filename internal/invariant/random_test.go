@@ -16,8 +16,10 @@ import (
 
 	"github.com/gmemproject/gmem/discard"
 	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/guestmem/kernelmodel"
 	"github.com/gmemproject/gmem/internal/invariant"
 	"github.com/gmemproject/gmem/iommu"
+	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
 	"github.com/gmemproject/gmem/span"
 	"github.com/gmemproject/gmem/virtiomem"
@@ -104,6 +106,13 @@ type world struct {
 	block       uint64
 	inPlace     bool
 	inj         *injector
+	// file is the kernel's side of an in-place world: a model guest_memfd
+	// with its own attributes, pinned by the listeners' IOMMUs and by
+	// foreign pins (pins, by page, with their unpin).
+	file *kernelmodel.GuestMemfd
+	pins map[uint64]func()
+	// refusals counts conversions the kernel refused for a foreign pin.
+	refusals int
 
 	listeners []*listener
 
@@ -111,6 +120,17 @@ type world struct {
 	shared  []bool
 	plugged []bool // per page; all true when there is no virtio-mem
 	ops     int
+	// cutCalls counts the cut requests of unregistered mappers.
+	cutCalls uint64
+}
+
+// cuts returns the cut requests the world's mappers sent so far.
+func (w *world) cuts() uint64 {
+	n := w.cutCalls
+	for _, l := range w.listeners {
+		n += l.mapper.Stats().CutCalls
+	}
+	return n
 }
 
 // backend is the memattr Backend of the test: it injects faults and checks
@@ -122,8 +142,33 @@ func (b backend) SetAttributes(runs []span.Range, to memattr.State) error {
 	if err := b.w.inj.call(); err != nil {
 		return err
 	}
-	if to == memattr.Private && b.w.inPlace {
+	if !b.w.inPlace {
+		return nil
+	}
+	if to == memattr.Private {
 		b.w.assertUnreachable(runs, "in-place conversion to private")
+	}
+	for i, r := range runs {
+		a := kvm.MemoryAttributes2{Offset: r.Start, Size: r.Len()}
+		if to == memattr.Private {
+			a.Attributes = kvm.MemoryAttributePrivate
+		}
+		if err := b.w.file.SetMemoryAttributes2(a); err != nil {
+			// One failure an operation: the undo must not meet another.
+			b.w.inj.mu.Lock()
+			b.w.inj.armed = false
+			b.w.inj.mu.Unlock()
+			for _, done := range runs[:i] {
+				undo := kvm.MemoryAttributes2{Offset: done.Start, Size: done.Len()}
+				if to == memattr.Shared {
+					undo.Attributes = kvm.MemoryAttributePrivate
+				}
+				if uerr := b.w.file.SetMemoryAttributes2(undo); uerr != nil {
+					b.w.t.Fatalf("op %d: undoing the kernel's attributes: %v", b.w.ops, uerr)
+				}
+			}
+			return err
+		}
 	}
 	return nil
 }
@@ -169,6 +214,16 @@ func newWorld(t *testing.T, seed uint64) *world {
 	}
 	w.shared = make([]bool, w.pages)
 	w.plugged = make([]bool, w.pages)
+	if w.inPlace {
+		if w.file, err = kernelmodel.NewGuestMemfd(w.pages*page, false); err != nil {
+			t.Fatal(err)
+		}
+		// An INIT_SHARED file starts shared; the region starts private.
+		if err := w.file.SetMemoryAttributes2(kvm.MemoryAttributes2{Size: w.pages * page, Attributes: kvm.MemoryAttributePrivate}); err != nil {
+			t.Fatal(err)
+		}
+		w.pins = map[uint64]func(){}
+	}
 	if rng.IntN(2) == 0 {
 		w.vmem, err = virtiomem.New(w.m, virtiomem.Config{BlockSize: w.block, Release: func([]span.Range) error { return w.inj.call() }})
 		if err != nil {
@@ -219,6 +274,7 @@ type snapshot struct {
 	shared, plugged []bool
 	mapped          [][]iommu.Mapping
 	entries         []uint64
+	cut             []bool // the listener's policy is Cut
 }
 
 func (w *world) snap() snapshot {
@@ -226,8 +282,31 @@ func (w *world) snap() snapshot {
 	for _, l := range w.listeners {
 		s.mapped = append(s.mapped, l.space.Mappings())
 		s.entries = append(s.entries, l.mapper.Stats().Entries)
+		s.cut = append(s.cut, l.mapper.Policy() == dma.Cut)
 	}
 	return s
+}
+
+// sameI3 reports whether the listeners' IOMMUs hold what they held in s, as
+// I3 requires: the very entries, or for the Cut policy the same pages (an
+// undone cut maps the pages it removed as areas of their own: the kernel
+// cannot join areas).
+func (s snapshot) sameI3(after snapshot) bool {
+	if len(s.mapped) != len(after.mapped) {
+		return false
+	}
+	for i := range s.mapped {
+		if s.cut[i] {
+			if !slices.Equal(pagesOf(s.mapped[i]), pagesOf(after.mapped[i])) {
+				return false
+			}
+			continue
+		}
+		if !slices.Equal(s.mapped[i], after.mapped[i]) || s.entries[i] != after.entries[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // pagesOf normalises mappings to one 4 KiB Mapping per page, so that two
@@ -255,6 +334,13 @@ func (w *world) check() {
 			r := span.Range{Start: p * page, End: (p + 1) * page}
 			if w.vmem.IsPlugged(r) != w.plugged[p] {
 				t.Fatalf("op %d: I4: page %d plugged=%v, oracle %v", w.ops, p, !w.plugged[p], w.plugged[p])
+			}
+		}
+	}
+	if w.inPlace {
+		for p := uint64(0); p < w.pages; p++ {
+			if priv := w.file.Private(span.Range{Start: p * page, End: (p + 1) * page}); priv == w.shared[p] {
+				t.Fatalf("op %d: the kernel has page %d private=%v, oracle shared=%v", w.ops, p, priv, w.shared[p])
 			}
 		}
 	}
@@ -293,20 +379,36 @@ func mappingKeys(ms []iommu.Mapping) []uint64 {
 	return out
 }
 
-// addListener registers a new mapper on a random section.
+// addListener registers a new mapper on a random section: on type1 (with
+// or without a small entry limit), on iommufd, or on iommufd that cuts,
+// with the default policy (Cut where the space cuts, else Extent) or an
+// explicit one.
 func (w *world) addListener() error {
 	rules := iommu.Type1v2
 	var limit uint64
+	cut := false
 	if w.rng.IntN(2) == 0 {
 		rules = iommu.IOMMUFD
+		cut = w.rng.IntN(3) != 0
 	} else if w.rng.IntN(2) == 0 {
 		limit = uint64(2 + w.rng.IntN(24))
 	}
-	space := iommu.NewModel(iommu.Caps{Rules: rules, EntryLimit: limit})
+	space := iommu.NewModel(iommu.Caps{Rules: rules, EntryLimit: limit, Cut: cut})
 	w.hookMaps(space)
-	policy := dma.Extent
-	if w.rng.IntN(3) == 0 {
+	if w.inPlace {
+		// IOVA = GPA = w.gpa + region offset = w.gpa + file offset.
+		w.file.AddPinner(kernelmodel.IOMMUPins(space, w.gpa))
+	}
+	policy := dma.Auto
+	switch w.rng.IntN(6) {
+	case 0, 1:
 		policy = dma.Granule
+	case 2:
+		policy = dma.Extent
+	case 3:
+		if cut {
+			policy = dma.Cut
+		}
 	}
 	maxExtent := uint64(dma.Unbounded)
 	if w.rng.IntN(2) == 0 {
@@ -345,9 +447,46 @@ func (w *world) hookMaps(space *iommu.Model) {
 	})
 }
 
+// pinStep pins or unpins a random page of an in-place world as a foreign
+// user would: the pin must succeed exactly on shared pages.
+func (w *world) pinStep() {
+	p := uint64(w.rng.IntN(int(w.pages)))
+	if unpin := w.pins[p]; unpin != nil && w.rng.IntN(2) == 0 {
+		unpin()
+		delete(w.pins, p)
+		return
+	}
+	unpin, err := w.file.Pin(p*page, page)
+	if (err == nil) != w.shared[p] {
+		w.t.Fatalf("op %d: foreign pin of page %d (shared %v): %v", w.ops, p, w.shared[p], err)
+	}
+	if err == nil {
+		if old := w.pins[p]; old != nil {
+			old()
+		}
+		w.pins[p] = unpin
+	}
+}
+
+// firstPin returns the first foreign-pinned page in [off, off+size).
+func (w *world) firstPin(off, size uint64) (uint64, bool) {
+	first, ok := ^uint64(0), false
+	for p := range w.pins {
+		if p*page >= off && p*page < off+size && p < first {
+			first, ok = p, true
+		}
+	}
+	return first, ok
+}
+
 // step runs one random operation and checks the invariants after it.
 func (w *world) step() {
 	w.ops++
+	if w.inPlace && w.rng.IntN(8) == 0 {
+		w.pinStep()
+		w.check()
+		return
+	}
 	before := w.snap()
 	inject := w.rng.IntN(6) == 0
 	if inject {
@@ -360,11 +499,14 @@ func (w *world) step() {
 	// changes is the range of region offsets the operation is asked to
 	// change, for I5; nil when the operation changes pages all over.
 	var changes *span.Range
+	// refusable says the kernel may refuse the operation for a foreign pin
+	// at page pinned.
+	refusable, pinned := false, uint64(0)
 	measured := slices.Clone(w.listeners)
-	windows := make([]uint64, len(measured))
+	counted := make([]dma.Stats, len(measured))
 	for i, l := range measured {
 		l.space.BeginOp()
-		windows[i] = l.mapper.Stats().WindowBytes
+		counted[i] = l.mapper.Stats()
 	}
 	switch k := w.rng.IntN(20); {
 	case k < 10: // convert
@@ -373,6 +515,9 @@ func (w *world) step() {
 		changes = &span.Range{Start: off, End: off + size}
 		to := memattr.State(w.rng.IntN(2))
 		expectErr = bad
+		if w.inPlace && to == memattr.Private && !bad {
+			pinned, refusable = w.firstPin(off, size)
+		}
 		err = w.attrs.Convert(off, size, to)
 		what = fmt.Sprintf("convert %#x+%#x to %v", off, size, to)
 		apply = func() {
@@ -431,32 +576,42 @@ func (w *world) step() {
 			if got := w.listeners[i].space.Len(); got != 0 {
 				w.t.Fatalf("op %d: unregistered listener still has %d entries", w.ops, got)
 			}
+			w.cutCalls += w.listeners[i].mapper.Stats().CutCalls
 			w.listeners = slices.Delete(w.listeners, i, i+1)
 		}
 	}
 	fired := w.inj.disarm()
 	for i, l := range measured {
-		w.checkWindow(l, changes, err == nil, windows[i])
+		w.checkWindow(l, changes, err == nil, counted[i])
 	}
 	switch {
 	case err == nil && expectErr:
 		w.t.Fatalf("op %d: an invalid request succeeded", w.ops)
 	case err == nil && fired:
 		w.t.Fatalf("op %d: an injected fault fired but the operation (%s) succeeded", w.ops, what)
+	case err == nil && refusable:
+		w.t.Fatalf("op %d: %s went through although page %d is pinned", w.ops, what, pinned)
 	case err == nil:
 		if apply != nil {
 			apply()
 		}
 	default:
 		// I3: nothing changed.
-		if !errors.Is(err, errInjected) && !errors.Is(err, unix.ENOSPC) && !expectErr {
+		var pe *kvm.PinnedError
+		switch {
+		case errors.As(err, &pe):
+			if !refusable || pe.Offset != pinned*page || fired {
+				w.t.Fatalf("op %d: %s refused at offset %#x (first foreign pin: page %d, %v; injected %v): %v", w.ops, what, pe.Offset, pinned, refusable, fired, err)
+			}
+			w.refusals++
+		case !errors.Is(err, errInjected) && !errors.Is(err, unix.ENOSPC) && !expectErr:
 			w.t.Fatalf("op %d: unexpected error: %v", w.ops, err)
 		}
 		after := w.snap()
 		if !slices.Equal(before.shared, after.shared) || !slices.Equal(before.plugged, after.plugged) {
 			w.t.Fatalf("op %d: I3: a failed operation changed the oracle", w.ops)
 		}
-		if !slices.EqualFunc(before.mapped, after.mapped, slices.Equal) || !slices.Equal(before.entries, after.entries) {
+		if !before.sameI3(after) {
 			w.t.Fatalf("op %d: I3: failed operation (%v) changed the IOMMU entries:\nbefore %v\nafter  %v", w.ops, err, before.mapped, after.mapped)
 		}
 	}
@@ -471,14 +626,29 @@ func (w *world) step() {
 // (Granule), or inside the MaxExtent chunks that meet it (bounded Extent).
 // An unbounded Extent mapper promises no bound. For every mapper that
 // succeeded, the window it counted itself is at least the model's.
-func (w *world) checkWindow(l *listener, changes *span.Range, ok bool, mapperBefore uint64) {
-	hidden, _ := l.space.EndOp()
+//
+// The Cut policy has no window at all: every operation of its mapper counts
+// window and re-pinned bytes of 0, and the model measures none for a step
+// that succeeded. (A step that failed may map again pages its cut removed,
+// when the manager reverts the listener: that is inside what the step was
+// asked to change, as for Granule.)
+func (w *world) checkWindow(l *listener, changes *span.Range, ok bool, before dma.Stats) {
+	hidden, repinned := l.space.EndOp()
 	var window uint64
 	for _, r := range hidden {
 		window += r.Len()
 	}
-	if counted := l.mapper.Stats().WindowBytes - mapperBefore; ok && counted < window {
+	st := l.mapper.Stats()
+	if counted := st.WindowBytes - before.WindowBytes; ok && counted < window {
 		w.t.Fatalf("op %d: the model measured a window of %#x bytes, the mapper counted %#x", w.ops, window, counted)
+	}
+	if l.mapper.Policy() == dma.Cut {
+		if st.WindowBytes != before.WindowBytes || st.RepinnedBytes != before.RepinnedBytes || st.MaxWindow != 0 {
+			w.t.Fatalf("op %d: I5: the cut mapper counted a window of %#x bytes, %#x re-pinned", w.ops, st.WindowBytes-before.WindowBytes, st.RepinnedBytes-before.RepinnedBytes)
+		}
+		if ok && (window != 0 || repinned != 0) {
+			w.t.Fatalf("op %d: I5: the model measured a window %v (%#x re-pinned) for a cut mapper's successful operation", w.ops, hidden, repinned)
+		}
 	}
 	if changes == nil || len(hidden) == 0 {
 		return
@@ -557,11 +727,15 @@ func opsBudget(t *testing.T) int {
 	return 100_000
 }
 
-// TestRandomized drives random regions, sections, listeners (both policies,
-// both IOMMU rule sets, small type1 entry limits), conversions, plug/unplug,
-// source removal, register/unregister and injected faults, and checks I1-I4
-// against the oracle after every step. Worlds are short-lived so many shapes
-// are covered.
+// TestRandomized drives random regions, sections, listeners (every policy,
+// both IOMMU rule sets, small type1 entry limits, iommufd spaces that cut),
+// conversions, plug/unplug, source removal, register/unregister and
+// injected faults at every backend call (IOMMU map, unmap and cut included),
+// and checks I1-I5 against the oracle after every step. Half the worlds
+// convert in place on the kernel model (guestmem/kernelmodel): the
+// listeners' IOMMUs and random foreign pins pin pages, the kernel refuses a
+// conversion to private over a pin, and its attributes are checked too.
+// Worlds are short-lived so many shapes are covered.
 func TestRandomized(t *testing.T) {
 	total := opsBudget(t)
 	const perWorld = 400
@@ -570,7 +744,8 @@ func TestRandomized(t *testing.T) {
 	for g := range workers {
 		t.Run(fmt.Sprintf("worker%d", g), func(t *testing.T) {
 			t.Parallel()
-			n := 0
+			n, inPlace, refusals := 0, 0, 0
+			var cuts uint64
 			for i := g; i < worlds; i += workers {
 				seed := uint64(i) + 1
 				w := newWorld(t, seed)
@@ -581,8 +756,16 @@ func TestRandomized(t *testing.T) {
 					}
 				}
 				n += perWorld
+				if w.inPlace {
+					inPlace += perWorld
+					refusals += w.refusals
+				}
+				cuts += w.cuts()
 			}
-			t.Logf("%d operations", n)
+			t.Logf("%d operations, %d in place on the kernel model, %d conversions refused for a foreign pin, %d cut requests", n, inPlace, refusals, cuts)
+			if n >= 10*perWorld && cuts == 0 {
+				t.Fatal("no mapper of the cut policy cut anything")
+			}
 		})
 	}
 }

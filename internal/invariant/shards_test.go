@@ -24,14 +24,18 @@ import (
 // Lane goroutines own the areas around boundaries 1-8 (disjoint, so they
 // run in parallel), three others convert overlapping ranges around
 // boundaries 9-15; Release steps fail at random, so operations roll back
-// (Revert of every mapper, splits included) while neighbours run. Four
+// (Revert of every mapper, splits included) while neighbours run. Six
 // mappers see the region: 2 MiB extents on iommufd, 64 KiB extents on type1
 // at a GPA whose IOVA windows do not line up with the region's chunks (so
 // entries straddle a window boundary 12 KiB past each region boundary),
-// unbounded extents, and granules around one boundary. After every failed
+// unbounded extents, granules around one boundary, 2 MiB extents with
+// windows spread over a 16 GiB region, and the Cut policy on an iommufd
+// space that cuts (its windows spread the same way). After every failed
 // lane conversion the lane's IOMMU entries must be the very ones it had
-// (I3); at every quiescent point attributes, I1/I2 and every mapper's
-// table, counters and entry bounds are checked against a per-page oracle.
+// (I3; for Cut the same pages, as an undone cut maps them as areas of their
+// own); at every quiescent point attributes, I1/I2 and every mapper's
+// table, counters and entry bounds are checked against a per-page oracle,
+// and the Cut mapper must have had no window and re-pinned nothing.
 func TestConcurrentShards(t *testing.T) {
 	const (
 		size     = 1 << 30
@@ -69,6 +73,7 @@ func TestConcurrentShards(t *testing.T) {
 		// Windows spread over a 16 GiB region: 256 MiB, whose boundaries
 		// fall on every fourth boundary here, for the mapper and the model.
 		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{RegionSize: 16 << 30}, discard.Section{Size: size, GPA: 0x100_0000_0000}, dma.DefaultMaxExtent, 16 << 30},
+		{iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, dma.Options{RegionSize: 16 << 30}, discard.Section{Size: size, GPA: 0x200_0000_0000}, dma.DefaultMaxExtent, 16 << 30},
 	}
 	type live struct {
 		mapperCase
@@ -110,13 +115,17 @@ func TestConcurrentShards(t *testing.T) {
 		}
 		return span.Range{Start: first, End: first + n*page}, memattr.State(rng.IntN(2))
 	}
-	// entriesIn snapshots what every mapper's IOMMU holds around r.
+	// entriesIn snapshots what every mapper's IOMMU holds around r: the
+	// entries, or for the Cut policy the pages.
 	entriesIn := func(r span.Range) [][]iommu.Mapping {
 		out := make([][]iommu.Mapping, len(ls))
 		for i, l := range ls {
 			s, ok := l.sec.Intersect(r)
 			if ok {
 				out[i] = l.model.MappingsIn(s.GPARange())
+				if l.mapper.Policy() == dma.Cut {
+					out[i] = pagesOf(out[i])
+				}
 			}
 		}
 		return out
@@ -158,7 +167,8 @@ func TestConcurrentShards(t *testing.T) {
 						continue
 					}
 					// I3: the failed conversion left this lane's entries
-					// exactly as they were; no one else works here.
+					// exactly as they were (Cut: the same pages); no one
+					// else works here.
 					if after := entriesIn(area(b)); !slices.EqualFunc(before, after, slices.Equal) {
 						t.Errorf("I3: lane %d: conversion %v to %v failed and changed the IOMMU entries around it", lane, r, to)
 						return
@@ -236,6 +246,9 @@ func TestConcurrentShards(t *testing.T) {
 			}
 			if n := uint64(l.model.Len()); n != st.Entries {
 				t.Fatalf("round %d: mapper %d: model has %d entries, mapper %d", round, i, n, st.Entries)
+			}
+			if l.mapper.Policy() == dma.Cut && (st.WindowBytes != 0 || st.RepinnedBytes != 0 || st.CutCalls == 0) {
+				t.Fatalf("round %d: cut mapper %d: %+v", round, i, st)
 			}
 			// Pages at the edges of every area are reached exactly when
 			// shared.

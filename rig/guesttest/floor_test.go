@@ -46,7 +46,7 @@ func floorOn(t *testing.T, backend string, space iommu.Space) {
 		rig := bench.FloorRig{Space: space, Host: host, GPA: gmemGPA, Size: benchRegion,
 			Pinned: func() (uint64, error) { return pinnedPages(t), nil }}
 		start := time.Now()
-		res, err := rig.Measure(floorRounds, false, bench.FloorSides())
+		res, err := rig.Measure(floorRounds, false, bench.FloorSides(space.Caps()))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -290,12 +290,24 @@ type kvmRig struct {
 	host    map[uint32]func()
 }
 
-// newKVMRig creates the VM for scenario s. inject is passed to guestmem.
+// newKVMRig creates the SW-protected split VM for scenario s. inject is
+// passed to guestmem.
 func newKVMRig(t *testing.T, space iommu.Space, edu *Edu, s vmm.Scenario, inject func(guestmem.Fault) error) *kvmRig {
+	t.Helper()
+	r := newRigVM(t, guestmem.Split, space, edu, s, inject)
+	if r.v.Memory().Enforcement() != guestmem.EnforceKVM || r.v.RequestPath() != vmm.ViaHypercall {
+		t.Fatalf("enforcement %q, request path %d: want KVM and vmmcall", r.v.Memory().Enforcement(), r.v.RequestPath())
+	}
+	return r
+}
+
+// newRigVM creates the VM vmm.New picks for memory of mode, running
+// scenario s, with the device's space attached and its scratch page mapped.
+func newRigVM(t *testing.T, mode guestmem.Mode, space iommu.Space, edu *Edu, s vmm.Scenario, inject func(guestmem.Fault) error) *kvmRig {
 	t.Helper()
 	r := &kvmRig{t: t, space: space, edu: edu, host: map[uint32]func(){}}
 	var err error
-	r.v, err = vmm.New(vmm.Config{Mode: guestmem.Split, Scenario: &s, Logger: testLogger(t), Inject: inject,
+	r.v, err = vmm.New(vmm.Config{Mode: mode, Scenario: &s, Logger: testLogger(t), Inject: inject,
 		OnHostCall: func(cpu int, id uint32) {
 			f, ok := r.host[id]
 			if !ok {
@@ -312,9 +324,6 @@ func newKVMRig(t *testing.T, space iommu.Space, edu *Edu, s vmm.Scenario, inject
 			t.Errorf("close VM: %v", err)
 		}
 	})
-	if r.v.Memory().Enforcement() != guestmem.EnforceKVM || r.v.RequestPath() != vmm.ViaHypercall {
-		t.Fatalf("enforcement %q, request path %d: want KVM and vmmcall", r.v.Memory().Enforcement(), r.v.RequestPath())
-	}
 	r.scratch = mmapShared(t, pg)
 	if err := space.Map(scratchIOVA, pg, r.scratch); err != nil {
 		t.Fatal(err)
@@ -767,6 +776,14 @@ func openKVMType1(t *testing.T, bdf string) (iommu.Space, *Edu, func()) {
 // iommufd IOAS.
 func openKVMIOMMUFD(t *testing.T, bdf string) (iommu.Space, *Edu, func()) {
 	t.Helper()
+	_, sp, edu, done := openIOMMUFDEdu(t, bdf)
+	return sp, edu, done
+}
+
+// openIOMMUFDEdu opens the edu device through its cdev bound to an iommufd
+// IOAS and returns the iommufd too, for the ioctls a Space does not offer.
+func openIOMMUFDEdu(t *testing.T, bdf string) (*iommufd.IOMMUFD, *iommufd.Space, *Edu, func()) {
+	t.Helper()
 	var closers []func() error
 	done := func() {
 		for i := len(closers) - 1; i >= 0; i-- {
@@ -812,5 +829,5 @@ func openKVMIOMMUFD(t *testing.T, bdf string) (iommu.Space, *Edu, func()) {
 		fail(err)
 	}
 	closers = append(closers, edu.Close)
-	return sp, edu, done
+	return f, sp, edu, done
 }

@@ -156,7 +156,7 @@ func run() error {
 	}
 	fmt.Println("dev2 entries:", len(dev2.Mappings()), "dev1 entries:", len(dev1.Mappings()))
 	for _, a := range []*guestmem.Attachment{att1, att2} {
-		if err := a.Check(a.Space().(*iommu.Model).Mappings()); err != nil {
+		if err := a.Check(); err != nil {
 			return err
 		}
 	}

@@ -1,0 +1,343 @@
+//go:build linux
+
+package fdio
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+var errTestClosed = fmt.Errorf("fdio test: %w", fs.ErrClosed)
+
+// openNull opens /dev/null as a bare descriptor the test owns.
+func openNull(t *testing.T) int {
+	t.Helper()
+	fd, err := unix.Open(os.DevNull, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fd
+}
+
+// identity is the device and inode a descriptor names.
+type identity struct{ dev, ino uint64 }
+
+func identify(fd int) (identity, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return identity{}, err
+	}
+	return identity{st.Dev, st.Ino}, nil
+}
+
+// isOpen reports whether descriptor number fd is open.
+func isOpen(fd int) bool {
+	_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	return err == nil
+}
+
+// TestFD checks the life of an FD in one goroutine: calls see the
+// descriptor, Close closes it once, and afterwards every call answers the
+// closed error without running anything.
+func TestFD(t *testing.T) {
+	fd := openNull(t)
+	d := New(fd, os.DevNull, errTestClosed)
+	if d.Fd() != fd {
+		t.Fatalf("Fd = %d, want %d", d.Fd(), fd)
+	}
+	var got uintptr
+	if err := d.Control(func(n uintptr) { got = n }); err != nil || got != uintptr(fd) {
+		t.Fatalf("Control: fd %d, %v", got, err)
+	}
+	if n, err := Call(d, func(fd int) (int, error) { return unix.Write(fd, []byte("abc")) }); n != 3 || err != nil {
+		t.Fatalf("Call(write) = %d, %v", n, err)
+	}
+	if err := d.Do(func(int) error { return unix.EIO }); err != unix.EIO {
+		t.Fatalf("Do returned %v, want fn's EIO", err)
+	}
+	// /dev/null has no ioctls (TIOCINQ is FIONREAD): the kernel's errno comes back bare.
+	if _, err := Ioctl(d, unix.TIOCINQ, 0); err != unix.ENOTTY {
+		t.Fatalf("Ioctl(/dev/null) = %v, want ENOTTY", err)
+	}
+	var n int32
+	if _, err := IoctlPtr(d, unix.TIOCINQ, &n); err != unix.ENOTTY {
+		t.Fatalf("IoctlPtr(/dev/null) = %v, want ENOTTY", err)
+	}
+	if _, err := IoctlBuf(d, unix.TIOCINQ, make([]byte, 4)); err != unix.ENOTTY {
+		t.Fatalf("IoctlBuf(/dev/null) = %v, want ENOTTY", err)
+	}
+
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if isOpen(fd) {
+		t.Errorf("descriptor %d still open after Close returned", fd)
+	}
+	if d.Fd() != -1 {
+		t.Errorf("Fd after Close = %d, want -1", d.Fd())
+	}
+	ran := false
+	mark := func(uintptr) { ran = true }
+	for name, call := range map[string]func() error{
+		"Close":    d.Close,
+		"Control":  func() error { return d.Control(mark) },
+		"Do":       func() error { return d.Do(func(int) error { ran = true; return nil }) },
+		"Call":     func() error { _, err := Call(d, func(int) (int, error) { ran = true; return 0, nil }); return err },
+		"Ioctl":    func() error { _, err := Ioctl(d, unix.TIOCINQ, 0); return err },
+		"IoctlPtr": func() error { _, err := IoctlPtr(d, unix.TIOCINQ, &n); return err },
+		"IoctlBuf": func() error { _, err := IoctlBuf(d, unix.TIOCINQ, nil); return err },
+	} {
+		if err := call(); err != errTestClosed || !errors.Is(err, fs.ErrClosed) {
+			t.Errorf("%s after Close = %v, want the closed error", name, err)
+		}
+	}
+	if ran {
+		t.Error("a function ran after Close")
+	}
+
+	neg := New(-1, "none", errTestClosed)
+	if neg.Fd() != -1 || neg.Control(mark) != errTestClosed || neg.Close() != errTestClosed || ran {
+		t.Error("New(-1) is not a closed FD")
+	}
+}
+
+// TestCloseWaitsForCalls holds a call inside Control while Close runs:
+// Close refuses new calls at once but keeps the descriptor open, and does
+// not return, until the call has left.
+func TestCloseWaitsForCalls(t *testing.T) {
+	fd := openNull(t)
+	want, err := identify(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := New(fd, os.DevNull, errTestClosed)
+	inside, release := make(chan struct{}), make(chan struct{})
+	var seen identity
+	var seenErr error
+	callDone := make(chan error)
+	go func() {
+		callDone <- d.Control(func(n uintptr) {
+			close(inside)
+			<-release
+			// Close has begun by now; the number is still this file.
+			seen, seenErr = identify(int(n))
+		})
+	}()
+	<-inside
+	closeDone := make(chan error)
+	go func() { closeDone <- d.Close() }()
+	// Close has begun once Fd reports -1; new calls are refused from then.
+	for d.Fd() != -1 {
+		runtime.Gosched()
+	}
+	if err := d.Control(func(uintptr) { t.Error("a call started after Close began") }); err != errTestClosed {
+		t.Errorf("Control while Close waits = %v, want the closed error", err)
+	}
+	select {
+	case err := <-closeDone:
+		t.Fatalf("Close returned (%v) while a call was inside Control", err)
+	default:
+	}
+	if !isOpen(fd) {
+		t.Fatal("Close closed the descriptor under a running call")
+	}
+	close(release)
+	if err := <-callDone; err != nil {
+		t.Fatal(err)
+	}
+	if seenErr != nil || seen != want {
+		t.Errorf("the call saw %+v, %v; want %+v", seen, seenErr, want)
+	}
+	if err := <-closeDone; err != nil {
+		t.Fatal(err)
+	}
+	if isOpen(fd) {
+		t.Error("descriptor still open after Close returned")
+	}
+}
+
+// TestCloseWaking: a call that blocks until woken would hold Close
+// forever; CloseWaking's wake runs after new calls are refused and before
+// the wait, and so releases it.
+func TestCloseWaking(t *testing.T) {
+	d := New(openNull(t), os.DevNull, errTestClosed)
+	inside, wake := make(chan struct{}), make(chan struct{})
+	callDone := make(chan error)
+	go func() {
+		callDone <- d.Control(func(uintptr) {
+			close(inside)
+			<-wake
+		})
+	}()
+	<-inside
+	var refused error
+	if err := d.CloseWaking(func() {
+		refused = d.Control(func(uintptr) { t.Error("a call started after Close began") })
+		close(wake)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if refused != errTestClosed {
+		t.Errorf("Control during wake = %v, want the closed error", refused)
+	}
+	if err := <-callDone; err != nil {
+		t.Fatal(err)
+	}
+	if err := d.CloseWaking(func() { t.Error("wake ran on a second Close") }); err != errTestClosed {
+		t.Errorf("second CloseWaking = %v", err)
+	}
+}
+
+// TestCloseRace races Close against many calls, over and over. Each call
+// writes a byte through the descriptor and checks, inside Control, that
+// the number still names the file the FD was made for. As soon as Close
+// returns, the test opens pipes, which take the lowest free numbers, the
+// closed one first. A call that ran on a recycled number would have
+// written into a pipe, or seen another inode, or failed with EBADF; every
+// call must instead succeed on the right file or answer the closed error,
+// and none may start after Close returned.
+func TestCloseRace(t *testing.T) {
+	const rounds, callers = 100, 4
+	for round := range rounds {
+		fd := openNull(t)
+		want, err := identify(fd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := New(fd, os.DevNull, errTestClosed)
+		var closed atomic.Bool
+		var wg sync.WaitGroup
+		var bad atomic.Value
+		fail := func(format string, args ...any) { bad.CompareAndSwap(nil, fmt.Sprintf(format, args...)) }
+		start := make(chan struct{})
+		for range callers {
+			wg.Go(func() {
+				<-start
+				for {
+					var id identity
+					var idErr, wErr error
+					err := d.Control(func(n uintptr) {
+						if closed.Load() {
+							fail("a call ran after Close returned")
+						}
+						id, idErr = identify(int(n))
+						_, wErr = unix.Write(int(n), []byte{'x'})
+					})
+					if err == errTestClosed {
+						return
+					}
+					if err != nil || idErr != nil || wErr != nil {
+						fail("call: %v, fstat %v, write %v", err, idErr, wErr)
+						return
+					}
+					if id != want {
+						fail("the call's descriptor names %+v, not /dev/null %+v", id, want)
+						return
+					}
+				}
+			})
+		}
+		close(start)
+		// Let the callers get going: Close comes after some calls.
+		for i := 0; i < round%8; i++ {
+			runtime.Gosched()
+		}
+		if err := d.Close(); err != nil {
+			t.Fatal(err)
+		}
+		closed.Store(true)
+		var pipes [][2]int
+		for range 4 {
+			var p [2]int
+			if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+				t.Fatal(err)
+			}
+			pipes = append(pipes, p)
+		}
+		wg.Wait()
+		for _, p := range pipes {
+			n, err := unix.IoctlGetInt(p[0], unix.TIOCINQ)
+			if err != nil || n != 0 {
+				t.Errorf("round %d: a pipe opened after Close holds %d bytes (%v): a call wrote to a recycled number", round, n, err)
+			}
+			unix.Close(p[0])
+			unix.Close(p[1])
+		}
+		if msg := bad.Load(); msg != nil {
+			t.Fatalf("round %d: %s", round, msg)
+		}
+	}
+}
+
+// TestOwn: a refused check leaves the descriptor open and the caller's,
+// even through garbage collections (no *os.File was made for it); an
+// accepted one hands it to the FD; the check's view is closed afterwards.
+func TestOwn(t *testing.T) {
+	fd := openNull(t)
+	defer unix.Close(fd)
+	refuse := errors.New("wrong kind")
+	var view *FD
+	if _, err := Own(fd, os.DevNull, errTestClosed, func(v *FD) error {
+		view = v
+		_, err := Ioctl(v, unix.TIOCINQ, 0)
+		if err != unix.ENOTTY {
+			t.Errorf("the view's ioctl = %v, want ENOTTY", err)
+		}
+		return refuse
+	}); err != refuse {
+		t.Fatalf("Own = %v, want the check's error", err)
+	}
+	if err := view.Control(func(uintptr) { t.Error("the view ran a call after Own") }); err != errTestClosed {
+		t.Errorf("view after Own = %v, want the closed error", err)
+	}
+	runtime.GC()
+	runtime.GC()
+	if !isOpen(fd) {
+		t.Fatal("a refused Own closed the descriptor")
+	}
+
+	d, err := Own(fd, os.DevNull, errTestClosed, func(*FD) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Fd() != fd {
+		t.Errorf("owned Fd = %d, want %d", d.Fd(), fd)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if isOpen(fd) {
+		t.Error("Close of an owned FD left the descriptor open")
+	}
+}
+
+// BenchmarkIoctl measures one ioctl through an FD against the bare system
+// call, on /dev/null (ENOTTY: the kernel's shortest path).
+func BenchmarkIoctl(b *testing.B) {
+	fd, err := unix.Open(os.DevNull, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("raw", func(b *testing.B) {
+		for b.Loop() {
+			unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.TIOCINQ, 0)
+		}
+	})
+	d := New(fd, os.DevNull, errTestClosed)
+	defer d.Close()
+	b.Run("FD", func(b *testing.B) {
+		b.ReportAllocs()
+		var n int32
+		for b.Loop() {
+			IoctlPtr(d, unix.TIOCINQ, &n)
+		}
+	})
+}
