@@ -62,7 +62,7 @@ type FloorRig struct {
 // FloorSample is one round trip of one side.
 type FloorSample struct {
 	ToShared, ToPrivate time.Duration // the two directions
-	InSpace             time.Duration // of both, the time inside the space's Map and Unmap
+	InSpace             time.Duration // of both, the time inside the space's Map, Unmap and Cut
 	MapCalls            uint64
 	UnmapCalls          uint64 // unmap or cut requests
 	Pinned              uint64 // pages pinned while the range was reachable, over those before
