@@ -57,6 +57,12 @@ func TestAfterClose(t *testing.T) {
 		"IOASAllowIOVAs": func() error { return f.IOASAllowIOVAs(1, []IOVARange{{Start: 0, Last: 4095}}) },
 		"SetOption":      func() error { return f.SetOption(OptionHugePages, 1, 0) },
 		"GetOption":      func() error { _, err := f.GetOption(OptionRlimitMode, 0); return err },
+		"SetHugePages":   func() error { return f.SetHugePages(1, false) },
+		"HugePages":      func() error { _, err := f.HugePages(1); return err },
+		"VFIOIOASGet":    func() error { _, err := f.VFIOIOASGet(); return err },
+		"VFIOIOASSet":    func() error { return f.VFIOIOASSet(1) },
+		"VFIOIOASClear":  f.VFIOIOASClear,
+		"VFIOUnmapDMA":   func() error { _, err := f.VFIOUnmapDMA(0, 4096); return err },
 	}
 	for name, call := range calls {
 		if err := call(); !errors.Is(err, ErrClosed) || !errors.Is(err, fs.ErrClosed) {

@@ -19,6 +19,7 @@ package iommufd
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -38,7 +39,13 @@ const (
 	ioctlIOASMap        = iommufdType<<8 | 0x85 // IOMMU_IOAS_MAP
 	ioctlIOASUnmap      = iommufdType<<8 | 0x86 // IOMMU_IOAS_UNMAP
 	ioctlOption         = iommufdType<<8 | 0x87 // IOMMU_OPTION
+	ioctlVFIOIOAS       = iommufdType<<8 | 0x88 // IOMMU_VFIO_IOAS
 	ioctlIOASMapFile    = iommufdType<<8 | 0x8f // IOMMU_IOAS_MAP_FILE (Linux 6.13)
+
+	// ioctlVFIOUnmapDMA is VFIO_IOMMU_UNMAP_DMA, _IO(VFIO_TYPE ';',
+	// VFIO_BASE 100 + 14): iommufd serves the VFIO type1 ioctls below its
+	// own command range on the compat IOAS.
+	ioctlVFIOUnmapDMA = iommufdType<<8 | (100 + 14)
 )
 
 // Path is the iommufd device.
@@ -77,10 +84,31 @@ const (
 	optionOpGet = 1 // IOMMU_OPTION_OP_GET
 )
 
+// IOMMU_VFIO_IOAS operations (enum iommufd_vfio_ioas_op).
+const (
+	vfioIOASGet   = 0 // IOMMU_VFIO_IOAS_GET
+	vfioIOASSet   = 1 // IOMMU_VFIO_IOAS_SET
+	vfioIOASClear = 2 // IOMMU_VFIO_IOAS_CLEAR
+)
+
 // IOMMUFD is an open /dev/iommu. Its methods are safe for concurrent use,
 // Close included; after Close they return ErrClosed.
 type IOMMUFD struct {
 	fd *fdio.FD
+	// compat is the file's VFIO-compatibility IOAS as this IOMMUFD last
+	// set it, and the lock that keeps it while a cut uses it.
+	compat compatIOAS
+}
+
+// compatIOAS records the VFIO-compatibility IOAS of an iommufd file. The
+// kernel keeps one per file, so Spaces that cut on one file take turns:
+// each sets it to its own IOAS (when the record says another has it) and
+// unmaps, both under mu.
+type compatIOAS struct {
+	mu sync.Mutex
+	// ioas is the IOAS last set through this IOMMUFD, 0 when none is, or
+	// when it was cleared or destroyed. IOAS ids start at 1.
+	ioas uint32
 }
 
 // Open opens /dev/iommu.
@@ -130,6 +158,12 @@ func (f *IOMMUFD) Destroy(id uint32) error {
 	if err := ioctlPtr(f.fd, ioctlDestroy, &d); err != nil {
 		return fmt.Errorf("IOMMU_DESTROY %d: %w", id, err)
 	}
+	// Destroying the compat IOAS clears it in the kernel too.
+	f.compat.mu.Lock()
+	if f.compat.ioas == id {
+		f.compat.ioas = 0
+	}
+	f.compat.mu.Unlock()
 	return nil
 }
 
@@ -297,4 +331,111 @@ func (f *IOMMUFD) GetOption(id OptionID, object uint32) (uint64, error) {
 		return 0, fmt.Errorf("IOMMU_OPTION get %d object %d: %w", id, object, err)
 	}
 	return o.Val64, nil
+}
+
+// SetHugePages allows (on) or forbids (off) IOMMU large pages in ioas
+// (IOMMU_OPTION set IOMMU_OPTION_HUGE_PAGES). Forbidding them is what lets
+// the VFIO-compatibility unmap cut an area (VFIOUnmapDMA); the kernel
+// refuses it with EINVAL once a device is attached and anything is mapped,
+// so it is a set-up step. Allowing them again is always accepted.
+func (f *IOMMUFD) SetHugePages(ioas uint32, on bool) error {
+	var v uint64
+	if on {
+		v = 1
+	}
+	return f.SetOption(OptionHugePages, ioas, v)
+}
+
+// HugePages reports whether ioas allows IOMMU large pages (IOMMU_OPTION get
+// IOMMU_OPTION_HUGE_PAGES); a new IOAS does.
+func (f *IOMMUFD) HugePages(ioas uint32) (bool, error) {
+	v, err := f.GetOption(OptionHugePages, ioas)
+	return v != 0, err
+}
+
+// VFIOIOASGet returns the file's VFIO-compatibility IOAS, the one the VFIO
+// type1 ioctls issued on this iommufd act on (IOMMU_VFIO_IOAS with
+// IOMMU_VFIO_IOAS_GET): ENODEV when none is set.
+func (f *IOMMUFD) VFIOIOASGet() (uint32, error) {
+	v := vfioIOAS{Size: sizeofVFIOIOAS, Op: vfioIOASGet}
+	if err := ioctlPtr(f.fd, ioctlVFIOIOAS, &v); err != nil {
+		return 0, fmt.Errorf("IOMMU_VFIO_IOAS get: %w", err)
+	}
+	return v.IOASID, nil
+}
+
+// VFIOIOASSet makes ioas the file's VFIO-compatibility IOAS (IOMMU_VFIO_IOAS
+// with IOMMU_VFIO_IOAS_SET). There is one per iommufd file, shared by every
+// descriptor of it: a cutting Space sets it again before its next cut.
+func (f *IOMMUFD) VFIOIOASSet(ioas uint32) error {
+	f.compat.mu.Lock()
+	defer f.compat.mu.Unlock()
+	return f.setCompat(ioas)
+}
+
+// VFIOIOASClear leaves the file without a VFIO-compatibility IOAS
+// (IOMMU_VFIO_IOAS with IOMMU_VFIO_IOAS_CLEAR); the IOAS itself stays.
+func (f *IOMMUFD) VFIOIOASClear() error {
+	f.compat.mu.Lock()
+	defer f.compat.mu.Unlock()
+	v := vfioIOAS{Size: sizeofVFIOIOAS, Op: vfioIOASClear}
+	if err := ioctlPtr(f.fd, ioctlVFIOIOAS, &v); err != nil {
+		return fmt.Errorf("IOMMU_VFIO_IOAS clear: %w", err)
+	}
+	f.compat.ioas = 0
+	return nil
+}
+
+// setCompat is IOMMU_VFIO_IOAS_SET with f.compat.mu held.
+func (f *IOMMUFD) setCompat(ioas uint32) error {
+	v := vfioIOAS{Size: sizeofVFIOIOAS, IOASID: ioas, Op: vfioIOASSet}
+	if err := ioctlPtr(f.fd, ioctlVFIOIOAS, &v); err != nil {
+		f.compat.ioas = 0 // unknown now
+		return fmt.Errorf("IOMMU_VFIO_IOAS set %d: %w", ioas, err)
+	}
+	f.compat.ioas = ioas
+	return nil
+}
+
+// VFIOUnmapDMA unmaps [iova, iova+size) of the file's VFIO-compatibility
+// IOAS and returns the bytes unmapped (VFIO_IOMMU_UNMAP_DMA issued on the
+// iommufd). When that IOAS forbids large pages the kernel first cuts the
+// areas the range's ends fall in (iopt_cut_iova), so only the pages inside
+// the range are unmapped and unpinned and the rest of those areas stays
+// mapped with the same pinned pages; a range with nothing mapped succeeds
+// with 0. With large pages allowed a range that cuts an area fails with
+// ENOENT, as IOMMU_IOAS_UNMAP does. ENODEV: no compat IOAS is set (see
+// VFIOIOASSet); EINVAL: size 0, an unaligned end, or an area the kernel
+// will not split (large pages, in-kernel accesses); EBUSY: an area without
+// pages or locked.
+func (f *IOMMUFD) VFIOUnmapDMA(iova, size uint64) (uint64, error) {
+	u := dmaUnmap{Argsz: sizeofDMAUnmap, IOVA: iova, Size: size}
+	if err := ioctlPtr(f.fd, ioctlVFIOUnmapDMA, &u); err != nil {
+		return 0, fmt.Errorf("VFIO_IOMMU_UNMAP_DMA (iommufd compat) iova %#x size %#x: %w", iova, size, err)
+	}
+	return u.Size, nil
+}
+
+// cutIn unmaps [iova, iova+size) of ioas through the VFIO-compatibility
+// unmap, making ioas the compat IOAS first unless this IOMMUFD set it last.
+// The lock keeps another Space of the file from taking the compat IOAS
+// between the set and the unmap. If the kernel has none (cleared or
+// destroyed by a call that did not go through this IOMMUFD), it is set once
+// more and the unmap retried.
+func (f *IOMMUFD) cutIn(ioas uint32, iova, size uint64) (uint64, error) {
+	f.compat.mu.Lock()
+	defer f.compat.mu.Unlock()
+	if f.compat.ioas != ioas {
+		if err := f.setCompat(ioas); err != nil {
+			return 0, err
+		}
+	}
+	n, err := f.VFIOUnmapDMA(iova, size)
+	if errors.Is(err, unix.ENODEV) {
+		if err := f.setCompat(ioas); err != nil {
+			return 0, err
+		}
+		n, err = f.VFIOUnmapDMA(iova, size)
+	}
+	return n, err
 }

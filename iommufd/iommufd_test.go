@@ -26,6 +26,11 @@ func TestIoctlNumbers(t *testing.T) {
 		{"IOMMU_IOAS_UNMAP", ioctlIOASUnmap, 0x3B86},
 		{"IOMMU_OPTION", ioctlOption, 0x3B87},
 		{"IOMMU_IOAS_MAP_FILE", ioctlIOASMapFile, 0x3B8F},
+		{"IOMMU_VFIO_IOAS", ioctlVFIOIOAS, 0x3B88},
+		{"VFIO_IOMMU_UNMAP_DMA", ioctlVFIOUnmapDMA, 0x3B72},
+		{"IOMMU_VFIO_IOAS_GET", vfioIOASGet, 0},
+		{"IOMMU_VFIO_IOAS_SET", vfioIOASSet, 1},
+		{"IOMMU_VFIO_IOAS_CLEAR", vfioIOASClear, 2},
 		{"IOMMU_IOAS_MAP_FIXED_IOVA", uint64(MapFixedIOVA), 1},
 		{"IOMMU_IOAS_MAP_WRITEABLE", uint64(MapWriteable), 2},
 		{"IOMMU_IOAS_MAP_READABLE", uint64(MapReadable), 4},
@@ -81,6 +86,41 @@ func TestIOAS(t *testing.T) {
 	}
 	if _, err := f.IOASUnmap(ioas, 0x1000, 0x1000); !errors.Is(err, unix.ENOENT) {
 		t.Errorf("unmap of nothing = %v, want ENOENT", err)
+	}
+	// Without a device an IOAS pins nothing, but its areas split as with
+	// one: a cutting space removes the middle page of four.
+	s, err := NewSpace(f, ioas)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !s.Caps().Cut {
+		t.Fatalf("a fresh IOAS does not cut: %s", s.CutReason())
+	}
+	if got, err := f.VFIOIOASGet(); err != nil || got != ioas {
+		t.Errorf("compat IOAS = %d, %v; want %d", got, err, ioas)
+	}
+	mem, err := unix.Mmap(-1, 0, 4*4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	if err := s.Map(0x100000, 4*4096, mem); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := s.Cut(0x101000, 4096); err != nil || n != 4096 {
+		t.Errorf("cut of the second page = %#x, %v; want 0x1000", n, err)
+	}
+	if n, err := s.Cut(0x101000, 4096); err != nil || n != 0 {
+		t.Errorf("cut of the same page again = %#x, %v; want 0, nil", n, err)
+	}
+	if n, err := s.Unmap(0x100000, 4*4096); err != nil || n != 3*4096 {
+		t.Errorf("unmap of what is left = %#x, %v; want 0x3000", n, err)
+	}
+	if err := f.VFIOIOASClear(); err != nil {
+		t.Error(err)
+	}
+	if _, err := f.VFIOIOASGet(); !errors.Is(err, unix.ENODEV) {
+		t.Errorf("compat IOAS after clear: %v, want ENODEV", err)
 	}
 	if err := f.Destroy(ioas); err != nil {
 		t.Error(err)

@@ -93,6 +93,24 @@ type option struct {
 	Val64    uint64
 }
 
+// vfioIOAS is struct iommu_vfio_ioas (12 bytes).
+type vfioIOAS struct {
+	Size     uint32
+	IOASID   uint32
+	Op       uint16
+	Reserved uint16
+}
+
+// dmaUnmap is struct vfio_iommu_type1_dma_unmap without its trailing data[]
+// (24 bytes), the argument of VFIO_IOMMU_UNMAP_DMA on an iommufd. The
+// kernel writes the bytes unmapped back into Size.
+type dmaUnmap struct {
+	Argsz uint32
+	Flags uint32
+	IOVA  uint64
+	Size  uint64
+}
+
 // Struct sizes, the values of each struct's size field. Written out so the
 // ioctl code stays free of unsafe; layout_unsafe_test.go checks them.
 const (
@@ -106,4 +124,6 @@ const (
 	sizeofIOASCopy       = 40
 	sizeofIOASUnmap      = 24
 	sizeofOption         = 24
+	sizeofVFIOIOAS       = 12
+	sizeofDMAUnmap       = 24
 )

@@ -30,6 +30,8 @@ func TestLayoutSizes(t *testing.T) {
 		{"iommu_ioas_copy", unsafe.Sizeof(ioasCopy{}), sizeofIOASCopy, 40},
 		{"iommu_ioas_unmap", unsafe.Sizeof(ioasUnmap{}), sizeofIOASUnmap, 24},
 		{"iommu_option", unsafe.Sizeof(option{}), sizeofOption, 24},
+		{"iommu_vfio_ioas", unsafe.Sizeof(vfioIOAS{}), sizeofVFIOIOAS, 12},
+		{"vfio_iommu_type1_dma_unmap", unsafe.Sizeof(dmaUnmap{}), sizeofDMAUnmap, 24},
 	}
 	for _, tt := range tests {
 		if tt.got != tt.want || tt.constant != tt.want {
@@ -50,6 +52,8 @@ func TestLayoutOffsets(t *testing.T) {
 		c  ioasCopy
 		u  ioasUnmap
 		o  option
+		v  vfioIOAS
+		du dmaUnmap
 	)
 	tests := []struct {
 		name      string
@@ -98,6 +102,14 @@ func TestLayoutOffsets(t *testing.T) {
 				{"op", unsafe.Offsetof(o.Op)}, {"__reserved", unsafe.Offsetof(o.Reserved)},
 				{"object_id", unsafe.Offsetof(o.ObjectID)}, {"val64", unsafe.Offsetof(o.Val64)}},
 			[]field{{"size", 0}, {"option_id", 4}, {"op", 8}, {"__reserved", 10}, {"object_id", 12}, {"val64", 16}}},
+		{"iommu_vfio_ioas",
+			[]field{{"size", unsafe.Offsetof(v.Size)}, {"ioas_id", unsafe.Offsetof(v.IOASID)},
+				{"op", unsafe.Offsetof(v.Op)}, {"__reserved", unsafe.Offsetof(v.Reserved)}},
+			[]field{{"size", 0}, {"ioas_id", 4}, {"op", 8}, {"__reserved", 10}}},
+		{"vfio_iommu_type1_dma_unmap",
+			[]field{{"argsz", unsafe.Offsetof(du.Argsz)}, {"flags", unsafe.Offsetof(du.Flags)},
+				{"iova", unsafe.Offsetof(du.IOVA)}, {"size", unsafe.Offsetof(du.Size)}},
+			[]field{{"argsz", 0}, {"flags", 4}, {"iova", 8}, {"size", 16}}},
 	}
 	for _, tt := range tests {
 		if d := cmp.Diff(tt.want, tt.got); d != "" {

@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/gmemproject/gmem/trace"
 )
 
@@ -124,10 +126,19 @@ func FuzzReplay(f *testing.F) {
 		if len(events) > 200 {
 			events = events[:200]
 		}
-		rp := New(Options{})
+		rp := New(Options{Limits: true})
 		for i, e := range events {
 			var ie *InputError
-			if err := rp.Apply(e, i+1); err != nil && !errors.As(err, &ie) {
+			var re *RunError
+			err := rp.Apply(e, i+1)
+			switch {
+			case errors.As(err, &re):
+				// The only attach a run may fail: too much shared already
+				// for the device's type1 limit.
+				if !errors.Is(err, unix.ENOSPC) {
+					t.Fatalf("event %d (%#v): %v", i+1, e, err)
+				}
+			case err != nil && !errors.As(err, &ie):
 				t.Fatalf("event %d (%#v): %v", i+1, e, err)
 			}
 		}
@@ -140,6 +151,24 @@ func FuzzReplay(f *testing.F) {
 		}
 		if res.SharedBytes+res.PrivateBytes+res.UnpluggedBytes != res.RAMBytes {
 			t.Fatalf("shared %d + private %d + unplugged %d != RAM %d", res.SharedBytes, res.PrivateBytes, res.UnpluggedBytes, res.RAMBytes)
+		}
+		// What the trace needs with no limit: where the limit refused
+		// nothing and every device is type1, exactly what the run held.
+		onlyType1 := true
+		for _, e := range events {
+			if a, ok := e.(trace.Attach); ok && a.IOMMU != trace.Type1 {
+				onlyType1 = false
+			}
+		}
+		if l := res.Limits; l != nil {
+			for i, n := range []EntryNeed{l.Baseline, l.Gmem} {
+				if n.Limit < n.Peak || (n.FirstRefusal != nil) != (n.Refusals > 0) || n.Unknown != "" || n.Advice == "" {
+					t.Fatalf("run %d: %+v", i, n)
+				}
+				if n.Refusals == 0 && onlyType1 && n.Peak != rp.runs[i].devicePeak {
+					t.Fatalf("run %d refused nothing for want of entries, held %d at most, but needs %d with no limit", i, rp.runs[i].devicePeak, n.Peak)
+				}
+			}
 		}
 	})
 }

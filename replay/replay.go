@@ -36,16 +36,19 @@
 // running out of type1 entries (ENOSPC); both kinds of refusal are counted.
 // Memory stays proportional to the runs and IOMMU entries of the two runs,
 // never to the size of the guest, except for the baseline's bitmaps (one bit
-// per page, as QEMU has).
+// per page, as QEMU has), and those only up to Options.BitmapBudget: past it
+// the baseline keeps runs too and its state memory is computed.
 package replay
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"iter"
 	"log/slog"
 	"maps"
+	"math"
 	"slices"
 	"sort"
 	"time"
@@ -54,6 +57,7 @@ import (
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/span"
 	"github.com/gmemproject/gmem/trace"
 )
@@ -78,8 +82,9 @@ type Options struct {
 	// ProgressEvery is the interval of Progress calls (default
 	// DefaultProgressEvery).
 	ProgressEvery uint64
-	// MaxDetails bounds the violations and rejections kept with their
-	// description (default DefaultMaxDetails).
+	// MaxDetails bounds the violations, rejections, input and run errors
+	// kept with their description, each (0: DefaultMaxDetails; negative: no
+	// bound). All are counted, and Result says how many were left out.
 	MaxDetails int
 	// Logger receives the library's own logs (default: discarded). A
 	// baseline running out of type1 entries logs every refusal.
@@ -95,6 +100,60 @@ type Options struct {
 	// refusal means gmem's own mappings were still there: an I2
 	// violation.
 	KernelModel bool
+	// BitmapBudget bounds the baseline's bitmaps, in bytes (default
+	// DefaultBitmapBudget). A guest whose bitmaps would be larger has the
+	// baseline keep its page state as runs, with the same answers and the
+	// same IOMMU entries, and its state memory computed (RunStats.StateHow).
+	BitmapBudget uint64
+	// Limits answers Result.Limits: what dma_entry_limit the trace needs
+	// with each policy. It replays each policy a second time, with no type1
+	// entry limit (no checks, type1 devices only), which costs as much
+	// again as the runs' own mapping, and more where the limit refused
+	// much.
+	Limits bool
+}
+
+// DefaultBitmapBudget is Options.BitmapBudget when 0: 256 MiB of bitmaps,
+// one bit per 4 KiB page of 8 TiB of RAM. Past it, allocating and clearing
+// the bitmaps takes seconds and gigabytes (2 GiB at 64 TiB, 32 GiB at
+// 1 PiB, which no ordinary machine has), for a figure that is arithmetic.
+const DefaultBitmapBudget = 256 << 20
+
+// Values of RunStats.StateHow.
+const (
+	StateMeasured = ""         // the state maps' own size
+	StateComputed = "computed" // the bitmaps' size, computed: they were not allocated
+)
+
+// ErrInterrupted is wrapped by the error of ApplyContext when its context
+// ends: before the event, or during it (the next IOMMU map call of either
+// run fails, and the library undoes the event). The event is not counted,
+// and the Replayer takes no more events: after an undo cut short the runs
+// need not be consistent, so Finish checks nothing.
+var ErrInterrupted = errors.New("replay: interrupted")
+
+// ErrOptions is wrapped by every error of Options.Validate.
+var ErrOptions = errors.New("replay: invalid options")
+
+// Validate reports whether the options can be replayed with: the mapper
+// options of both runs as dma.New accepts them. New does not check; with
+// options Validate refuses, every attach of the trace fails as a *RunError.
+func (o Options) Validate() error {
+	for _, baseline := range []bool{true, false} {
+		if _, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, o.dmaOptions(baseline, nil)); err != nil {
+			return fmt.Errorf("%w: %w", ErrOptions, err)
+		}
+	}
+	return nil
+}
+
+// dmaOptions is the mapper configuration of a run: QEMU's granule policy
+// for the baseline, the extent policy with the replay's bound for gmem.
+func (o Options) dmaOptions(baseline bool, log *slog.Logger) dma.Options {
+	if baseline {
+		return dma.Options{Policy: dma.Granule, Logger: log}
+	}
+	return dma.Options{Policy: dma.Extent, MaxExtent: o.MaxExtent, Logger: log}
 }
 
 // RunStats is what one run (baseline or gmem) did.
@@ -114,6 +173,10 @@ type RunStats struct {
 	WindowBytes    uint64 `json:"window_bytes"`    // bytes a notification left mapped but hid from the device meanwhile
 	MaxWindow      uint64 `json:"max_window"`      // the largest window of one notification
 	PrivateRefused uint64 `json:"private_refused"` // valid conversions to private refused
+	// StateHow says how StateBytes was obtained: StateMeasured, or
+	// StateComputed for a baseline past Options.BitmapBudget (Result.Notes
+	// says why).
+	StateHow string `json:"state_how,omitempty"`
 }
 
 // addCosts adds a mapper's pin and window counters to s.
@@ -138,9 +201,18 @@ type Result struct {
 	// gmem run's reason where both refused.
 	RejectedBy map[string]uint64 `json:"rejected_by"`
 	// Diverged counts the requests that one run accepted and the other
-	// refused; from then on the two may differ where such events applied.
+	// refused; from then on the two may differ where such events applied,
+	// and their counts compare different traces. DivergedAt is the first
+	// such event (0 for none).
 	Diverged   uint64 `json:"diverged"`
+	DivergedAt uint64 `json:"diverged_at,omitempty"`
 	Violations uint64 `json:"violations"` // broken invariants
+	// Interrupted says the replay was stopped by its context (ApplyContext)
+	// before the end of the trace; Events counts the events it finished.
+	Interrupted bool `json:"interrupted,omitempty"`
+	// RunErrors counts the steps of the machine a run could not take (an
+	// attach the library refused): neither guest requests nor input errors.
+	RunErrors uint64 `json:"run_errors"`
 
 	// Page state at the end, from the gmem run.
 	RAMBytes       uint64 `json:"ram_bytes"`
@@ -152,9 +224,87 @@ type Result struct {
 	Baseline RunStats `json:"baseline"`
 	Gmem     RunStats `json:"gmem"`
 
-	ViolationDetails  []Violation  `json:"violation_details,omitempty"`
-	Rejections        []Rejection  `json:"rejection_details,omitempty"`
-	InputErrorDetails []InputError `json:"input_error_details,omitempty"`
+	// Limits answers, with Options.Limits and when type1 devices were
+	// attached, what dma_entry_limit the trace needs with each policy.
+	Limits *Limits `json:"dma_entry_limit,omitempty"`
+
+	// Notes say, in a sentence each, where a figure is not what it seems:
+	// a baseline whose bitmaps were computed rather than allocated.
+	Notes []string `json:"notes,omitempty"`
+
+	// The first Options.MaxDetails of each, described, and how many of
+	// each were counted but left out.
+	ViolationDetails   []Violation  `json:"violation_details,omitempty"`
+	Rejections         []Rejection  `json:"rejection_details,omitempty"`
+	InputErrorDetails  []InputError `json:"input_error_details,omitempty"`
+	RunErrorDetails    []RunError   `json:"run_error_details,omitempty"`
+	ViolationsOmitted  uint64       `json:"violations_omitted"`
+	RejectionsOmitted  uint64       `json:"rejections_omitted"`
+	InputErrorsOmitted uint64       `json:"input_errors_omitted"`
+	RunErrorsOmitted   uint64       `json:"run_errors_omitted"`
+}
+
+// RunError is a step of the machine that a run could not take: the library
+// refused to attach a device's IOMMU (out of type1 entries for what is
+// already shared, or mapper options it does not accept). It is not a guest
+// request, and not refused to the guest: a VMM would fail to start or to
+// hot-plug the device. From then on the run lacks the device.
+type RunError struct {
+	Event   uint64 `json:"event"`
+	Line    int    `json:"line,omitempty"`
+	Run     string `json:"run"`   // "baseline" or "gmem"
+	Message string `json:"error"` // Err's text
+	Err     error  `json:"-"`
+}
+
+// Error returns "line N: the RUN run could not ...".
+func (e *RunError) Error() string {
+	where := fmt.Sprintf("event %d", e.Event)
+	if e.Line > 0 {
+		where = fmt.Sprintf("line %d", e.Line)
+	}
+	return fmt.Sprintf("%s: the %s run %s", where, e.Run, e.Message)
+}
+
+// Unwrap returns the cause.
+func (e *RunError) Unwrap() error { return e.Err }
+
+// Limits answers the question of a type1 user: what
+// vfio_iommu_type1.dma_entry_limit does this guest need, with QEMU's policy
+// and with gmem's? The limit is per container: each device of a trace has
+// its own.
+type Limits struct {
+	// Devices counts the type1 devices attached; Given is the smallest
+	// dma_entry_limit they were given (65,535, the kernel's default, for
+	// those given none).
+	Devices int    `json:"type1_devices"`
+	Given   uint64 `json:"given"`
+	// Baseline and Gmem answer for each policy.
+	Baseline EntryNeed `json:"baseline"`
+	Gmem     EntryNeed `json:"gmem"`
+}
+
+// EntryNeed is what one policy needs of a type1 container for the whole
+// trace.
+type EntryNeed struct {
+	// Peak is the most IOMMU entries one type1 device held after any event
+	// of the trace replayed with no entry limit: every request the limit
+	// refused granted, as the guest asked.
+	Peak uint64 `json:"peak"`
+	// Limit is the smallest dma_entry_limit under which the policy refuses
+	// nothing for want of entries: Peak, and for gmem the entries its
+	// mapper keeps free for splits (dma.DefaultSplitReserve of the limit).
+	Limit uint64 `json:"limit"`
+	// Refusals counts what the trace's own limits refused for want of
+	// entries (requests, and attaches), and FirstRefusal is the first:
+	// where QEMU, for the baseline, stops the VM; gmem answers the guest
+	// EAGAIN and runs on.
+	Refusals     uint64     `json:"refusals"`
+	FirstRefusal *Rejection `json:"first_refusal,omitempty"`
+	// Advice says in one line what to set.
+	Advice string `json:"advice"`
+	// Unknown, if not empty, says why Peak could not be measured.
+	Unknown string `json:"unknown,omitempty"`
 }
 
 // InputError is an event that breaks the trace's own structure
@@ -164,9 +314,14 @@ type Result struct {
 type InputError struct {
 	Event   uint64 `json:"event"`
 	Line    int    `json:"line,omitempty"`
+	Kind    string `json:"kind"`  // InputMachine; a caller reading the trace adds its own (gmem replay: "malformed")
 	Message string `json:"error"` // Err's text
 	Err     error  `json:"-"`
 }
+
+// InputMachine is the Kind of the input errors a Replayer finds: events
+// that describe an impossible machine.
+const InputMachine = "machine"
 
 // Error returns "line N: what is wrong" (or "event N: ..." without a line).
 func (e *InputError) Error() string {
@@ -222,18 +377,32 @@ type Replayer struct {
 	started  bool  // the runs' memory exists
 	startErr error // why it could not be created
 	runs     [2]*run
+	// shadows replay the requests again with no type1 entry limit, each
+	// with a run's policy, to find the entries the trace needs
+	// (Options.Limits); none without.
+	shadows  []*run
 	diverged span.Set // GPAs where the runs may differ
 
 	events, conversions, rejected, inputErrors, divergedEvents uint64
-	violations                                                 uint64
+	divergedAt                                                 uint64
+	violations, runErrors                                      uint64
 	rejectedBy                                                 map[string]uint64
 	vlist                                                      []Violation
 	rlist                                                      []Rejection
 	ilist                                                      []InputError
+	elist                                                      []RunError
+
+	// done is the context of the event being applied; interrupted says it
+	// ended and the replay stopped.
+	done        <-chan struct{}
+	interrupted bool
 
 	limit    uint64     // largest type1 entry limit attached, for the drawing
+	minLimit uint64     // smallest type1 entry limit attached (the default for none), 0 before any
+	type1    int        // type1 devices attached
 	line     int        // input line of the current event
 	first    *Violation // first violation of the current step
+	runErr   *RunError  // first run error of the current step
 	finished bool
 }
 
@@ -248,16 +417,25 @@ func New(opts Options) *Replayer {
 	if opts.ProgressEvery == 0 {
 		opts.ProgressEvery = DefaultProgressEvery
 	}
-	if opts.MaxDetails <= 0 {
+	switch {
+	case opts.MaxDetails == 0:
 		opts.MaxDetails = DefaultMaxDetails
+	case opts.MaxDetails < 0:
+		opts.MaxDetails = math.MaxInt
+	}
+	if opts.BitmapBudget == 0 {
+		opts.BitmapBudget = DefaultBitmapBudget
 	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	rp := &Replayer{opts: opts, log: log, val: trace.NewValidator(), rejectedBy: map[string]uint64{}}
-	rp.runs[0] = newRun(rp, "baseline", true)
-	rp.runs[1] = newRun(rp, "gmem", false)
+	rp.runs[0] = newRun(rp, "baseline", true, false)
+	rp.runs[1] = newRun(rp, "gmem", false, false)
+	if opts.Limits {
+		rp.shadows = []*run{newRun(rp, "baseline", true, true), newRun(rp, "gmem", false, true)}
+	}
 	return rp
 }
 
@@ -296,18 +474,49 @@ func (rp *Replayer) reject(run string, err error) {
 	}
 }
 
+// runError records a step of the machine run could not take.
+func (rp *Replayer) runError(run string, err error) {
+	rp.runErrors++
+	e := RunError{Event: rp.events, Line: rp.line, Run: run, Message: err.Error(), Err: err}
+	if rp.runErr == nil {
+		rp.runErr = &e
+	}
+	if len(rp.elist) < rp.opts.MaxDetails {
+		rp.elist = append(rp.elist, e)
+	}
+}
+
 // Apply replays one event; line is its input line (0 if unknown). An event
 // that breaks the trace's structure is not replayed and returned as an
-// *InputError. Otherwise Apply returns the first invariant the event broke,
-// as a *Violation, or nil. A guest request either run refuses is not an
-// error: it is counted in the Result by reason.
+// *InputError. An attach a run could not do is returned as a *RunError; the
+// replay may go on without that device in that run. Otherwise Apply returns
+// the first invariant the event broke, as a *Violation, or nil. A guest
+// request either run refuses is not an error: it is counted in the Result by
+// reason.
 func (rp *Replayer) Apply(e trace.Event, line int) error {
-	if rp.finished {
+	return rp.ApplyContext(context.Background(), e, line)
+}
+
+// ApplyContext is Apply, stopped when ctx ends, even in the middle of a long
+// event (a conversion of gigabytes is millions of map calls for the
+// baseline): it then returns an error wrapping ErrInterrupted and takes no
+// more events.
+func (rp *Replayer) ApplyContext(ctx context.Context, e trace.Event, line int) error {
+	switch {
+	case rp.finished:
 		return errors.New("replay: Apply after Finish")
+	case rp.interrupted:
+		return fmt.Errorf("%w: no more events", ErrInterrupted)
 	}
+	if err := ctx.Err(); err != nil {
+		rp.interrupted = true
+		return fmt.Errorf("%w after %d events: %w", ErrInterrupted, rp.events, context.Cause(ctx))
+	}
+	rp.done = ctx.Done()
+	defer func() { rp.done = nil }()
 	rp.events++
 	rp.line = line
-	rp.first = nil
+	rp.first, rp.runErr = nil, nil
 	if _, ok := e.(trace.Convert); ok {
 		rp.conversions++
 	}
@@ -318,14 +527,28 @@ func (rp *Replayer) Apply(e trace.Event, line int) error {
 	}
 	if err != nil {
 		rp.inputErrors++
-		inputErr = &InputError{Event: rp.events, Line: line, Message: err.Error(), Err: err}
+		inputErr = &InputError{Event: rp.events, Line: line, Kind: InputMachine, Message: err.Error(), Err: err}
 		if len(rp.ilist) < rp.opts.MaxDetails {
 			rp.ilist = append(rp.ilist, *inputErr)
 		}
 	} else {
 		rp.apply(e)
 	}
+	if rp.interrupted {
+		rp.events--
+		if _, ok := e.(trace.Convert); ok {
+			rp.conversions--
+		}
+		where := fmt.Sprintf("event %d", rp.events+1)
+		if line > 0 {
+			where += fmt.Sprintf(" (line %d)", line)
+		}
+		return fmt.Errorf("%w during %s, undone: %w", ErrInterrupted, where, context.Cause(ctx))
+	}
 	for _, r := range rp.runs {
+		r.afterEvent()
+	}
+	for _, r := range rp.shadows {
 		r.afterEvent()
 	}
 	if rp.opts.Progress != nil && rp.events%rp.opts.ProgressEvery == 0 {
@@ -333,6 +556,9 @@ func (rp *Replayer) Apply(e trace.Event, line int) error {
 	}
 	if inputErr != nil {
 		return inputErr
+	}
+	if rp.runErr != nil {
+		return rp.runErr
 	}
 	if rp.first != nil {
 		return rp.first
@@ -362,7 +588,7 @@ func (rp *Replayer) machine(e trace.Event) error {
 func (rp *Replayer) start() error {
 	if !rp.started {
 		rp.started = true
-		for _, r := range rp.runs {
+		for _, r := range append(rp.runs[:], rp.shadows...) {
 			if err := r.start(rp.ram, rp.mmio); err != nil {
 				rp.startErr = fmt.Errorf("%w: the library refuses the machine: %w", trace.ErrMachine, err)
 				break
@@ -379,16 +605,43 @@ func (rp *Replayer) apply(e trace.Event) {
 		// Part of the machine, created at the first request.
 	case trace.Attach:
 		if e.IOMMU == trace.Type1 {
-			rp.limit = max(rp.limit, cmp.Or(e.Limit, defaultType1Limit))
+			limit := cmp.Or(e.Limit, defaultType1Limit)
+			rp.limit = max(rp.limit, limit)
+			if rp.type1 == 0 || limit < rp.minLimit {
+				rp.minLimit = limit
+			}
+			rp.type1++
 		}
-		rp.both(func(r *run) error { return r.attach(e) })
 		for _, r := range rp.runs {
-			if d := r.devices[e.Dev]; d != nil {
-				r.checkDevice(d, span.Range{Start: 0, End: ^uint64(0)})
+			t0 := time.Now()
+			err := r.attach(e)
+			r.elapsed += time.Since(t0)
+			if rp.interrupt(err) {
+				return
+			}
+			if err != nil {
+				if errors.Is(err, unix.ENOSPC) {
+					r.noEntries(err)
+				}
+				rp.runError(r.name, err)
+				continue
+			}
+			r.checkDevice(r.devices[e.Dev], span.Range{Start: 0, End: ^uint64(0)})
+		}
+		if e.IOMMU == trace.Type1 {
+			for _, r := range rp.shadows {
+				if err := r.attach(e); rp.interrupt(err) {
+					return
+				} else if err != nil && r.shadowErr == nil {
+					r.shadowErr = err
+				}
 			}
 		}
 	case trace.Detach:
 		rp.both(func(r *run) error { return r.detach(e.Dev) })
+		for _, r := range rp.shadows {
+			_ = r.detach(e.Dev)
+		}
 	case trace.Convert:
 		want := guestmem.KindShared
 		if e.To == trace.Private {
@@ -435,10 +688,14 @@ func (rp *Replayer) both(fn func(*run) error) (errs [2]error) {
 		t0 := time.Now()
 		errs[i] = fn(r)
 		r.elapsed += time.Since(t0)
+		if rp.interrupt(errs[i]) {
+			return errs
+		}
 		if errs[i] != nil {
 			r.failures++
 			if errors.Is(errs[i], unix.ENOSPC) {
 				r.limitFailures++
+				r.noEntries(errs[i])
 			}
 		}
 	}
@@ -446,13 +703,45 @@ func (rp *Replayer) both(fn func(*run) error) (errs [2]error) {
 	case errs[0] != nil && errs[1] != nil:
 		rp.reject("both", errs[1])
 	case errs[0] != nil:
-		rp.divergedEvents++
+		rp.diverge()
 		rp.reject("baseline", errs[0])
 	case errs[1] != nil:
-		rp.divergedEvents++
+		rp.diverge()
 		rp.reject("gmem", errs[1])
 	}
 	return errs
+}
+
+// diverge records a request one run refused and the other accepted.
+func (rp *Replayer) diverge() {
+	rp.divergedEvents++
+	if rp.divergedAt == 0 {
+		rp.divergedAt = rp.events
+	}
+}
+
+// interrupt reports whether err is an interruption, and if so marks the
+// replay as stopped.
+func (rp *Replayer) interrupt(err error) bool {
+	if err != nil && errors.Is(err, ErrInterrupted) {
+		rp.interrupted = true
+	}
+	return rp.interrupted
+}
+
+// fault is the IOMMU models' hook: once the event's context has ended, every
+// map call fails, so that the library stops and undoes the event. Unmap
+// calls go through: the undo needs them.
+func (rp *Replayer) fault(c iommu.Call) error {
+	if c.Op != iommu.OpMap || rp.done == nil {
+		return nil
+	}
+	select {
+	case <-rp.done:
+		return ErrInterrupted
+	default:
+		return nil
+	}
 }
 
 func (rp *Replayer) insertArea(a area) {
@@ -477,6 +766,14 @@ func (rp *Replayer) stateEvent(r span.Range, fn func(*run) error, want guestmem.
 		bs[i] = before{window: rn.window(r), state: rn.state(r), stats: rn.devStats()}
 	}
 	errs := rp.both(fn)
+	if rp.interrupted {
+		return
+	}
+	for _, sh := range rp.shadows {
+		if rp.interrupt(fn(sh)) {
+			return
+		}
+	}
 	for i, rn := range rp.runs {
 		w := bs[i].window
 		w2 := rn.window(r)
@@ -541,6 +838,9 @@ func (rp *Replayer) Finish() error {
 	}
 	rp.finished = true
 	rp.first = nil
+	if rp.interrupted {
+		return nil // the runs were left mid-undo; there is nothing to check
+	}
 	if err := rp.start(); err != nil {
 		return nil // the input error was reported with its event
 	}
@@ -568,11 +868,19 @@ func (rp *Replayer) Result() Result {
 		Rejected:          rp.rejected,
 		RejectedBy:        maps.Clone(rp.rejectedBy),
 		Diverged:          rp.divergedEvents,
+		DivergedAt:        rp.divergedAt,
 		Violations:        rp.violations,
+		Interrupted:       rp.interrupted,
+		RunErrors:         rp.runErrors,
+		RunErrorDetails:   append([]RunError(nil), rp.elist...),
 		ViolationDetails:  append([]Violation(nil), rp.vlist...),
 		Rejections:        append([]Rejection(nil), rp.rlist...),
 		InputErrorDetails: append([]InputError(nil), rp.ilist...),
 	}
+	res.ViolationsOmitted = res.Violations - uint64(len(res.ViolationDetails))
+	res.RejectionsOmitted = res.Rejected - uint64(len(res.Rejections))
+	res.InputErrorsOmitted = res.InputErrors - uint64(len(res.InputErrorDetails))
+	res.RunErrorsOmitted = res.RunErrors - uint64(len(res.RunErrorDetails))
 	g := rp.runs[1]
 	for _, e := range rp.ram {
 		res.RAMBytes += e.Size
@@ -593,5 +901,19 @@ func (rp *Replayer) Result() Result {
 	res.Devices = len(g.order)
 	res.Baseline = rp.runs[0].stats(rp.events)
 	res.Gmem = g.stats(rp.events)
+	if rp.type1 > 0 && rp.opts.Limits {
+		res.Limits = &Limits{
+			Devices:  rp.type1,
+			Given:    rp.minLimit,
+			Baseline: rp.need(0),
+			Gmem:     rp.need(1),
+		}
+	}
+	if b := rp.runs[0]; b.computedState != 0 {
+		res.Notes = append(res.Notes, fmt.Sprintf("the baseline's bitmaps would take %s, past the replay's budget of %s: "+
+			"they were not allocated; the baseline kept its page state as runs (same answers, same IOMMU entries), "+
+			"its state memory is computed, and its time per event is not a bitmap's",
+			trace.FormatSize(b.computedState), trace.FormatSize(rp.opts.BitmapBudget)))
+	}
 	return res
 }

@@ -1,9 +1,11 @@
 package replay
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"testing"
@@ -12,6 +14,7 @@ import (
 	"github.com/google/go-cmp/cmp/cmpopts"
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/memattr"
@@ -22,14 +25,21 @@ import (
 // replayText replays a JSON Lines trace and fails the test on any violation.
 func replayText(t *testing.T, text string) (*Replayer, Result) {
 	t.Helper()
+	return replayWith(t, Options{}, text)
+}
+
+// replayWith is replayText with options.
+func replayWith(t *testing.T, opts Options, text string) (*Replayer, Result) {
+	t.Helper()
 	tr, err := trace.Parse(strings.NewReader(text), trace.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	rp := New(Options{})
+	rp := New(opts)
 	for i, e := range tr.Events {
 		var ie *InputError
-		if err := rp.Apply(e, tr.Lines[i]); err != nil && !errors.As(err, &ie) {
+		var re *RunError
+		if err := rp.Apply(e, tr.Lines[i]); err != nil && !errors.As(err, &ie) && !errors.As(err, &re) {
 			t.Fatalf("line %d: %v", tr.Lines[i], err)
 		}
 	}
@@ -42,6 +52,7 @@ func replayText(t *testing.T, text string) (*Replayer, Result) {
 // want is what a golden test checks of a Result; every field is compared.
 type want struct {
 	events, conversions, rejected, inputErrors, diverged uint64
+	runErrors                                            uint64
 	reasons                                              map[string]uint64
 	shared, unplugged                                    uint64
 	devices                                              int
@@ -56,7 +67,7 @@ func (w want) check(t *testing.T, res Result) {
 	t.Helper()
 	got := want{
 		events: res.Events, conversions: res.Conversions, rejected: res.Rejected, inputErrors: res.InputErrors, reasons: res.RejectedBy,
-		diverged: res.Diverged, shared: res.SharedBytes, unplugged: res.UnpluggedBytes, devices: res.Devices,
+		diverged: res.Diverged, runErrors: res.RunErrors, shared: res.SharedBytes, unplugged: res.UnpluggedBytes, devices: res.Devices,
 		base: runWant{res.Baseline.EntriesFinal, res.Baseline.EntriesPeak, res.Baseline.MapCalls, res.Baseline.UnmapCalls,
 			res.Baseline.Splits, res.Baseline.LimitFailures, res.Baseline.Failures},
 		gmem: runWant{res.Gmem.EntriesFinal, res.Gmem.EntriesPeak, res.Gmem.MapCalls, res.Gmem.UnmapCalls,
@@ -195,16 +206,17 @@ func TestGolden(t *testing.T) {
 		{
 			// Attaching after the guest shared 2 MiB: registering replays
 			// it, 512 entries for the baseline (over the limit of 100, so
-			// its attach is refused) and 1 for gmem. Detach drops what was
-			// mapped but keeps the counts.
+			// its attach fails: a run error, not a refused guest request)
+			// and 1 for gmem. Detach drops what was mapped but keeps the
+			// counts.
 			name: "attach after conversions, detach",
 			trace: ram1G + `{"op":"convert","gpa":"0","size":"2MiB","to":"shared"}
 {"op":"attach","dev":"dev0","iommu":"type1","limit":100}
 {"op":"detach","dev":"dev0"}
 {"op":"attach","dev":"dev1","iommu":"iommufd"}
 {"op":"detach","dev":"dev1"}`,
-			want: want{events: 6, conversions: 1, rejected: 1, diverged: 1, reasons: map[string]uint64{ReasonNoEntries: 1}, shared: 2 << 20,
-				base: runWant{peak: 512, maps: 512, unmaps: 1, limit: 1, failures: 1},
+			want: want{events: 6, conversions: 1, runErrors: 1, shared: 2 << 20,
+				base: runWant{peak: 512, maps: 512, unmaps: 1},
 				gmem: runWant{peak: 1, maps: 2, unmaps: 2}},
 		},
 		{
@@ -587,5 +599,270 @@ func TestInputErrors(t *testing.T) {
 				t.Errorf("result %+v", res)
 			}
 		})
+	}
+}
+
+// TestRunErrors: an attach a run cannot do is neither a guest request nor
+// an input error but a *RunError, whatever the reason; options the mapper
+// refuses are caught by Validate first.
+func TestRunErrors(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		opts    Options
+		trace   string
+		runs    []string
+		why     string
+		invalid bool
+	}{
+		{"max extent not a power of two", Options{MaxExtent: 3 << 20}, ram1G + `{"op":"attach","dev":"d","iommu":"type1"}`,
+			[]string{"gmem"}, "not a power of two", true},
+		{"max extent below a page", Options{MaxExtent: 1 << 10}, ram1G + `{"op":"attach","dev":"d","iommu":"iommufd"}`,
+			[]string{"gmem"}, "at least 4 KiB", true},
+		{"out of entries for what is shared", Options{}, ram1G + `{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}
+{"op":"attach","dev":"d","iommu":"type1","limit":10}`, []string{"baseline"}, "no space left", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if err := c.opts.Validate(); (err != nil) != c.invalid || (err != nil && !errors.Is(err, ErrOptions)) {
+				t.Errorf("Validate: %v, want invalid %v wrapping ErrOptions", err, c.invalid)
+			}
+			tr, err := trace.Parse(strings.NewReader(c.trace), trace.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rp := New(c.opts)
+			var got []string
+			for i, e := range tr.Events {
+				err := rp.Apply(e, tr.Lines[i])
+				var re *RunError
+				switch {
+				case errors.As(err, &re):
+					got = append(got, re.Run)
+					if re.Line != tr.Lines[i] || !strings.Contains(re.Error(), c.why) || !strings.Contains(re.Error(), `could not attach "d"`) {
+						t.Errorf("run error %q, want line %d and %q", re, tr.Lines[i], c.why)
+					}
+				case err != nil:
+					t.Fatalf("line %d: %v", tr.Lines[i], err)
+				}
+			}
+			if err := rp.Finish(); err != nil {
+				t.Fatal(err)
+			}
+			res := rp.Result()
+			if !slices.Equal(got, c.runs) || res.RunErrors != uint64(len(c.runs)) || len(res.RunErrorDetails) != len(c.runs) {
+				t.Errorf("run errors %v (%d counted, %v), want %v", got, res.RunErrors, res.RunErrorDetails, c.runs)
+			}
+			if res.Rejected != 0 || len(res.RejectedBy) != 0 || res.Diverged != 0 || res.Baseline.Failures != 0 || res.Gmem.Failures != 0 || res.Violations != 0 {
+				t.Errorf("a failed attach counted as a refused request: %+v", res)
+			}
+		})
+	}
+	if err := (Options{MaxExtent: dma.Unbounded}).Validate(); err != nil {
+		t.Errorf("unbounded: %v", err)
+	}
+	if err := (Options{}).Validate(); err != nil {
+		t.Errorf("zero options: %v", err)
+	}
+}
+
+// TestBitmapBytes: the size the replay computes for the baseline's bitmaps
+// is what guestmem allocates, for plain and hot-pluggable blocks of odd
+// sizes.
+func TestBitmapBytes(t *testing.T) {
+	for _, ram := range [][]trace.RAM{
+		{{Name: "a", GPA: 0, Size: 1 << 30}},
+		{{Name: "a", GPA: 0, Size: 3 << 12}},
+		{{Name: "a", GPA: 0, Size: 65 << 12}, {Name: "b", GPA: 1 << 30, Size: 1 << 30, Block: 2 << 20}},
+		{{Name: "h", GPA: 4 << 30, Size: 128 << 20, Block: 4 << 10}},
+		{{Name: "h", GPA: 4 << 30, Size: 64 << 20, Block: 64 << 20}},
+	} {
+		rp := New(Options{BitmapBudget: ^uint64(0)})
+		for _, e := range ram {
+			e.Mode = trace.Split
+			if err := rp.Apply(e, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := rp.Apply(trace.Attach{Dev: "d", IOMMU: trace.IOMMUFD}, 0); err != nil {
+			t.Fatal(err)
+		}
+		res := rp.Result()
+		if got := bitmapBytes(ram); res.Baseline.StateBytes != got || res.Baseline.StateHow != StateMeasured {
+			t.Errorf("%+v: guestmem's bitmaps take %d bytes (%q), computed %d", ram, res.Baseline.StateBytes, res.Baseline.StateHow, got)
+		}
+	}
+}
+
+// TestBitmapBudget: past the budget the baseline's bitmaps are not
+// allocated; its answers and entries are the same, its state memory is
+// computed, and a note says so. A petabyte guest replays in bounded memory.
+func TestBitmapBudget(t *testing.T) {
+	seq, err := trace.Churn(trace.ChurnOptions{Common: trace.Common{RAM: 4 << 30, Events: 500, Seed: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := collectEvents(seq)
+	full := Events(slices.Values(events), Options{})
+	small := Events(slices.Values(events), Options{BitmapBudget: 64 << 10})
+	if full.Baseline.StateHow != StateMeasured || len(full.Notes) != 0 {
+		t.Errorf("4 GiB within the default budget: %q, notes %q", full.Baseline.StateHow, full.Notes)
+	}
+	if small.Baseline.StateHow != StateComputed || small.Baseline.StateBytes != full.Baseline.StateBytes ||
+		len(small.Notes) != 1 || !strings.Contains(small.Notes[0], "past the replay's budget of 64KiB") {
+		t.Errorf("past the budget: %q %d bytes (want %d), notes %q", small.Baseline.StateHow, small.Baseline.StateBytes, full.Baseline.StateBytes, small.Notes)
+	}
+	if small.Violations != 0 || small.Baseline.EntriesPeak != full.Baseline.EntriesPeak || small.Baseline.MapCalls != full.Baseline.MapCalls ||
+		small.Rejected != full.Rejected || small.SharedBytes != full.SharedBytes {
+		t.Errorf("the baseline without bitmaps answers differently: %+v\nwith bitmaps %+v", small, full)
+	}
+
+	const pib = 1 << 50
+	res := Events(slices.Values([]trace.Event{
+		trace.RAM{Name: "huge", GPA: 0, Size: pib, Mode: trace.Split},
+		trace.Attach{Dev: "d", IOMMU: trace.Type1},
+		trace.Convert{GPA: 1 << 40, Size: 2 << 20, To: trace.Shared},
+	}), Options{})
+	if res.Violations != 0 || res.Baseline.StateHow != StateComputed || res.Baseline.StateBytes != pib/4096/8 ||
+		res.Baseline.EntriesFinal != 512 || res.Gmem.EntriesFinal != 1 || len(res.Notes) != 1 {
+		t.Errorf("1 PiB: %+v", res)
+	}
+}
+
+// TestInterrupted: a context that ends in the middle of a long event stops
+// it at the next map call; the library undoes the event, which is neither a
+// refusal nor counted, and the replay takes no more events.
+func TestInterrupted(t *testing.T) {
+	for _, run := range []int{0, 1} {
+		ctx, cancel := context.WithCancel(context.Background())
+		rp := New(Options{})
+		for _, e := range []trace.Event{
+			trace.RAM{Name: "r", GPA: 0, Size: 1 << 30, Mode: trace.Split},
+			trace.Attach{Dev: "d", IOMMU: trace.IOMMUFD},
+		} {
+			if err := rp.ApplyContext(ctx, e, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Cancel at the 1000th map call of one run: the baseline maps 4 KiB
+		// granules, gmem 2 MiB extents.
+		maps, at := 0, []int{1000, 10}[run]
+		model := rp.runs[run].devices["d"].model
+		model.SetFault(func(c iommu.Call) error {
+			if c.Op == iommu.OpMap {
+				if maps++; maps == at {
+					cancel()
+				}
+			}
+			return rp.fault(c)
+		})
+		err := rp.ApplyContext(ctx, trace.Convert{GPA: 0, Size: 512 << 20, To: trace.Shared}, 3)
+		if !errors.Is(err, ErrInterrupted) || !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "during event 3 (line 3)") {
+			t.Fatalf("run %d: %v, want an interruption during event 3", run, err)
+		}
+		if n := model.Len(); n != 0 {
+			t.Errorf("run %d: %d entries left after the undo", run, n)
+		}
+		if err := rp.Apply(trace.Convert{GPA: 0, Size: 4096, To: trace.Shared}, 4); !errors.Is(err, ErrInterrupted) {
+			t.Errorf("run %d: Apply after the interruption: %v", run, err)
+		}
+		if err := rp.Finish(); err != nil {
+			t.Errorf("run %d: Finish: %v", run, err)
+		}
+		res := rp.Result()
+		if !res.Interrupted || res.Events != 2 || res.Conversions != 0 || res.Rejected != 0 || res.Baseline.Failures != 0 ||
+			res.Gmem.Failures != 0 || res.Violations != 0 || res.SharedBytes != 0 {
+			t.Errorf("run %d: %+v", run, res)
+		}
+	}
+
+	// Cancelled before an event: nothing is applied.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	rp := New(Options{})
+	if err := rp.ApplyContext(ctx, trace.RAM{Name: "r", GPA: 0, Size: 1 << 30}, 1); !errors.Is(err, ErrInterrupted) || !strings.Contains(err.Error(), "after 0 events") {
+		t.Errorf("cancelled before: %v", err)
+	}
+	if res := rp.Result(); !res.Interrupted || res.Events != 0 {
+		t.Errorf("cancelled before: %+v", res)
+	}
+}
+
+// TestLimits answers "what dma_entry_limit does this trace need?" for a
+// trace computed by hand: 1 MiB shared, then another MiB that a limit of
+// 300 refuses to the baseline (512 granules), then a 4 KiB cut.
+func TestLimits(t *testing.T) {
+	_, res := replayWith(t, Options{Limits: true}, ram1G+`{"op":"attach","dev":"d","iommu":"type1","limit":300}
+{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}
+{"op":"convert","gpa":"2MiB","size":"1MiB","to":"shared"}
+{"op":"convert","gpa":"0","size":"4KiB","to":"private"}
+{"op":"attach","dev":"e","iommu":"iommufd"}`)
+	l := res.Limits
+	if l == nil {
+		t.Fatal("no limits for a type1 trace")
+	}
+	if l.Devices != 1 || l.Given != 300 {
+		t.Errorf("devices %d, given %d", l.Devices, l.Given)
+	}
+	// The baseline: 512 granules at the peak with no limit, refused first
+	// at event 4 (line 4).
+	b := l.Baseline
+	if b.Peak != 512 || b.Limit != 512 || b.Refusals != 1 || b.FirstRefusal == nil || b.FirstRefusal.Event != 4 || b.FirstRefusal.Line != 4 ||
+		!strings.Contains(b.Advice, "first refuses at event 4 (line 4): QEMU stops the VM there; set vfio_iommu_type1.dma_entry_limit=512 or more") {
+		t.Errorf("baseline %+v", b)
+	}
+	// gmem: two extents, then a cut leaves two (0 and the rest of the
+	// first MiB, and the second MiB: 2 after the cut of [0, 4K)); with its
+	// split reserve a limit of 3 holds them.
+	g := l.Gmem
+	if g.Peak != 2 || g.Limit != 3 || g.Refusals != 0 || g.FirstRefusal != nil || !strings.Contains(g.Advice, "the limit of 300 is enough; the trace needs 3 entries") {
+		t.Errorf("gmem %+v", g)
+	}
+	// The limited runs are what they were: the baseline stopped at 256,
+	// 255 after the cut, and as many for the iommufd device attached last.
+	if res.Baseline.EntriesPeak != 2*255 || res.Baseline.LimitFailures != 1 {
+		t.Errorf("baseline run %+v", res.Baseline)
+	}
+
+	_, res = replayWith(t, Options{Limits: true}, ram1G+`{"op":"attach","dev":"d","iommu":"iommufd"}
+{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}`)
+	if res.Limits != nil {
+		t.Errorf("limits for an iommufd trace: %+v", res.Limits)
+	}
+
+	// Without Options.Limits: no second replay, no answer.
+	rp := New(Options{})
+	for _, e := range []trace.Event{
+		trace.RAM{Name: "r", GPA: 0, Size: 1 << 30, Mode: trace.Split},
+		trace.Attach{Dev: "d", IOMMU: trace.Type1},
+		trace.Convert{GPA: 0, Size: 1 << 20, To: trace.Shared},
+	} {
+		if err := rp.Apply(e, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if res := rp.Result(); res.Limits != nil || len(rp.shadows) != 0 || res.Baseline.EntriesFinal != 256 {
+		t.Errorf("without Limits: %+v, %d shadows", res.Limits, len(rp.shadows))
+	}
+}
+
+// TestLimitFor compares limitFor with a scan from 0 up, for the gmem
+// reserve and none.
+func TestLimitFor(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	none := func(uint64) uint64 { return 0 }
+	for i := range 2000 {
+		peak := uint64(i)
+		if i >= 1000 {
+			peak = rng.Uint64N(200000)
+		}
+		for _, reserve := range []func(uint64) uint64{none, dma.DefaultSplitReserve} {
+			want := uint64(0)
+			if peak > 0 {
+				for want = peak; want-min(reserve(want), want) < peak; want++ {
+				}
+			}
+			if got := limitFor(peak, reserve); got != want {
+				t.Fatalf("limitFor(%d) = %d, want %d", peak, got, want)
+			}
+		}
 	}
 }

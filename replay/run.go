@@ -6,6 +6,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -26,6 +27,13 @@ type run struct {
 	rp       *Replayer
 	name     string
 	baseline bool
+	// shadow says the run replays requests with no type1 entry limit, for
+	// the entries the trace needs: no checks, no timing, type1 devices
+	// only.
+	shadow bool
+	// shadowErr is the first error of a shadow's attach (there should be
+	// none: nothing limits it); its peak is then unknown.
+	shadowErr error
 
 	mem     *guestmem.Memory
 	inPlace bool
@@ -41,11 +49,19 @@ type run struct {
 	goneCosts                        RunStats
 
 	privateRefused uint64
+	// computedState is the size of the bitmaps a baseline past the budget
+	// did not allocate, or 0.
+	computedState uint64
 
 	failures, limitFailures uint64
 	elapsed                 time.Duration
 	peak                    uint64
+	devicePeak              uint64 // most entries of one device after any event
 	timeline                series // entries of the busiest device
+
+	// What the entry limit refused: requests and attaches, and the first.
+	refusedNoEntries uint64
+	firstNoEntries   *Rejection
 }
 
 // device is one assigned device of one run: its IOMMU and the attachment
@@ -56,15 +72,17 @@ type device struct {
 	att   *guestmem.Attachment
 }
 
-func newRun(rp *Replayer, name string, baseline bool) *run {
-	return &run{rp: rp, name: name, baseline: baseline, devices: map[string]*device{}}
+func newRun(rp *Replayer, name string, baseline, shadow bool) *run {
+	return &run{rp: rp, name: name, baseline: baseline, shadow: shadow, devices: map[string]*device{}}
 }
 
-func (r *run) policy() dma.Policy {
-	if r.baseline {
-		return dma.Granule
+// noEntries records a refusal for want of IOMMU entries in the current
+// event.
+func (r *run) noEntries(err error) {
+	r.refusedNoEntries++
+	if r.firstNoEntries == nil {
+		r.firstNoEntries = &Rejection{Event: r.rp.events, Line: r.rp.line, Run: r.name, Reason: ReasonNoEntries, Detail: err.Error()}
 	}
-	return dma.Extent
 }
 
 // start creates the run's memory: one model-backed block per RAM event, the
@@ -76,6 +94,13 @@ func (r *run) start(ram []trace.RAM, mmio []trace.MMIO) error {
 		mode = guestmem.InPlace
 	}
 	cfg := guestmem.Config{Mode: mode, Bitmap: r.baseline, Logger: r.rp.log, Inject: r.observe}
+	switch {
+	case r.shadow:
+		// The entries are the policy's: runs do, and nothing is checked.
+		cfg.Bitmap, cfg.Inject = false, nil
+	case r.baseline && bitmapBytes(ram) > r.rp.opts.BitmapBudget:
+		cfg.Bitmap, r.computedState = false, bitmapBytes(ram)
+	}
 	kernel := mode == guestmem.InPlace && r.rp.opts.KernelModel
 	if kernel {
 		cfg.VM = kernelmodel.NewVM()
@@ -107,30 +132,43 @@ func (r *run) start(ram []trace.RAM, mmio []trace.MMIO) error {
 	return nil
 }
 
-// dmaOptions is the mapper configuration of this run: QEMU's granule policy
-// for the baseline, the extent policy with the replay's bound for gmem.
-func (r *run) dmaOptions() dma.Options {
-	opts := dma.Options{Policy: r.policy(), Logger: r.rp.log}
-	if !r.baseline {
-		opts.MaxExtent = r.rp.opts.MaxExtent
+// bitmapBytes is the size of QEMU's bitmaps for the RAM blocks: one bit
+// per 4 KiB page, and one per plug block of a hot-pluggable block, in whole
+// 64-bit words (guestmem.Config.Bitmap allocates exactly these;
+// TestBitmapBytes compares).
+func bitmapBytes(ram []trace.RAM) uint64 {
+	words := func(bits uint64) uint64 { return (bits + 63) / 64 * 8 }
+	var n uint64
+	for _, e := range ram {
+		n += words(e.Size / trace.PageSize)
+		if e.Block != 0 {
+			n += words(e.Size / e.Block)
+		}
 	}
-	return opts
+	return n
 }
 
 // attach attaches the device's IOMMU, which maps what is shared. If the
-// executor refuses (out of entries), the device is not attached in this run.
+// executor refuses (out of entries for what is shared already, or options
+// the mapper does not take), the device is not attached in this run.
 func (r *run) attach(e trace.Attach) error {
 	caps := iommu.Caps{Rules: iommu.Type1v2, EntryLimit: e.Limit}
-	if e.IOMMU == trace.IOMMUFD {
+	opts := r.rp.opts.dmaOptions(r.baseline, r.rp.log)
+	switch {
+	case e.IOMMU == trace.IOMMUFD:
 		caps = iommu.Caps{Rules: iommu.IOMMUFD}
+	case r.shadow:
+		// type1 with no limit to speak of, and no entries kept back.
+		caps.EntryLimit, opts.SplitReserve = math.MaxUint64, dma.NoReserve
 	}
 	model := iommu.NewModel(caps)
-	att, err := r.mem.AttachIOMMU(model, r.dmaOptions())
+	model.SetFault(r.rp.fault)
+	att, err := r.mem.AttachIOMMU(model, opts)
 	if err != nil {
 		if n := model.Len(); n != 0 {
 			r.rp.violate(r.name, "I3", "refused attach of %q left %d IOMMU entries", e.Dev, n)
 		}
-		return fmt.Errorf("attach %q: %w", e.Dev, err)
+		return fmt.Errorf("could not attach %q: %w", e.Dev, err)
 	}
 	for gpa, g := range r.files {
 		g.AddPinner(kernelmodel.IOMMUPins(model, gpa))
@@ -257,7 +295,10 @@ func (r *run) afterEvent() {
 		busiest = max(busiest, n)
 	}
 	r.peak = max(r.peak, total)
-	r.timeline.add(busiest)
+	r.devicePeak = max(r.devicePeak, busiest)
+	if !r.shadow {
+		r.timeline.add(busiest)
+	}
 }
 
 // finish checks every device over the whole guest with the library's own
@@ -421,11 +462,94 @@ func (r *run) stats(events uint64) RunStats {
 		s.Splits += st.Splits
 		s.addCosts(st)
 	}
-	if r.mem != nil {
+	switch {
+	case r.computedState != 0:
+		s.StateBytes, s.StateHow = r.computedState, StateComputed
+	case r.mem != nil:
 		s.StateBytes = r.mem.StateStats().MapBytes
 	}
 	if events > 0 {
 		s.NsPerEvent = float64(r.elapsed.Nanoseconds()) / float64(events)
 	}
 	return s
+}
+
+// need answers for run i (0 baseline, 1 gmem) what dma_entry_limit the
+// trace needs: the busiest device of its shadow, and the first refusal of
+// the run itself.
+func (rp *Replayer) need(i int) EntryNeed {
+	r, sh := rp.runs[i], rp.shadows[i]
+	n := EntryNeed{Peak: sh.devicePeak, Refusals: r.refusedNoEntries, FirstRefusal: r.firstNoEntries}
+	reserve := func(uint64) uint64 { return 0 }
+	if !r.baseline {
+		reserve = dma.DefaultSplitReserve
+	}
+	n.Limit = limitFor(n.Peak, reserve)
+	if sh.shadowErr != nil {
+		n.Unknown = fmt.Sprintf("replayed with no limit, the %s run could not attach a device: %v", r.name, sh.shadowErr)
+	}
+	n.Advice = advice(i == 0, n, rp.minLimit)
+	return n
+}
+
+// limitFor returns the smallest limit L with L - reserve(L) >= peak: room
+// for peak entries and the reserve of a mapper under L (L - reserve(L)
+// never decreases as L grows).
+func limitFor(peak uint64, reserve func(uint64) uint64) uint64 {
+	if peak == 0 {
+		return 0
+	}
+	room := func(l uint64) bool { return l-min(reserve(l), l) >= peak }
+	hi := peak
+	for !room(hi) {
+		hi += max(hi/8, 1)
+	}
+	lo := peak // room(lo-1) is false below peak
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		if room(mid) {
+			hi = mid
+		} else {
+			lo = mid + 1
+		}
+	}
+	return lo
+}
+
+// advice says in one line what dma_entry_limit to set for a policy.
+func advice(qemu bool, n EntryNeed, given uint64) string {
+	who, stop := "gmem", "the guest gets EAGAIN there and the VM runs on"
+	if qemu {
+		who, stop = "QEMU (one entry per 4 KiB)", "QEMU stops the VM there"
+	}
+	limit := "the limit of " + thousands(given)
+	if given == defaultType1Limit {
+		limit = "the default limit of " + thousands(given)
+	}
+	if n.Unknown != "" {
+		return fmt.Sprintf("%s: unknown (%s)", who, n.Unknown)
+	}
+	switch {
+	case n.FirstRefusal == nil && n.Limit == 0:
+		return fmt.Sprintf("%s: %s is enough; the trace maps nothing while a type1 device is attached", who, limit)
+	case n.FirstRefusal == nil && n.Limit <= given:
+		return fmt.Sprintf("%s: %s is enough; the trace needs %s at most", who, limit, entries(n.Limit))
+	}
+	where := ""
+	if f := n.FirstRefusal; f != nil {
+		where = fmt.Sprintf("%s first refuses at event %s", limit, thousands(f.Event))
+		if f.Line > 0 {
+			where += fmt.Sprintf(" (line %s)", thousands(uint64(f.Line)))
+		}
+		where += ": " + stop + "; "
+	}
+	return fmt.Sprintf("%s: %sset vfio_iommu_type1.dma_entry_limit=%d or more", who, where, n.Limit)
+}
+
+// entries formats a count of IOMMU entries.
+func entries(n uint64) string {
+	if n == 1 {
+		return "1 entry"
+	}
+	return thousands(n) + " entries"
 }

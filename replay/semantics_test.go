@@ -250,9 +250,11 @@ func reasonOf(err error) string {
 func replayOutcomes(t *testing.T, events []trace.Event) (map[int]string, Result) {
 	t.Helper()
 	rp := New(Options{MaxDetails: len(events) + 1})
+	out := map[int]string{}
 	for i, e := range events {
 		var ie *InputError
-		if err := rp.Apply(e, i+1); err != nil && !errors.As(err, &ie) {
+		var re *RunError
+		if err := rp.Apply(e, i+1); err != nil && !errors.As(err, &ie) && !errors.As(err, &re) {
 			t.Fatalf("event %d %#v: %v", i+1, e, err)
 		}
 	}
@@ -260,7 +262,13 @@ func replayOutcomes(t *testing.T, events []trace.Event) (map[int]string, Result)
 		t.Fatal(err)
 	}
 	res := rp.Result()
-	out := map[int]string{}
+	// An attach the gmem run could not do is refused by guestmem directly
+	// too.
+	for _, re := range res.RunErrorDetails {
+		if re.Run == "gmem" {
+			out[re.Line] = Reason(re.Err)
+		}
+	}
 	for _, r := range res.Rejections {
 		if r.Run != "baseline" {
 			out[r.Line] = r.Reason

@@ -279,14 +279,21 @@ func (e RAM) Check() error {
 // not wrap.
 func (e MMIO) Check() error { return checkPages("mmio", e.GPA, e.Size) }
 
+// MaxEntryLimit is the largest type1 dma_entry_limit: the module parameter
+// is an unsigned int.
+const MaxEntryLimit = 1<<32 - 1
+
 // Check reports whether the device has a valid name and IOMMU, and a limit
-// only where the IOMMU has one.
+// only where the IOMMU has one, at most MaxEntryLimit.
 func (e Attach) Check() error {
 	if err := checkName("dev", e.Dev); err != nil {
 		return err
 	}
 	switch e.IOMMU {
 	case Type1:
+		if e.Limit > MaxEntryLimit {
+			return fmt.Errorf("%w: attach %q: limit %d is past type1's largest dma_entry_limit, %d", ErrValue, e.Dev, e.Limit, uint64(MaxEntryLimit))
+		}
 	case IOMMUFD:
 		if e.Limit != 0 {
 			return fmt.Errorf("%w: attach %q: iommufd has no entry limit", ErrValue, e.Dev)

@@ -82,7 +82,8 @@ func opFields(op Op) (required, optional fieldSet, ok bool) {
 // Addresses and sizes (gpa, size, block) are JSON numbers or strings in the
 // forms ParseSize accepts ("0x80000000", "16GiB", "2 MiB", "4096"); a JSON
 // number must be a whole non-negative value (4096, 4.096e3). limit is a count:
-// a JSON number, or a decimal or 0x string without unit. A RAM block's mode
+// a JSON number, or a decimal or 0x string without unit; 0, as an absent limit
+// and as --limit 0, means the kernel's default (65,535). A RAM block's mode
 // defaults to split (QEMU's guest_memfd RAM since 9.2). Unknown ops, unknown
 // or repeated fields and missing required fields are errors.
 //
@@ -230,9 +231,6 @@ func ParseEvent(line []byte) (Event, error) {
 		if seen&fLimit != 0 {
 			if e.Limit, err = parseCount(get(fLimit)); err != nil {
 				return nil, fmt.Errorf("field \"limit\": %w", err)
-			}
-			if e.Limit == 0 {
-				return nil, fmt.Errorf("%w: field \"limit\" must be positive (omit it for the kernel's default)", ErrValue)
 			}
 		}
 		ev = e

@@ -70,6 +70,25 @@ func TestParseJSONLGolden(t *testing.T) {
 	}
 }
 
+// TestLimitZero: "limit":0 means the kernel's default, as an absent limit
+// and --limit 0 do, for type1 and (which has none) iommufd.
+func TestLimitZero(t *testing.T) {
+	for _, c := range []struct {
+		line string
+		want Event
+	}{
+		{`{"op":"attach","dev":"d","iommu":"type1","limit":0}`, Attach{Dev: "d", IOMMU: Type1}},
+		{`{"op":"attach","dev":"d","iommu":"type1","limit":"0"}`, Attach{Dev: "d", IOMMU: Type1}},
+		{`{"op":"attach","dev":"d","iommu":"type1"}`, Attach{Dev: "d", IOMMU: Type1}},
+		{`{"op":"attach","dev":"d","iommu":"iommufd","limit":0}`, Attach{Dev: "d", IOMMU: IOMMUFD}},
+	} {
+		e, err := ParseEvent([]byte(c.line))
+		if err != nil || e != c.want {
+			t.Errorf("%s: %#v, %v; want %#v", c.line, e, err, c.want)
+		}
+	}
+}
+
 func TestReaderGolden(t *testing.T) {
 	r := NewReader(strings.NewReader(goldenJSONL), Options{})
 	var got []Event
@@ -199,8 +218,8 @@ func TestParseJSONLErrors(t *testing.T) {
 		{`{"op":"ram","name":"r","gpa":0,"size":"4MiB","mode":"split","block":"3MiB"}`, ErrValue, "power of two"},
 		{`{"op":"attach","dev":"d","iommu":"vfio"}`, ErrValue, "type1 or iommufd"},
 		{`{"op":"attach","dev":"d","iommu":"iommufd","limit":10}`, ErrValue, "no entry limit"},
-		{`{"op":"attach","dev":"d","iommu":"type1","limit":0}`, ErrValue, "positive"},
 		{`{"op":"attach","dev":"d","iommu":"type1","limit":"64KiB"}`, ErrValue, "count"},
+		{`{"op":"attach","dev":"d","iommu":"type1","limit":4294967296}`, ErrValue, "largest dma_entry_limit"},
 		{`{"op":"attach","dev":"d","iommu":"type1","limit":1.5}`, ErrValue, "whole number"},
 	} {
 		_, err := Parse(strings.NewReader("\n\n"+c.line+"\n"), Options{})

@@ -68,10 +68,13 @@ type Options struct {
 	// The rest describes the machine of a QEMU log, which the log itself does
 	// not say; JSON Lines traces declare their own and ignore these.
 
-	// RAM lists the guest's RAM blocks (see ParseRAMLayout). If empty, one
-	// block from 0 up to the highest converted address rounded up to 1 GiB is
-	// assumed.
+	// RAM lists the guest's RAM blocks (see ParseRAMLayout). If empty, RAM
+	// from 0 up to the highest converted address rounded up to 1 GiB is
+	// assumed, less the MMIO holes.
 	RAM []span.Range
+	// MMIO lists the guest's MMIO holes (see ParseMMIOLayout), such as the
+	// PCI hole: a conversion there is of MMIO, not of unbacked memory.
+	MMIO []span.Range
 	// Devices is the number of devices to attach; 0 means 1.
 	Devices int
 	// IOMMU is the devices' IOMMU; 0 means Type1.
@@ -82,6 +85,11 @@ type Options struct {
 	// Mode is the backing of the RAM blocks; 0 means Split.
 	Mode Mode
 }
+
+// MaxGPA bounds the guest physical addresses a QEMU log's conversions may
+// size the default RAM with: 2^52, the largest physical address of x86-64
+// (and guestmem's default end of the address space).
+const MaxGPA = 1 << 52
 
 // Trace is a whole parsed input.
 type Trace struct {
@@ -147,7 +155,7 @@ type item struct {
 // reports each malformed line and lets its caller decide.
 func NewReader(r io.Reader, opts Options) *Reader {
 	rd := &Reader{lr: newLineReader(r), opts: opts}
-	rd.err = opts.check()
+	rd.err = opts.Check()
 	return rd
 }
 
@@ -293,8 +301,10 @@ func (rd *Reader) readQEMU(first []byte, firstLong bool) error {
 				break
 			}
 			rd.items = append(rd.items, item{line: rd.lr.line, ev: q.conv})
-			if r, err := span.FromSize(q.conv.GPA, q.conv.Size); err == nil {
-				// A request that wraps says nothing of the guest's size.
+			if r, err := span.FromSize(q.conv.GPA, q.conv.Size); err == nil && r.End <= MaxGPA {
+				// A request that wraps, or lies past any physical
+				// address, says nothing of the guest's size: it is
+				// replayed as the refusal it is.
 				highest = max(highest, r.End)
 			}
 			seen = true
@@ -310,6 +320,16 @@ func (rd *Reader) readQEMU(first []byte, firstLong bool) error {
 	}
 	head, err := rd.opts.machine(highest, seen)
 	if err != nil {
+		if !seen {
+			// Say what was wrong with the lines that were meant to be
+			// conversions, if any (not wrapped: this error ends the
+			// input, a *ParseError would not).
+			for _, it := range rd.items {
+				if it.err != nil {
+					return fmt.Errorf("%w; the first line that tried, line %d: %v", err, it.line, it.err)
+				}
+			}
+		}
 		return err
 	}
 	items := make([]item, 0, len(head)+len(rd.items))
@@ -386,8 +406,11 @@ func Parse(r io.Reader, opts Options) (*Trace, error) {
 	return t, nil
 }
 
-// check validates the options.
-func (o Options) check() error {
+// Check reports whether the options are valid: known enums, a device count
+// in range, no limit for iommufd, and RAM blocks and MMIO holes that are
+// page aligned and overlap nothing. Errors wrap ErrValue. A Reader with
+// invalid options returns this error from Next.
+func (o Options) Check() error {
 	switch o.Format {
 	case 0, JSONLines, QEMULog:
 	default:
@@ -398,6 +421,9 @@ func (o Options) check() error {
 	}
 	switch o.IOMMU {
 	case 0, Type1:
+		if o.Limit > MaxEntryLimit {
+			return fmt.Errorf("%w: entry limit %d is past type1's largest dma_entry_limit, %d", ErrValue, o.Limit, uint64(MaxEntryLimit))
+		}
 	case IOMMUFD:
 		if o.Limit != 0 {
 			return fmt.Errorf("%w: iommufd has no entry limit", ErrValue)
@@ -413,7 +439,25 @@ func (o Options) check() error {
 			return fmt.Errorf("%w: RAM block %v is empty, misaligned or wraps", ErrValue, r)
 		}
 	}
-	return checkDisjoint(o.RAM)
+	for i, r := range o.MMIO {
+		if err := checkPages("MMIO hole "+strconv.Itoa(i+1), r.Start, r.End-r.Start); err != nil || r.End <= r.Start {
+			return fmt.Errorf("%w: MMIO hole %v is empty, misaligned or wraps", ErrValue, r)
+		}
+	}
+	if err := checkDisjoint("RAM blocks", o.RAM); err != nil {
+		return err
+	}
+	if err := checkDisjoint("MMIO holes", o.MMIO); err != nil {
+		return err
+	}
+	for _, r := range o.RAM {
+		for _, h := range o.MMIO {
+			if r.Overlaps(h) {
+				return fmt.Errorf("%w: RAM block %v and MMIO hole %v overlap", ErrValue, r, h)
+			}
+		}
+	}
+	return nil
 }
 
 // machine returns the RAM and attach events that describe the machine of a
@@ -422,14 +466,24 @@ func (o Options) check() error {
 func (o Options) machine(highest uint64, seen bool) ([]Event, error) {
 	ram := o.RAM
 	if len(ram) == 0 {
-		if !seen {
+		switch {
+		case !seen:
 			return nil, fmt.Errorf("%w: no %s or %s line, and no RAM layout given", ErrSyntax, qemuConvert, qemuFault)
+		case highest == 0:
+			return nil, fmt.Errorf("%w: no conversion says how much RAM the guest has (they are empty, wrap, or lie past 2^52), and no RAM layout given", ErrValue)
 		}
 		r, ok := span.Range{Start: 0, End: highest}.Outward(ramAlign)
 		if !ok || r.End == 0 {
 			return nil, fmt.Errorf("%w: highest address %#x cannot be rounded up to 1 GiB", ErrValue, highest)
 		}
-		ram = []span.Range{r}
+		var holes span.Set
+		for _, h := range o.MMIO {
+			holes.Add(h)
+		}
+		ram = holes.Minus(r)
+		if len(ram) == 0 {
+			return nil, fmt.Errorf("%w: the MMIO holes cover all of %v, up to the highest converted address: no RAM left; give it with a RAM layout", ErrValue, r)
+		}
 	}
 	mode := o.Mode
 	if mode == 0 {
@@ -440,9 +494,12 @@ func (o Options) machine(highest uint64, seen bool) ([]Event, error) {
 		kind = Type1
 	}
 	devices := max(o.Devices, 1)
-	out := make([]Event, 0, len(ram)+devices)
+	out := make([]Event, 0, len(ram)+len(o.MMIO)+devices)
 	for i, r := range ram {
 		out = append(out, RAM{Name: "ram" + strconv.Itoa(i), GPA: r.Start, Size: r.Len(), Mode: mode})
+	}
+	for _, h := range o.MMIO {
+		out = append(out, MMIO{GPA: h.Start, Size: h.Len()})
 	}
 	for i := range devices {
 		out = append(out, Attach{Dev: "dev" + strconv.Itoa(i), IOMMU: kind, Limit: o.Limit})

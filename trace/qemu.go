@@ -198,37 +198,47 @@ func qemuHex(field, s string) (uint64, error) {
 // "0:2GiB,4GiB:14GiB", each number in a form ParseSize accepts. Every block
 // must be non-empty, page aligned and not wrap, and blocks must not overlap.
 // The blocks are returned in the order given. Errors wrap ErrValue.
-func ParseRAMLayout(s string) ([]span.Range, error) {
+func ParseRAMLayout(s string) ([]span.Range, error) { return parseLayout("RAM block", s) }
+
+// ParseMMIOLayout parses MMIO holes as ParseRAMLayout parses RAM:
+// "GPA:SIZE[,GPA:SIZE...]", such as "3GiB:1GiB" for a PCI hole below 4 GiB.
+func ParseMMIOLayout(s string) ([]span.Range, error) { return parseLayout("MMIO hole", s) }
+
+// parseLayout parses "GPA:SIZE[,GPA:SIZE...]", what naming each range in
+// errors.
+func parseLayout(what, s string) ([]span.Range, error) {
 	if strings.TrimSpace(s) == "" {
-		return nil, fmt.Errorf("%w: empty RAM layout", ErrValue)
+		return nil, fmt.Errorf("%w: empty %s layout", ErrValue, what)
 	}
 	var out []span.Range
 	for i, item := range strings.Split(s, ",") {
+		name := what + " " + strconv.Itoa(i+1)
 		gpaText, sizeText, found := strings.Cut(item, ":")
 		if !found {
-			return nil, fmt.Errorf("%w: RAM block %d %q: want GPA:SIZE", ErrValue, i+1, item)
+			return nil, fmt.Errorf("%w: %s %q: want GPA:SIZE", ErrValue, name, item)
 		}
 		gpa, err := ParseSize(gpaText)
 		if err != nil {
-			return nil, fmt.Errorf("RAM block %d address: %w", i+1, err)
+			return nil, fmt.Errorf("%s address: %w", name, err)
 		}
 		size, err := ParseSize(sizeText)
 		if err != nil {
-			return nil, fmt.Errorf("RAM block %d size: %w", i+1, err)
+			return nil, fmt.Errorf("%s size: %w", name, err)
 		}
-		if err := checkPages("RAM block "+strconv.Itoa(i+1), gpa, size); err != nil {
+		if err := checkPages(name, gpa, size); err != nil {
 			return nil, err
 		}
 		out = append(out, span.Range{Start: gpa, End: gpa + size})
 	}
-	if err := checkDisjoint(out); err != nil {
+	if err := checkDisjoint(what+"s", out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// checkDisjoint reports an error if any two ranges overlap.
-func checkDisjoint(rs []span.Range) error {
+// checkDisjoint reports an error if any two ranges overlap; what names them
+// ("RAM blocks").
+func checkDisjoint(what string, rs []span.Range) error {
 	sorted := slices.Clone(rs)
 	slices.SortFunc(sorted, func(a, b span.Range) int {
 		switch {
@@ -241,7 +251,7 @@ func checkDisjoint(rs []span.Range) error {
 	})
 	for i := 1; i < len(sorted); i++ {
 		if sorted[i].Start < sorted[i-1].End {
-			return fmt.Errorf("%w: RAM blocks %v and %v overlap", ErrValue, sorted[i-1], sorted[i])
+			return fmt.Errorf("%w: %s %v and %v overlap", ErrValue, what, sorted[i-1], sorted[i])
 		}
 	}
 	return nil

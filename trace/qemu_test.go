@@ -288,7 +288,11 @@ func FuzzParseQEMULog(f *testing.F) {
 	f.Fuzz(func(t *testing.T, in string) {
 		// Keep the input a QEMU log by detection.
 		in = "log\n" + in
-		for _, opts := range []Options{{KeepGoing: true}, {KeepGoing: true, RAM: []span.Range{{Start: 0, End: 1 << 30}}, Devices: 2}} {
+		for _, opts := range []Options{
+			{KeepGoing: true},
+			{KeepGoing: true, RAM: []span.Range{{Start: 0, End: 1 << 30}}, Devices: 2},
+			{KeepGoing: true, MMIO: []span.Range{{Start: 3 << 30, End: 4 << 30}}},
+		} {
 			tr, err := Parse(strings.NewReader(in), opts)
 			var errs ParseErrors
 			if err != nil && !errors.As(err, &errs) {
@@ -302,9 +306,19 @@ func FuzzParseQEMULog(f *testing.F) {
 					t.Fatalf("error on line %d: %v", e.Line, e)
 				}
 			}
-			head := max(opts.Devices, 1) + max(len(opts.RAM), 1)
-			if len(tr.Events) < head || len(tr.Lines) != len(tr.Events) {
-				t.Fatalf("%d events, %d lines", len(tr.Events), len(tr.Lines))
+			// The machine first (line 0): RAM, the holes, the devices.
+			head := 0
+			for head < len(tr.Lines) && tr.Lines[head] == 0 {
+				head++
+			}
+			if head < max(opts.Devices, 1)+1+len(opts.MMIO) || len(tr.Lines) != len(tr.Events) {
+				t.Fatalf("%d events, %d lines, %d of the machine", len(tr.Events), len(tr.Lines), head)
+			}
+			v := NewValidator()
+			for _, e := range tr.Events[:head] {
+				if err := v.Check(e); err != nil {
+					t.Fatalf("machine %v: %v", tr.Events[:head], err)
+				}
 			}
 			var good []Event
 			for i, e := range tr.Events {
@@ -340,7 +354,8 @@ func FuzzParseQEMULog(f *testing.F) {
 }
 
 // FuzzParseRAMLayout checks that accepted layouts are well formed and
-// disjoint and that formatting them back gives the same layout.
+// disjoint and that formatting them back gives the same layout, and that
+// ParseMMIOLayout reads holes as ParseRAMLayout reads blocks.
 func FuzzParseRAMLayout(f *testing.F) {
 	for _, s := range []string{
 		"0:2GiB,4GiB:14GiB", "0:4096", "0x100000000:1TiB", "0:2GiB,1GiB:2GiB", "", ",", "0:0",
@@ -350,9 +365,13 @@ func FuzzParseRAMLayout(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, s string) {
 		rs, err := ParseRAMLayout(s)
+		holes, herr := ParseMMIOLayout(s)
+		if (err == nil) != (herr == nil) || !cmp.Equal(rs, holes) {
+			t.Fatalf("RAM %v, %v; MMIO %v, %v: the same layout parsed two ways", rs, err, holes, herr)
+		}
 		if err != nil {
-			if !errors.Is(err, ErrValue) {
-				t.Fatalf("error %v does not wrap ErrValue", err)
+			if !errors.Is(err, ErrValue) || !errors.Is(herr, ErrValue) || !strings.Contains(herr.Error(), "MMIO") {
+				t.Fatalf("errors %v, %v do not wrap ErrValue or name what they are about", err, herr)
 			}
 			return
 		}
@@ -376,6 +395,80 @@ func FuzzParseRAMLayout(f *testing.F) {
 			t.Fatalf("round trip (-first +second):\n%s", diff)
 		}
 	})
+}
+
+// TestQEMUMMIO: MMIO holes given for a QEMU log are MMIO events, and the
+// default RAM leaves them out; holes that overlap RAM or each other, or
+// leave no RAM, are errors.
+func TestQEMUMMIO(t *testing.T) {
+	log := "kvm_convert_memory start 0xfe000000 size 0x1000 shared_to_private\n" +
+		"kvm_convert_memory start 0x140000000 size 0x1000 private_to_shared\n"
+	tr, err := Parse(strings.NewReader(log), Options{MMIO: []span.Range{{Start: 3 << 30, End: 4 << 30}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Event{
+		RAM{Name: "ram0", GPA: 0, Size: 3 << 30, Mode: Split},
+		RAM{Name: "ram1", GPA: 4 << 30, Size: 2 << 30, Mode: Split},
+		MMIO{GPA: 3 << 30, Size: 1 << 30},
+		Attach{Dev: "dev0", IOMMU: Type1},
+		Convert{GPA: 0xfe000000, Size: 0x1000, To: Private},
+		Convert{GPA: 0x140000000, Size: 0x1000, To: Shared},
+	}
+	if diff := cmp.Diff(want, tr.Events); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+	v := NewValidator()
+	for _, e := range tr.Events {
+		if err := v.Check(e); err != nil {
+			t.Errorf("%#v: %v", e, err)
+		}
+	}
+	// Given RAM and holes.
+	tr, err = Parse(strings.NewReader(log), Options{RAM: []span.Range{{End: 2 << 30}, {Start: 4 << 30, End: 8 << 30}}, MMIO: []span.Range{{Start: 3 << 30, End: 4 << 30}}})
+	if err != nil || len(tr.Events) != 6 || tr.Events[2] != (MMIO{GPA: 3 << 30, Size: 1 << 30}) {
+		t.Errorf("given RAM: %v, %v", tr, err)
+	}
+	for _, c := range []struct {
+		opts Options
+		why  string
+	}{
+		{Options{RAM: []span.Range{{End: 4 << 30}}, MMIO: []span.Range{{Start: 3 << 30, End: 4 << 30}}}, "overlap"},
+		{Options{MMIO: []span.Range{{Start: 3 << 30, End: 4 << 30}, {Start: 3 << 30, End: 5 << 30}}}, "MMIO holes"},
+		{Options{MMIO: []span.Range{{Start: 0x800, End: 4 << 30}}}, "MMIO hole"},
+		{Options{MMIO: []span.Range{{Start: 0, End: 8 << 30}}}, "no RAM left"},
+	} {
+		if _, err := Parse(strings.NewReader(log), c.opts); !errors.Is(err, ErrValue) || !strings.Contains(err.Error(), c.why) {
+			t.Errorf("%+v: %v, want %q", c.opts, err, c.why)
+		}
+	}
+	if _, err := ParseMMIOLayout("3GiB:1GiB,3GiB:4096"); !errors.Is(err, ErrValue) || !strings.Contains(err.Error(), "MMIO holes") {
+		t.Errorf("overlapping holes: %v", err)
+	}
+}
+
+// TestQEMUDefaultRAM: the default RAM is sized by the conversions that can
+// be RAM: not those that wrap or lie past 2^52, which are replayed as the
+// refusals they are; a log with none says so, and one whose conversion
+// lines are all malformed says what is wrong with the first.
+func TestQEMUDefaultRAM(t *testing.T) {
+	tr, err := Parse(strings.NewReader("kvm_convert_memory start 0x10000000000000 size 0x1000 private_to_shared\n"+
+		"kvm_convert_memory start 0xfffffffffffff000 size 0x2000 private_to_shared\n"+
+		"kvm_convert_memory start 0x40001000 size 0x1000 private_to_shared\n"), Options{})
+	if err != nil || tr.Events[0] != (RAM{Name: "ram0", GPA: 0, Size: 2 << 30, Mode: Split}) || len(tr.Events) != 5 {
+		t.Errorf("%v, %v", tr, err)
+	}
+	for _, c := range []struct{ log, why string }{
+		{"kvm_convert_memory start 0xfffffffffffff000 size 0x2000 private_to_shared\n", "no conversion says how much RAM"},
+		{"kvm_convert_memory start 0x0 size 0x0 private_to_shared\n", "no conversion says how much RAM"},
+		{"x\nkvm_convert_memory start -0x1000 size 0x1000 private_to_shared\n", "the first line that tried, line 2: syntax error: start"},
+	} {
+		if _, err := Parse(strings.NewReader(c.log), Options{KeepGoing: true}); err == nil || !strings.Contains(err.Error(), c.why) {
+			t.Errorf("%q: %v, want %q", c.log, err, c.why)
+		} else if pe := (*ParseError)(nil); errors.As(err, &pe) {
+			t.Errorf("%q: %v is a ParseError: a reader that keeps going would loop", c.log, err)
+		}
+	}
 }
 
 func TestReaderQEMU(t *testing.T) {

@@ -36,9 +36,8 @@ const defaultMaxSpread = 0.1
 
 // runBench implements "gmem bench".
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("gmem bench", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {}
+	const cmd = "gmem bench"
+	fs := newFlagSet(cmd)
 	asJSON := fs.Bool("json", false, `print {"rows":[...]} as JSON`)
 	quick := fs.Bool("quick", false, "smaller sizes and 3 rounds: fast, for tests; the numbers are rougher")
 	rounds := fs.Int("rounds", 0, "`N` rounds of each timed row, baseline and gmem alternating (default 9, 3 with --quick)")
@@ -46,16 +45,16 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	rigLog := fs.String("rig", "", "also print the real-kernel rows from `LOG`, the console log of scripts/rig --bench")
 	maxSpread := fs.Float64("max-spread", defaultMaxSpread, fmt.Sprintf("mark a timed row noisy when its interquartile range over median exceeds `F` (default %v)", defaultMaxSpread))
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the measuring to `FILE`, for go tool pprof; timed rows carry the labels side=baseline|gmem and row=NAME (pprof -tagfocus)")
-	if err := fs.Parse(args); err != nil {
+	if err := parseFlags(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			benchHelp(stdout, fs)
 			return exitOK
 		}
-		fmt.Fprintln(stderr, "Run 'gmem bench -h' for its flags.")
+		flagUsage(stderr, cmd, err)
 		return exitUsage
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "gmem bench: unexpected argument %q\n", fs.Arg(0))
+		flagUsage(stderr, cmd, fmt.Errorf("unexpected argument %q", fs.Arg(0)))
 		return exitUsage
 	}
 	sz := bench.FullSizes
@@ -63,7 +62,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		sz = bench.QuickSizes
 	}
 	if *rounds < 0 || *maxSpread <= 0 || math.IsNaN(*maxSpread) {
-		fmt.Fprintln(stderr, "gmem bench: --rounds must be at least 1 and --max-spread above 0")
+		flagUsage(stderr, cmd, errors.New("--rounds must be at least 1 and --max-spread above 0"))
 		return exitUsage
 	}
 	if *rounds > 0 {
@@ -71,11 +70,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	scenarios, rigNamed, err := selectScenarios(*only)
 	if err != nil {
-		fmt.Fprintf(stderr, "gmem bench: %v\n", err)
+		flagUsage(stderr, cmd, err)
 		return exitUsage
 	}
 	if rigNamed && *rigLog == "" {
-		fmt.Fprintln(stderr, "gmem bench: --only rig needs --rig LOG, the console log of scripts/rig --bench")
+		flagUsage(stderr, cmd, errors.New("--only rig needs --rig LOG, the console log of scripts/rig --bench"))
 		return exitUsage
 	}
 	var rig []bench.Row
@@ -270,12 +269,14 @@ one row per measurement with what it means:
                         Then the same round trip against its floor on each
                         driver (one map call of 1 GiB, one unmap), medians
                         of interleaved rounds with their spread, and the
-                        time inside the driver's calls. And conversion
-                        latency as the guest sees it (KVM_EXIT_HYPERCALL to
-                        re-entry, 4 KiB and 2 MiB, p50 and p99): the kernel
-                        calls gmem makes (baseline column) against gmem's
-                        own work. Read from the log, not measured:
-                        --only rig --rig LOG prints these rows alone
+                        time inside the driver's calls. On iommufd, one
+                        split of a 2 MiB extent, unmap and maps against a
+                        cut. And conversion latency as the guest sees it
+                        (KVM_EXIT_HYPERCALL to re-entry, 4 KiB and 2 MiB,
+                        p50 and p99): the kernel calls gmem makes (baseline
+                        column) against gmem's own work. Read from the log,
+                        not measured: --only rig --rig LOG prints these rows
+                        alone
 
 The ratio column says how many times better gmem is (baseline/gmem where
 lower is better, gmem/baseline where higher is). Timed rows run baseline and
@@ -289,10 +290,7 @@ are exact. A full run takes a few minutes on two cores. --json prints
 
 flags:
 `)
-	fs.VisitAll(func(f *flag.Flag) {
-		kind, usage := flag.UnquoteUsage(f)
-		fmt.Fprintf(w, "  %-22s %s\n", strings.TrimSpace("--"+f.Name+" "+kind), usage)
-	})
+	printFlags(w, fs)
 	fmt.Fprint(w, `
 Exit status: 0 done (NOISY rows included), 1 a scenario failed or the run
 was interrupted, 2 usage errors: a bad flag, an unknown scenario, a --rig

@@ -117,26 +117,16 @@ func (l rigLog) value(backend, scenario, side, key string) (float64, error) {
 // rigRows turns the rig's measurements into rows, backend by backend:
 // granule (the baseline) against extent (gmem) for the round trip and the
 // churn, each a single run; the round trip against its floor, medians of
-// interleaved rounds; and the latency of conversions as a guest sees them.
+// interleaved rounds; one split, the bounded extent's unmap and maps
+// against a cut; and the latency of conversions as a guest sees them.
 func rigRows(l rigLog) ([]bench.Row, error) {
 	var rows []bench.Row
 	for _, b := range l.backends() {
-		if l.has(b, "roundtrip", "churn") {
-			rs, err := rigPolicyRows(l, b)
-			if err != nil {
-				return nil, err
+		for _, g := range rigGroups {
+			if !l.has(b, g.scenarios...) {
+				continue
 			}
-			rows = append(rows, rs...)
-		}
-		if l.has(b, "floor") {
-			rs, err := rigFloorRows(l, b)
-			if err != nil {
-				return nil, err
-			}
-			rows = append(rows, rs...)
-		}
-		if l.has(b, "latency") {
-			rs, err := rigLatencyRows(l, b)
+			rs, err := g.rows(l, b)
 			if err != nil {
 				return nil, err
 			}
@@ -144,12 +134,28 @@ func rigRows(l rigLog) ([]bench.Row, error) {
 		}
 	}
 	if len(rows) == 0 {
-		return nil, fmt.Errorf("rig log: no scenario these rows are made of (roundtrip, churn, floor, latency)")
+		var names []string
+		for _, g := range rigGroups {
+			names = append(names, g.scenarios...)
+		}
+		return nil, fmt.Errorf("rig log: no scenario these rows are made of (%s)", strings.Join(names, ", "))
 	}
 	for i := range rows {
 		rows[i].Ratio = bench.Improvement(rows[i])
 	}
 	return rows, nil
+}
+
+// rigGroups are the scenarios of the rig's lines, each with what makes a
+// backend's rows of them, in the order of the rows.
+var rigGroups = []struct {
+	scenarios []string
+	rows      func(l rigLog, backend string) ([]bench.Row, error)
+}{
+	{[]string{"roundtrip", "churn"}, rigPolicyRows},
+	{[]string{"floor"}, rigFloorRows},
+	{[]string{"split"}, rigSplitRows},
+	{[]string{"latency"}, rigLatencyRows},
 }
 
 // rigPolicyRows are backend b's round trip and churn, granule against
@@ -293,4 +299,41 @@ func rigLatencyRows(l rigLog, b string) ([]bench.Row, error) {
 		}
 	}
 	return rows, nil
+}
+
+// rigSplitRows are backend b's split of a mapped 2 MiB extent: the bounded
+// extent's unmap and maps of what is left (the baseline column) against a
+// cut (the gmem column), the median time of one split and the bytes one
+// split re-pins.
+func rigSplitRows(l rigLog, b string) ([]bench.Row, error) {
+	get := func(key string) (e, c float64, err error) {
+		if e, err = l.value(b, "split", "extent", key); err != nil {
+			return 0, 0, err
+		}
+		c, err = l.value(b, "split", "cut", key)
+		return e, c, err
+	}
+	n, cn, err := get("splits")
+	if err != nil {
+		return nil, err
+	}
+	if n == 0 || cn != n {
+		return nil, fmt.Errorf("rig log: %s split: %v splits with the extent policy and %v with cuts, want the same number, not 0", b, n, cn)
+	}
+	em, cm, err := get("ns_median")
+	if err != nil {
+		return nil, err
+	}
+	er, cr, err := get("repinned_bytes")
+	if err != nil {
+		return nil, err
+	}
+	scale := fmt.Sprintf("a page out of a 2MiB extent, %s splits, real %s, TCG guest", commas(uint64(n)), b)
+	src := "rig " + b + ", TCG guest"
+	return []bench.Row{
+		{Name: "rig " + b + ": one split, median time", Unit: "ns", Baseline: em, Gmem: cm, Better: "lower", Scale: scale, Source: src,
+			Note: "making one page of a mapped extent private: the bounded extent's unmap of the extent and maps of what is left (baseline column) against one cut, the rest staying mapped"},
+		{Name: "rig " + b + ": one split, re-pinned bytes", Unit: "bytes", Baseline: er / n, Gmem: cr / n, Better: "lower", Scale: scale, Source: src,
+			Note: "bytes unmapped and pinned again by one split: the rest of the extent, against none for a cut"},
+	}, nil
 }

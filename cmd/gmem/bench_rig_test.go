@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/gmemproject/gmem/internal/bench"
 )
 
 // rigLogSample is a console log as scripts/rig --bench writes it, kernel
@@ -24,6 +26,12 @@ GMEM-RIG bench type1 churn extent ops=10000 map_calls=4881 ns=1000000000 ns_per_
 // prints them.
 const rigLatencySample = `GMEM-RIG bench kvm latency 4KiB-type1 exits=800 bytes=4096 p50_ns=200000 p99_ns=900000 own_p50_ns=20000 own_p99_ns=90000 kernel_p50_ns=150000 kernel_p99_ns=700000 vmm_p50_ns=30000 attr_p50_ns=50000 punch_p50_ns=40000 iommu_p50_ns=60000 own_share_pct=10.5
 GMEM-RIG bench kvm latency 2MiB-type1 exits=800 bytes=2097152 p50_ns=5000000 p99_ns=9000000 own_p50_ns=100000 own_p99_ns=400000 kernel_p50_ns=4800000 kernel_p99_ns=8000000 vmm_p50_ns=30000 attr_p50_ns=50000 punch_p50_ns=400000 iommu_p50_ns=4000000 own_share_pct=2.0
+`
+
+// rigSplitSample is the split lines of iommufd, as bench_test.go prints
+// them.
+const rigSplitSample = `GMEM-RIG bench iommufd split cut splits=64 ns=18800181 ns_per_split=293752 ns_median=49624 repinned_bytes=0 window_bytes=0
+GMEM-RIG bench iommufd split extent splits=64 ns=175450538 ns_per_split=2741414 ns_median=2146292 repinned_bytes=133955584 window_bytes=133955584
 `
 
 // rigFloorSample is the floor comparison of one backend, as floor_test.go
@@ -71,14 +79,7 @@ func TestRigRows(t *testing.T) {
 		t.Errorf("extent floor row's note %q", rows[5].Note)
 	}
 	// The latency rows: the kernel calls against gmem's own work.
-	l, err = readRig(strings.NewReader(rigLatencySample))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rows, err = rigRows(l)
-	if err != nil || len(rows) != 4 {
-		t.Fatalf("latency rows %+v, %v", rows, err)
-	}
+	rows = rowsOf(t, rigLatencySample, 4)
 	for i, w := range [][3]float64{{150000, 20000, 7.5}, {700000, 90000, 700.0 / 90}, {4.8e6, 1e5, 48}, {8e6, 4e5, 20}} {
 		if r := rows[i]; r.Baseline != w[0] || r.Gmem != w[1] || math.Abs(r.Ratio-w[2]) > 1e-9 || !strings.Contains(r.Name, "type1") {
 			t.Errorf("latency row %d %q: %v %v %v, want %v", i, r.Name, r.Baseline, r.Gmem, r.Ratio, w)
@@ -87,14 +88,30 @@ func TestRigRows(t *testing.T) {
 	if n := rows[0].Note; !strings.Contains(n, "p50 200.00 µs, p99 900.00 µs; gmem's own work 10.5% of it") || !strings.Contains(n, "IOMMU map/unmap 60.00 µs") {
 		t.Errorf("latency note %q", n)
 	}
+	// The split rows: the bounded extent's unmap and maps against a cut.
+	rows = rowsOf(t, rigSplitSample, 2)
+	if r := rows[0]; r.Baseline != 2146292 || r.Gmem != 49624 || math.Abs(r.Ratio-2146292.0/49624) > 1e-9 {
+		t.Errorf("split time row %+v", r)
+	}
+	if r := rows[1]; r.Baseline != 2<<20-4096 || r.Gmem != 0 || !math.IsInf(r.Ratio, 1) {
+		t.Errorf("split re-pinned row %+v", r)
+	}
 	// A backend that measured only the floor has only floor rows.
-	l, err = readRig(strings.NewReader(strings.ReplaceAll(rigFloorSample, "type1", "iommufd")))
+	rowsOf(t, strings.ReplaceAll(rigFloorSample, "type1", "iommufd"), 4)
+}
+
+// rowsOf returns the rows of log, which must be n.
+func rowsOf(t *testing.T, log string, n int) []bench.Row {
+	t.Helper()
+	l, err := readRig(strings.NewReader(log))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rows, err := rigRows(l); err != nil || len(rows) != 4 {
-		t.Errorf("floor alone: %d rows, %v", len(rows), err)
+	rows, err := rigRows(l)
+	if err != nil || len(rows) != n {
+		t.Fatalf("%d rows, want %d: %+v, %v", len(rows), n, rows, err)
 	}
+	return rows
 }
 
 func TestRigRowsBad(t *testing.T) {
@@ -141,12 +158,15 @@ func TestRigRowsBad(t *testing.T) {
 		"latency share":    strings.Replace(rigLatencySample, "own_share_pct=10.5", "own_share_pct=100.5", 1),
 		"latency no exits": strings.Replace(rigLatencySample, "exits=800", "exits=0", 1),
 		"latency lacks":    strings.Replace(rigLatencySample, " vmm_p50_ns=30000", "", 1),
+		"split alone":      strings.SplitAfter(rigSplitSample, "\n")[0],
+		"split counts":     strings.Replace(rigSplitSample, "splits=64", "splits=32", 1),
+		"split none":       strings.ReplaceAll(rigSplitSample, "splits=64", "splits=0"),
 	} {
 		l, err := readRig(strings.NewReader(log))
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
-		if _, err := rigRows(l); err == nil || (!strings.Contains(err.Error(), "floor") && !strings.Contains(err.Error(), "latency")) {
+		if _, err := rigRows(l); err == nil || (!strings.Contains(err.Error(), "floor") && !strings.Contains(err.Error(), "latency") && !strings.Contains(err.Error(), "split")) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
@@ -244,6 +264,7 @@ func FuzzReadRig(f *testing.F) {
 	f.Add(strings.ReplaceAll(rigLogSample, "ns=1000000000", "ns=-1"))
 	f.Add(rigFloorSample)
 	f.Add(rigLatencySample)
+	f.Add(rigSplitSample)
 	f.Add(strings.Replace(rigLatencySample, "own_share_pct=10.5", "own_share_pct=1e308", 1))
 	f.Add(strings.Replace(rigFloorSample, "ns=2000000000 ns_min=1900000000", "ns=0 ns_min=0", 1))
 	f.Add(strings.ReplaceAll(rigFloorSample, "rounds=5", "rounds=0"))

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -50,21 +51,18 @@ type demoFlags struct {
 func parseDemoFlags(args []string) (demoFlags, *flag.FlagSet, error) {
 	f := demoFlags{vcpus: 2, timeout: 60 * time.Second}
 	var mode, policy, rules string
-	fs := flag.NewFlagSet("gmem demo", flag.ContinueOnError)
-	// Errors are printed by the caller, once, in one format.
-	fs.SetOutput(io.Discard)
-	fs.Usage = func() {}
-	fs.StringVar(&mode, "mode", "inplace", "guest RAM backing: `inplace` (one guest_memfd, mmap-able) or split (guest_memfd + memfd)")
+	fs := newFlagSet("gmem demo")
+	fs.StringVar(&mode, "mode", "inplace", "guest RAM backing, `MODE`: inplace (one guest_memfd, mmap-able) or split (guest_memfd + memfd)")
 	fs.IntVar(&f.vcpus, "vcpus", f.vcpus, fmt.Sprintf("number of vCPUs, 1 to %d (vCPU 0 runs the scenario, the others convert concurrently)", vmm.MaxVCPUs))
-	fs.StringVar(&policy, "policy", "extent", "IOMMU mapping policy: `extent` (one entry per conversion) or granule (one per 4 KiB)")
-	fs.StringVar(&rules, "iommu", "type1", "kernel rules the model IOMMU follows: `type1` (VFIO) or iommufd")
+	fs.StringVar(&policy, "policy", "extent", "IOMMU mapping `POLICY`: extent (one entry per conversion) or granule (one per 4 KiB)")
+	fs.StringVar(&rules, "iommu", "type1", "kernel `RULES` the model IOMMU follows: type1 (VFIO) or iommufd")
 	fs.BoolVar(&f.json, "json", false, "print the report as one JSON object")
 	fs.BoolVar(&f.noKVM, "no-kvm", false, "run the scenario host-driven, without KVM")
 	fs.BoolVar(&f.quiet, "quiet", false, "no progress lines on stderr")
 	fs.DurationVar(&f.timeout, "timeout", f.timeout, "stop the guest after this long")
-	fs.StringVar(&f.vfio, "vfio", "", "also keep a real IOMMU in step: `type1` or iommufd (needs --vfio-device and KVM)")
-	fs.StringVar(&f.vfioDevice, "vfio-device", "", "PCI address of the device bound to vfio-pci whose IOMMU --vfio opens")
-	if err := fs.Parse(args); err != nil {
+	fs.StringVar(&f.vfio, "vfio", "", "also keep a real IOMMU in step, through `IFACE` type1 or iommufd (needs --vfio-device and KVM)")
+	fs.StringVar(&f.vfioDevice, "vfio-device", "", "PCI address (`BDF`) of the device bound to vfio-pci whose IOMMU --vfio opens")
+	if err := parseFlags(fs, args); err != nil {
 		return f, fs, err
 	}
 	if fs.NArg() > 0 {
@@ -96,6 +94,8 @@ func parseDemoFlags(args []string) (demoFlags, *flag.FlagSet, error) {
 		return f, fs, fmt.Errorf("--vfio: want type1 or iommufd, not %q", f.vfio)
 	case (f.vfio == "") != (f.vfioDevice == ""):
 		return f, fs, errors.New("--vfio and --vfio-device go together")
+	case f.vfio != "" && f.noKVM:
+		return f, fs, errors.New("--vfio needs KVM (a guest whose memory the device reaches), not --no-kvm")
 	}
 	return f, fs, nil
 }
@@ -109,8 +109,7 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 		return exitOK
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "gmem demo: %v\n", err)
-		fmt.Fprintln(stderr, "Run 'gmem demo -h' for its flags.")
+		flagUsage(stderr, "gmem demo", err)
 		return exitUsage
 	}
 	progress := func(format string, a ...any) {
@@ -137,6 +136,7 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 			fmt.Fprintf(stderr, "  [vCPU %d] %-4s %s\n", r.CPU, verdict, r.Name)
 		},
 	}
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, f.timeout)
 	defer cancel()
 
@@ -144,9 +144,15 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 	if f.noKVM {
 		progress("--no-kvm: running the scenario host-driven (no vCPU), through the same executor and devices")
 	} else if err := probeKVM(env.kvmPath, f.mode); err != nil {
+		const rig = "to see it on real KVM with private memory (guest_memfd, KVM_SET_MEMORY_ATTRIBUTES, vmmcall) and real VFIO, run scripts/rig --demo (a QEMU guest; no /dev/kvm needed)"
+		if f.vfio != "" {
+			fmt.Fprintf(stderr, "gmem demo: --vfio needs KVM (a guest whose memory the device reaches): %v\n", err)
+			fmt.Fprintf(stderr, "gmem demo: %s\n", rig)
+			return exitUsage
+		}
 		useKVM = false
-		progress("KVM is not available (%v): running the scenario host-driven (no vCPU), through the same executor and devices", err)
-		progress("to see it on real KVM with private memory (guest_memfd, KVM_SET_MEMORY_ATTRIBUTES, vmmcall) and real VFIO, run scripts/rig --demo (a QEMU guest; no /dev/kvm needed)")
+		progress("KVM cannot run the demo's guest (%v): running the scenario host-driven (no vCPU), through the same executor and devices", err)
+		progress("%s", rig)
 	}
 	var rep demoReport
 	if useKVM {
@@ -178,16 +184,17 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 		if cerr := v.Close(); cerr != nil && err == nil {
 			err = cerr
 		}
-		if err != nil {
-			fmt.Fprintf(stderr, "gmem demo: %v\n", err)
-		}
 	} else {
-		if f.vfio != "" {
-			fmt.Fprintf(stderr, "gmem demo: --vfio needs KVM (a guest whose memory the device reaches)\n")
-			return exitFail
-		}
 		rep.Report, err = vmm.RunHostDriven(ctx, cfg)
-		if err != nil {
+	}
+	if err != nil {
+		if why := stoppedBy(parent, ctx, f.timeout); why != "" {
+			// One message, not one per vCPU.
+			err = errors.New(why)
+			rep.Error = why
+		}
+		if rep.Mode == "" || f.json {
+			// No report, or one a program reads: say it here too.
 			fmt.Fprintf(stderr, "gmem demo: %v\n", err)
 		}
 	}
@@ -211,9 +218,21 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 	return exitOK
 }
 
-// probeKVM reports why the KVM device cannot hold memory of mode, or nil:
-// it must open, and offer guest_memfd (in place, one that can be mmapped
-// and start shared).
+// stoppedBy says why the demo was stopped early when its context ended:
+// the timeout, or an interrupt; "" if it did not.
+func stoppedBy(parent, ctx context.Context, timeout time.Duration) string {
+	switch {
+	case parent.Err() != nil:
+		return "interrupted before the scenario finished"
+	case errors.Is(ctx.Err(), context.DeadlineExceeded):
+		return fmt.Sprintf("--timeout %v reached before the scenario finished", timeout)
+	}
+	return ""
+}
+
+// probeKVM reports why the KVM device cannot hold the demo guest's memory
+// of mode, or nil: it must open, and offer guest_memfd (in place, one that
+// can be mmapped and start shared).
 func probeKVM(path string, mode guestmem.Mode) error {
 	sys, err := kvm.OpenPath(path)
 	if err != nil {
@@ -275,8 +294,17 @@ func writeDemoReport(w io.Writer, r demoReport) {
 		fmt.Fprintf(w, "  VFIO          %s for %s: %d map and %d unmap calls, entries peak %d, now %d\n",
 			r.VFIO, r.VFIODevice, r.VFIOMapCalls, r.VFIOUnmapCalls, r.VFIOEntriesPeak, r.VFIOEntriesNow)
 	}
+	unreported := 0
 	for _, f := range r.FailedChecks {
+		if r.Error != "" && strings.HasSuffix(f, ": not reported") {
+			// Stopped early: the checks it never reached are one line.
+			unreported++
+			continue
+		}
 		fmt.Fprintf(w, "  failed: %s\n", f)
+	}
+	if unreported > 0 {
+		fmt.Fprintf(w, "  failed: %s not reported before it stopped (--json lists them)\n", plural(uint64(unreported), "check", "checks"))
 	}
 	if r.Error != "" {
 		fmt.Fprintf(w, "  stopped: %s\n", r.Error)
@@ -312,13 +340,11 @@ KVM (SVM emulated), an IOMMU and a PCI device, and runs this demo inside it.
 
 flags:
 `)
-	out := fs.Output()
-	fs.SetOutput(w)
-	fs.PrintDefaults()
-	fs.SetOutput(out)
+	printFlags(w, fs)
 	fmt.Fprint(w, `
-Exit status: 0 if every check passed and no invariant was violated, 1 otherwise,
-2 for usage errors.
+Exit status: 0 if every check passed and no invariant was violated, 1 otherwise
+(a failed check, the timeout, an interrupt), 2 for usage errors (--vfio without
+KVM among them).
 `)
 }
 

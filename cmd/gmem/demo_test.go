@@ -4,9 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
-	"io/fs"
-	"os"
 	"strings"
 	"testing"
 
@@ -58,17 +55,9 @@ func decodeDemo(t *testing.T, out string) demoJSON {
 
 func haveKVM(t *testing.T) {
 	t.Helper()
-	f, err := os.OpenFile(kvm.DevicePath, os.O_RDWR, 0)
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
-		t.Skipf("needs %s: %v", kvm.DevicePath, err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
 	for _, mode := range []guestmem.Mode{guestmem.InPlace, guestmem.Split} {
 		if err := probeKVM(kvm.DevicePath, mode); err != nil {
-			t.Skipf("needs KVM with guest_memfd for %v memory (Linux 6.18 for in place; scripts/rig --kernel-source linux-source-7.3 has it): %v", mode, err)
+			t.Skipf("needs %s with guest_memfd for %v memory (Linux 6.18 for in place; scripts/rig --kernel-source linux-source-7.3 has it): %v", kvm.DevicePath, mode, err)
 		}
 	}
 }
@@ -123,7 +112,7 @@ func TestDemoNoKVM(t *testing.T) {
 		says string
 	}{
 		{"flag", realKVM, []string{"--no-kvm", "--json"}, "--no-kvm: running the scenario host-driven"},
-		{"missing device", demoEnv{kvmPath: "/nonexistent/kvm"}, []string{"--json", "--mode", "split"}, "KVM is not available"},
+		{"missing device", demoEnv{kvmPath: "/nonexistent/kvm"}, []string{"--json", "--mode", "split"}, "KVM cannot run the demo's guest"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			code, out, errOut := runDemoEnv(c.env, c.args...)
@@ -147,11 +136,38 @@ func TestDemoNoKVM(t *testing.T) {
 }
 
 // TestDemoVFIOWithoutKVM: a real IOMMU needs a guest, so without KVM the
-// demo refuses --vfio and says how to see the real thing.
+// demo refuses --vfio as a usage error and says how to see the real thing.
 func TestDemoVFIOWithoutKVM(t *testing.T) {
 	code, _, errOut := runDemoEnv(demoEnv{kvmPath: "/nonexistent/kvm"}, "--vfio", "type1", "--vfio-device", "0000:00:03.0")
-	if code != exitFail || !strings.Contains(errOut, "--vfio needs KVM") || !strings.Contains(errOut, "scripts/rig --demo") {
+	if code != exitUsage || !strings.Contains(errOut, "--vfio needs KVM") || !strings.Contains(errOut, "scripts/rig --demo") {
 		t.Errorf("exit %d, stderr %s", code, errOut)
+	}
+	code, _, errOut = runDemoEnv(demoEnv{kvmPath: "/nonexistent/kvm"}, "--no-kvm", "--vfio", "type1", "--vfio-device", "0000:00:03.0")
+	if code != exitUsage || !strings.Contains(errOut, "not --no-kvm") {
+		t.Errorf("--no-kvm --vfio: exit %d, stderr %s", code, errOut)
+	}
+}
+
+// TestDemoTimeout: a timeout that stops the scenario is said once, and the
+// checks it never reached are one line of the report.
+func TestDemoTimeout(t *testing.T) {
+	code, out, errOut := runDemoEnv(demoEnv{kvmPath: "/nonexistent/kvm"}, "--no-kvm", "--quiet", "--timeout", "1ns")
+	if code != exitFail {
+		t.Fatalf("exit %d, want 1\n%s\n%s", code, out, errOut)
+	}
+	all := out + errOut
+	if n := strings.Count(all, "--timeout 1ns reached"); n != 1 || strings.Contains(all, "deadline exceeded") {
+		t.Errorf("the timeout said %d times:\n%s", n, all)
+	}
+	if n := strings.Count(out, "not reported"); n != 1 || !strings.Contains(out, "checks not reported before it stopped") {
+		t.Errorf("%d lines of unreported checks:\n%s", n, out)
+	}
+	code, out, errOut = runDemoEnv(demoEnv{kvmPath: "/nonexistent/kvm"}, "--no-kvm", "--quiet", "--json", "--timeout", "1ns")
+	var d struct {
+		Error string `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(out), &d); err != nil || code != exitFail || d.Error != "--timeout 1ns reached before the scenario finished" || strings.Count(errOut, "\n") != 1 {
+		t.Errorf("--json: exit %d, %v, error %q, stderr %q", code, err, d.Error, errOut)
 	}
 }
 

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"iter"
-	"strings"
 
 	"github.com/gmemproject/gmem/trace"
 )
@@ -100,9 +99,7 @@ func runGen(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 
-	fs := flag.NewFlagSet("gmem gen "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {}
+	fs := newFlagSet("gmem gen " + name)
 	c := trace.Common{
 		RAM:      trace.DefaultRAM,
 		Seed:     1,
@@ -125,16 +122,20 @@ func runGen(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.Var(enumFlag[trace.Platform]{&c.Platform, trace.ParsePlatform}, "platform", "how large conversions reach the VMM: tdx (2 MiB pieces) or snp (page-state-change runs)")
 	build := spec.flags(fs)
 
-	if err := fs.Parse(args[1:]); err != nil {
+	if err := parseFlags(fs, args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			genHelp(stdout, fs, info)
 			return exitOK
 		}
-		fmt.Fprintf(stderr, "Run 'gmem gen %s -h' for its flags.\n", name)
+		flagUsage(stderr, "gmem gen "+name, err)
 		return exitUsage
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "gmem gen %s: unexpected argument %q\n", name, fs.Arg(0))
+		return exitUsage
+	}
+	if err := explicitZero(fs); err != nil {
+		flagUsage(stderr, "gmem gen "+name, err)
 		return exitUsage
 	}
 	seq, err := build(c)
@@ -172,6 +173,27 @@ func runGen(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
+// zeroMeans lists the gen flags whose 0 is a value of its own; for the
+// others the library reads 0 as "the default", so a 0 given on the command
+// line is refused rather than silently replaced.
+var zeroMeans = map[string]bool{
+	"limit": true, // the kernel's default, as documented
+	"large": true, // no 16 KiB buffers
+	"seed":  true, // a seed like any other
+}
+
+// explicitZero returns an error for the first flag given as 0 that is not
+// in zeroMeans.
+func explicitZero(fs *flag.FlagSet) error {
+	var err error
+	fs.Visit(func(f *flag.Flag) {
+		if err == nil && !zeroMeans[f.Name] && f.Value.String() == "0" {
+			err = fmt.Errorf("--%s 0: want more than 0 (leave the flag out for its default)", f.Name)
+		}
+	})
+	return err
+}
+
 func isHelp(s string) bool { return s == "-h" || s == "-help" || s == "--help" }
 
 func genUsage(w io.Writer) {
@@ -192,24 +214,7 @@ generators:
 
 func genHelp(w io.Writer, fs *flag.FlagSet, info trace.GeneratorInfo) {
 	fmt.Fprintf(w, "usage: gmem gen %s [flags] > trace.jsonl\n\n%s: %s\n\n%s\n\nflags:\n", info.Name, info.Name, info.Summary, info.Behaviour)
-	fs.VisitAll(func(f *flag.Flag) {
-		kind, usage := flag.UnquoteUsage(f)
-		if kind == "value" {
-			kind = "" // enums say their values in the usage
-			if _, ok := f.Value.(interface{ isEnum() }); ok {
-				kind = "NAME"
-			}
-		}
-		head := "  --" + f.Name
-		if kind != "" {
-			head += " " + kind
-		}
-		def := ""
-		if f.DefValue != "" && f.DefValue != "0" && !strings.Contains(usage, "default") {
-			def = " (default " + f.DefValue + ")"
-		}
-		fmt.Fprintf(w, "%-24s %s%s\n", head, usage, def)
-	})
+	printFlags(w, fs)
 	fmt.Fprint(w, "\nSizes take binary units (KiB, MiB, GiB, TiB, or K, M, G, T) or 0x hex.\n")
 }
 

@@ -45,11 +45,15 @@ func commands() []command {
 		{name: "replay", summary: "replay a trace through the baseline and gmem, checking the invariants", run: runReplay},
 		{name: "bench", summary: "compare gmem with the baseline on the standard scenarios", run: runBench},
 		{name: "demo", summary: "boot the built-in guest on KVM: conversions and DMA through the IOMMU, checked", run: runDemo},
+		{name: "version", summary: "print gmem's version and the revision it was built from", run: runVersion},
 	}
 }
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// After the first signal the next one kills at once, as without gmem's
+	// handler: the command is already stopping.
+	context.AfterFunc(ctx, stop)
 	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)

@@ -1,24 +1,23 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"maps"
+	"math"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/gmemproject/gmem/dma"
-	"github.com/gmemproject/gmem/internal/bench"
 	"github.com/gmemproject/gmem/replay"
 	"github.com/gmemproject/gmem/trace"
 )
@@ -26,7 +25,7 @@ import (
 // replayer is what gmem replay needs of a replay.Replayer; tests substitute
 // their own to reach every exit code.
 type replayer interface {
-	Apply(e trace.Event, line int) error
+	ApplyContext(ctx context.Context, e trace.Event, line int) error
 	Finish() error
 	Result() replay.Result
 	WriteSVG(w io.Writer) error
@@ -38,21 +37,38 @@ type replayEnv struct {
 	newReplayer func(replay.Options) replayer
 	// terminal reports whether progress lines may be written to w.
 	terminal func(w io.Writer) bool
+	// grace is how long an interrupted replay may take to stop at an event
+	// boundary before the command gives up on its result (default
+	// interruptGrace).
+	grace time.Duration
+	// progressEvery is the interval of progress lines (default
+	// progressInterval).
+	progressEvery time.Duration
 }
 
 // maxShownErrors bounds the malformed lines and violations printed one by
-// one; the rest are counted.
+// one on stderr; the rest are counted.
 const maxShownErrors = 20
 
 // shownRejections is how many refused events the table lists.
 const shownRejections = 5
+
+// interruptGrace is how long an interrupted replay may take to finish the
+// undo of the event it was in. The IOMMU models fail every map call once
+// the context ends, so this is the undo of what the event had mapped; past
+// it the command exits without a result, so that an interrupt is honoured
+// within a second whatever the event.
+const interruptGrace = 500 * time.Millisecond
+
+// progressInterval is how often a replay on a terminal says how far it is.
+const progressInterval = time.Second
 
 // runReplay implements "gmem replay FILE|-".
 func runReplay(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	env := replayEnv{
 		stdin:       os.Stdin,
 		newReplayer: func(o replay.Options) replayer { return replay.New(o) },
-		terminal:    isTerminal,
+		terminal:    func(w io.Writer) bool { return isTerminal(w) },
 	}
 	return env.run(ctx, args, stdout, stderr)
 }
@@ -62,18 +78,28 @@ type replayFlags struct {
 	json      bool
 	svg       string
 	keepGoing bool
+	details   detailsFlag
 	ram       string
+	mmio      rangesFlag
 	devices   int
 	iommu     trace.IOMMU
 	limit     uint64
 	mode      trace.Mode
 	format    trace.Format
 	maxExtent maxExtentFlag
+	bitmap    uint64
 	file      string
+
+	opts     trace.Options  // the trace options the flags make
+	ropts    replay.Options // the replay options the flags make
+	qemuOnly []string       // the flags given that describe a QEMU log's machine
 }
 
 // maxExtentFlag is --max-extent: a size, or "none" for dma.Unbounded.
-type maxExtentFlag struct{ v uint64 }
+type maxExtentFlag struct {
+	v    uint64
+	text string // as given, for messages
+}
 
 func (f *maxExtentFlag) String() string {
 	switch f.v {
@@ -86,6 +112,7 @@ func (f *maxExtentFlag) String() string {
 }
 
 func (f *maxExtentFlag) Set(s string) error {
+	f.text = s
 	if s == "none" {
 		f.v = dma.Unbounded
 		return nil
@@ -93,67 +120,178 @@ func (f *maxExtentFlag) Set(s string) error {
 	return sizeFlag{&f.v}.Set(s)
 }
 
-func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var f replayFlags
-	fs := flag.NewFlagSet("gmem replay", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {}
-	fs.BoolVar(&f.json, "json", false, "print the result as one JSON object")
-	fs.StringVar(&f.svg, "svg", "", "draw the memory map and the entries timeline to `FILE` (SVG)")
-	fs.BoolVar(&f.keepGoing, "keep-going", false, "skip malformed lines and impossible machine events, and continue after a violation, reporting each")
+// detailsFlag is --details: a count, or "all".
+type detailsFlag struct{ n int }
+
+func (f *detailsFlag) String() string {
+	if f.n < 0 {
+		return "all"
+	}
+	return strconv.Itoa(f.n)
+}
+
+func (f *detailsFlag) Set(s string) error {
+	if s == "all" {
+		f.n = -1
+		return nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 {
+		return errors.New("want a positive count or all")
+	}
+	f.n = n
+	return nil
+}
+
+// rangesFlag is a repeatable GPA:SIZE[,GPA:SIZE...] flag.
+type rangesFlag struct{ texts []string }
+
+func (f *rangesFlag) String() string { return strings.Join(f.texts, ",") }
+
+func (f *rangesFlag) Set(s string) error {
+	if _, err := trace.ParseMMIOLayout(s); err != nil {
+		return err
+	}
+	f.texts = append(f.texts, s)
+	return nil
+}
+
+// parseReplayFlags parses the command line; it returns flag.ErrHelp for -h
+// and a usage error for anything wrong with the flags, before any input is
+// read.
+func parseReplayFlags(args []string) (*replayFlags, *flag.FlagSet, error) {
+	f := &replayFlags{devices: 1, details: detailsFlag{replay.DefaultMaxDetails}}
+	fs := newFlagSet("gmem replay")
+	fs.BoolVar(&f.json, "json", false, "print the result as one JSON object (with an \"error\" object whenever the exit status is not 0)")
+	fs.StringVar(&f.svg, "svg", "", "draw the memory map and the entries timeline to `FILE` (SVG); - for stdout, in place of the table")
+	fs.BoolVar(&f.keepGoing, "keep-going", false, "skip malformed lines, impossible machine events and devices a run cannot attach, and continue after a violation, reporting each")
+	fs.Var(&f.details, "details", fmt.Sprintf("how many violations, rejections, input and run errors to describe one by one, `N` or all (default %d each; all are counted)", replay.DefaultMaxDetails))
 	fs.Var(enumFlag[trace.Format]{&f.format, trace.ParseFormat}, "format", "input format, jsonl or qemu (default: detected from the first line that is neither blank nor a comment)")
-	fs.StringVar(&f.ram, "ram", "", "QEMU logs: RAM layout `GPA:SIZE[,GPA:SIZE...]` (default: one block from 0 to the highest converted address, rounded up to 1GiB)")
+	fs.StringVar(&f.ram, "ram", "", "QEMU logs: RAM layout `GPA:SIZE[,GPA:SIZE...]` (default: from 0 to the highest converted address, rounded up to 1GiB, less the --mmio holes)")
+	fs.Var(&f.mmio, "mmio", "QEMU logs: MMIO holes such as the PCI hole, `GPA:SIZE[,GPA:SIZE...]`; repeatable")
 	fs.IntVar(&f.devices, "devices", 1, "QEMU logs: number of devices attached")
 	fs.Var(enumFlag[trace.IOMMU]{&f.iommu, trace.ParseIOMMU}, "iommu", "QEMU logs: devices' IOMMU, type1 or iommufd (default type1)")
 	fs.Uint64Var(&f.limit, "limit", 0, "QEMU logs: type1 dma_entry_limit (0: the kernel's default, 65535)")
 	fs.Var(enumFlag[trace.Mode]{&f.mode, trace.ParseMode}, "mode", "QEMU logs: RAM backing, split or inplace (default split, as QEMU's guest_memfd RAM)")
-	fs.Var(&f.maxExtent, "max-extent", fmt.Sprintf("gmem's largest IOMMU entry, a power-of-two `SIZE`, or none (default %s)", trace.FormatSize(dma.DefaultMaxExtent)))
+	fs.Var(&f.maxExtent, "max-extent", fmt.Sprintf("gmem's largest IOMMU entry, a power-of-two `SIZE` of at least 4KiB, or none (default %s)", trace.FormatSize(dma.DefaultMaxExtent)))
+	fs.Var(sizeFlag{&f.bitmap}, "bitmap-budget", fmt.Sprintf("largest baseline bitmaps to allocate, a `SIZE` (default %s, 8 TiB of RAM); past it the baseline keeps runs and its state memory is computed", trace.FormatSize(replay.DefaultBitmapBudget)))
 
 	// Flags may come before or after the file name.
 	for rest := args; ; {
-		if err := fs.Parse(rest); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				replayHelp(stdout, fs)
-				return exitOK
-			}
-			fmt.Fprintln(stderr, "Run 'gmem replay -h' for its flags.")
-			return exitUsage
+		if err := parseFlags(fs, rest); err != nil {
+			return f, fs, err
 		}
 		if fs.NArg() == 0 {
 			break
 		}
 		if f.file != "" {
-			fmt.Fprintf(stderr, "gmem replay: unexpected argument %q (one trace at a time)\n", fs.Arg(0))
-			return exitUsage
+			return f, fs, fmt.Errorf("unexpected argument %q (one trace at a time)", fs.Arg(0))
 		}
 		f.file, rest = fs.Arg(0), fs.Args()[1:]
 	}
 	if f.file == "" {
-		fmt.Fprintln(stderr, "usage: gmem replay [flags] FILE|-\nRun 'gmem replay -h' for its flags.")
-		return exitUsage
+		return f, fs, errors.New("no trace given: gmem replay [flags] FILE|-")
 	}
-	opts := trace.Options{KeepGoing: f.keepGoing, Format: f.format, Devices: f.devices, IOMMU: f.iommu, Limit: f.limit, Mode: f.mode}
-	qemuOnly := f.ram != "" || f.iommu != 0 || f.limit != 0 || f.mode != 0
 	fs.Visit(func(fl *flag.Flag) {
-		if fl.Name == "devices" {
-			qemuOnly = true
+		switch fl.Name {
+		case "ram", "mmio", "devices", "iommu", "limit", "mode":
+			f.qemuOnly = append(f.qemuOnly, "--"+fl.Name)
 		}
 	})
+	f.opts = trace.Options{KeepGoing: f.keepGoing, Format: f.format, Devices: f.devices, IOMMU: f.iommu, Limit: f.limit, Mode: f.mode}
 	if f.ram != "" {
 		ram, err := trace.ParseRAMLayout(f.ram)
 		if err != nil {
-			fmt.Fprintf(stderr, "gmem replay: --ram: %v\n", err)
-			return exitUsage
+			return f, fs, fmt.Errorf("--ram: %w", err)
 		}
-		opts.RAM = ram
+		f.opts.RAM = ram
+	}
+	for _, t := range f.mmio.texts {
+		holes, err := trace.ParseMMIOLayout(t)
+		if err != nil {
+			return f, fs, fmt.Errorf("--mmio: %w", err)
+		}
+		f.opts.MMIO = append(f.opts.MMIO, holes...)
 	}
 	if f.devices < 1 || f.devices > trace.MaxDevices {
-		fmt.Fprintf(stderr, "gmem replay: --devices %d: want 1 to %d\n", f.devices, trace.MaxDevices)
-		return exitUsage
+		return f, fs, fmt.Errorf("--devices %d: want 1 to %d", f.devices, trace.MaxDevices)
 	}
-	if f.iommu == trace.IOMMUFD && f.limit != 0 {
-		fmt.Fprintln(stderr, "gmem replay: --limit: iommufd has no entry limit")
-		return exitUsage
+	if err := f.opts.Check(); err != nil {
+		return f, fs, machineFlagError(err)
+	}
+	budget := false
+	fs.Visit(func(fl *flag.Flag) { budget = budget || fl.Name == "bitmap-budget" })
+	if budget && f.bitmap == 0 {
+		return f, fs, errors.New("--bitmap-budget 0: want more than 0 (a budget of 1 allocates no bitmap)")
+	}
+	f.ropts = replay.Options{MaxExtent: f.maxExtent.v, BitmapBudget: f.bitmap, MaxDetails: f.details.n, Limits: true}
+	if err := f.ropts.Validate(); err != nil {
+		return f, fs, fmt.Errorf("--max-extent %s: %s", f.maxExtent.text, strings.TrimPrefix(err.Error(), replay.ErrOptions.Error()+": "))
+	}
+	if f.svg == "-" && f.json {
+		return f, fs, errors.New("--svg - and --json both write to stdout; give --svg a file")
+	}
+	return f, fs, nil
+}
+
+// machineFlagError names the flag behind an error of trace.Options.Check.
+func machineFlagError(err error) error {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "entry limit") || strings.Contains(msg, "dma_entry_limit"):
+		return fmt.Errorf("--limit: %w", err)
+	case strings.Contains(msg, "MMIO"):
+		return fmt.Errorf("--ram, --mmio: %w", err)
+	}
+	return err
+}
+
+// replayOutput is where gmem replay reports: the result on stdout (a table,
+// or JSON), diagnostics on stderr.
+type replayOutput struct {
+	stdout io.Writer
+	stderr io.Writer
+	json   bool
+}
+
+// replayError is the "error" object of --json: why the exit status is not
+// 0.
+type replayError struct {
+	// Kind is usage, input, output, run (a device a run could not attach),
+	// violation or interrupted.
+	Kind    string `json:"kind"`
+	Message string `json:"message"`
+	Line    int    `json:"line,omitempty"` // the input line, when one is at fault
+}
+
+// fail reports an error that leaves no result to print: on stderr, and as
+// {"error": ...} on stdout for --json. It returns code.
+func (o *replayOutput) fail(code int, e replayError) int {
+	fmt.Fprintf(o.stderr, "gmem replay: %s\n", e.Message)
+	if e.Kind == "usage" {
+		fmt.Fprintln(o.stderr, "Run 'gmem replay -h' for its flags.")
+	}
+	if o.json {
+		o.writeJSON(replayJSON{Error: &e})
+	}
+	return code
+}
+
+func (o *replayOutput) writeJSON(v replayJSON) error {
+	enc := json.NewEncoder(o.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	f, fs, err := parseReplayFlags(args)
+	if errors.Is(err, flag.ErrHelp) {
+		replayHelp(stdout, fs)
+		return exitOK
+	}
+	out := &replayOutput{stdout: stdout, stderr: stderr, json: f.json}
+	if err != nil {
+		return out.fail(exitUsage, replayError{Kind: "usage", Message: err.Error()})
 	}
 
 	in := env.stdin
@@ -161,72 +299,180 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 	if f.file != "-" {
 		file, err := os.Open(f.file)
 		if err != nil {
-			fmt.Fprintf(stderr, "gmem replay: %v\n", err)
-			return exitUsage
+			return out.fail(exitUsage, replayError{Kind: "input", Message: err.Error()})
 		}
 		defer file.Close()
+		if st, err := file.Stat(); err == nil && st.IsDir() {
+			return out.fail(exitUsage, replayError{Kind: "input", Message: f.file + " is a directory"})
+		}
 		in, name = file, f.file
+	}
+	if f.file == "-" && isTerminal(in) {
+		fmt.Fprintln(stderr, "gmem replay: reading the trace from the terminal; end it with Ctrl-D")
+	}
+	counted := &countingReader{r: in}
+	if st, ok := in.(interface{ Stat() (os.FileInfo, error) }); ok {
+		if fi, err := st.Stat(); err == nil && fi.Mode().IsRegular() {
+			counted.size = fi.Size()
+		}
 	}
 
 	start := time.Now()
-	prog := &progress{w: stderr, start: start, on: env.terminal(stderr)}
-	rp := env.newReplayer(replay.Options{Progress: prog.report, MaxExtent: f.maxExtent.v})
-	s := &replaySession{rp: rp, name: name, stderr: stderr, keepGoing: f.keepGoing, ctx: ctx}
-	rd := trace.NewReader(in, opts)
-	err := s.read(rd, qemuOnly)
-	prog.done()
-	if err != nil {
-		fmt.Fprintf(stderr, "gmem replay: %s: %v\n", name, err)
-		return exitUsage
+	diag := &diagWriter{w: stderr}
+	s := &replaySession{
+		rp:        env.newReplayer(f.ropts),
+		name:      name,
+		stderr:    diag,
+		keepGoing: f.keepGoing,
+		details:   f.ropts.MaxDetails,
+		qemuOnly:  f.qemuOnly,
 	}
-	if s.stopped == "" || s.stopped == stopViolation {
-		if err := rp.Finish(); err != nil {
-			s.printViolation(err)
+	if s.details == 0 {
+		s.details = replay.DefaultMaxDetails
+	}
+	rd := trace.NewReader(counted, f.opts)
+	done := make(chan error, 1)
+	go func() { done <- s.run(ctx, rd) }()
+
+	prog := &progress{diag: diag, start: start, input: counted, s: s}
+	var tick <-chan time.Time
+	if env.terminal(stderr) {
+		t := time.NewTicker(cmpDuration(env.progressEvery, progressInterval))
+		defer t.Stop()
+		tick = t.C
+	}
+	var grace <-chan time.Time
+	interrupted := ctx.Done()
+	for waiting := true; waiting; {
+		select {
+		case err = <-done:
+			waiting = false
+		case <-tick:
+			prog.show()
+		case <-interrupted:
+			interrupted = nil
+			grace = time.After(cmpDuration(env.grace, interruptGrace))
+		case <-grace:
+			// Still undoing the event it was in: give up on the result.
+			diag.close()
+			line, event, since := s.current()
+			msg := fmt.Sprintf("interrupted during event %s (line %s), %s into it, after %s of replay; no result",
+				commas(event), commas(uint64(line)), time.Since(since).Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
+			return out.fail(exitFail, replayError{Kind: "interrupted", Message: msg, Line: line})
 		}
 	}
-	res := rp.Result()
+	diag.clear()
+
+	res := s.rp.Result()
 	st := inputStats{
 		Format:       rd.Format().String(),
 		FormatReason: rd.FormatReason(),
 		Lines:        rd.Lines(),
-		Events:       s.events,
+		Events:       s.events.Load(),
 		Malformed:    s.malformed,
 		Skipped:      rd.Skipped(),
 		Unrecognised: rd.Unrecognised(),
 		Folded:       rd.Folded(),
+	}
+	report := replayJSON{Result: &res, Input: &st}
+	s.merge(&report)
+	if err != nil {
+		// The input stopped the replay: no table, but --json gets what was
+		// replayed until then.
+		e := replayError{Kind: "input", Message: fmt.Sprintf("%s: %v", name, err)}
+		var pe *trace.ParseError
+		var ie *replay.InputError
+		switch {
+		case errors.As(err, &pe):
+			e.Line = pe.Line
+		case errors.As(err, &ie):
+			e.Line = ie.Line
+		}
+		fmt.Fprintf(stderr, "gmem replay: %s\n", e.Message)
+		if f.json {
+			report.Error = &e
+			out.writeJSON(report)
+		}
+		return exitUsage
 	}
 	if rd.Format() == trace.QEMULog && res.Conversions == 0 {
 		fmt.Fprintf(stderr, "gmem replay: warning: %s: no %s or %s event recognised in %d lines (%d unrecognised); is it a QEMU trace log with those events enabled?\n",
 			name, "kvm_convert_memory", "kvm_memory_fault", st.Lines, st.Unrecognised)
 	}
 
-	if f.svg != "" {
-		if err := writeSVG(rp, f.svg); err != nil {
-			fmt.Fprintf(stderr, "gmem replay: --svg: %v\n", err)
-			return exitUsage
-		}
+	code, why := s.verdict(res)
+	if why != nil {
+		report.Error = why
 	}
-	if f.json {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(replayJSON{Result: res, Input: st}); err != nil {
-			fmt.Fprintf(stderr, "gmem replay: %v\n", err)
-			return exitUsage
+	w := &errWriter{w: stdout}
+	switch {
+	case f.svg == "-":
+		if err := s.rp.WriteSVG(w); err != nil {
+			w.err = cmpError(w.err, err)
 		}
-	} else {
-		printResult(stdout, name, st, res, time.Since(start))
+	case f.svg != "":
+		if err := writeSVG(s.rp, f.svg); err != nil {
+			return out.fail(exitUsage, replayError{Kind: "output", Message: "--svg: " + err.Error()})
+		}
 	}
 	switch {
-	case res.Violations > 0:
-		return exitFail
-	case s.stopped == stopInterrupted:
-		fmt.Fprintf(stderr, "gmem replay: interrupted after %d events\n", res.Events)
-		return exitFail
-	case s.malformed > 0 || res.InputErrors > 0:
-		fmt.Fprintf(stderr, "gmem replay: %s: %d malformed lines and %d impossible machine events skipped\n", name, s.malformed, res.InputErrors)
+	case f.json:
+		if err := out.writeJSON(report); err != nil {
+			w.err = cmpError(w.err, err)
+		}
+	case f.svg != "-":
+		printResult(w, name, st, res, time.Since(start))
+	}
+	if w.err != nil {
+		fmt.Fprintf(stderr, "gmem replay: writing the result: %v\n", w.err)
 		return exitUsage
 	}
-	return exitOK
+	if why != nil {
+		fmt.Fprintf(stderr, "gmem replay: %s: %s\n", name, why.Message)
+	}
+	return code
+}
+
+// cmpDuration returns d, or def if d is 0.
+func cmpDuration(d, def time.Duration) time.Duration {
+	if d == 0 {
+		return def
+	}
+	return d
+}
+
+// cmpError returns the first error that is not nil.
+func cmpError(a, b error) error {
+	if a != nil {
+		return a
+	}
+	return b
+}
+
+// verdict returns the exit status of a finished replay and, unless it is
+// 0, why.
+func (s *replaySession) verdict(res replay.Result) (int, *replayError) {
+	switch {
+	case res.Violations > 0:
+		return exitFail, &replayError{Kind: "violation", Message: fmt.Sprintf("%s: see the result", plural(res.Violations, "invariant violated", "invariants violated"))}
+	case s.stopped == stopInterrupted:
+		return exitFail, &replayError{Kind: "interrupted", Message: fmt.Sprintf("interrupted after %s; the result is of those", plural(res.Events, "event", "events"))}
+	case res.RunErrors > 0:
+		return exitFail, &replayError{Kind: "run", Message: runErrorSummary(res, s.stopped == stopRun)}
+	case s.malformed > 0 || res.InputErrors > 0:
+		return exitUsage, &replayError{Kind: "input", Message: fmt.Sprintf("%s and %s skipped",
+			plural(uint64(s.malformed), "malformed line", "malformed lines"), plural(res.InputErrors, "impossible machine event", "impossible machine events"))}
+	}
+	return exitOK, nil
+}
+
+// runErrorSummary says what the run errors mean for the result.
+func runErrorSummary(res replay.Result, stopped bool) string {
+	what := plural(res.RunErrors, "device", "devices") + " could not be attached"
+	if stopped {
+		return what + "; the replay stopped there (--keep-going replays the rest without it)"
+	}
+	return what + "; the run that could not attach went on without it"
 }
 
 // inputStats is what gmem replay read: the format and why, and what became
@@ -242,27 +488,58 @@ type inputStats struct {
 	Folded       int    `json:"folded"`       // kvm_convert_memory lines repeating a kvm_memory_fault
 }
 
-// replayJSON is the --json output: the replay's result and the input's
-// statistics.
+// replayJSON is the --json output: the replay's result, the input's
+// statistics, and why the exit status is not 0. input_errors and
+// input_error_details count and list malformed lines (kind "malformed") and
+// impossible machine events (kind "machine") together.
 type replayJSON struct {
-	replay.Result
-	Input inputStats `json:"input"`
+	Error *replayError `json:"error,omitempty"`
+	*replay.Result
+	Input *inputStats `json:"input,omitempty"`
 }
 
-// replaySession feeds events to a replayer and reports what goes wrong.
+// merge adds the malformed lines the session skipped to the input errors of
+// the report, in line order.
+func (s *replaySession) merge(r *replayJSON) {
+	if s.malformed == 0 {
+		return
+	}
+	res := *r.Result
+	res.InputErrors += uint64(s.malformed)
+	all := append(append([]replay.InputError(nil), s.malformedList...), res.InputErrorDetails...)
+	sortInputErrors(all)
+	limit := s.details
+	if limit < 0 {
+		limit = math.MaxInt
+	}
+	res.InputErrorDetails = all[:min(len(all), limit)]
+	res.InputErrorsOmitted = res.InputErrors - uint64(len(res.InputErrorDetails))
+	r.Result = &res
+}
+
+// replaySession feeds events to a replayer and reports what goes wrong. Its
+// run goroutine owns everything but the atomics, which the progress line
+// reads.
 type replaySession struct {
-	ctx       context.Context
 	rp        replayer
 	name      string
 	stderr    io.Writer
 	keepGoing bool
+	details   int      // Options.MaxDetails: negative for all
+	qemuOnly  []string // machine flags given, ignored for JSON Lines
 
-	events      uint64
-	malformed   int
-	inputErrors int
-	violations  int
-	stopped     string             // why the replay stopped early, or ""
-	inputErr    *replay.InputError // the input error it stopped at
+	malformed     int
+	malformedList []replay.InputError
+	inputErrors   int
+	runErrors     int
+	violations    int
+	stopped       string // why the replay stopped early, or ""
+
+	events   atomic.Uint64 // events applied
+	line     atomic.Int64  // input line of the event being applied
+	total    atomic.Int64  // lines of a QEMU log (read whole), or 0
+	since    atomic.Int64  // when the event being applied started (UnixNano), 0 between events
+	finished atomic.Bool   // the final checks are running
 }
 
 // Reasons to stop early.
@@ -270,34 +547,107 @@ const (
 	stopViolation   = "violation"
 	stopInterrupted = "interrupted"
 	stopInput       = "input"
+	stopRun         = "run"
 )
 
-// apply replays one event and reports whether to go on.
-func (s *replaySession) apply(e trace.Event, line int) bool {
-	s.events++
-	if s.events%1024 == 0 && s.ctx.Err() != nil {
-		s.stopped = stopInterrupted
-		return false
+// current returns the line and number of the event being applied, and when
+// it started.
+func (s *replaySession) current() (line int, event uint64, since time.Time) {
+	return int(s.line.Load()), s.events.Load() + 1, time.Unix(0, s.since.Load())
+}
+
+// run replays the events of rd as they are read (a JSON Lines trace in
+// constant memory; a QEMU log, which the Reader reads whole first, event by
+// event), then finishes. It returns the error that stopped the replay if
+// the input is at fault.
+func (s *replaySession) run(ctx context.Context, rd *trace.Reader) error {
+	if err := s.read(ctx, rd); err != nil {
+		return err
 	}
-	err := s.rp.Apply(e, line)
+	switch s.stopped {
+	case "", stopViolation, stopRun:
+		s.finished.Store(true)
+		if err := s.rp.Finish(); err != nil {
+			s.printViolation(err)
+		}
+	}
+	return nil
+}
+
+func (s *replaySession) read(ctx context.Context, rd *trace.Reader) error {
+	for first := true; ; first = false {
+		e, err := rd.Next()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if rd.Format() == trace.QEMULog {
+			s.total.Store(int64(rd.Lines()))
+		}
+		if first && rd.Format() == trace.JSONLines && len(s.qemuOnly) > 0 {
+			verb := "are"
+			if len(s.qemuOnly) == 1 {
+				verb = "is"
+			}
+			fmt.Fprintf(s.stderr, "gmem replay: the trace declares its own machine; %s %s for QEMU logs only, and ignored\n",
+				strings.Join(s.qemuOnly, ", "), verb)
+		}
+		var pe *trace.ParseError
+		if errors.As(err, &pe) {
+			if !s.keepGoing {
+				return pe
+			}
+			s.malformed++
+			if s.details < 0 || len(s.malformedList) < s.details {
+				s.malformedList = append(s.malformedList, replay.InputError{Line: pe.Line, Kind: "malformed", Message: pe.Err.Error(), Err: pe.Err})
+			}
+			s.report(&s.malformed, "malformed lines skipped", fmt.Sprintf("%v (skipped)", pe))
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		stop, err := s.apply(ctx, e, rd.Line())
+		if stop {
+			return err
+		}
+	}
+}
+
+// apply replays one event and reports whether to stop, and the input error
+// to stop at, if that is why.
+func (s *replaySession) apply(ctx context.Context, e trace.Event, line int) (stop bool, _ error) {
+	s.line.Store(int64(line))
+	s.since.Store(time.Now().UnixNano())
+	err := s.rp.ApplyContext(ctx, e, line)
+	s.since.Store(0)
 	var ie *replay.InputError
+	var re *replay.RunError
 	switch {
+	case errors.Is(err, replay.ErrInterrupted):
+		s.stopped = stopInterrupted
+		return true, nil
+	case errors.As(err, &re):
+		s.runErrors++
+		s.report(&s.runErrors, "devices a run could not attach", re.Error())
+		if !s.keepGoing {
+			s.stopped = stopRun
+		}
 	case errors.As(err, &ie):
 		s.inputErrors++
 		if !s.keepGoing {
 			s.stopped = stopInput
-			s.inputErr = ie
-			return false
+			s.events.Add(1)
+			return true, ie
 		}
 		s.report(&s.inputErrors, "impossible machine events skipped", fmt.Sprintf("%v (skipped)", ie))
 	case err != nil:
 		s.printViolation(err)
 		if !s.keepGoing {
 			s.stopped = stopViolation
-			return false
 		}
 	}
-	return true
+	s.events.Add(1)
+	return s.stopped != "", nil
 }
 
 // report prints msg for one of the first maxShownErrors of a kind of error
@@ -313,55 +663,7 @@ func (s *replaySession) report(n *int, more, msg string) {
 
 func (s *replaySession) printViolation(err error) {
 	s.violations++
-	switch {
-	case s.violations <= maxShownErrors:
-		fmt.Fprintf(s.stderr, "gmem replay: %s: %v\n", s.name, err)
-	case s.violations == maxShownErrors+1:
-		fmt.Fprintf(s.stderr, "gmem replay: %s: more violations; see the result\n", s.name)
-	}
-}
-
-// malformedLine reports a malformed line; it returns an error when the
-// replay must stop because of it.
-func (s *replaySession) malformedLine(pe *trace.ParseError) error {
-	if !s.keepGoing {
-		return pe
-	}
-	s.malformed++
-	s.report(&s.malformed, "malformed lines skipped", fmt.Sprintf("%v (skipped)", pe))
-	return nil
-}
-
-// read replays the events of rd as they are read: a JSON Lines trace in
-// constant memory, a QEMU log (which the Reader reads whole first) event by
-// event.
-func (s *replaySession) read(rd *trace.Reader, qemuOnly bool) error {
-	for {
-		e, err := rd.Next()
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if s.events == 0 && rd.Format() == trace.JSONLines && qemuOnly {
-			qemuOnly = false
-			fmt.Fprintln(s.stderr, "gmem replay: the trace declares its own machine; --ram, --devices, --iommu, --limit and --mode apply to QEMU logs only and are ignored")
-		}
-		var pe *trace.ParseError
-		if errors.As(err, &pe) {
-			if err := s.malformedLine(pe); err != nil {
-				return err
-			}
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		if !s.apply(e, rd.Line()) {
-			if s.inputErr != nil {
-				return s.inputErr
-			}
-			return nil
-		}
-	}
+	s.report(&s.violations, "violations; see the result", err.Error())
 }
 
 func writeSVG(rp replayer, path string) error {
@@ -376,198 +678,127 @@ func writeSVG(rp replayer, path string) error {
 	return f.Close()
 }
 
-// progress writes a progress line to a terminal once a replay has run for a
-// second, at most five times a second.
+// countingReader counts the bytes read, for the progress line.
+type countingReader struct {
+	r    io.Reader
+	n    atomic.Int64
+	size int64 // of a regular file, or 0
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// errWriter keeps the first write error, so that a result that could not be
+// written is reported once.
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) Write(p []byte) (int, error) {
+	if e.err != nil {
+		return len(p), nil
+	}
+	n, err := e.w.Write(p)
+	e.err = err
+	return n, err
+}
+
+// diagWriter carries the diagnostics of the replay's goroutine and the
+// progress line of the command's, one at a time: a diagnostic first clears
+// the progress line. Once closed it drops what the replay still writes.
+type diagWriter struct {
+	mu     sync.Mutex
+	w      io.Writer
+	status bool // a progress line is on the screen
+	closed bool
+}
+
+func (d *diagWriter) Write(p []byte) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return len(p), nil
+	}
+	d.clearLocked()
+	return d.w.Write(p)
+}
+
+// show replaces the progress line with line.
+func (d *diagWriter) show(line string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.closed {
+		fmt.Fprintf(d.w, "\r%s\x1b[K", line)
+		d.status = true
+	}
+}
+
+func (d *diagWriter) clear() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.clearLocked()
+}
+
+func (d *diagWriter) clearLocked() {
+	if d.status {
+		fmt.Fprint(d.w, "\r\x1b[K")
+		d.status = false
+	}
+}
+
+// close clears the progress line and drops later writes.
+func (d *diagWriter) close() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.clearLocked()
+	d.closed = true
+}
+
+// progress writes how far a replay is, to a terminal: events done, how much
+// of the input was read, the time so far, and the event being applied if it
+// has run for more than a second.
 type progress struct {
-	w       io.Writer
-	start   time.Time
-	last    time.Time
-	on      bool
-	printed bool
+	diag  *diagWriter
+	start time.Time
+	input *countingReader
+	s     *replaySession
 }
 
-func (p *progress) report(events uint64) {
-	if !p.on {
-		return
-	}
-	now := time.Now()
-	if now.Sub(p.start) < time.Second || now.Sub(p.last) < 200*time.Millisecond {
-		return
-	}
-	p.last = now
-	p.printed = true
-	rate := float64(events) / now.Sub(p.start).Seconds()
-	fmt.Fprintf(p.w, "\rreplay: %s events (%s events/s)\x1b[K", commas(events), commas(uint64(rate)))
+func (p *progress) show() {
+	p.diag.show(p.line(time.Now()))
 }
 
-// done clears the progress line.
-func (p *progress) done() {
-	if p.printed {
-		fmt.Fprint(p.w, "\r\x1b[K")
+func (p *progress) line(now time.Time) string {
+	var b strings.Builder
+	line, event, since := p.s.current()
+	fmt.Fprintf(&b, "replay: %s done", plural(p.s.events.Load(), "event", "events"))
+	switch total := p.s.total.Load(); {
+	case total > 0:
+		fmt.Fprintf(&b, ", line %s of %s", commas(uint64(line)), commas(uint64(total)))
+	case p.input.size > 0:
+		fmt.Fprintf(&b, ", %s of %s read (%d%%)", human(uint64(p.input.n.Load())), human(uint64(p.input.size)), 100*p.input.n.Load()/p.input.size)
 	}
+	fmt.Fprintf(&b, ", %s", now.Sub(p.start).Round(time.Second))
+	switch {
+	case p.s.finished.Load():
+		b.WriteString("; final checks")
+	case p.s.since.Load() != 0 && now.Sub(since) >= time.Second:
+		fmt.Fprintf(&b, "; event %s (line %s) running for %s", commas(event), commas(uint64(line)), now.Sub(since).Round(time.Second))
+	}
+	return b.String()
 }
 
-// isTerminal reports whether w is a terminal (a TCGETS ioctl succeeds).
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
+// isTerminal reports whether f, a reader or a writer, is a terminal (a
+// TCGETS ioctl succeeds).
+func isTerminal(f any) bool {
+	file, ok := f.(*os.File)
 	if !ok {
 		return false
 	}
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	_, err := unix.IoctlGetTermios(int(file.Fd()), unix.TCGETS)
 	return err == nil
-}
-
-func printResult(w io.Writer, name string, in inputStats, res replay.Result, took time.Duration) {
-	fmt.Fprintf(w, "trace      %s (%s, %s): %s events, %s conversions, replayed in %s\n",
-		name, in.Format, in.FormatReason, commas(res.Events), commas(res.Conversions), took.Round(time.Millisecond))
-	fmt.Fprintf(w, "input      %s lines: %d malformed, %d comments skipped, %d unrecognised, %d folded; %s impossible machine events\n",
-		commas(uint64(in.Lines)), in.Malformed, in.Skipped, in.Unrecognised, in.Folded, commas(res.InputErrors))
-	fmt.Fprintf(w, "rejected   %s guest requests%s, %s refused by one run only\n",
-		commas(res.Rejected), byReason(res.RejectedBy), commas(res.Diverged))
-	fmt.Fprintf(w, "memory     %s of RAM: %s shared, %s private, %s unplugged; %d devices attached\n",
-		human(res.RAMBytes), human(res.SharedBytes), human(res.PrivateBytes), human(res.UnpluggedBytes), res.Devices)
-	fmt.Fprintf(w, "checks     I1-I4 after every event: %s violations\n\n", commas(res.Violations))
-
-	fmt.Fprintf(w, "%-26s %12s %12s %10s\n", "", "baseline", "gmem", "ratio")
-	b, g := res.Baseline, res.Gmem
-	rows := []struct {
-		name string
-		b, g float64
-		fmt  func(float64) string
-	}{
-		{"IOMMU entries at the end", float64(b.EntriesFinal), float64(g.EntriesFinal), count},
-		{"IOMMU entries, peak", float64(b.EntriesPeak), float64(g.EntriesPeak), count},
-		{"map calls", float64(b.MapCalls), float64(g.MapCalls), count},
-		{"unmap calls", float64(b.UnmapCalls), float64(g.UnmapCalls), count},
-		{"entry splits", float64(b.Splits), float64(g.Splits), count},
-		{"state memory", float64(b.StateBytes), float64(g.StateBytes), bytesCell},
-		{"pinned", float64(b.PinnedBytes), float64(g.PinnedBytes), bytesCell},
-		{"re-pinned", float64(b.RepinnedBytes), float64(g.RepinnedBytes), bytesCell},
-		{"window", float64(b.WindowBytes), float64(g.WindowBytes), bytesCell},
-		{"largest window", float64(b.MaxWindow), float64(g.MaxWindow), bytesCell},
-		{"refused: out of entries", float64(b.LimitFailures), float64(g.LimitFailures), count},
-		{"refused: to private", float64(b.PrivateRefused), float64(g.PrivateRefused), count},
-		{"refused: any reason", float64(b.Failures), float64(g.Failures), count},
-		{"time per event", b.NsPerEvent, g.NsPerEvent, func(v float64) string { return duration(v) }},
-	}
-	for _, r := range rows {
-		fmt.Fprintf(w, "%-26s %12s %12s %10s\n", r.name, r.fmt(r.b), r.fmt(r.g), ratio(r.b, r.g))
-	}
-	fmt.Fprintln(w, "\nratio: baseline / gmem (above 1: gmem needs less)")
-	if len(res.ViolationDetails) > 0 {
-		fmt.Fprintln(w, "\nviolations:")
-		for _, v := range res.ViolationDetails {
-			fmt.Fprintf(w, "  %v\n", &v)
-		}
-	}
-	if len(res.Rejections) > 0 {
-		fmt.Fprintln(w, "\nfirst rejections (--json lists more):")
-		for _, r := range res.Rejections[:min(len(res.Rejections), shownRejections)] {
-			where := "event " + strconv.FormatUint(r.Event, 10)
-			if r.Line > 0 {
-				where += ", line " + strconv.Itoa(r.Line)
-			}
-			fmt.Fprintf(w, "  %s, refused by %s (%s): %s\n", where, r.Run, r.Reason, r.Detail)
-		}
-	}
-}
-
-// byReason formats the rejection counts, most frequent first: " (3 size
-// 0, 1 misaligned)"; "" for none.
-func byReason(m map[string]uint64) string {
-	if len(m) == 0 {
-		return ""
-	}
-	keys := slices.Collect(maps.Keys(m))
-	slices.SortFunc(keys, func(a, b string) int {
-		if c := cmp.Compare(m[b], m[a]); c != 0 {
-			return c
-		}
-		return strings.Compare(a, b)
-	})
-	parts := make([]string, len(keys))
-	for i, k := range keys {
-		parts[i] = commas(m[k]) + " " + k
-	}
-	return " (" + strings.Join(parts, ", ") + ")"
-}
-
-// ratio formats baseline/gmem.
-func ratio(b, g float64) string {
-	switch {
-	case b == g:
-		return "1.00x"
-	case g == 0:
-		return "-"
-	}
-	return fmt.Sprintf("%.2fx", b/g)
-}
-
-func count(v float64) string { return commas(uint64(v)) }
-
-func bytesCell(v float64) string { return human(uint64(v)) }
-
-// commas formats n with thousands separators.
-func commas(n uint64) string { return bench.Commas(n) }
-
-// human formats a byte count with a binary unit and three significant
-// digits.
-func human(n uint64) string { return bench.Human(n) }
-
-// duration formats nanoseconds with a unit.
-func duration(ns float64) string { return bench.Duration(ns) }
-
-func replayHelp(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprint(w, `usage: gmem replay [flags] FILE|-
-
-Replays a conversion trace (gmem's JSON Lines, e.g. from 'gmem gen', or a
-QEMU trace log with kvm_convert_memory / kvm_memory_fault lines) through
-the gmem library twice, side by side:
-
-  baseline  QEMU's algorithm: one bit per 4 KiB page, one IOMMU entry per
-            4 KiB granule
-  gmem      page state stored as runs, one IOMMU entry per converted extent
-
-and prints what each needed: IOMMU entries (final and peak), map and unmap
-calls, entry splits, state memory, conversions refused for want of type1
-entries, and time per event. After every event it checks the invariants:
-the IOMMU maps exactly the shared, plugged pages (I1) and never a private
-or unplugged one (I2), a refused event changes nothing (I3), and the page
-state is what the events asked for, the same in both runs (I4).
-
-A JSON Lines trace is replayed as it is read; a QEMU log is read whole
-first, and describes no machine, so --ram, --devices, --iommu, --limit and
---mode describe it. The format is detected from the first line that is
-neither blank nor a '#' comment ('{' starts JSON Lines), unless --format
-says which; the output says which and why. A QEMU log's lines may carry any
-prefix before the event name (timestamps, journal headers).
-
-Two kinds of bad input: a malformed line, or an event describing an
-impossible machine (RAM or MMIO overlapping, a RAM name or a device
-attached twice, a plug where there is no hot-pluggable RAM), is an input
-error. A well-formed guest request the VMM refuses (misaligned, size 0,
-an MMIO hole or unbacked memory made private, ...) is replayed as the
-refusal it is: counted by reason, listed with --json.
-
-flags:
-`)
-	fs.VisitAll(func(f *flag.Flag) {
-		kind, usage := flag.UnquoteUsage(f)
-		if kind == "value" {
-			kind = "NAME"
-		}
-		head := "  --" + f.Name
-		if kind != "" {
-			head += " " + kind
-		}
-		fmt.Fprintf(w, "%-26s %s\n", head, usage)
-	})
-	fmt.Fprint(w, `
-Exit status: 0 all checks passed (refused guest requests included), 1 an
-invariant was violated (or the replay was interrupted), 2 usage, input or
-output errors: empty or binary input, a malformed line or an impossible
-machine event (reported with its line number; with --keep-going every one is
-reported and skipped, and the exit status is 2 at the end unless a violation
-makes it 1), an output file that cannot be written.
-`)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"maps"
 	"os"
@@ -67,7 +68,7 @@ func TestReplayOK(t *testing.T) {
 	if code != exitOK || errOut != "" {
 		t.Fatalf("exit %d, stderr %q", code, errOut)
 	}
-	for _, want := range []string{"3 events, 1 conversions", "2.00 MiB shared", "IOMMU entries at the end", "512", "512.00x", "0 violations"} {
+	for _, want := range []string{"3 events, 1 conversion,", "2.00 MiB shared", "IOMMU entries at the end", "512", "512.00x", "0 violations"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
@@ -95,7 +96,7 @@ func TestReplayOK(t *testing.T) {
 
 	// Machine flags are for QEMU logs only.
 	code, _, errOut = runCmd(ctx, "replay", "--devices", "3", file)
-	if code != exitOK || !strings.Contains(errOut, "apply to QEMU logs only") {
+	if code != exitOK || !strings.Contains(errOut, "--devices is for QEMU logs only") {
 		t.Errorf("--devices on JSON Lines: exit %d, stderr %q", code, errOut)
 	}
 
@@ -139,12 +140,15 @@ func TestReplayInputErrors(t *testing.T) {
 		stderr string
 		stdout string
 	}{
-		{nil, exitUsage, "usage: gmem replay", ""},
+		{nil, exitUsage, "no trace given", ""},
 		{[]string{"a", "b"}, exitUsage, `unexpected argument "b"`, ""},
 		{[]string{"--nope", "x"}, exitUsage, "flag provided but not defined", ""},
 		{[]string{filepath.Join(t.TempDir(), "missing")}, exitUsage, "no such file", ""},
 		{[]string{"--devices", "0", "-"}, exitUsage, "--devices 0", ""},
 		{[]string{"--iommu", "iommufd", "--limit", "5", "-"}, exitUsage, "no entry limit", ""},
+		{[]string{"--limit", "4294967296", "-"}, exitUsage, "--limit: invalid value: entry limit 4294967296 is past type1's largest", ""},
+		{[]string{"--devices", "2000", "-"}, exitUsage, "--devices 2000: want 1 to 1024", ""},
+		{[]string{"--bitmap-budget", "0", "-"}, exitUsage, "--bitmap-budget 0: want more than 0", ""},
 		{[]string{"--iommu", "vfio", "-"}, exitUsage, "type1 or iommufd", ""},
 		{[]string{"--ram", "0:3000", "-"}, exitUsage, "--ram", ""},
 		// A malformed line stops the replay with its line number.
@@ -177,9 +181,9 @@ type faultyReplayer struct {
 	at, applied uint64
 }
 
-func (f *faultyReplayer) Apply(e trace.Event, line int) error {
+func (f *faultyReplayer) ApplyContext(ctx context.Context, e trace.Event, line int) error {
 	f.applied++
-	if err := f.Replayer.Apply(e, line); err != nil {
+	if err := f.Replayer.ApplyContext(ctx, e, line); err != nil {
 		return err
 	}
 	if f.applied == f.at {
@@ -242,26 +246,45 @@ func TestReplayInterrupted(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: &b}, "-")
-	if code != exitFail || !strings.Contains(errOut, "interrupted after 1023 events") || !strings.Contains(out, "1,023 events") {
+	if code != exitFail || !strings.Contains(errOut, "interrupted after 0 events") || !strings.Contains(out, " 0 events") {
 		t.Errorf("exit %d, stdout %.100q, stderr %q", code, out, errOut)
 	}
 }
 
 func TestProgressLine(t *testing.T) {
-	var b bytes.Buffer
-	p := &progress{w: &b, start: time.Now().Add(-2 * time.Second), on: true}
-	p.report(123456)
-	p.report(200000) // too soon after the first: not written
-	p.done()
-	if got := b.String(); !strings.HasPrefix(got, "\rreplay: 123,456 events (") || strings.Contains(got, "200,000") || !strings.HasSuffix(got, "\r\x1b[K") {
-		t.Errorf("progress wrote %q", got)
+	now := time.Now()
+	s := &replaySession{}
+	s.events.Store(123456)
+	s.line.Store(123460)
+	s.since.Store(now.Add(-3 * time.Second).UnixNano())
+	in := &countingReader{size: 4 << 20}
+	in.n.Store(1 << 20)
+	p := &progress{start: now.Add(-20 * time.Second), input: in, s: s}
+	if got, want := p.line(now), "replay: 123,456 events done, 1.00 MiB of 4.00 MiB read (25%), 20s; event 123,457 (line 123,460) running for 3s"; got != want {
+		t.Errorf("progress %q\nwant     %q", got, want)
 	}
-	b.Reset()
-	off := &progress{w: &b, start: time.Now().Add(-2 * time.Second)}
-	off.report(1)
-	off.done()
-	if b.Len() != 0 {
-		t.Errorf("progress off wrote %q", b.String())
+	// A QEMU log, read whole: the line of the total.
+	s.total.Store(200000)
+	s.since.Store(0)
+	if got, want := p.line(now), "replay: 123,456 events done, line 123,460 of 200,000, 20s"; got != want {
+		t.Errorf("progress %q\nwant     %q", got, want)
+	}
+	s.finished.Store(true)
+	if got := p.line(now); !strings.HasSuffix(got, "; final checks") {
+		t.Errorf("progress %q", got)
+	}
+
+	// A diagnostic clears the progress line first; nothing is written once
+	// closed.
+	var b bytes.Buffer
+	d := &diagWriter{w: &b}
+	d.show("replay: 1 event done")
+	fmt.Fprintln(d, "gmem replay: something")
+	d.show("replay: 2 events done")
+	d.close()
+	fmt.Fprintln(d, "dropped")
+	if got, want := b.String(), "\rreplay: 1 event done\x1b[K\r\x1b[Kgmem replay: something\n\rreplay: 2 events done\x1b[K\r\x1b[K"; got != want {
+		t.Errorf("diagnostics %q\nwant        %q", got, want)
 	}
 	if isTerminal(&b) {
 		t.Error("a buffer is a terminal")
@@ -272,7 +295,8 @@ func TestFormatting(t *testing.T) {
 	for _, c := range []struct{ got, want string }{
 		{commas(0), "0"}, {commas(999), "999"}, {commas(1000), "1,000"}, {commas(4194304), "4,194,304"},
 		{human(512), "512 B"}, {human(2 << 20), "2.00 MiB"}, {human(32 << 20), "32.0 MiB"}, {human(1 << 40), "1.00 TiB"}, {human(801 << 10), "801 KiB"},
-		{ratio(512, 1), "512.00x"}, {ratio(0, 0), "1.00x"}, {ratio(5, 0), "-"},
+		{ratio(512, 1), "512.00x"}, {ratio(0, 0), "-"}, {ratio(5, 0), "-"}, {ratio(0, 5), "-"}, {ratio(3, 3), "1.00x"}, {ratio(137438953472, 2857), "48,106,039x"},
+		{human(1<<50 - 1<<30), "1.00 PiB"}, {human(102369), "100 KiB"}, {human(10238), "10.0 KiB"},
 		{duration(1500), "1.50 µs"}, {duration(20), "20 ns"}, {duration(2.5e9), "2.50 s"},
 	} {
 		if c.got != c.want {
@@ -429,7 +453,7 @@ func TestReplayTwoKindsOfBadInput(t *testing.T) {
 		t.Errorf("refused requests: exit %d, stderr %q, %+v", code, errOut, res)
 	}
 	code, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(requests)}, "-")
-	if code != exitOK || !strings.Contains(out, "rejected   4 guest requests (2 not RAM, to private, 1 misaligned, 1 size 0), 0 refused by one run only") {
+	if code != exitOK || !strings.Contains(out, "rejected   4 guest requests (2 not RAM made private, 1 misaligned, 1 size 0), 0 by one run only") {
 		t.Errorf("table: exit %d\n%s", code, out)
 	}
 }
@@ -471,5 +495,413 @@ func TestReadmeExamples(t *testing.T) {
 	res = decodeResult(t, out)
 	if code != exitOK || errOut != "" || res.Rejected != 0 || res.Violations != 0 || res.Conversions != 3 {
 		t.Errorf("README QEMU example: exit %d, stderr %q, %+v\n%s", code, errOut, res, log)
+	}
+}
+
+// TestReplayOptionsAndRunErrors: a --max-extent the mapper cannot take is a
+// usage error before anything is read; a device a run cannot attach is an
+// error of the run (exit 1, said on stderr), never a refused guest request.
+func TestReplayOptionsAndRunErrors(t *testing.T) {
+	ctx := context.Background()
+	file := writeFile(t, "t.jsonl", replayTrace)
+	for _, size := range []string{"3MiB", "1KiB", "0x3000"} {
+		code, out, errOut := runReplayEnv(ctx, replayEnv{}, "--max-extent", size, file)
+		if code != exitUsage || out != "" || !strings.Contains(errOut, "--max-extent "+size+": ") || !strings.Contains(errOut, "power of two") {
+			t.Errorf("--max-extent %s: exit %d, stdout %.80q, stderr %q; want 2", size, code, out, errOut)
+		}
+	}
+	for _, size := range []string{"4KiB", "1GiB", "none"} {
+		if code, _, errOut := runReplayEnv(ctx, replayEnv{}, "--max-extent", size, file); code != exitOK {
+			t.Errorf("--max-extent %s: exit %d, stderr %q", size, code, errOut)
+		}
+	}
+
+	attach := `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB"}
+{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}
+{"op":"attach","dev":"d","iommu":"type1","limit":10}
+{"op":"convert","gpa":"0x200000","size":"4KiB","to":"shared"}
+`
+	for _, keepGoing := range []bool{false, true} {
+		args := []string{"--json", "-"}
+		events := uint64(3)
+		if keepGoing {
+			args, events = append(args, "--keep-going"), 4
+		}
+		code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(attach)}, args...)
+		res := decodeResult(t, out)
+		if code != exitFail || !strings.Contains(errOut, `line 3: the baseline run could not attach "d"`) || !strings.Contains(errOut, "1 device could not be attached") {
+			t.Errorf("keep-going %v: exit %d, stderr %q; want 1", keepGoing, code, errOut)
+		}
+		if res.RunErrors != 1 || res.Rejected != 0 || res.Baseline.Failures != 0 || res.Events != events {
+			t.Errorf("keep-going %v: %+v", keepGoing, res)
+		}
+	}
+}
+
+// TestReplayPetabyte: a petabyte guest replays in bounded memory, and the
+// output says that the baseline's state memory is computed, and why.
+func TestReplayPetabyte(t *testing.T) {
+	big := `{"op":"ram","name":"huge","gpa":"0","size":"1PiB"}
+{"op":"attach","dev":"d","iommu":"type1"}
+{"op":"convert","gpa":"1TiB","size":"2MiB","to":"shared"}
+`
+	code, out, errOut := runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(big)}, "-")
+	if code != exitOK || !strings.Contains(out, "note: the baseline's bitmaps would take 32GiB, past the replay's budget") {
+		t.Errorf("exit %d, stderr %q\n%s", code, errOut, out)
+	}
+	code, out, _ = runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(big)}, "--json", "-")
+	res := decodeResult(t, out)
+	if code != exitOK || res.Baseline.StateHow != replay.StateComputed || res.Baseline.StateBytes != 32<<30 || len(res.Notes) != 1 {
+		t.Errorf("--json: exit %d, %+v", code, res)
+	}
+}
+
+// stuckReplayer is in an event that does not end when asked to: an undo
+// longer than the command's grace.
+type stuckReplayer struct {
+	*replay.Replayer
+	release chan struct{}
+}
+
+func (s *stuckReplayer) ApplyContext(ctx context.Context, e trace.Event, line int) error {
+	if _, ok := e.(trace.Convert); ok {
+		<-s.release
+	}
+	return s.Replayer.ApplyContext(ctx, e, line)
+}
+
+// TestReplayInterruptGrace: an interrupted replay that cannot stop within
+// the grace is abandoned: exit 1, "interrupted during event N", and with
+// --json an error object, not a result.
+func TestReplayInterruptGrace(t *testing.T) {
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	ctx, cancel := context.WithCancel(context.Background())
+	env := replayEnv{
+		stdin:       strings.NewReader(replayTrace),
+		newReplayer: func(o replay.Options) replayer { return &stuckReplayer{Replayer: replay.New(o), release: release} },
+		grace:       10 * time.Millisecond,
+	}
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		cancel()
+	}()
+	code, out, errOut := runReplayEnv(ctx, env, "--json", "-")
+	var v struct {
+		Error *replayError `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		t.Fatalf("stdout is not JSON: %v\n%s", err, out)
+	}
+	if code != exitFail || !strings.Contains(errOut, "interrupted during event 3 (line 3)") || v.Error == nil || v.Error.Kind != "interrupted" || v.Error.Line != 3 {
+		t.Errorf("exit %d, stderr %q, stdout %s", code, errOut, out)
+	}
+}
+
+// decodeError reads the "error" object of --json.
+func decodeError(t *testing.T, out string) *replayError {
+	t.Helper()
+	var v struct {
+		Error *replayError `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		t.Fatalf("stdout is not one JSON object: %v\n%s", err, out)
+	}
+	return v.Error
+}
+
+// TestReplayJSONErrors: with --json, stdout is one JSON object whatever
+// happens, with an "error" object exactly when the exit status is not 0.
+func TestReplayJSONErrors(t *testing.T) {
+	ctx := context.Background()
+	bad := writeFile(t, "bad.jsonl", replayTrace+`{"op":"convert","gpa":"0x1000","size":"4KiB","to":"sideways"}
+{"op":"attach","dev":"dev0","iommu":"type1"}
+{"op":"convert","gpa":"0x200000","size":"4KiB","to":"private"}
+`)
+	for _, c := range []struct {
+		name string
+		args []string
+		code int
+		kind string
+		line int
+	}{
+		{"malformed line", []string{bad}, exitUsage, "input", 4},
+		{"missing file", []string{filepath.Join(t.TempDir(), "missing")}, exitUsage, "input", 0},
+		{"empty input", []string{writeFile(t, "empty", "")}, exitUsage, "input", 0},
+		{"bad flag value", []string{"--max-extent", "3MiB", bad}, exitUsage, "usage", 0},
+		{"unknown flag", []string{"--nope", bad}, exitUsage, "usage", 0},
+		{"keep going", []string{"--keep-going", bad}, exitUsage, "input", 0},
+		{"clean", []string{writeFile(t, "ok.jsonl", replayTrace)}, exitOK, "", 0},
+	} {
+		code, out, errOut := runReplayEnv(ctx, replayEnv{}, append([]string{"--json"}, c.args...)...)
+		e := decodeError(t, out)
+		switch {
+		case code != c.code:
+			t.Errorf("%s: exit %d, want %d; stderr %q", c.name, code, c.code, errOut)
+		case c.kind == "" && e != nil:
+			t.Errorf("%s: error %+v with exit 0", c.name, e)
+		case c.kind != "" && (e == nil || e.Kind != c.kind || e.Line != c.line || e.Message == ""):
+			t.Errorf("%s: error %+v, want kind %q line %d", c.name, e, c.kind, c.line)
+		}
+	}
+	// A stopped replay still reports what it replayed until then.
+	_, out, _ := runReplayEnv(ctx, replayEnv{}, "--json", bad)
+	if res := decodeResult(t, out); res.Events != 3 || res.Baseline.EntriesFinal != 512 {
+		t.Errorf("partial result %+v", res)
+	}
+
+	// --keep-going counts and lists every input error, malformed lines and
+	// impossible machine events together, as stderr reports them.
+	code, out, errOut := runReplayEnv(ctx, replayEnv{}, "--json", "--keep-going", bad)
+	res := decodeResult(t, out)
+	if code != exitUsage || res.InputErrors != 2 || len(res.InputErrorDetails) != 2 || res.InputErrorsOmitted != 0 ||
+		res.InputErrorDetails[0].Line != 4 || res.InputErrorDetails[0].Kind != "malformed" ||
+		res.InputErrorDetails[1].Line != 5 || res.InputErrorDetails[1].Kind != replay.InputMachine ||
+		!strings.Contains(errOut, "1 malformed line and 1 impossible machine event skipped") {
+		t.Errorf("--keep-going: exit %d, stderr %q, %+v", code, errOut, res)
+	}
+}
+
+// TestReplayDetails: the table and --json say how many rejections were
+// left out; --details sets how many are described, all for every one.
+func TestReplayDetails(t *testing.T) {
+	var b strings.Builder
+	b.WriteString(`{"op":"ram","name":"ram0","gpa":"0","size":"1GiB"}` + "\n")
+	for i := range 30 {
+		fmt.Fprintf(&b, `{"op":"convert","gpa":"%d","size":"0","to":"shared"}`+"\n", i*4096)
+	}
+	ctx := context.Background()
+	for _, c := range []struct {
+		args            []string
+		listed, omitted uint64
+		tableSays       string
+	}{
+		{nil, 20, 10, "... 25 more: --json describes 20 of the 30, --details all every one\n"},
+		{[]string{"--details", "3"}, 3, 27, "... 27 more: --json describes 3 of the 30, --details all every one\n"},
+		{[]string{"--details", "all"}, 30, 0, "... 25 more: --json describes all 30\n"},
+	} {
+		_, out, _ := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(b.String())}, append([]string{"--json", "-"}, c.args...)...)
+		res := decodeResult(t, out)
+		if res.Rejected != 30 || uint64(len(res.Rejections)) != c.listed || res.RejectionsOmitted != c.omitted {
+			t.Errorf("%q: %d rejected, %d listed, %d omitted; want 30, %d, %d", c.args, res.Rejected, len(res.Rejections), res.RejectionsOmitted, c.listed, c.omitted)
+		}
+		_, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(b.String())}, append([]string{"-"}, c.args...)...)
+		if !strings.Contains(out, c.tableSays) {
+			t.Errorf("%q: the table does not say %q:\n%s", c.args, c.tableSays, out)
+		}
+	}
+	for _, bad := range []string{"0", "-1", "x"} {
+		if code, _, errOut := runReplayEnv(ctx, replayEnv{}, "--details", bad, "-"); code != exitUsage || !strings.Contains(errOut, "--details") {
+			t.Errorf("--details %s: exit %d, stderr %q", bad, code, errOut)
+		}
+	}
+}
+
+// TestReplaySVGStdout: --svg - writes the drawing to stdout in place of
+// the table, and cannot share stdout with --json.
+func TestReplaySVGStdout(t *testing.T) {
+	ctx := context.Background()
+	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(replayTrace)}, "--svg", "-", "-")
+	if code != exitOK || !strings.HasPrefix(out, "<svg") || !strings.HasSuffix(strings.TrimSpace(out), "</svg>") || strings.Contains(out, "baseline") && !strings.Contains(out, "<svg") {
+		t.Errorf("--svg -: exit %d, stderr %q, stdout %.100q", code, errOut, out)
+	}
+	if _, err := os.Stat("-"); err == nil {
+		t.Error("--svg - wrote a file named -")
+	}
+	code, _, errOut = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(replayTrace)}, "--svg", "-", "--json", "-")
+	if code != exitUsage || !strings.Contains(errOut, "both write to stdout") {
+		t.Errorf("--svg - --json: exit %d, stderr %q", code, errOut)
+	}
+}
+
+// TestReplayMMIOFlag: --mmio declares a QEMU log's holes: a conversion to
+// private there is refused as MMIO, the default RAM leaves the hole out,
+// and bad holes are usage errors.
+func TestReplayMMIOFlag(t *testing.T) {
+	ctx := context.Background()
+	log := "kvm_convert_memory start 0xfe000000 size 0x1000 private_to_shared\n" +
+		"kvm_convert_memory start 0x100000000 size 0x1000 private_to_shared\n"
+	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(log)}, "--json", "--mmio", "3GiB:1GiB", "-")
+	res := decodeResult(t, out)
+	if code != exitOK || res.RAMBytes != 4<<30 || res.SharedBytes != 4096 || res.Rejected != 0 {
+		t.Errorf("--mmio: exit %d, stderr %q, %+v", code, errOut, res)
+	}
+	// Without it the hole is RAM up to 5 GiB.
+	_, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(log)}, "--json", "-")
+	if res := decodeResult(t, out); res.RAMBytes != 5<<30 || res.SharedBytes != 8192 {
+		t.Errorf("without --mmio: %+v", res)
+	}
+	for _, c := range []struct {
+		args []string
+		why  string
+	}{
+		{[]string{"--mmio", "3GiB"}, "--mmio"},
+		{[]string{"--mmio", "0x800:4096"}, "4 KiB"},
+		{[]string{"--ram", "0:4GiB", "--mmio", "3GiB:1GiB"}, "overlap"},
+		{[]string{"--mmio", "3GiB:1GiB", "--mmio", "3GiB:2GiB"}, "overlap"},
+	} {
+		code, _, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(log)}, append(c.args, "-")...)
+		if code != exitUsage || !strings.Contains(errOut, c.why) {
+			t.Errorf("%q: exit %d, stderr %q; want 2 and %q", c.args, code, errOut, c.why)
+		}
+	}
+}
+
+// TestFlagErrorsSayTwoDashes: a flag error names the flag as help does.
+func TestFlagErrorsSayTwoDashes(t *testing.T) {
+	ctx := context.Background()
+	for _, c := range []struct {
+		args []string
+		flag string
+	}{
+		{[]string{"replay", "--ram", "16GB", "-"}, "ram"},
+		{[]string{"replay", "--nope", "-"}, "nope"},
+		{[]string{"replay", "-nope", "-"}, "nope"},
+		{[]string{"replay", "--devices"}, "devices"},
+		{[]string{"replay", "--json=maybe", "-"}, "json"},
+		{[]string{"gen", "churn", "--ram", "16GB"}, "ram"},
+		{[]string{"gen", "churn", "--nope"}, "nope"},
+		{[]string{"demo", "--vcpus", "x"}, "vcpus"},
+		{[]string{"demo", "--nope"}, "nope"},
+		{[]string{"version", "--nope"}, "nope"},
+	} {
+		code, _, errOut := runCmd(ctx, c.args...)
+		if code != exitUsage || !strings.Contains(errOut, "--"+c.flag) || strings.Contains(errOut, " -"+c.flag) {
+			t.Errorf("gmem %q: exit %d, stderr %q; want --%s", c.args, code, errOut, c.flag)
+		}
+	}
+}
+
+// FuzzReplayFlags checks gmem replay's command line parser: no panic, and
+// what it accepts is usable: a file, options the trace reader and the
+// replay take, and a device count in range.
+func FuzzReplayFlags(f *testing.F) {
+	f.Add("--json\x00-")
+	f.Add("--ram\x000:2GiB,4GiB:2GiB\x00--mmio\x002GiB:2GiB\x00log")
+	f.Add("--max-extent\x00none\x00--details\x00all\x00x")
+	f.Add("--limit\x0065535\x00--iommu\x00type1\x00--devices\x004\x00-")
+	f.Add("--svg\x00-\x00--json\x00-")
+	f.Add("--bitmap-budget\x001PiB\x00--keep-going\x00t")
+	f.Fuzz(func(t *testing.T, joined string) {
+		fl, _, err := parseReplayFlags(strings.Split(joined, "\x00"))
+		if err != nil {
+			return // a usage error or -h
+		}
+		if fl.file == "" || fl.devices < 1 || fl.devices > trace.MaxDevices || (fl.svg == "-" && fl.json) {
+			t.Fatalf("accepted %q as %+v", joined, fl)
+		}
+		if err := fl.opts.Check(); err != nil {
+			t.Fatalf("accepted %q with trace options %+v: %v", joined, fl.opts, err)
+		}
+		if err := fl.ropts.Validate(); err != nil {
+			t.Fatalf("accepted %q with replay options %+v: %v", joined, fl.ropts, err)
+		}
+	})
+}
+
+// TestReadmeBootExample: the README's boot example is today's output, but
+// for the times.
+func TestReadmeBootExample(t *testing.T) {
+	if testing.Short() {
+		t.Skip("replays a 16 GiB boot trace: not with -short")
+	}
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cmd = "    $ go run ./cmd/gmem gen boot --ram 16GiB | go run ./cmd/gmem replay -\n"
+	_, after, ok := strings.Cut(string(b), cmd)
+	if !ok {
+		t.Fatalf("README has no %q", cmd)
+	}
+	example, _, _ := strings.Cut(after, "\n    ...\n")
+	var gen bytes.Buffer
+	if code := run(context.Background(), []string{"gen", "boot", "--ram", "16GiB"}, &gen, io.Discard); code != exitOK {
+		t.Fatalf("gen: exit %d", code)
+	}
+	code, out, errOut := runReplayEnv(context.Background(), replayEnv{stdin: &gen}, "-")
+	if code != exitOK {
+		t.Fatalf("replay: exit %d, %s", code, errOut)
+	}
+	timed := func(l string) bool {
+		return strings.Contains(l, "replayed in") || strings.HasPrefix(strings.TrimSpace(l), "time per event")
+	}
+	want := strings.Split(example, "\n")
+	got := strings.Split(out, "\n")
+	for i, w := range want {
+		w = strings.TrimPrefix(w, "    ")
+		if i >= len(got) {
+			t.Fatalf("README line %q past the output", w)
+		}
+		if !timed(w) && w != got[i] {
+			t.Errorf("README line %d:\n  %q\noutput:\n  %q", i+1, w, got[i])
+		}
+	}
+}
+
+// slowReplayer takes a while over every event, as a big one would.
+type slowReplayer struct {
+	*replay.Replayer
+	pause time.Duration
+}
+
+func (s *slowReplayer) ApplyContext(ctx context.Context, e trace.Event, line int) error {
+	time.Sleep(s.pause)
+	return s.Replayer.ApplyContext(ctx, e, line)
+}
+
+// TestReplayProgressTick: on a terminal the progress line is redrawn while
+// the replay runs, and cleared before the result.
+func TestReplayProgressTick(t *testing.T) {
+	env := replayEnv{
+		stdin: strings.NewReader(replayTrace),
+		newReplayer: func(o replay.Options) replayer {
+			return &slowReplayer{Replayer: replay.New(o), pause: 30 * time.Millisecond}
+		},
+		terminal:      func(io.Writer) bool { return true },
+		progressEvery: 5 * time.Millisecond,
+	}
+	code, out, errOut := runReplayEnv(context.Background(), env, "-")
+	if code != exitOK || !strings.Contains(errOut, "\rreplay: ") || !strings.Contains(errOut, " done") || !strings.HasSuffix(errOut, "\r\x1b[K") {
+		t.Errorf("exit %d, stderr %q", code, errOut)
+	}
+	if strings.Contains(out, "\r") {
+		t.Errorf("progress on stdout: %q", out)
+	}
+}
+
+// TestReplayLimitsTable: when the trace's limit refuses what the other run
+// grants, the counts that follow the events are not compared, the entries
+// needed with no limit are, and the dma_entry_limit lines say where QEMU
+// stops and what to set.
+func TestReplayLimitsTable(t *testing.T) {
+	in := `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB"}
+{"op":"attach","dev":"d","iommu":"type1","limit":300}
+{"op":"convert","gpa":"0","size":"1MiB","to":"shared"}
+{"op":"convert","gpa":"2MiB","size":"1MiB","to":"shared"}
+`
+	code, out, errOut := runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(in)}, "-")
+	if code != exitOK {
+		t.Fatalf("exit %d, %s", code, errOut)
+	}
+	for _, want := range []string{
+		"1 device attached",
+		"pinned                          1.00 MiB     2.00 MiB        n/c",
+		"entries needed, no limit             512            2    256.00x",
+		"n/c: not comparable: from event 4 the runs replayed different traces",
+		"the limit of 300 first refuses at event 4 (line\n    4): QEMU stops the VM there; set vfio_iommu_type1.dma_entry_limit=512 or\n    more",
+		"gmem: the limit of 300 is enough; the trace needs 3 entries at most",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	code, out, _ = runReplayEnv(context.Background(), replayEnv{stdin: strings.NewReader(in)}, "--json", "-")
+	var v struct {
+		Limits *replay.Limits `json:"dma_entry_limit"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil || code != exitOK || v.Limits == nil || v.Limits.Baseline.Limit != 512 ||
+		v.Limits.Baseline.FirstRefusal == nil || v.Limits.Baseline.FirstRefusal.Line != 4 || v.Limits.Gmem.Limit != 3 {
+		t.Errorf("--json: exit %d, %v, %+v", code, err, v.Limits)
 	}
 }

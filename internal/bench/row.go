@@ -123,10 +123,15 @@ func Human(n uint64) string {
 		v /= 1024
 		u++
 	}
+	// What rounds up to 1024 of a unit is 1.00 of the next.
+	if v >= 1023.5 && u < len(units)-1 {
+		v /= 1024
+		u++
+	}
 	switch {
-	case v >= 100:
+	case v >= 99.95:
 		return fmt.Sprintf("%.0f %ciB", v, units[u])
-	case v >= 10:
+	case v >= 9.995:
 		return fmt.Sprintf("%.1f %ciB", v, units[u])
 	}
 	return fmt.Sprintf("%.2f %ciB", v, units[u])

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -144,7 +145,8 @@ func benchOn(t *testing.T, backend string, space iommu.Space) {
 }
 
 // TestRigBench measures gmem bench's round trip and churn rows on the real
-// type1 and iommufd drivers, granule policy against extent. It runs only
+// type1 and iommufd drivers, granule policy against extent, and on iommufd
+// the cost of one split, a cut against an unmap and maps (benchSplit). It runs only
 // when the rig boots with --bench (GMEM_RIG_BENCH=1): the granule round trip
 // is 262,144 map calls, minutes under TCG. It closes every descriptor
 // before TestRig runs.
@@ -153,7 +155,105 @@ func TestRigBench(t *testing.T) {
 	if os.Getenv("GMEM_RIG_BENCH") != "1" {
 		t.Skip("bench rows run only with scripts/rig --bench")
 	}
-	benchSpaces(t, benchOn)
+	benchSpaces(t, func(t *testing.T, backend string, space iommu.Space) {
+		benchOn(t, backend, space)
+		if sp, ok := space.(*iommufd.Space); ok {
+			check(t, backend, "bench-split", func(t *testing.T) { benchSplit(t, sp) })
+		}
+	})
+}
+
+// Split-cost sizes: a 2 MiB extent (one bounded chunk), split this many
+// times each way, at an IOVA none of the other bench rows use.
+const (
+	benchSplitExtent = 2 << 20
+	benchSplits      = 64
+	benchSplitIOVA   = 0x80000000
+)
+
+// benchSplit times one split of a mapped 2 MiB extent on a cutting space,
+// both ways: a cut of one page (Space.Cut, the rest stays mapped and
+// pinned) against what the bounded Extent policy does, an unmap of the
+// extent and maps of the head and tail around the page (re-pinning them).
+// Every split starts from the extent mapped whole, and the two ways
+// alternate, first one, then the other. It prints one line per way:
+//
+//	GMEM-RIG bench iommufd split cut splits=64 ns=... ns_per_split=... ns_median=... repinned_bytes=0 window_bytes=0
+//	GMEM-RIG bench iommufd split extent splits=64 ns=... ns_per_split=... ns_median=... repinned_bytes=... window_bytes=...
+func benchSplit(t *testing.T, sp *iommufd.Space) {
+	if !sp.Caps().Cut {
+		t.Fatalf("the space does not cut: %s", sp.CutReason())
+	}
+	host := memfdShared(t, benchSplitExtent)
+	clear(host) // fault the pages in: the timing is of the kernel, not of page faults
+	const iova = benchSplitIOVA
+	whole := func() {
+		t.Helper()
+		if err := sp.Map(iova, benchSplitExtent, host); err != nil {
+			t.Fatal(err)
+		}
+	}
+	drop := func() {
+		t.Helper()
+		if _, err := sp.Unmap(iova, benchSplitExtent); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cut := func(off uint64) time.Duration {
+		whole()
+		t0 := time.Now()
+		n, err := sp.Cut(iova+off, pageSize)
+		d := time.Since(t0)
+		if err != nil || n != pageSize {
+			t.Fatalf("cut at %#x = %#x, %v", off, n, err)
+		}
+		drop()
+		return d
+	}
+	var repinned uint64
+	bounded := func(off uint64) time.Duration {
+		whole()
+		t0 := time.Now()
+		if _, err := sp.Unmap(iova, benchSplitExtent); err != nil {
+			t.Fatal(err)
+		}
+		if err := sp.Map(iova, off, host[:off]); err != nil {
+			t.Fatal(err)
+		}
+		rest := off + pageSize
+		if err := sp.Map(iova+rest, benchSplitExtent-rest, host[rest:]); err != nil {
+			t.Fatal(err)
+		}
+		d := time.Since(t0)
+		repinned += benchSplitExtent - pageSize
+		drop()
+		return d
+	}
+	var cuts, bounds []time.Duration
+	for i := range benchSplits {
+		off := uint64(1+(i*37)%(benchSplitExtent/pageSize-2)) * pageSize // never the first or last page
+		if i%2 == 0 {
+			cuts = append(cuts, cut(off))
+			bounds = append(bounds, bounded(off))
+		} else {
+			bounds = append(bounds, bounded(off))
+			cuts = append(cuts, cut(off))
+		}
+	}
+	sum := func(ds []time.Duration) (total, median time.Duration) {
+		for _, d := range ds {
+			total += d
+		}
+		s := slices.Clone(ds)
+		slices.Sort(s)
+		return total, s[len(s)/2]
+	}
+	ct, cm := sum(cuts)
+	bt, bm := sum(bounds)
+	benchLine("iommufd", "split", dma.Cut, "splits", benchSplits, "ns", ct.Nanoseconds(), "ns_per_split", ct.Nanoseconds()/benchSplits,
+		"ns_median", cm.Nanoseconds(), "repinned_bytes", 0, "window_bytes", 0)
+	benchLine("iommufd", "split", dma.Extent, "splits", benchSplits, "ns", bt.Nanoseconds(), "ns_per_split", bt.Nanoseconds()/benchSplits,
+		"ns_median", bm.Nanoseconds(), "repinned_bytes", repinned, "window_bytes", repinned)
 }
 
 // openIOMMUFDSpace binds the edu device's cdev to a new iommufd, attaches it

@@ -8,4 +8,9 @@
 // and reads the verdict line each check prints:
 //
 //	GMEM-RIG check <type1|iommufd> <check> pass|fail|skip
+//
+// The cut checks (cut_test.go) also print what each stream of splits did,
+// for the log, not the verdict:
+//
+//	GMEM-RIG split iommufd <cut|extent> <spread|sequential> cuts=N writes=N lost=N ...
 package guesttest

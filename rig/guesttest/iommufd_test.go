@@ -53,6 +53,9 @@ func runIOMMUFD(t *testing.T, bdf string) {
 		if v, err := f.GetOption(iommufd.OptionHugePages, ioas); err != nil || v != 1 {
 			t.Errorf("IOMMU_OPTION_HUGE_PAGES = %d, %v; want 1", v, err)
 		}
+		if id, err := f.VFIOIOASGet(); !errors.Is(err, unix.ENODEV) {
+			t.Errorf("compat IOAS of a new iommufd = %d, %v; want ENODEV (none)", id, err)
+		}
 		// Without a device an IOAS is bookkeeping only, and its unmap rules
 		// already hold.
 		if _, err := f.IOASUnmap(ioas, 0x100000, 0x1000); !errors.Is(err, unix.ENOENT) {
@@ -130,9 +133,17 @@ func runIOMMUFD(t *testing.T, bdf string) {
 	}))
 
 	check(t, b, "space-caps", func(t *testing.T) {
-		want := iommu.Caps{Rules: iommu.IOMMUFD, PageSize: 4096, Ranges: measuredRanges}
+		want := iommu.Caps{Rules: iommu.IOMMUFD, PageSize: 4096, Ranges: measuredRanges, Cut: true}
 		if d := cmp.Diff(want, sp.Caps()); d != "" {
-			t.Errorf("Caps (-want +got):\n%s", d)
+			t.Errorf("Caps (-want +got):\n%s (cut: %q)", d, sp.CutReason())
+		}
+		// Set up before anything was mapped: large pages off, and the IOAS
+		// is the file's compat IOAS.
+		if on, err := f.HugePages(ioas); err != nil || on {
+			t.Errorf("IOMMU_OPTION_HUGE_PAGES of the space's IOAS = %v, %v; want false", on, err)
+		}
+		if got, err := f.VFIOIOASGet(); err != nil || got != ioas {
+			t.Errorf("compat IOAS = %d, %v; want %d", got, err, ioas)
 		}
 		if _, limited, err := sp.Avail(); err != nil || limited {
 			t.Errorf("Avail limited = %v, %v; want unlimited", limited, err)
@@ -238,6 +249,7 @@ func runIOMMUFD(t *testing.T, bdf string) {
 	check(t, b, "gmem-extent", func(t *testing.T) { gmemChecks(t, sp, edu, dmaPolicyExtent) })
 	check(t, b, "gmem-granule", func(t *testing.T) { gmemChecks(t, sp, edu, dmaPolicyGranule) })
 	splitChecks(t, b, sp, edu)
+	cutChecks(t, b, f, sp, edu)
 	check(t, b, "ioas-copy-replace", func(t *testing.T) { replaceChecks(t, f, d, ioas, edu) })
 
 	check(t, b, "detach-destroy", func(t *testing.T) {

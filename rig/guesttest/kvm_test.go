@@ -163,6 +163,11 @@ func runKVM(t *testing.T, bdf string) {
 			kvmDevice(t, sp, edu)
 		})
 	}
+	check(t, b, "device-cut-iommufd", func(t *testing.T) {
+		sp, edu, done := openKVMIOMMUFD(t, bdf)
+		t.Cleanup(done)
+		kvmCut(t, sp, edu)
+	})
 	check(t, b, "rollback-type1", func(t *testing.T) {
 		sp, edu, done := openKVMType1(t, bdf)
 		t.Cleanup(done)
@@ -435,7 +440,9 @@ func kvmDevice(t *testing.T, space iommu.Space, edu *Edu) {
 		vmm.Touch("private P reads zero: its guest_memfd page was punched", p, 0),
 		vmm.Touch("the rest of P too", p+eduBytes, 0),
 	}}}}
-	r := newKVMRig(t, space, edu, s, nil)
+	// Counted, for the cuts: a space that cuts removes pages with Cut.
+	cs := &countedSpace{Space: space}
+	r := newKVMRig(t, cs, edu, s, nil)
 	r.host[1] = func() {
 		r.deviceWrite(p, qwords(eduBytes, seedDevice+1))
 		if !bytes.Equal(r.backing(p, eduBytes), qwords(eduBytes, seedDevice+1)) {
@@ -464,10 +471,11 @@ func kvmDevice(t *testing.T, space iommu.Space, edu *Edu) {
 	}
 	rep := r.run()
 	st := r.att.Stats()
-	t.Logf("guest: %d checks passed; real IOMMU: %d map calls, %d unmap calls, %d entries now; punches %d",
-		rep.ChecksPassed, st.MapCalls, st.UnmapCalls, st.Entries, rep.Punches)
-	if st.MapCalls == 0 || st.UnmapCalls == 0 {
-		t.Errorf("the real IOMMU saw %d maps and %d unmaps", st.MapCalls, st.UnmapCalls)
+	cuts := uint64(cs.cuts.Load())
+	t.Logf("guest: %d checks passed; real IOMMU: %d map calls, %d unmap calls, %d cut calls, %d entries now; punches %d",
+		rep.ChecksPassed, st.MapCalls, st.UnmapCalls, cuts, st.Entries, rep.Punches)
+	if st.MapCalls == 0 || st.UnmapCalls+cuts == 0 {
+		t.Errorf("the real IOMMU saw %d maps and %d unmaps or cuts", st.MapCalls, st.UnmapCalls+cuts)
 	}
 }
 
@@ -624,6 +632,149 @@ func kvmRollback(t *testing.T, space iommu.Space, edu *Edu) {
 	if ms.Failed != 5 || ms.UndoFailures != 0 {
 		t.Errorf("%d failed conversions, %d undo failures; want 5 and 0", ms.Failed, ms.UndoFailures)
 	}
+}
+
+// countedSpace counts the calls gmem makes on a real space. It cuts when
+// the space under it does (Caps().Cut is the space's).
+type countedSpace struct {
+	iommu.Space
+	maps, unmaps, cuts atomic.Int64
+}
+
+// Map maps and counts.
+func (s *countedSpace) Map(iova, size uint64, host []byte) error {
+	s.maps.Add(1)
+	return s.Space.Map(iova, size, host)
+}
+
+// Unmap unmaps and counts.
+func (s *countedSpace) Unmap(iova, size uint64) (uint64, error) {
+	s.unmaps.Add(1)
+	return s.Space.Unmap(iova, size)
+}
+
+// Cut cuts and counts; EOPNOTSUPP if the space under it is no Cutter.
+func (s *countedSpace) Cut(iova, size uint64) (uint64, error) {
+	s.cuts.Add(1)
+	c, ok := s.Space.(iommu.Cutter)
+	if !ok {
+		return 0, unix.EOPNOTSUPP
+	}
+	return c.Cut(iova, size)
+}
+
+// calls is a snapshot of a countedSpace's counts and the mappers' window
+// and re-pinned bytes.
+type calls struct {
+	maps, unmaps, cuts int64
+	window, repinned   uint64
+}
+
+func (r *kvmRig) calls(s *countedSpace) calls {
+	st := r.att.Stats()
+	return calls{s.maps.Load(), s.unmaps.Load(), s.cuts.Load(), st.WindowBytes, st.RepinnedBytes}
+}
+
+func (c calls) sub(d calls) calls {
+	return calls{c.maps - d.maps, c.unmaps - d.unmaps, c.cuts - d.cuts, c.window - d.window, c.repinned - d.repinned}
+}
+
+// kvmCut: on an iommufd space that cuts, where dma's default (Auto) is the
+// cut policy, the guest makes a 16-page buffer shared (one entry) and then
+// one page in its middle private: one cut and nothing else, no unmap, no
+// map, window and re-pinned 0. The device reaches the pages on either side
+// and not the private one. Then a conversion of another page of the buffer
+// fails at the punch, after the cut: the executor undoes it (the page is
+// mapped again, nothing unmapped), the guest gets EINVAL, and the device
+// reaches that page again.
+func kvmCut(t *testing.T, space iommu.Space, edu *Edu) {
+	if !space.Caps().Cut {
+		if s, ok := space.(*iommufd.Space); ok {
+			t.Fatalf("the iommufd space does not cut: %s", s.CutReason())
+		}
+		t.Fatal("the space does not cut")
+	}
+	const (
+		b     = vmm.RAM1GPA + 0x100000
+		pages = 16
+		p     = b + 7*pg  // made private
+		q     = b + 10*pg // its conversion fails
+	)
+	sh, pr := memattr.Shared, memattr.Private
+	ok, inval := uint32(vmm.ConvStatusOK), uint32(vmm.ConvStatusEINVAL)
+	s := vmm.Scenario{Programs: []vmm.Program{{Steps: []vmm.Step{
+		vmm.Convert("B to shared", b, pages*pg, sh, ok),
+		vmm.Host(1),
+		vmm.Convert("page 7 of B to private", p, pg, pr, ok),
+		vmm.Host(2),
+		vmm.Verify("the guest reads the device's bytes on page 6", p-pg, eduBytes, seedDevice+6),
+		vmm.Verify("and on page 8", p+pg, eduBytes, seedDevice+8),
+		vmm.Host(3), // arm the punch
+		vmm.Convert("page 10 to private, punch fails: EINVAL", q, pg, pr, inval),
+		vmm.Host(4),
+		vmm.Verify("page 10 is still shared: the guest reads the device's bytes", q, eduBytes, seedDevice+10),
+		vmm.Convert("B back to private", b, pages*pg, pr, ok),
+	}}}}
+	var failOp atomic.Int32
+	inject := func(f guestmem.Fault) error {
+		if failOp.CompareAndSwap(int32(f.Op), 0) {
+			return fmt.Errorf("injected %v failure: %w", f.Op, unix.EIO)
+		}
+		return nil
+	}
+	cs := &countedSpace{Space: space}
+	r := newKVMRig(t, cs, edu, s, inject)
+	policy := r.att.Mappers()[0].Policy()
+	if policy != dma.Cut {
+		t.Fatalf("dma chose the %v policy on a space that cuts, want cut", policy)
+	}
+	var before calls
+	writes := func(what string, pages ...uint64) {
+		t.Helper()
+		for _, i := range pages {
+			r.deviceWrite(b+i*pg, qwords(eduBytes, seedDevice+i))
+			if !bytes.Equal(r.backing(b+i*pg, eduBytes), qwords(eduBytes, seedDevice+i)) {
+				t.Errorf("%s: the device's write to shared page %d did not land", what, i)
+			}
+		}
+	}
+	r.host[1] = func() {
+		writes("shared B", 0, 15)
+		before = r.calls(cs)
+	}
+	r.host[2] = func() {
+		d := r.calls(cs).sub(before)
+		t.Logf("policy %s: page 7 to private made %d cut, %d unmap and %d map calls; window %d bytes, re-pinned %d",
+			policy, d.cuts, d.unmaps, d.maps, d.window, d.repinned)
+		if d.cuts != 1 || d.unmaps != 0 || d.maps != 0 || d.window != 0 || d.repinned != 0 {
+			t.Errorf("the cut policy made %+v, want one cut and nothing else", d)
+		}
+		writes("next to private page 7", 0, 6, 8, 15)
+		r.deviceWrite(p, qwords(eduBytes, seedDevice+7))
+		if !allZero(r.backing(p, pg)) {
+			t.Error("the device's write to private page 7 reached the memfd")
+		}
+		if got := r.deviceRead(p, eduBytes); !allZero(got) {
+			t.Errorf("the device read private page 7: %x...", got[:16])
+		}
+	}
+	r.host[3] = func() {
+		before = r.calls(cs)
+		failOp.Store(int32(guestmem.OpPunch))
+	}
+	r.host[4] = func() {
+		if failOp.Load() != 0 {
+			t.Error("no punch was attempted")
+		}
+		d := r.calls(cs).sub(before)
+		t.Logf("policy %s: the failed conversion of page 10 and its undo made %d cut, %d unmap and %d map calls", policy, d.cuts, d.unmaps, d.maps)
+		if d.cuts != 1 || d.unmaps != 0 || d.maps == 0 {
+			t.Errorf("the cut policy's failed conversion and undo made %+v, want a cut, a map back and no unmap", d)
+		}
+		writes("after the undone conversion", 9, 10, 11)
+	}
+	rep := r.run()
+	t.Logf("guest: %d checks passed; policy %s", rep.ChecksPassed, policy)
 }
 
 // kvmSoak runs rounds of real conversions (vmmcall, KVM attributes, type1
