@@ -432,20 +432,23 @@ func TestReleaseSplit(t *testing.T) {
 				t.Fatal(err)
 			}
 			s := r.mem.Stats()
+			if r.mem.Enforcement() == guestmem.EnforceUserSpace && s.AttributeTime != 0 {
+				t.Errorf("%v in KVM_SET_MEMORY_ATTRIBUTES without KVM attributes", s.AttributeTime)
+			}
 			if mode == guestmem.Split {
 				if !bytes.Equal(got, make([]byte, 2*page)) {
 					t.Error("split: page made private and shared again still holds the old bytes")
 				}
 				// to shared (punch private side), to private (punch shared), to shared.
-				if s.Punches != 3 || s.PunchedBytes != 6*page {
-					t.Errorf("split punches %d (%#x bytes), want 3 (%#x)", s.Punches, s.PunchedBytes, 6*page)
+				if s.Punches != 3 || s.PunchedBytes != 6*page || s.PunchTime <= 0 {
+					t.Errorf("split punches %d (%#x bytes) in %v, want 3 (%#x)", s.Punches, s.PunchedBytes, s.PunchTime, 6*page)
 				}
 			} else {
 				if !bytes.Equal(got, bytes.Repeat([]byte{0x5a}, 2*page)) {
 					t.Error("in place: conversion lost the bytes")
 				}
-				if s.Punches != 0 {
-					t.Errorf("in place punched %d times", s.Punches)
+				if s.Punches != 0 || s.PunchTime != 0 {
+					t.Errorf("in place punched %d times in %v", s.Punches, s.PunchTime)
 				}
 			}
 		})

@@ -143,6 +143,38 @@ func TestBuiltinKVM(t *testing.T) {
 	}
 }
 
+// TestOnExit checks that OnExit sees every exit the machine handled, each
+// with the time it kept its vCPU out of the guest.
+func TestOnExit(t *testing.T) {
+	needKVM(t, guestmem.Split)
+	var timings []ExitTiming
+	v, err := New(Config{Mode: guestmem.Split, VCPUs: 1, DefaultVMType: true, OnExit: func(e ExitTiming) { timings = append(timings, e) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := v.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var io, halts uint64
+	for _, e := range timings {
+		if e.CPU != 0 || e.Handled <= 0 || e.Exit == nil {
+			t.Fatalf("exit timing %+v", e)
+		}
+		switch e.Exit.(type) {
+		case kvm.IOExit:
+			io++
+		case kvm.HLTExit:
+			halts++
+		}
+	}
+	if st := v.Machine().Stats(); io == 0 || halts != 1 || io != st.IOExits {
+		t.Errorf("%d exit timings: %d port I/O (the machine counts %d), %d halts; want every I/O exit and one halt", len(timings), io, st.IOExits, halts)
+	}
+}
+
 // TestBuiltinHostDriven runs the built-in scenario with software vCPUs.
 func TestBuiltinHostDriven(t *testing.T) {
 	for _, mode := range modes {

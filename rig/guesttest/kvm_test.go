@@ -19,6 +19,7 @@ import (
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/internal/bench"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/iommufd"
 	"github.com/gmemproject/gmem/kvm"
@@ -776,26 +777,6 @@ func kvmCut(t *testing.T, space iommu.Space, edu *Edu) {
 	t.Logf("guest: %d checks passed; policy %s", rep.ChecksPassed, policy)
 }
 
-// timedSpace is a space that adds up the time its Map and Unmap calls take.
-type timedSpace struct {
-	iommu.Space
-	spent atomic.Int64 // nanoseconds
-}
-
-// Map maps and counts the time.
-func (s *timedSpace) Map(iova, size uint64, host []byte) error {
-	start := time.Now()
-	defer func() { s.spent.Add(int64(time.Since(start))) }()
-	return s.Space.Map(iova, size, host)
-}
-
-// Unmap unmaps and counts the time.
-func (s *timedSpace) Unmap(iova, size uint64) (uint64, error) {
-	start := time.Now()
-	defer func() { s.spent.Add(int64(time.Since(start))) }()
-	return s.Space.Unmap(iova, size)
-}
-
 // kvmSoak runs rounds of real conversions (vmmcall, KVM attributes, type1
 // map and unmap, punches) with device checks between them, each round on a
 // new VM, and checks that file descriptors and memory do not grow.
@@ -812,7 +793,7 @@ func kvmSoak(t *testing.T, space iommu.Space, edu *Edu) {
 	var fds []int
 	var rss, shmem, heap []uint64
 	total, deviceChecks := 0, 0
-	timed := &timedSpace{Space: space}
+	timed := &bench.TimedSpace{Space: space}
 	var viol uint64
 	start := time.Now()
 	for round := range rounds {
@@ -868,7 +849,7 @@ func kvmSoak(t *testing.T, space iommu.Space, edu *Edu) {
 		heap = append(heap, ms.HeapAlloc>>10)
 	}
 	took := time.Since(start)
-	iommuTime := time.Duration(timed.spent.Load())
+	iommuTime := timed.Spent()
 	t.Logf("soak: %d real conversions in %d VMs, %d edu checks, %d violations, %v (%v of it in type1 map/unmap ioctls); "+
 		"after each round: open fds %v, VmRSS KiB %v, RssShmem KiB %v, Go heap KiB %v",
 		total, rounds, deviceChecks, viol, took.Round(time.Millisecond), iommuTime.Round(time.Millisecond), fds, rss, shmem, heap)
