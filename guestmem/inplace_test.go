@@ -4,9 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"slices"
-	"strconv"
 	"sync"
 	"testing"
 
@@ -16,6 +14,7 @@ import (
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/guestmem/kernelmodel"
+	"github.com/gmemproject/gmem/internal/testenv"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
@@ -126,11 +125,7 @@ func newModelRig(t testing.TB, memory bool, rules ...iommu.Rules) *modelRig {
 		}
 	})
 	for _, rl := range rules {
-		space := iommu.NewModel(iommu.Caps{Rules: rl})
-		att, err := mem.AttachIOMMU(space, dma.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
+		space, att := attachModel(t, mem, iommu.Caps{Rules: rl}, dma.Options{})
 		space.SetFault(func(iommu.Call) error { return r.inj.call() })
 		for _, b := range mem.Blocks() {
 			r.files[b.Name()].AddPinner(kernelmodel.IOMMUPins(space, b.GPA()))
@@ -397,17 +392,7 @@ func TestInPlaceHostAccess(t *testing.T) {
 // with system calls, so 100,000 when CI sets 1,000,000), else a quick
 // default.
 func modelOps(t *testing.T) int {
-	if s := os.Getenv("GMEM_RANDOM_OPS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n <= 0 {
-			t.Fatalf("GMEM_RANDOM_OPS=%q: want a positive number", s)
-		}
-		return max(n/10, 500)
-	}
-	if testing.Short() {
-		return 2000
-	}
-	return 10000
+	return testenv.Ops{Short: 2000, Full: 10000, Div: 10, Min: 500}.Count(t)
 }
 
 // TestRandomizedInPlace runs random conversions, foreign pins and unpins,
@@ -492,14 +477,7 @@ func (r *modelRig) randomConvert(t *testing.T, rng *rand.Rand, o oracle, step st
 	gpa := rng.Uint64N(5*mib/page) * page
 	size := (1 + rng.Uint64N(48)) * page
 	to := memattr.State(rng.IntN(2))
-	nonRAM := false
-	firstPin, pinned := ^uint64(0), false
-	for p := gpa; p < gpa+size; p += page {
-		nonRAM = nonRAM || !isRAM(p)
-		if r.pins[p] != nil && p < firstPin {
-			firstPin, pinned = p, true
-		}
-	}
+	nonRAM, firstPin, pinned := r.scan(gpa, size)
 	arm := rng.IntN(4) == 0
 	if arm {
 		r.inj.arm(1 + rng.IntN(8))
@@ -549,6 +527,19 @@ func (r *modelRig) randomConvert(t *testing.T, rng *rand.Rand, o oracle, step st
 		t.Fatalf("%s: I3: failed conversion [%#x, +%#x) to %v (%v) changed something (-before +after):\n%s", step, gpa, size, to, err, d)
 	}
 	return 0, injected, refused
+}
+
+// scan says what a conversion of [gpa, gpa+size) meets: a page that is
+// not RAM, and the first foreign pin (pinned false where there is none).
+func (r *modelRig) scan(gpa, size uint64) (nonRAM bool, firstPin uint64, pinned bool) {
+	firstPin = ^uint64(0)
+	for p := gpa; p < gpa+size; p += page {
+		nonRAM = nonRAM || !isRAM(p)
+		if r.pins[p] != nil && p < firstPin {
+			firstPin, pinned = p, true
+		}
+	}
+	return nonRAM, firstPin, pinned
 }
 
 // spansBlocks reports whether [gpa, gpa+size) meets more than one block.
@@ -636,14 +627,7 @@ func FuzzInPlace(f *testing.F) {
 			case 0, 1:
 				size := (1 + uint64(b%64)) * page
 				to := memattr.State(op % 2)
-				nonRAM := false
-				first, pinned := ^uint64(0), false
-				for p := gpa; p < gpa+size; p += page {
-					nonRAM = nonRAM || !isRAM(p)
-					if r.pins[p] != nil && p < first {
-						first, pinned = p, true
-					}
-				}
+				nonRAM, first, pinned := r.scan(gpa, size)
 				before := r.snap()
 				_, err := r.mem.Convert(guestmem.Request{GPA: gpa, Size: size, To: to})
 				var pe *guestmem.PinnedError

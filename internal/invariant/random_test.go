@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"os"
 	"slices"
-	"strconv"
 	"sync"
 	"testing"
 
@@ -18,6 +16,7 @@ import (
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem/kernelmodel"
 	"github.com/gmemproject/gmem/internal/invariant"
+	"github.com/gmemproject/gmem/internal/testenv"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
@@ -714,17 +713,7 @@ func (w *world) dmaProbe() {
 // opsBudget returns how many operations the randomized test runs in total:
 // GMEM_RANDOM_OPS if set (CI sets 1,000,000), else a quick default.
 func opsBudget(t *testing.T) int {
-	if s := os.Getenv("GMEM_RANDOM_OPS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n <= 0 {
-			t.Fatalf("GMEM_RANDOM_OPS=%q: want a positive number", s)
-		}
-		return n
-	}
-	if testing.Short() {
-		return 20_000
-	}
-	return 100_000
+	return testenv.Ops{Short: 20_000, Full: 100_000}.Count(t)
 }
 
 // TestRandomized drives random regions, sections, listeners (every policy,
