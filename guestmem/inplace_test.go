@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
-	"sync"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -14,54 +13,18 @@ import (
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/guestmem/kernelmodel"
-	"github.com/gmemproject/gmem/internal/testenv"
+	"github.com/gmemproject/gmem/internal/randtest"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
 	"github.com/gmemproject/gmem/span"
 )
 
-// oneShot fails the n-th backend call (attributes, punch, IOMMU map and
-// unmap) after it is armed, once, and is disarmed by the first failure of
-// any kind, so that an operation meets at most one failure: I3 is promised
-// for single failures.
-type oneShot struct {
-	mu    sync.Mutex
-	armed bool
-	n     int
-	fired bool
-}
-
-func (f *oneShot) arm(n int) { f.mu.Lock(); f.armed, f.n, f.fired = true, n, false; f.mu.Unlock() }
-
-func (f *oneShot) disarm() (fired bool) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	fired, f.armed, f.fired = f.fired, false, false
-	return fired
-}
-
-func (f *oneShot) call() error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if !f.armed {
-		return nil
-	}
-	if f.n--; f.n == 0 {
-		f.armed, f.fired = false, true
-		return errInjected
-	}
-	return nil
-}
-
-// refused stops injecting once the kernel has refused a conversion.
-func (f *oneShot) refused() { f.mu.Lock(); f.armed = false; f.mu.Unlock() }
-
 // modelBacking is a kernel-model guest_memfd whose attribute calls tell the
 // injector when the kernel refuses.
 type modelBacking struct {
 	*kernelmodel.GuestMemfd
-	inj *oneShot
+	inj *randtest.Injector
 }
 
 func (b modelBacking) AttributeFile() (guestmem.AttributeFile, uint64) {
@@ -73,7 +36,7 @@ type modelFile modelBacking
 func (f modelFile) SetMemoryAttributes2(a kvm.MemoryAttributes2) error {
 	err := f.GuestMemfd.SetMemoryAttributes2(a)
 	if err != nil {
-		f.inj.refused()
+		f.inj.Stop()
 	}
 	return err
 }
@@ -87,19 +50,19 @@ type modelRig struct {
 	files  map[string]*kernelmodel.GuestMemfd // by block name
 	spaces []*iommu.Model
 	atts   []*guestmem.Attachment
-	inj    *oneShot
+	inj    *randtest.Injector
 	// pins are the foreign pins, by page GPA.
 	pins map[uint64]func()
 }
 
 func newModelRig(t testing.TB, memory bool, rules ...iommu.Rules) *modelRig {
 	t.Helper()
-	r := &modelRig{t: t, files: map[string]*kernelmodel.GuestMemfd{}, inj: &oneShot{}, pins: map[uint64]func(){}}
+	r := &modelRig{t: t, files: map[string]*kernelmodel.GuestMemfd{}, inj: &randtest.Injector{Err: errInjected}, pins: map[uint64]func(){}}
 	cfg := testLayout
 	cfg.Mode = guestmem.InPlace
 	cfg.VM = kernelmodel.NewVM()
 	cfg.Blocks = slices.Clone(cfg.Blocks)
-	cfg.Inject = func(guestmem.Fault) error { return r.inj.call() }
+	cfg.Inject = func(guestmem.Fault) error { return r.inj.Call() }
 	for i, bc := range cfg.Blocks {
 		g, err := kernelmodel.NewGuestMemfd(bc.Size, memory)
 		if err != nil {
@@ -126,7 +89,7 @@ func newModelRig(t testing.TB, memory bool, rules ...iommu.Rules) *modelRig {
 	})
 	for _, rl := range rules {
 		space, att := attachModel(t, mem, iommu.Caps{Rules: rl}, dma.Options{})
-		space.SetFault(func(iommu.Call) error { return r.inj.call() })
+		space.SetFault(func(iommu.Call) error { return r.inj.Call() })
 		for _, b := range mem.Blocks() {
 			r.files[b.Name()].AddPinner(kernelmodel.IOMMUPins(space, b.GPA()))
 		}
@@ -392,7 +355,7 @@ func TestInPlaceHostAccess(t *testing.T) {
 // with system calls, so 100,000 when CI sets 1,000,000), else a quick
 // default.
 func modelOps(t *testing.T) int {
-	return testenv.Ops{Short: 2000, Full: 10000, Div: 10, Min: 500}.Count(t)
+	return randtest.Ops{Short: 2000, Full: 10000, Div: 10, Min: 500}.Count(t)
 }
 
 // TestRandomizedInPlace runs random conversions, foreign pins and unpins,
@@ -480,11 +443,11 @@ func (r *modelRig) randomConvert(t *testing.T, rng *rand.Rand, o oracle, step st
 	nonRAM, firstPin, pinned := r.scan(gpa, size)
 	arm := rng.IntN(4) == 0
 	if arm {
-		r.inj.arm(1 + rng.IntN(8))
+		r.inj.Arm(1 + rng.IntN(8))
 	}
 	before := r.snap()
 	_, err := r.mem.Convert(guestmem.Request{GPA: gpa, Size: size, To: to})
-	fired := r.inj.disarm()
+	fired := r.inj.Disarm()
 	var pe *guestmem.PinnedError
 	switch {
 	case nonRAM && to == memattr.Private:

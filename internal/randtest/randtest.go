@@ -1,0 +1,83 @@
+// Package randtest is the scaffolding the randomized oracle tests share:
+// how many operations they run, and a fault injector that fails one
+// backend call of an operation. It is imported only by tests.
+package randtest
+
+import (
+	"os"
+	"strconv"
+	"sync"
+	"testing"
+)
+
+// Ops is a randomized test's number of operations: GMEM_RANDOM_OPS where it
+// is set (CI sets 1,000,000), scaled to the cost of the test's operations,
+// else a quick default.
+type Ops struct {
+	// Short and Full are the defaults under -short and otherwise.
+	Short, Full int
+	// Div divides GMEM_RANDOM_OPS (1 when 0), for operations that cost
+	// more than most; Min is the least the quotient gives.
+	Div, Min int
+}
+
+// Count answers the number of operations. A GMEM_RANDOM_OPS that is not a
+// positive number fails the test.
+func (o Ops) Count(t testing.TB) int {
+	t.Helper()
+	if s := os.Getenv("GMEM_RANDOM_OPS"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n <= 0 {
+			t.Fatalf("GMEM_RANDOM_OPS=%q: want a positive number", s)
+		}
+		return max(n/max(o.Div, 1), o.Min)
+	}
+	if testing.Short() {
+		return o.Short
+	}
+	return o.Full
+}
+
+// Injector fails the n-th backend call after it is armed, once, with Err.
+// A test stops it at the first failure of any kind, so that an operation
+// meets at most one: I3 is promised for single failures (a rollback that
+// fails is reported, not repaired). It is safe for concurrent use.
+type Injector struct {
+	// Err is the error the failing call answers.
+	Err error
+
+	mu    sync.Mutex
+	armed bool
+	n     int
+	fired bool
+}
+
+// Arm makes the n-th call from now fail.
+func (f *Injector) Arm(n int) { f.mu.Lock(); f.armed, f.n, f.fired = true, n, false; f.mu.Unlock() }
+
+// Disarm stops injecting and reports whether a call failed since Arm.
+func (f *Injector) Disarm() (fired bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fired, f.armed, f.fired = f.fired, false, false
+	return fired
+}
+
+// Call counts one backend call and answers the error it must fail with:
+// Err for the armed one, nil for the others.
+func (f *Injector) Call() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.armed {
+		return nil
+	}
+	if f.n--; f.n == 0 {
+		f.armed, f.fired = false, true
+		return f.Err
+	}
+	return nil
+}
+
+// Stop stops injecting without forgetting whether a call failed: for a
+// failure that did not come from the injector.
+func (f *Injector) Stop() { f.mu.Lock(); f.armed = false; f.mu.Unlock() }
