@@ -483,7 +483,7 @@ func (r *modelRig) randomConvert(t *testing.T, rng *rand.Rand, o oracle, step st
 		// the finished blocks back: the same pages come back mapped, but an
 		// entry the first block's part cut stays cut.
 		for i := range r.spaces {
-			before.Mappings[i], after.Mappings[i] = pagesOf(before.Mappings[i]), pagesOf(after.Mappings[i])
+			before.Mappings[i], after.Mappings[i] = randtest.Pages(before.Mappings[i]), randtest.Pages(after.Mappings[i])
 		}
 	}
 	if d := cmp.Diff(before, after); d != "" {
@@ -514,17 +514,6 @@ func spansBlocks(m *guestmem.Memory, gpa, size uint64) bool {
 		}
 	}
 	return n > 1
-}
-
-// pagesOf normalises mappings to one page each.
-func pagesOf(ms []iommu.Mapping) []iommu.Mapping {
-	var out []iommu.Mapping
-	for _, m := range ms {
-		for a := m.IOVA; a < m.IOVA+m.Size; a += page {
-			out = append(out, iommu.Mapping{IOVA: a, Size: page})
-		}
-	}
-	return out
 }
 
 // randomAccess reads or writes a random range through the host accessor,

@@ -258,7 +258,7 @@ func (s snapshot) sameI3(after snapshot) bool {
 	}
 	for i := range s.mapped {
 		if s.cut[i] {
-			if !slices.Equal(pagesOf(s.mapped[i]), pagesOf(after.mapped[i])) {
+			if !slices.Equal(randtest.Pages(s.mapped[i]), randtest.Pages(after.mapped[i])) {
 				return false
 			}
 			continue
@@ -268,18 +268,6 @@ func (s snapshot) sameI3(after snapshot) bool {
 		}
 	}
 	return true
-}
-
-// pagesOf normalises mappings to one 4 KiB Mapping per page, so that two
-// entry layouts covering the same pages compare equal.
-func pagesOf(ms []iommu.Mapping) []iommu.Mapping {
-	var out []iommu.Mapping
-	for _, m := range ms {
-		for a := m.IOVA; a < m.IOVA+m.Size; a += page {
-			out = append(out, iommu.Mapping{IOVA: a, Size: page})
-		}
-	}
-	return out
 }
 
 // check asserts I1, I2 and I4 against the oracle, and that each mapper's
@@ -316,7 +304,7 @@ func (w *world) check() {
 				want = append(want, iommu.Mapping{IOVA: l.sec.GPA + (p*page - l.sec.Offset), Size: page})
 			}
 		}
-		if have := pagesOf(got); !slices.Equal(have, want) {
+		if have := randtest.Pages(got); !slices.Equal(have, want) {
 			t.Fatalf("op %d: I1/I2: listener %d (%v, %v) maps %v, oracle wants %v", w.ops, i, l.sec, l.mapper.Policy(), have, want)
 		}
 		if err := invariant.Mapped(w.m, l.sec, got); err != nil {

@@ -1,6 +1,7 @@
 // Package randtest is the scaffolding the randomized oracle tests share:
-// how many operations they run, and a fault injector that fails one
-// backend call of an operation. It is imported only by tests.
+// how many operations they run, a fault injector that fails one backend
+// call of an operation, and IOMMU mappings compared page by page. It is
+// imported only by tests.
 package randtest
 
 import (
@@ -8,6 +9,8 @@ import (
 	"strconv"
 	"sync"
 	"testing"
+
+	"github.com/gmemproject/gmem/iommu"
 )
 
 // Ops is a randomized test's number of operations: GMEM_RANDOM_OPS where it
@@ -81,3 +84,17 @@ func (f *Injector) Call() error {
 // Stop stops injecting without forgetting whether a call failed: for a
 // failure that did not come from the injector.
 func (f *Injector) Stop() { f.mu.Lock(); f.armed = false; f.mu.Unlock() }
+
+// Pages normalises mappings to one 4 KiB Mapping per page, so that two
+// entry layouts covering the same pages compare equal: a rollback may
+// leave an entry cut that covers what it covered before.
+func Pages(ms []iommu.Mapping) []iommu.Mapping {
+	const page = 4096
+	var out []iommu.Mapping
+	for _, m := range ms {
+		for a := m.IOVA; a < m.IOVA+m.Size; a += page {
+			out = append(out, iommu.Mapping{IOVA: a, Size: page})
+		}
+	}
+	return out
+}
