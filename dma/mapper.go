@@ -611,11 +611,18 @@ func (m *Mapper) Discard(s discard.Section) error {
 		o.home.journal[s] = change{}
 		return nil
 	}
+	var buf [2]entry
+	met := m.overlapping(buf[:0], &o, s.GPARange())
+	if len(met) == 0 {
+		// Nothing mapped meets s: no call, and a change of nothing to revert.
+		o.home.journal[s] = change{}
+		return nil
+	}
 	var err error
 	if m.cutter != nil {
-		err = m.cut(&o, s)
+		err = m.cut(&o, s, met)
 	} else {
-		err = m.discard(&o, s)
+		err = m.discard(&o, s, met)
 	}
 	if err != nil {
 		o.home.stats.Failures++
@@ -625,16 +632,13 @@ func (m *Mapper) Discard(s discard.Section) error {
 	return nil
 }
 
-func (m *Mapper) discard(o *op, s discard.Section) error {
+// discard is Discard under the other policies, over met, the entries s
+// meets (at least one): it unmaps them and maps again the remainders of
+// those that stick out of s, the splits first.
+func (m *Mapper) discard(o *op, s discard.Section, met []entry) error {
 	r := s.GPARange()
 	// removed is what the journal keeps: the cut entries, then the inside
 	// ones (the slices below are views of it).
-	var buf [2]entry
-	met := m.overlapping(buf[:0], o, r)
-	if len(met) == 0 {
-		o.home.journal[s] = change{}
-		return nil
-	}
 	removed := o.home.take()
 	for _, e := range met {
 		if e.iova < r.Start || e.end() > r.End {
@@ -796,17 +800,12 @@ func (m *Mapper) restore(o *op, c change) error {
 	return errors.Join(errs...)
 }
 
-// cut is Discard under the Cut policy: one cut request over s removes the
-// pages of s from every entry that meets it, and the table replaces those
-// entries by their remainders without any other call.
-func (m *Mapper) cut(o *op, s discard.Section) error {
+// cut is Discard under the Cut policy, over met, the entries s meets (at
+// least one): one cut request over s removes the pages of s from each of
+// them, and the table replaces them by their remainders without any other
+// call.
+func (m *Mapper) cut(o *op, s discard.Section, met []entry) error {
 	r := s.GPARange()
-	var buf [2]entry
-	met := m.overlapping(buf[:0], o, r)
-	if len(met) == 0 {
-		o.home.journal[s] = change{}
-		return nil
-	}
 	removed := append(o.home.take(), met...)
 	var rest []entry
 	var splits, want uint64
