@@ -1,10 +1,14 @@
 // Package randtest is the scaffolding the randomized oracle tests share:
 // how many operations they run, a fault injector that fails one backend
-// call of an operation, and IOMMU mappings compared page by page. It is
-// imported only by tests.
+// call of an operation, IOMMU mappings compared page by page, and a
+// device's view of a page cut at random. It is imported only by tests.
 package randtest
 
 import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
 	"os"
 	"strconv"
 	"sync"
@@ -97,4 +101,33 @@ func Pages(ms []iommu.Mapping) []iommu.Mapping {
 		}
 	}
 	return out
+}
+
+// CheckCutPage checks what a device reaches through model once page p of
+// host, mapped at base, is cut, cut[p] included: DMA to p faults and
+// leaves host alone, and DMA to p's neighbours and to one random page that
+// cut says is still mapped lands in host where it belongs. step names the
+// cut in failures.
+func CheckCutPage(t testing.TB, model *iommu.Model, base uint64, host []byte, cut []bool, p int, rng *rand.Rand, step string) {
+	t.Helper()
+	const page = 4096
+	if err := model.DMAWrite(base+uint64(p)*page, []byte("blocked")); !errors.Is(err, iommu.ErrFault) {
+		t.Fatalf("%s: DMA to the cut page = %v, want a fault", step, err)
+	}
+	if !bytes.Equal(host[p*page:p*page+7], make([]byte, 7)) {
+		t.Fatalf("%s: a blocked write changed page %d", step, p)
+	}
+	for _, q := range []int{p - 1, p + 1, rng.IntN(len(cut))} {
+		if q < 0 || q >= len(cut) || cut[q] {
+			continue
+		}
+		msg := fmt.Appendf(nil, "%s page %d", step, q)
+		off := q*page + 64
+		if err := model.DMAWrite(base+uint64(off), msg); err != nil {
+			t.Fatalf("%s: DMA to still-mapped page %d: %v", step, q, err)
+		}
+		if !bytes.Equal(host[off:off+len(msg)], msg) {
+			t.Fatalf("%s: DMA to page %d landed elsewhere", step, q)
+		}
+	}
 }
