@@ -78,11 +78,7 @@ func newRig(t testing.TB, o rigOpts) *rig {
 	if o.rules == 0 {
 		o.rules = iommu.Type1v2
 	}
-	model := iommu.NewModel(iommu.Caps{Rules: o.rules})
-	att, err := mem.AttachIOMMU(model, dma.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	model, att := attachModel(t, mem, iommu.Caps{Rules: o.rules}, dma.Options{})
 	r := &rig{t: t, mem: mem, model: model, att: att, vm: o.vm}
 	t.Cleanup(func() {
 		if err := att.Detach(); err != nil {
@@ -93,6 +89,17 @@ func newRig(t testing.TB, o rigOpts) *rig {
 		}
 	})
 	return r
+}
+
+// attachModel attaches a model IOMMU with caps to mem, with opts.
+func attachModel(t testing.TB, mem *guestmem.Memory, caps iommu.Caps, opts dma.Options) (*iommu.Model, *guestmem.Attachment) {
+	t.Helper()
+	model := iommu.NewModel(caps)
+	att, err := mem.AttachIOMMU(model, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return model, att
 }
 
 // snapshot is everything a failed conversion must leave as it was.
