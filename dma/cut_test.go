@@ -1,7 +1,6 @@
 package dma_test
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/gmemproject/gmem/discard"
 	"github.com/gmemproject/gmem/dma"
+	"github.com/gmemproject/gmem/internal/randtest"
 	"github.com/gmemproject/gmem/iommu"
 )
 
@@ -110,22 +110,7 @@ func TestCutThousandPages(t *testing.T) {
 		if pins := model.Pins(); pins.Pinned-pins.Unpinned != uint64(pages-i-1) || st.UnpinnedBytes != uint64(i+1)*pg {
 			t.Fatalf("cut %d: pins %+v, mapper unpinned %#x", i, pins, st.UnpinnedBytes)
 		}
-		iova := gpa + uint64(p)*pg
-		if err := model.DMAWrite(iova, []byte("blocked")); !errors.Is(err, iommu.ErrFault) {
-			t.Fatalf("cut %d: DMA to the cut page = %v", i, err)
-		}
-		if !bytes.Equal(host[p*pg:p*pg+7], make([]byte, 7)) {
-			t.Fatalf("cut %d: a blocked write changed page %d", i, p)
-		}
-		for _, q := range []int{p - 1, p + 1, rng.IntN(pages)} {
-			if q < 0 || q >= pages || cut[q] {
-				continue
-			}
-			msg := fmt.Appendf(nil, "cut %d page %d", i, q)
-			if err := model.DMAWrite(gpa+uint64(q)*pg+32, msg); err != nil || !bytes.Equal(host[q*pg+32:q*pg+32+len(msg)], msg) {
-				t.Fatalf("cut %d: DMA to still-shared page %d: %v", i, q, err)
-			}
-		}
+		randtest.CheckCutPage(t, model, gpa, host, cut, p, rng, fmt.Sprintf("cut %d", i))
 	}
 	st := m.Stats()
 	if st.Entries != uint64(model.Len()) || !cmp.Equal(model.Mappings(), m.Entries()) {

@@ -369,6 +369,19 @@ func (e entry) inside(r span.Range) span.Range {
 	return span.Range{Start: e.iova, End: e.end()}.Intersect(r)
 }
 
+// outside appends to dst the parts of e outside r, its head before r and
+// its tail after it, each an entry of its own, and returns the extended
+// slice.
+func (e entry) outside(dst []entry, r span.Range) []entry {
+	if e.iova < r.Start {
+		dst = append(dst, entry{iova: e.iova, size: r.Start - e.iova, off: e.off})
+	}
+	if e.end() > r.End {
+		dst = append(dst, entry{iova: r.End, size: e.end() - r.End, off: e.off + (r.End - e.iova)})
+	}
+	return dst
+}
+
 // New returns a Mapper that maps into space. host is the region's memory
 // (region offset 0 is host[0]); it may be nil for a Model used without DMA.
 // Options it cannot use are an error wrapping ErrOptions; Auto is resolved
@@ -611,11 +624,18 @@ func (m *Mapper) Discard(s discard.Section) error {
 		o.home.journal[s] = change{}
 		return nil
 	}
+	var buf [2]entry
+	met := m.overlapping(buf[:0], &o, s.GPARange())
+	if len(met) == 0 {
+		// Nothing mapped meets s: no call, and a change of nothing to revert.
+		o.home.journal[s] = change{}
+		return nil
+	}
 	var err error
 	if m.cutter != nil {
-		err = m.cut(&o, s)
+		err = m.cut(&o, s, met)
 	} else {
-		err = m.discard(&o, s)
+		err = m.discard(&o, s, met)
 	}
 	if err != nil {
 		o.home.stats.Failures++
@@ -625,16 +645,13 @@ func (m *Mapper) Discard(s discard.Section) error {
 	return nil
 }
 
-func (m *Mapper) discard(o *op, s discard.Section) error {
+// discard is Discard under the other policies, over met, the entries s
+// meets (at least one): it unmaps them and maps again the remainders of
+// those that stick out of s, the splits first.
+func (m *Mapper) discard(o *op, s discard.Section, met []entry) error {
 	r := s.GPARange()
 	// removed is what the journal keeps: the cut entries, then the inside
 	// ones (the slices below are views of it).
-	var buf [2]entry
-	met := m.overlapping(buf[:0], o, r)
-	if len(met) == 0 {
-		o.home.journal[s] = change{}
-		return nil
-	}
 	removed := o.home.take()
 	for _, e := range met {
 		if e.iova < r.Start || e.end() > r.End {
@@ -655,23 +672,14 @@ func (m *Mapper) discard(o *op, s discard.Section) error {
 		rest = o.home.take()
 	}
 	for _, e := range cut {
-		if e.iova < r.Start {
-			rest = append(rest, entry{iova: e.iova, size: r.Start - e.iova, off: e.off})
-		}
-		if e.end() > r.End {
-			rest = append(rest, entry{iova: r.End, size: e.end() - r.End, off: e.off + (r.End - e.iova)})
-		}
+		rest = e.outside(rest, r)
 	}
-	if freed := uint64(len(cut) + len(inside)); uint64(len(rest)) > freed {
-		held, err := m.budget(uint64(len(rest))-freed, false, r)
-		if err != nil {
-			o.home.give(removed)
-			o.home.give(rest)
-			return err
-		}
-		if held {
-			defer m.budgetMu.Unlock()
-		}
+	held, err := m.splitBudget(o, r, len(cut)+len(inside), removed, rest)
+	if err != nil {
+		return err
+	}
+	if held {
+		defer m.budgetMu.Unlock()
 	}
 	// Splits first: they are what may fail for want of an entry.
 	var doneCut, doneRest []entry
@@ -777,6 +785,22 @@ func (m *Mapper) holds(o *op, es []entry) bool {
 	return true
 }
 
+// splitBudget takes from the entry budget what a discard of r that leaves
+// the entries rest needs beyond the freed ones it removes, as budget does
+// (held: the caller unlocks budgetMu when done). Where the budget refuses,
+// it gives removed and rest back to the op's pool.
+func (m *Mapper) splitBudget(o *op, r span.Range, freed int, removed, rest []entry) (held bool, err error) {
+	if len(rest) <= freed {
+		return false, nil
+	}
+	held, err = m.budget(uint64(len(rest)-freed), false, r)
+	if err != nil {
+		o.home.give(removed)
+		o.home.give(rest)
+	}
+	return held, err
+}
+
 // restore undoes change c: it removes the entries c added and maps again the
 // ones it removed.
 func (m *Mapper) restore(o *op, c change) error {
@@ -796,17 +820,12 @@ func (m *Mapper) restore(o *op, c change) error {
 	return errors.Join(errs...)
 }
 
-// cut is Discard under the Cut policy: one cut request over s removes the
-// pages of s from every entry that meets it, and the table replaces those
-// entries by their remainders without any other call.
-func (m *Mapper) cut(o *op, s discard.Section) error {
+// cut is Discard under the Cut policy, over met, the entries s meets (at
+// least one): one cut request over s removes the pages of s from each of
+// them, and the table replaces them by their remainders without any other
+// call.
+func (m *Mapper) cut(o *op, s discard.Section, met []entry) error {
 	r := s.GPARange()
-	var buf [2]entry
-	met := m.overlapping(buf[:0], o, r)
-	if len(met) == 0 {
-		o.home.journal[s] = change{}
-		return nil
-	}
 	removed := append(o.home.take(), met...)
 	var rest []entry
 	var splits, want uint64
@@ -817,25 +836,16 @@ func (m *Mapper) cut(o *op, s discard.Section) error {
 				rest = o.home.take()
 			}
 		}
-		if e.iova < r.Start {
-			rest = append(rest, entry{iova: e.iova, size: r.Start - e.iova, off: e.off})
-		}
-		if e.end() > r.End {
-			rest = append(rest, entry{iova: r.End, size: e.end() - r.End, off: e.off + (r.End - e.iova)})
-		}
+		rest = e.outside(rest, r)
 		want += e.inside(r).Len()
 	}
 	// Generic budget logic; the spaces that cut have no limit.
-	if uint64(len(rest)) > uint64(len(met)) {
-		held, err := m.budget(uint64(len(rest)-len(met)), false, r)
-		if err != nil {
-			o.home.give(removed)
-			o.home.give(rest)
-			return err
-		}
-		if held {
-			defer m.budgetMu.Unlock()
-		}
+	held, err := m.splitBudget(o, r, len(met), removed, rest)
+	if err != nil {
+		return err
+	}
+	if held {
+		defer m.budgetMu.Unlock()
 	}
 	st := &o.home.stats
 	st.CutCalls++
@@ -884,13 +894,7 @@ func (m *Mapper) recut(o *op, met []entry, r span.Range, n uint64, err error) er
 		in := e.inside(r)
 		gone := min(n, in.Len())
 		n -= gone
-		ps := pieces[:0]
-		if e.iova < r.Start {
-			ps = append(ps, entry{iova: e.iova, size: r.Start - e.iova, off: e.off})
-		}
-		if e.end() > r.End {
-			ps = append(ps, entry{iova: r.End, size: e.end() - r.End, off: e.off + (r.End - e.iova)})
-		}
+		ps := e.outside(pieces[:0], r)
 		if kept := in.Len() - gone; kept > 0 {
 			ps = append(ps, entry{iova: in.Start + gone, size: kept, off: e.off + (in.Start + gone - e.iova)})
 		}

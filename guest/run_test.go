@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gmemproject/gmem/internal/kvmtest"
 	"github.com/gmemproject/gmem/kvm"
 )
 
@@ -24,12 +25,9 @@ const (
 	slot1GPA  = 1 << 30
 )
 
-const sharedFlags = kvm.GuestMemfdFlagMmap | kvm.GuestMemfdFlagInitShared
-
 // machine is a default VM with ramSize bytes of guest_memfd RAM at GPA 0,
 // bound in slot 0 with userspace_addr the mmap of the same file.
 type machine struct {
-	sys  *kvm.System
 	vm   *kvm.VM
 	gmem *kvm.GuestMemfd
 	mem  []byte
@@ -37,22 +35,8 @@ type machine struct {
 
 func newMachine(t *testing.T) *machine {
 	t.Helper()
-	sys, err := kvm.Open()
-	if err != nil {
-		t.Skipf("needs %s (read-write): %v", kvm.DevicePath, err)
-	}
-	t.Cleanup(func() { sys.Close() })
-	vm, err := sys.CreateVM(kvm.VMTypeDefault)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { vm.Close() })
-	if have, err := vm.CheckExtension(kvm.CapGuestMemfdFlags); err != nil {
-		t.Fatal(err)
-	} else if uint64(have)&sharedFlags != sharedFlags {
-		t.Skipf("needs guest_memfd MMAP|INIT_SHARED; KVM_CAP_GUEST_MEMFD_FLAGS is %#x", have)
-	}
-	m := &machine{sys: sys, vm: vm}
+	vm, _ := kvmtest.GuestMemfdVM(t, true)
+	m := &machine{vm: vm}
 	m.gmem, m.mem = m.addRAM(t, 0, 0, ramSize)
 	return m
 }
@@ -60,7 +44,7 @@ func newMachine(t *testing.T) *machine {
 // addRAM binds a new MMAP|INIT_SHARED guest_memfd of size bytes at gpa.
 func (m *machine) addRAM(t *testing.T, slot uint32, gpa, size uint64) (*kvm.GuestMemfd, []byte) {
 	t.Helper()
-	g, err := m.vm.CreateGuestMemfd(size, sharedFlags)
+	g, err := m.vm.CreateGuestMemfd(size, kvm.InPlaceFlags)
 	if err != nil {
 		t.Fatal(err)
 	}

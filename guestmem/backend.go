@@ -5,6 +5,7 @@ package guestmem
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
@@ -33,8 +34,10 @@ func (be backend) SetAttributes(runs []span.Range, to memattr.State) error {
 		if err == nil && m.closed.Load() {
 			err = ErrClosed
 		}
-		if err == nil {
+		if err == nil && m.enforcement != EnforceUserSpace {
+			start := time.Now()
 			err = b.setKernelAttributes(r, to)
+			m.attrNanos.Add(int64(time.Since(start)))
 		}
 		if err != nil {
 			if uerr := be.restoreKVM(runs[:i], to); uerr != nil {
@@ -120,7 +123,10 @@ func (b *Block) discard(side Side, r span.Range, to memattr.State) error {
 	if m.closed.Load() {
 		return fmt.Errorf("discard %v side at GPA %v: %w", side, g, ErrClosed)
 	}
-	if err := b.backing.Discard(side, r.Start, r.Len()); err != nil {
+	start := time.Now()
+	err := b.backing.Discard(side, r.Start, r.Len())
+	m.punchNanos.Add(int64(time.Since(start)))
+	if err != nil {
 		return fmt.Errorf("block %s: discard %v side at GPA %v (offset %#x): %w", b.name, side, g, r.Start, err)
 	}
 	m.punches.Add(1)

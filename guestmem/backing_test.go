@@ -7,7 +7,7 @@ import (
 
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/guestmem/backingtest"
-	"github.com/gmemproject/gmem/kvm"
+	"github.com/gmemproject/gmem/internal/kvmtest"
 )
 
 func TestMemfdBackingConformance(t *testing.T) {
@@ -54,28 +54,9 @@ func TestVMMBackingConformance(t *testing.T) {
 // TestKVMBackingConformance runs the suite on guest_memfd backings where
 // the host has /dev/kvm with guest_memfd (in place needs MMAP|INIT_SHARED).
 func TestKVMBackingConformance(t *testing.T) {
-	sys, err := kvm.Open()
-	if err != nil {
-		t.Skipf("needs /dev/kvm: %v", err)
-	}
-	defer sys.Close()
-	vm, err := sys.CreateVM(kvm.VMTypeDefault)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer vm.Close()
-	caps, err := vm.ProbeCapabilities()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !caps.GuestMemfd {
-		t.Skip("needs KVM_CAP_GUEST_MEMFD")
-	}
-	inPlace := uint64(kvm.GuestMemfdFlagMmap | kvm.GuestMemfdFlagInitShared)
+	vm, caps := kvmtest.GuestMemfdVM(t, false)
 	backingtest.Run(t, func(t *testing.T, size uint64, mode guestmem.Mode) guestmem.Backing {
-		if mode == guestmem.InPlace && caps.GuestMemfdFlags&inPlace != inPlace {
-			t.Skipf("in place needs guest_memfd flags %#x, the VM accepts %#x", inPlace, caps.GuestMemfdFlags)
-		}
+		kvmtest.SkipWithoutGuestMemfd(t, caps, mode == guestmem.InPlace)
 		b, err := guestmem.NewKVMBacking(vm, "conformance", size, mode)
 		if err != nil {
 			t.Fatal(err)

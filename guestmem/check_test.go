@@ -25,25 +25,9 @@ func TestCheckWhileConverting(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer mem.Close()
-	type dev struct {
-		model *iommu.Model
-		att   *guestmem.Attachment
-	}
-	var devs []dev
-	for _, c := range []struct {
-		caps iommu.Caps
-		opts dma.Options
-	}{
-		{iommu.Caps{Rules: iommu.Type1v2}, dma.Options{MaxExtent: 16 * page}},
-		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{Policy: dma.Granule}},
-	} {
-		model := iommu.NewModel(c.caps)
-		att, err := mem.AttachIOMMU(model, c.opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		devs = append(devs, dev{model, att})
-	}
+	_, type1 := attachModel(t, mem, iommu.Caps{Rules: iommu.Type1v2}, dma.Options{MaxExtent: 16 * page})
+	_, iommufd := attachModel(t, mem, iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{Policy: dma.Granule})
+	atts := []*guestmem.Attachment{type1, iommufd}
 	var stop atomic.Bool
 	var ops atomic.Uint64
 	var wg sync.WaitGroup
@@ -78,8 +62,7 @@ func TestCheckWhileConverting(t *testing.T) {
 		calls = 400
 	}
 	for i := range calls {
-		d := devs[i%len(devs)]
-		if err := d.att.Check(); err != nil {
+		if err := atts[i%len(atts)].Check(); err != nil {
 			if bad == 0 {
 				t.Error(err)
 			}
@@ -91,8 +74,8 @@ func TestCheckWhileConverting(t *testing.T) {
 	if bad != 0 {
 		t.Errorf("%d of %d checks reported a violation (%d operations ran)", bad, calls, ops.Load())
 	}
-	for _, d := range devs {
-		if err := d.att.Check(); err != nil {
+	for _, att := range atts {
+		if err := att.Check(); err != nil {
 			t.Errorf("quiescent: %v", err)
 		}
 	}

@@ -156,11 +156,7 @@ func closeMemory(t *testing.T) (*guestmem.Memory, *guestmem.Attachment, *iommu.M
 	if err != nil {
 		t.Fatal(err)
 	}
-	model := iommu.NewModel(iommu.Caps{Rules: iommu.Type1v2})
-	att, err := mem.AttachIOMMU(model, dma.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	model, att := attachModel(t, mem, iommu.Caps{Rules: iommu.Type1v2}, dma.Options{})
 	if _, err := mem.Convert(guestmem.Request{GPA: 0, Size: 16 * page, To: memattr.Shared}); err != nil {
 		t.Fatal(err)
 	}

@@ -82,22 +82,9 @@ func TestRandomizedHotplug(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer mem.Close()
-			type dev struct {
-				model *iommu.Model
-				att   *guestmem.Attachment
-			}
-			var devs []dev
-			for _, c := range []struct {
-				rules  iommu.Rules
-				policy dma.Policy
-			}{{iommu.Type1v2, dma.Extent}, {iommu.IOMMUFD, dma.Granule}} {
-				m := iommu.NewModel(iommu.Caps{Rules: c.rules})
-				a, err := mem.AttachIOMMU(m, dma.Options{Policy: c.policy})
-				if err != nil {
-					t.Fatal(err)
-				}
-				devs = append(devs, dev{m, a})
-			}
+			_, type1 := attachModel(t, mem, iommu.Caps{Rules: iommu.Type1v2}, dma.Options{Policy: dma.Extent})
+			_, iommufd := attachModel(t, mem, iommu.Caps{Rules: iommu.IOMMUFD}, dma.Options{Policy: dma.Granule})
+			atts := []*guestmem.Attachment{type1, iommufd}
 			rng := rand.New(rand.NewPCG(7, uint64(mode)))
 			o := newHPOracle()
 			var plugs, unplugs, convs, failed int
@@ -188,8 +175,8 @@ func TestRandomizedHotplug(t *testing.T) {
 				if err != nil {
 					failed++
 				}
-				for _, d := range devs {
-					if err := d.att.Check(); err != nil {
+				for _, att := range atts {
+					if err := att.Check(); err != nil {
 						t.Fatalf("step %d: %v", i, err)
 					}
 				}
@@ -252,11 +239,7 @@ func FuzzPlug(f *testing.F) {
 		f.Fatal(err)
 	}
 	defer mem.Close()
-	model := iommu.NewModel(iommu.Caps{Rules: iommu.Type1v2})
-	att, err := mem.AttachIOMMU(model, dma.Options{})
-	if err != nil {
-		f.Fatal(err)
-	}
+	_, att := attachModel(f, mem, iommu.Caps{Rules: iommu.Type1v2}, dma.Options{})
 	f.Fuzz(func(t *testing.T, gpa, size uint64, plug bool, wgpa, wsize uint64) {
 		var err error
 		if plug {

@@ -4,10 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"slices"
-	"strconv"
-	"sync"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -16,53 +13,18 @@ import (
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/guestmem/kernelmodel"
+	"github.com/gmemproject/gmem/internal/randtest"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
 	"github.com/gmemproject/gmem/span"
 )
 
-// oneShot fails the n-th backend call (attributes, punch, IOMMU map and
-// unmap) after it is armed, once, and is disarmed by the first failure of
-// any kind, so that an operation meets at most one failure: I3 is promised
-// for single failures.
-type oneShot struct {
-	mu    sync.Mutex
-	armed bool
-	n     int
-	fired bool
-}
-
-func (f *oneShot) arm(n int) { f.mu.Lock(); f.armed, f.n, f.fired = true, n, false; f.mu.Unlock() }
-
-func (f *oneShot) disarm() (fired bool) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	fired, f.armed, f.fired = f.fired, false, false
-	return fired
-}
-
-func (f *oneShot) call() error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if !f.armed {
-		return nil
-	}
-	if f.n--; f.n == 0 {
-		f.armed, f.fired = false, true
-		return errInjected
-	}
-	return nil
-}
-
-// refused stops injecting once the kernel has refused a conversion.
-func (f *oneShot) refused() { f.mu.Lock(); f.armed = false; f.mu.Unlock() }
-
 // modelBacking is a kernel-model guest_memfd whose attribute calls tell the
 // injector when the kernel refuses.
 type modelBacking struct {
 	*kernelmodel.GuestMemfd
-	inj *oneShot
+	inj *randtest.Injector
 }
 
 func (b modelBacking) AttributeFile() (guestmem.AttributeFile, uint64) {
@@ -74,7 +36,7 @@ type modelFile modelBacking
 func (f modelFile) SetMemoryAttributes2(a kvm.MemoryAttributes2) error {
 	err := f.GuestMemfd.SetMemoryAttributes2(a)
 	if err != nil {
-		f.inj.refused()
+		f.inj.Stop()
 	}
 	return err
 }
@@ -88,19 +50,19 @@ type modelRig struct {
 	files  map[string]*kernelmodel.GuestMemfd // by block name
 	spaces []*iommu.Model
 	atts   []*guestmem.Attachment
-	inj    *oneShot
+	inj    *randtest.Injector
 	// pins are the foreign pins, by page GPA.
 	pins map[uint64]func()
 }
 
 func newModelRig(t testing.TB, memory bool, rules ...iommu.Rules) *modelRig {
 	t.Helper()
-	r := &modelRig{t: t, files: map[string]*kernelmodel.GuestMemfd{}, inj: &oneShot{}, pins: map[uint64]func(){}}
+	r := &modelRig{t: t, files: map[string]*kernelmodel.GuestMemfd{}, inj: &randtest.Injector{Err: errInjected}, pins: map[uint64]func(){}}
 	cfg := testLayout
 	cfg.Mode = guestmem.InPlace
 	cfg.VM = kernelmodel.NewVM()
 	cfg.Blocks = slices.Clone(cfg.Blocks)
-	cfg.Inject = func(guestmem.Fault) error { return r.inj.call() }
+	cfg.Inject = func(guestmem.Fault) error { return r.inj.Call() }
 	for i, bc := range cfg.Blocks {
 		g, err := kernelmodel.NewGuestMemfd(bc.Size, memory)
 		if err != nil {
@@ -126,12 +88,8 @@ func newModelRig(t testing.TB, memory bool, rules ...iommu.Rules) *modelRig {
 		}
 	})
 	for _, rl := range rules {
-		space := iommu.NewModel(iommu.Caps{Rules: rl})
-		att, err := mem.AttachIOMMU(space, dma.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		space.SetFault(func(iommu.Call) error { return r.inj.call() })
+		space, att := attachModel(t, mem, iommu.Caps{Rules: rl}, dma.Options{})
+		space.SetFault(func(iommu.Call) error { return r.inj.Call() })
 		for _, b := range mem.Blocks() {
 			r.files[b.Name()].AddPinner(kernelmodel.IOMMUPins(space, b.GPA()))
 		}
@@ -397,17 +355,7 @@ func TestInPlaceHostAccess(t *testing.T) {
 // with system calls, so 100,000 when CI sets 1,000,000), else a quick
 // default.
 func modelOps(t *testing.T) int {
-	if s := os.Getenv("GMEM_RANDOM_OPS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n <= 0 {
-			t.Fatalf("GMEM_RANDOM_OPS=%q: want a positive number", s)
-		}
-		return max(n/10, 500)
-	}
-	if testing.Short() {
-		return 2000
-	}
-	return 10000
+	return randtest.Ops{Short: 2000, Full: 10000, Div: 10, Min: 500}.Count(t)
 }
 
 // TestRandomizedInPlace runs random conversions, foreign pins and unpins,
@@ -492,21 +440,14 @@ func (r *modelRig) randomConvert(t *testing.T, rng *rand.Rand, o oracle, step st
 	gpa := rng.Uint64N(5*mib/page) * page
 	size := (1 + rng.Uint64N(48)) * page
 	to := memattr.State(rng.IntN(2))
-	nonRAM := false
-	firstPin, pinned := ^uint64(0), false
-	for p := gpa; p < gpa+size; p += page {
-		nonRAM = nonRAM || !isRAM(p)
-		if r.pins[p] != nil && p < firstPin {
-			firstPin, pinned = p, true
-		}
-	}
+	nonRAM, firstPin, pinned := r.scan(gpa, size)
 	arm := rng.IntN(4) == 0
 	if arm {
-		r.inj.arm(1 + rng.IntN(8))
+		r.inj.Arm(1 + rng.IntN(8))
 	}
 	before := r.snap()
 	_, err := r.mem.Convert(guestmem.Request{GPA: gpa, Size: size, To: to})
-	fired := r.inj.disarm()
+	fired := r.inj.Disarm()
 	var pe *guestmem.PinnedError
 	switch {
 	case nonRAM && to == memattr.Private:
@@ -542,13 +483,26 @@ func (r *modelRig) randomConvert(t *testing.T, rng *rand.Rand, o oracle, step st
 		// the finished blocks back: the same pages come back mapped, but an
 		// entry the first block's part cut stays cut.
 		for i := range r.spaces {
-			before.Mappings[i], after.Mappings[i] = pagesOf(before.Mappings[i]), pagesOf(after.Mappings[i])
+			before.Mappings[i], after.Mappings[i] = randtest.Pages(before.Mappings[i]), randtest.Pages(after.Mappings[i])
 		}
 	}
 	if d := cmp.Diff(before, after); d != "" {
 		t.Fatalf("%s: I3: failed conversion [%#x, +%#x) to %v (%v) changed something (-before +after):\n%s", step, gpa, size, to, err, d)
 	}
 	return 0, injected, refused
+}
+
+// scan says what a conversion of [gpa, gpa+size) meets: a page that is
+// not RAM, and the first foreign pin (pinned false where there is none).
+func (r *modelRig) scan(gpa, size uint64) (nonRAM bool, firstPin uint64, pinned bool) {
+	firstPin = ^uint64(0)
+	for p := gpa; p < gpa+size; p += page {
+		nonRAM = nonRAM || !isRAM(p)
+		if r.pins[p] != nil && p < firstPin {
+			firstPin, pinned = p, true
+		}
+	}
+	return nonRAM, firstPin, pinned
 }
 
 // spansBlocks reports whether [gpa, gpa+size) meets more than one block.
@@ -560,17 +514,6 @@ func spansBlocks(m *guestmem.Memory, gpa, size uint64) bool {
 		}
 	}
 	return n > 1
-}
-
-// pagesOf normalises mappings to one page each.
-func pagesOf(ms []iommu.Mapping) []iommu.Mapping {
-	var out []iommu.Mapping
-	for _, m := range ms {
-		for a := m.IOVA; a < m.IOVA+m.Size; a += page {
-			out = append(out, iommu.Mapping{IOVA: a, Size: page})
-		}
-	}
-	return out
 }
 
 // randomAccess reads or writes a random range through the host accessor,
@@ -636,14 +579,7 @@ func FuzzInPlace(f *testing.F) {
 			case 0, 1:
 				size := (1 + uint64(b%64)) * page
 				to := memattr.State(op % 2)
-				nonRAM := false
-				first, pinned := ^uint64(0), false
-				for p := gpa; p < gpa+size; p += page {
-					nonRAM = nonRAM || !isRAM(p)
-					if r.pins[p] != nil && p < first {
-						first, pinned = p, true
-					}
-				}
+				nonRAM, first, pinned := r.scan(gpa, size)
 				before := r.snap()
 				_, err := r.mem.Convert(guestmem.Request{GPA: gpa, Size: size, To: to})
 				var pe *guestmem.PinnedError

@@ -60,8 +60,11 @@ func (m *Memory) AttachIOMMU(space iommu.Space, opts dma.Options) (*Attachment, 
 		return nil, err
 	}
 	defer m.exit()
+	if space == nil {
+		return nil, fmt.Errorf("guestmem: attach IOMMU: %w: the space is nil", ErrOptions)
+	}
 	if isNil(space) {
-		return nil, fmt.Errorf("guestmem: attach IOMMU: %w: no space (%T)", ErrOptions, space)
+		return nil, fmt.Errorf("guestmem: attach IOMMU: %w: the space is a nil %T", ErrOptions, space)
 	}
 	if ps := space.Caps().PageSize; ps != 0 && (ps > PageSize || PageSize%ps != 0) {
 		return nil, fmt.Errorf("guestmem: attach IOMMU: %w: the space's smallest page is %#x bytes; a conversion changes %#x", ErrIOMMUPage, ps, uint64(PageSize))

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"io/fs"
 	"os"
 	"strconv"
 	"strings"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guest"
+	"github.com/gmemproject/gmem/internal/kvmtest"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
@@ -25,29 +25,7 @@ import (
 // needs (guest_memfd; in place MMAP|INIT_SHARED).
 func openVM(t testing.TB, mode Mode) *kvm.VM {
 	t.Helper()
-	sys, err := kvm.Open()
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
-		t.Skipf("needs /dev/kvm: %v", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sys.Close() })
-	vm, err := sys.CreateVM(kvm.VMTypeDefault)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { vm.Close() })
-	caps, err := vm.ProbeCapabilities()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !caps.GuestMemfd {
-		t.Skip("needs guest_memfd (KVM_CAP_GUEST_MEMFD, Linux 6.8): this host's KVM has none")
-	}
-	if mode == InPlace && caps.GuestMemfdFlags&kvm.InPlaceFlags != kvm.InPlaceFlags {
-		t.Skipf("needs an mmap-able, initially shared guest_memfd (MMAP|INIT_SHARED, Linux 6.18): KVM_CAP_GUEST_MEMFD_FLAGS = %#x", caps.GuestMemfdFlags)
-	}
+	vm, _ := kvmtest.GuestMemfdVM(t, mode == InPlace)
 	return vm
 }
 

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/gmemproject/gmem/discard"
 	"github.com/gmemproject/gmem/kvm"
@@ -183,6 +184,7 @@ type Memory struct {
 	pagesShared, pagesPrivate, ignored             atomic.Uint64
 	attrCalls, punches, punchedBytes, undoFailures atomic.Uint64
 	plugs, unplugs                                 atomic.Uint64
+	attrNanos, punchNanos                          atomic.Int64
 }
 
 // Block is one RAM block. Its accessors are safe for concurrent use and
@@ -715,6 +717,12 @@ type Stats struct {
 	AttributeCalls uint64
 	// Punches and PunchedBytes count hole punches of backing files.
 	Punches, PunchedBytes uint64
+	// AttributeTime and PunchTime are the time spent in the kernel's
+	// attribute calls (KVM_SET_MEMORY_ATTRIBUTES, or the guest_memfd's
+	// KVM_SET_MEMORY_ATTRIBUTES2 in place) and in punches
+	// (Backing.Discard): what conversions spent in the kernel, against
+	// gmem's own work.
+	AttributeTime, PunchTime time.Duration
 	// UndoFailures counts undo steps that failed after a failure.
 	UndoFailures uint64
 	// Plugs and Unplugs count successful Plug and Unplug calls.
@@ -735,6 +743,8 @@ func (m *Memory) Stats() Stats {
 		AttributeCalls: m.attrCalls.Load(),
 		Punches:        m.punches.Load(),
 		PunchedBytes:   m.punchedBytes.Load(),
+		AttributeTime:  time.Duration(m.attrNanos.Load()),
+		PunchTime:      time.Duration(m.punchNanos.Load()),
 		UndoFailures:   m.undoFailures.Load(),
 		Plugs:          m.plugs.Load(),
 		Unplugs:        m.unplugs.Load(),

@@ -1,7 +1,6 @@
 package iommu_test
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"math"
@@ -11,6 +10,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/internal/randtest"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/span"
 )
@@ -160,24 +160,7 @@ func TestCutThousandPages(t *testing.T) {
 		if pins := m.Pins(); pins.Unpinned != uint64(i+1) || pins.Pinned != pages {
 			t.Fatalf("cut %d: pins %+v, want %d unpinned of %d", i, pins, i+1, pages)
 		}
-		if err := m.DMAWrite(iova, []byte("blocked")); !errors.Is(err, iommu.ErrFault) {
-			t.Fatalf("cut %d: DMA to the cut page = %v, want a fault", i, err)
-		}
-		if !bytes.Equal(mem[p*pg:p*pg+7], make([]byte, 7)) {
-			t.Fatalf("cut %d: a blocked write reached page %d", i, p)
-		}
-		for _, q := range []int{p - 1, p + 1, rng.IntN(pages)} {
-			if q < 0 || q >= pages || cut[q] {
-				continue
-			}
-			msg := fmt.Appendf(nil, "cut %d page %d", i, q)
-			if err := m.DMAWrite(base+uint64(q)*pg+64, msg); err != nil {
-				t.Fatalf("cut %d: DMA to still-mapped page %d: %v", i, q, err)
-			}
-			if !bytes.Equal(mem[q*pg+64:q*pg+64+len(msg)], msg) {
-				t.Fatalf("cut %d: DMA to page %d landed elsewhere", i, q)
-			}
-		}
+		randtest.CheckCutPage(t, m, base, mem, cut, p, rng, fmt.Sprintf("cut %d", i))
 	}
 	var want []iommu.Mapping
 	for p := 0; p < pages; {

@@ -494,23 +494,32 @@ func (m *Model) Unmap(iova, size uint64) (uint64, error) {
 	default:
 		// Areas are removed in ascending order until one sticks out of the
 		// request; that one, or finding none, is ENOENT.
-		if x, ok := m.containing(iova); ok && x.iova < iova {
+		n, err := m.removeInside(iova, last)
+		if err == nil && n == 0 {
 			return 0, unix.ENOENT
 		}
-		var n uint64
-		var buf [2]mapping
-		for _, x := range m.starting(buf[:0], iova, last) {
-			if x.last() > last {
-				return n, unix.ENOENT
-			}
-			m.remove(x)
-			n += x.size
-		}
-		if n == 0 {
-			return 0, unix.ENOENT
-		}
-		return n, nil
+		return n, err
 	}
+}
+
+// removeInside removes the areas inside [iova, last] in ascending order,
+// as iommufd's unmap does, and answers the bytes removed. An area that
+// sticks out of the range is ENOENT: at its start before anything goes, at
+// its end after the areas before it went.
+func (m *Model) removeInside(iova, last uint64) (uint64, error) {
+	if x, ok := m.containing(iova); ok && x.iova < iova {
+		return 0, unix.ENOENT
+	}
+	var n uint64
+	var buf [2]mapping
+	for _, x := range m.starting(buf[:0], iova, last) {
+		if x.last() > last {
+			return n, unix.ENOENT
+		}
+		m.remove(x)
+		n += x.size
+	}
+	return n, nil
 }
 
 // Cut implements Cutter as iommufd's VFIO-compatible unmap does on a compat
@@ -574,22 +583,9 @@ func (m *Model) Cut(iova, size uint64) (uint64, error) {
 	if last < iova {
 		return 0, unix.EOVERFLOW
 	}
-	// The compat unmap: areas inside go in ascending order; one that still
-	// sticks out (an end no split could cut) is ENOENT, after the areas
-	// before it went.
-	if x, ok := m.containing(iova); ok && x.iova < iova {
-		return 0, unix.ENOENT
-	}
-	var n uint64
-	var buf [2]mapping
-	for _, x := range m.starting(buf[:0], iova, last) {
-		if x.last() > last {
-			return n, unix.ENOENT
-		}
-		m.remove(x)
-		n += x.size
-	}
-	return n, nil
+	// The compat unmap: an area that still sticks out is one whose end no
+	// split could cut.
+	return m.removeInside(iova, last)
 }
 
 // carve removes [iova, last], page aligned, from inside area x: what

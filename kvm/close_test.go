@@ -7,51 +7,14 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"runtime"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio/fdiotest"
 )
-
-// openPipes opens n pipes, which take the lowest free descriptor numbers:
-// the ones a Close just freed. It returns their descriptors.
-func openPipes(t *testing.T, n int) []int {
-	t.Helper()
-	var fds []int
-	for range n {
-		var p [2]int
-		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
-			t.Fatal(err)
-		}
-		fds = append(fds, p[0], p[1])
-	}
-	return fds
-}
-
-// closeAll closes descriptors the test opened.
-func closeAll(fds []int) {
-	for _, fd := range fds {
-		unix.Close(fd)
-	}
-}
-
-// firstErr keeps the first failure the racing goroutines report.
-type firstErr struct{ v atomic.Value }
-
-func (f *firstErr) set(format string, args ...any) {
-	f.v.CompareAndSwap(nil, fmt.Sprintf(format, args...))
-}
-
-func (f *firstErr) check(t *testing.T, round int) {
-	t.Helper()
-	if msg := f.v.Load(); msg != nil {
-		t.Fatalf("round %d: %s", round, msg)
-	}
-}
 
 // TestCloseRacesCalls closes a System and a VM while goroutines keep
 // asking them KVM_GET_API_VERSION and KVM_CHECK_EXTENSION, and opens pipes
@@ -64,6 +27,7 @@ func TestCloseRacesCalls(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	isClosed := func(err error) bool { return errors.Is(err, ErrClosed) }
 	const rounds = 100
 	for round := range rounds {
 		s, err := Open()
@@ -74,45 +38,26 @@ func TestCloseRacesCalls(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var bad firstErr
-		var wg sync.WaitGroup
-		start := make(chan struct{})
+		race := fdiotest.NewRace(t, isClosed)
 		call := func(name string, f func() (int, error), want int) {
-			wg.Go(func() {
-				<-start
-				for {
-					got, err := f()
-					if errors.Is(err, ErrClosed) {
-						if !errors.Is(err, fs.ErrClosed) {
-							bad.set("%s: %v does not match fs.ErrClosed", name, err)
-						}
-						return
-					}
-					if err != nil || got != want {
-						bad.set("%s = %d, %v; want %d or ErrClosed", name, got, err, want)
-						return
-					}
+			race.Go(name, func() error {
+				got, err := f()
+				if errors.Is(err, ErrClosed) && !errors.Is(err, fs.ErrClosed) {
+					race.Fail("%s: %v does not match fs.ErrClosed", name, err)
 				}
-			})
+				if err == nil && got != want {
+					return fmt.Errorf("got %d, want %d or ErrClosed", got, want)
+				}
+				return err
+			}, fdiotest.OK)
 		}
 		call("System.GetAPIVersion", s.GetAPIVersion, APIVersion)
 		call("System.CheckExtension", func() (int, error) { return s.CheckExtension(CapUserMemory2) }, wantCap)
 		call("VM.CheckExtension", func() (int, error) { return vm.CheckExtension(CapUserMemory2) }, wantCap)
-		close(start)
-		for range round % 8 {
-			runtime.Gosched()
-		}
-		if err := s.Close(); err != nil {
-			t.Fatal(err)
-		}
-		pipes := openPipes(t, 2)
-		if err := vm.Close(); err != nil {
-			t.Fatal(err)
-		}
-		pipes = append(pipes, openPipes(t, 2)...)
-		wg.Wait()
-		closeAll(pipes)
-		bad.check(t, round)
+		race.Start(round)
+		race.Close(s.Close)
+		race.Close(vm.Close)
+		race.Wait(round)
 		if err := s.Close(); err != ErrClosed {
 			t.Fatalf("second Close = %v, want ErrClosed", err)
 		}
@@ -126,6 +71,7 @@ func TestCloseRacesCalls(t *testing.T) {
 func TestVCPUCloseRaces(t *testing.T) {
 	s := openKVM(t)
 	vm := newVM(t, s)
+	isClosed := func(err error) bool { return errors.Is(err, ErrClosed) }
 	const rounds = 100
 	for round := range rounds {
 		// A vCPU id stays taken until the VM goes: one id a round.
@@ -133,26 +79,9 @@ func TestVCPUCloseRaces(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var bad firstErr
-		var wg sync.WaitGroup
-		start := make(chan struct{})
-		loop := func(name string, f func() error) {
-			wg.Go(func() {
-				<-start
-				for {
-					err := f()
-					if errors.Is(err, ErrClosed) {
-						return
-					}
-					if err != nil {
-						bad.set("%s: %v", name, err)
-						return
-					}
-				}
-			})
-		}
-		loop("Kick", v.Kick)
-		loop("SetImmediateExit", func() error {
+		race := fdiotest.NewRace(t, isClosed)
+		race.Go("Kick", v.Kick, fdiotest.OK)
+		race.Go("SetImmediateExit", func() error {
 			v.SetImmediateExit(false)
 			if v.Fd() < 0 && !v.ImmediateExit() {
 				return errors.New("ImmediateExit after Close is false")
@@ -161,19 +90,11 @@ func TestVCPUCloseRaces(t *testing.T) {
 				return ErrClosed
 			}
 			return nil
-		})
-		loop("GetRegs", func() error { _, err := v.GetRegs(); return err })
-		close(start)
-		for range round % 8 {
-			runtime.Gosched()
-		}
-		if err := v.Close(); err != nil {
-			t.Fatal(err)
-		}
-		pipes := openPipes(t, 2)
-		wg.Wait()
-		closeAll(pipes)
-		bad.check(t, round)
+		}, fdiotest.OK)
+		race.Go("GetRegs", func() error { _, err := v.GetRegs(); return err }, fdiotest.OK)
+		race.Start(round)
+		race.Close(v.Close)
+		race.Wait(round)
 		if v.RunData() != nil {
 			t.Fatal("RunData after Close is not nil")
 		}

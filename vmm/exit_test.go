@@ -211,6 +211,14 @@ func TestHandleExitHypercall(t *testing.T) {
 			if len(tm.events) != 17 || tm.events[0].Source != SourceHypercall {
 				t.Errorf("%d conversion events", len(tm.events))
 			}
+			// The executor's time is reported for requests that reached it,
+			// none for those refused while decoding the hypercall.
+			for _, e := range tm.events {
+				var bad *kvm.MapGPARangeError
+				if reached := !errors.As(e.Err, &bad); reached != (e.Took > 0) {
+					t.Errorf("event %+v: took %v", e.Request, e.Took)
+				}
+			}
 		})
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
@@ -52,6 +53,9 @@ type ConversionEvent struct {
 	Err error
 	// Ret is the answer the guest gets: 0, EINVAL or EAGAIN.
 	Ret uint64
+	// Took is how long the executor took (guestmem's Convert, kernel
+	// calls included); 0 for a request refused before reaching it.
+	Took time.Duration
 }
 
 // MachineConfig configures a Machine.
@@ -231,7 +235,9 @@ func (m *Machine) VCPUs() int { return len(m.conv) }
 // no other conversion is in flight, and reports the event.
 func (m *Machine) convert(cpu int, src Source, req guestmem.Request) (guestmem.Result, error) {
 	m.checkMu.RLock()
+	start := time.Now()
 	res, err := m.mem.Convert(req)
+	took := time.Since(start)
 	m.checkMu.RUnlock()
 	m.checkMu.Lock()
 	if verr := m.att.Check(); verr != nil {
@@ -239,12 +245,12 @@ func (m *Machine) convert(cpu int, src Source, req guestmem.Request) (guestmem.R
 		m.log.Error("vmm: invariant violated after a conversion", "cpu", cpu, "request", req, "err", verr)
 	}
 	m.checkMu.Unlock()
-	m.answered(cpu, src, req, res, err)
+	m.answered(cpu, src, req, res, err, took)
 	return res, err
 }
 
 // answered counts the answer to a request and reports the event.
-func (m *Machine) answered(cpu int, src Source, req guestmem.Request, res guestmem.Result, err error) uint64 {
+func (m *Machine) answered(cpu int, src Source, req guestmem.Request, res guestmem.Result, err error, took time.Duration) uint64 {
 	ret := guestmem.HypercallRet(err)
 	switch {
 	case err == nil:
@@ -262,7 +268,7 @@ func (m *Machine) answered(cpu int, src Source, req guestmem.Request, res guestm
 		m.stats.retEINVAL.Add(1)
 	}
 	if m.onConv != nil {
-		m.onConv(ConversionEvent{CPU: cpu, Source: src, Request: req, Result: res, Err: err, Ret: ret})
+		m.onConv(ConversionEvent{CPU: cpu, Source: src, Request: req, Result: res, Err: err, Ret: ret, Took: took})
 	}
 	return ret
 }
@@ -349,7 +355,7 @@ func (m *Machine) convOut(cpu int, reg uint16, v uint32) {
 		if !ok {
 			err := fmt.Errorf("vmm: conversion port: %w: ConvAttr %d", guestmem.ErrInvalid, d.attr)
 			req.To = memattr.State(d.attr)
-			d.status = uint32(m.answered(cpu, SourcePort, req, guestmem.Result{Request: req}, err))
+			d.status = uint32(m.answered(cpu, SourcePort, req, guestmem.Result{Request: req}, err, 0))
 			return
 		}
 		_, err := m.convert(cpu, SourcePort, req)
@@ -481,7 +487,7 @@ func (m *Machine) HandleExit(cpu int, run []byte, e kvm.Exit, decodeErr error) (
 			}
 			req := guestmem.Request{GPA: f.GPA, Size: f.Size, To: faultTarget(f)}
 			err := fmt.Errorf("%w: %w", guestmem.ErrInvalid, decodeErr)
-			m.answered(cpu, SourceMemoryFault, req, guestmem.Result{Request: req}, err)
+			m.answered(cpu, SourceMemoryFault, req, guestmem.Result{Request: req}, err, 0)
 			return m.guardFault(cpu, f, err)
 		}
 		return Stop, fmt.Errorf("vmm: vCPU %d: %w", cpu, decodeErr)
@@ -608,7 +614,7 @@ func (m *Machine) hypercall(cpu int, run []byte, h kvm.HypercallExit) error {
 		}
 		if err != nil {
 			err = fmt.Errorf("%w: %w", guestmem.ErrInvalid, err)
-			ret = m.answered(cpu, SourceHypercall, req, guestmem.Result{Request: req}, err)
+			ret = m.answered(cpu, SourceHypercall, req, guestmem.Result{Request: req}, err, 0)
 		} else {
 			req.Size = mr.Size()
 			_, err = m.convert(cpu, SourceHypercall, req)

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/internal/kvmtest"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
 )
@@ -191,27 +192,14 @@ func TestStrayPrivateAttribute(t *testing.T) {
 // kernel does): KVM keeps the attributes, the guest asks with vmmcall.
 func TestBuiltinSWProtected(t *testing.T) {
 	needKVM(t, guestmem.Split)
-	sys, err := kvm.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ok, err := sys.SupportsVMType(kvm.VMTypeSWProtected)
-	sys.Close()
+	ok, err := kvmtest.Open(t).SupportsVMType(kvm.VMTypeSWProtected)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !ok {
 		t.Skip("needs KVM_X86_SW_PROTECTED_VM in KVM_CAP_VM_TYPES (scripts/rig runs this path)")
 	}
-	v, err := New(Config{Mode: guestmem.Split, VCPUs: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
-	rep, err := v.Run(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	v, rep := boot(context.Background(), t, Config{Mode: guestmem.Split, VCPUs: 2})
 	st := v.Machine().Stats()
 	if !rep.OK() || rep.ChecksPassed != len(BuiltinSharedCode(2).Checks()) || rep.Enforcement != string(guestmem.EnforceKVM) {
 		t.Errorf("report %+v", rep)
@@ -232,27 +220,14 @@ func TestBuiltinSWProtected(t *testing.T) {
 // go, and nothing is punched.
 func TestBuiltinInPlacePrivate(t *testing.T) {
 	needKVM(t, guestmem.InPlace)
-	sys, err := kvm.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sup, err := sys.ProbeInPlace()
-	sys.Close()
+	sup, err := kvmtest.Open(t).ProbeInPlace()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !sup.OK() {
 		t.Skipf("needs in-place conversion with private memory (Linux 7.4 with kvm.gmem_in_place_conversion=1 or CONFIG_KVM_VM_MEMORY_ATTRIBUTES=n, and KVM_X86_SW_PROTECTED_VM): %s", sup.Reason)
 	}
-	v, err := New(Config{Mode: guestmem.InPlace, VCPUs: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
-	rep, err := v.Run(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, rep := boot(context.Background(), t, Config{Mode: guestmem.InPlace, VCPUs: 2})
 	if !rep.OK() || rep.ChecksPassed != len(BuiltinSharedCode(2).Checks()) || rep.Enforcement != string(guestmem.EnforceGuestMemfd) {
 		t.Errorf("report %+v", rep)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guest"
@@ -44,6 +45,11 @@ type Config struct {
 	DefaultVMType bool
 	// OnHostCall is passed to the Machine.
 	OnHostCall func(cpu int, id uint32)
+	// OnExit, if set, is called on the vCPU's goroutine after every exit
+	// is handled, before the vCPU enters the guest again, with the time
+	// the guest waited (see ExitTiming). It should return quickly: the
+	// guest waits for it too, though it is not counted.
+	OnExit func(ExitTiming)
 
 	// portTrace, if set, sees every port access (tests compare the
 	// compiled guest with the interpreter).
@@ -72,6 +78,18 @@ func (c *Config) machine(mem *guestmem.Memory, s Scenario) MachineConfig {
 	}
 }
 
+// ExitTiming is how long one exit kept a vCPU out of the guest.
+type ExitTiming struct {
+	CPU int
+	// Exit is the decoded exit (nil when its kvm_run contents could not be
+	// decoded).
+	Exit kvm.Exit
+	// Handled is the time from KVM_RUN's return to the end of the exit's
+	// handling, right before the vCPU enters again: what the guest waits
+	// for an answer (KVM_EXIT_HYPERCALL to re-entry for a conversion).
+	Handled time.Duration
+}
+
 // VM is the built-in guest on KVM, ready to run.
 type VM struct {
 	sys      *kvm.System
@@ -82,6 +100,7 @@ type VM struct {
 	scenario Scenario
 	path     RequestPath
 	ran      bool
+	onExit   func(ExitTiming)
 }
 
 // New creates a KVM VM with the machine's memory and devices, loads the
@@ -106,7 +125,7 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, err
 	}
-	v := &VM{}
+	v := &VM{onExit: cfg.OnExit}
 	defer func() {
 		if err != nil {
 			v.Close()
@@ -303,7 +322,11 @@ func (v *VM) runVCPU(ctx context.Context, cpu int, vc *kvm.VCPU) error {
 			return fmt.Errorf("vmm: vCPU %d: %w", cpu, context.Cause(ctx))
 		}
 		e, err := vc.Run()
+		exited := time.Now()
 		act, herr := v.mach.HandleExit(cpu, vc.RunData(), e, err)
+		if v.onExit != nil {
+			v.onExit(ExitTiming{CPU: cpu, Exit: e, Handled: time.Since(exited)})
+		}
 		switch act {
 		case Halt:
 			return nil

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"sync"
 	"testing"
 	"time"
@@ -14,42 +13,17 @@ import (
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/internal/kvmtest"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
 )
 
 // needKVM skips the test where /dev/kvm cannot be opened or its KVM lacks
-// the guest_memfd that memory of the given mode needs: guest_memfd
-// (Linux 6.8) for split memory, and one that can be mmapped and start
-// shared (GUEST_MEMFD_FLAG_MMAP|INIT_SHARED, Linux 6.18) in place. The
-// rig's Linux 7.3 guest (scripts/rig --kernel-source linux-source-7.3) has
-// both.
+// the guest_memfd that memory of the given mode needs.
 func needKVM(t *testing.T, mode guestmem.Mode) {
 	t.Helper()
-	sys, err := kvm.Open()
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
-		t.Skipf("needs %s: %v", kvm.DevicePath, err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sys.Close()
-	vm, err := sys.CreateVM(kvm.VMTypeDefault)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer vm.Close()
-	caps, err := vm.ProbeCapabilities()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !caps.GuestMemfd {
-		t.Skip("needs guest_memfd (KVM_CAP_GUEST_MEMFD, Linux 6.8 with KVM_PRIVATE_MEM or KVM_GUEST_MEMFD): this host's KVM has none; scripts/rig --kernel-source linux-source-7.3 runs these tests")
-	}
-	if mode == guestmem.InPlace && caps.GuestMemfdFlags&kvm.InPlaceFlags != kvm.InPlaceFlags {
-		t.Skipf("needs an mmap-able, initially shared guest_memfd (KVM_CAP_GUEST_MEMFD_FLAGS with MMAP|INIT_SHARED, Linux 6.18): this host answers %#x; scripts/rig --kernel-source linux-source-7.3 runs these tests", caps.GuestMemfdFlags)
-	}
+	kvmtest.NeedGuestMemfd(t, mode == guestmem.InPlace)
 }
 
 var modes = []guestmem.Mode{guestmem.InPlace, guestmem.Split}
@@ -62,22 +36,30 @@ func runKVM(t *testing.T, cfg Config) Report {
 	t.Helper()
 	needKVM(t, cfg.Mode)
 	cfg.DefaultVMType = true
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_, rep := boot(ctx, t, cfg)
+	return rep
+}
+
+// boot makes cfg's VM, closed at the end of the test (Close must
+// succeed), and runs its guest to the end.
+func boot(ctx context.Context, t *testing.T, cfg Config) (*VM, Report) {
+	t.Helper()
 	v, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
+	t.Cleanup(func() {
 		if err := v.Close(); err != nil {
 			t.Error(err)
 		}
-	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
+	})
 	rep, err := v.Run(ctx)
 	if err != nil {
 		t.Fatalf("run: %v", err)
 	}
-	return rep
+	return v, rep
 }
 
 // expect derives from a scenario what a correct run reports.
@@ -143,6 +125,31 @@ func TestBuiltinKVM(t *testing.T) {
 				checkBuiltinReport(t, rep, mode, vcpus, true)
 			})
 		}
+	}
+}
+
+// TestOnExit checks that OnExit sees every exit the machine handled, each
+// with the time it kept its vCPU out of the guest.
+func TestOnExit(t *testing.T) {
+	needKVM(t, guestmem.Split)
+	var timings []ExitTiming
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	v, _ := boot(ctx, t, Config{Mode: guestmem.Split, VCPUs: 1, DefaultVMType: true, OnExit: func(e ExitTiming) { timings = append(timings, e) }})
+	var io, halts uint64
+	for _, e := range timings {
+		if e.CPU != 0 || e.Handled <= 0 || e.Exit == nil {
+			t.Fatalf("exit timing %+v", e)
+		}
+		switch e.Exit.(type) {
+		case kvm.IOExit:
+			io++
+		case kvm.HLTExit:
+			halts++
+		}
+	}
+	if st := v.Machine().Stats(); io == 0 || halts != 1 || io != st.IOExits {
+		t.Errorf("%d exit timings: %d port I/O (the machine counts %d), %d halts; want every I/O exit and one halt", len(timings), io, st.IOExits, halts)
 	}
 }
 

@@ -47,25 +47,30 @@ func TestBenchQuickJSON(t *testing.T) {
 		t.Fatalf("not JSON: %v\n%s", err, out)
 	}
 	units := map[string]string{
-		"state memory, realistic":            "bytes",
-		"state memory, adversarial":          "bytes",
-		"listener replay":                    "ns",
-		"4 KiB churn time":                   "ns/op",
-		"4 KiB churn map calls":              "calls/op",
-		"4 KiB churn among runs time":        "ns/op",
-		"4 KiB churn among runs map calls":   "calls/op",
-		"round trip map calls":               "calls",
-		"round trip time":                    "ns",
-		"parallel conversions":               "ops/s",
-		"boot DMA entries peak, 16GiB guest": "entries",
-		"boot DMA entries peak, 1TiB guest":  "entries",
-		"split: re-pinned by one cut":        "bytes",
-		"split: window of one cut":           "bytes",
-		"split trace: window":                "bytes",
-		"split trace: entries peak":          "entries",
-		"scale: state memory, realistic":     "bytes",
-		"scale: listener replay":             "ns",
-		"scale: 4 KiB churn time":            "ns/op",
+		"state memory, realistic":                 "bytes",
+		"state memory, adversarial":               "bytes",
+		"listener replay":                         "ns",
+		"4 KiB churn time":                        "ns/op",
+		"4 KiB churn map calls":                   "calls/op",
+		"4 KiB churn among runs time":             "ns/op",
+		"4 KiB churn among runs map calls":        "calls/op",
+		"round trip map calls":                    "calls",
+		"round trip time":                         "ns",
+		"floor: granule round trip time":          "ns",
+		"floor: extent round trip time":           "ns",
+		"floor: extent-unbounded round trip time": "ns",
+		"floor: cut round trip time":              "ns",
+		"floor: round trip pinned pages":          "pages",
+		"parallel conversions":                    "ops/s",
+		"boot DMA entries peak, 16GiB guest":      "entries",
+		"boot DMA entries peak, 1TiB guest":       "entries",
+		"split: re-pinned by one cut":             "bytes",
+		"split: window of one cut":                "bytes",
+		"split trace: window":                     "bytes",
+		"split trace: entries peak":               "entries",
+		"scale: state memory, realistic":          "bytes",
+		"scale: listener replay":                  "ns",
+		"scale: 4 KiB churn time":                 "ns/op",
 	}
 	got := map[string]float64{}
 	for _, r := range rep.Rows {
@@ -133,6 +138,9 @@ func TestBenchQuickJSON(t *testing.T) {
 		"state memory, adversarial/b": 32 << 10,
 		"round trip map calls/b":      16384,
 		"round trip map calls/g":      float64(64<<20) / dma.DefaultMaxExtent, // one entry per chunk
+		// 64 MiB pinned whatever the policy, the floor's one call too.
+		"floor: round trip pinned pages/b": 16384,
+		"floor: round trip pinned pages/g": 16384,
 		// 64 TiB is 2^34 pages: a 2 GiB bitmap.
 		"scale: state memory, realistic/b": 2 << 30,
 	} {
@@ -184,59 +192,5 @@ func TestBenchUsage(t *testing.T) {
 	cancel()
 	if code, _, errOut := runCmd(ctx, "bench", "--quick"); code != exitFail || !strings.Contains(errOut, "interrupted") {
 		t.Errorf("cancelled bench: exit %d, %q", code, errOut)
-	}
-}
-
-func TestTimedAlternates(t *testing.T) {
-	var order []string
-	vals := map[string][]float64{"b": {5, 1, 3, 4, 2}, "g": {12, 30, 18, 50, 42}}
-	side := func(name string) func() (float64, error) {
-		return func() (float64, error) {
-			order = append(order, name)
-			v := vals[name][0]
-			vals[name] = vals[name][1:]
-			return v, nil
-		}
-	}
-	row, err := timed(benchSizes{rounds: 5}, benchRow{Name: "x"}, side("b"), side("g"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := strings.Join(order, ""); got != "bggbbggbbg" {
-		t.Errorf("order %q, want the sides swapped every round", got)
-	}
-	if row.Baseline != 3 || row.Gmem != 30 || row.Rounds != 5 {
-		t.Errorf("medians %v %v rounds %d, want 3 30 5", row.Baseline, row.Gmem, row.Rounds)
-	}
-	if row.BaselineRange[0] != 1 || row.BaselineRange[1] != 5 || row.GmemRange[0] != 12 || row.GmemRange[1] != 50 {
-		t.Errorf("ranges %v %v", row.BaselineRange, row.GmemRange)
-	}
-	if !slices.Equal(row.BaselineIQR, []float64{2, 4}) || !slices.Equal(row.GmemIQR, []float64{18, 42}) {
-		t.Errorf("quartiles %v %v, want [2 4] [18 42]", row.BaselineIQR, row.GmemIQR)
-	}
-	// (4-2)/3 against (42-18)/30: the worse side's.
-	if want := 24.0 / 30; math.Abs(row.Spread-want) > 1e-12 {
-		t.Errorf("spread %v, want %v", row.Spread, want)
-	}
-}
-
-// TestImprovement: the ratio of each kind of row, none for a cost the
-// baseline does not pay.
-func TestImprovement(t *testing.T) {
-	for _, c := range []struct {
-		r    benchRow
-		want float64
-	}{
-		{benchRow{Baseline: 10, Gmem: 2, Better: "lower"}, 5},
-		{benchRow{Baseline: 2, Gmem: 10, Better: "higher"}, 5},
-		{benchRow{Baseline: 3, Gmem: 3, Better: "lower"}, 1},
-		{benchRow{Baseline: 3, Gmem: 0, Better: "lower"}, math.Inf(1)},
-		{benchRow{Baseline: 0, Gmem: 4096, Better: "lower"}, math.NaN()},
-		{benchRow{Gmem: 7, Better: "lower", BaselineHow: notRun}, math.NaN()},
-	} {
-		got := improvement(c.r)
-		if got != c.want && !(math.IsNaN(got) && math.IsNaN(c.want)) {
-			t.Errorf("improvement(%+v) = %v, want %v", c.r, got, c.want)
-		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/gmemproject/gmem/internal/bench"
 	"github.com/gmemproject/gmem/replay"
 )
 
@@ -266,56 +267,14 @@ func plural(n uint64, one, many string) string {
 }
 
 // commas formats n with thousands separators.
-func commas(n uint64) string {
-	s := strconv.FormatUint(n, 10)
-	var b strings.Builder
-	for i, c := range s {
-		if i > 0 && (len(s)-i)%3 == 0 {
-			b.WriteByte(',')
-		}
-		b.WriteRune(c)
-	}
-	return b.String()
-}
+func commas(n uint64) string { return bench.Commas(n) }
 
 // human formats a byte count with a binary unit and three significant
 // digits.
-func human(n uint64) string {
-	const units = "KMGTPE"
-	if n < 1024 {
-		return strconv.FormatUint(n, 10) + " B"
-	}
-	v, u := float64(n), -1
-	for v >= 1024 && u < len(units)-1 {
-		v /= 1024
-		u++
-	}
-	// What rounds up to 1024 of a unit is 1.00 of the next.
-	if v >= 1023.5 && u < len(units)-1 {
-		v /= 1024
-		u++
-	}
-	switch {
-	case v >= 99.95:
-		return fmt.Sprintf("%.0f %ciB", v, units[u])
-	case v >= 9.995:
-		return fmt.Sprintf("%.1f %ciB", v, units[u])
-	}
-	return fmt.Sprintf("%.2f %ciB", v, units[u])
-}
+func human(n uint64) string { return bench.Human(n) }
 
 // duration formats nanoseconds with a unit.
-func duration(ns float64) string {
-	switch {
-	case ns >= 1e9:
-		return fmt.Sprintf("%.2f s", ns/1e9)
-	case ns >= 1e6:
-		return fmt.Sprintf("%.2f ms", ns/1e6)
-	case ns >= 1e3:
-		return fmt.Sprintf("%.2f µs", ns/1e3)
-	}
-	return fmt.Sprintf("%.0f ns", ns)
-}
+func duration(ns float64) string { return bench.Duration(ns) }
 
 // sortInputErrors orders input errors by line, then by event.
 func sortInputErrors(es []replay.InputError) {

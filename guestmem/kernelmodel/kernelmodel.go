@@ -234,30 +234,29 @@ func (g *GuestMemfd) SetMemoryAttributes2(a kvm.MemoryAttributes2) error {
 		return invalid(err.Error())
 	}
 	pages := span.Range{Start: r.Start / page, End: r.End / page}
-	if a.Attributes == 0 {
-		n := g.private.Count(pages, 1)
-		if err := g.protect(pages, false); err != nil {
-			return err
+	private := a.Attributes != 0
+	from, to := uint8(1), uint8(0) // the attribute values, 1 private
+	if private {
+		// The kernel zaps the host's mappings first (so a plain mmap does
+		// not count), then refuses if any page is still referenced.
+		if off, ok := g.firstPinned(r); ok {
+			g.stats.Refused++
+			a.ErrorOffset = off
+			return &kvm.PinnedError{Offset: off, Request: a}
 		}
-		g.set(pages, 0)
-		g.stats.Converted++
-		g.stats.ToShared += n
-		return nil
+		from, to = 0, 1
 	}
-	// The kernel zaps the host's mappings first (so a plain mmap does not
-	// count), then refuses if any page is still referenced.
-	if off, ok := g.firstPinned(r); ok {
-		g.stats.Refused++
-		a.ErrorOffset = off
-		return &kvm.PinnedError{Offset: off, Request: a}
-	}
-	n := g.private.Count(pages, 0)
-	if err := g.protect(pages, true); err != nil {
+	n := g.private.Count(pages, from)
+	if err := g.protect(pages, private); err != nil {
 		return err
 	}
-	g.set(pages, 1)
+	g.set(pages, to)
 	g.stats.Converted++
-	g.stats.ToPrivate += n
+	if private {
+		g.stats.ToPrivate += n
+	} else {
+		g.stats.ToShared += n
+	}
 	return nil
 }
 

@@ -13,9 +13,10 @@ import (
 	"github.com/google/go-cmp/cmp"
 )
 
-// runOutside copies testdata/name into a temporary module that requires
-// gmem with a replace to this checkout, and runs it with go run and the
-// given build flags, returning its standard output. It uses the module
+// runOutside copies testdata/name, with the VMM parts in testdata/shared
+// (same package), into a temporary module that requires gmem with a
+// replace to this checkout, and runs it with go run and the given build
+// flags, returning its standard output. It uses the module
 // cache only (GOPROXY=off, GOFLAGS=-mod=mod), with gmem's go.sum for the
 // dependencies' hashes.
 func runOutside(t *testing.T, name string, flags ...string) string {
@@ -27,16 +28,16 @@ func runOutside(t *testing.T, name string, flags ...string) string {
 	_, here, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(here), "..", "..")
 	dir := t.TempDir()
-	src, err := os.ReadFile(filepath.Join("testdata", name, "main.go"))
-	if err != nil {
-		t.Fatal(err)
+	files := map[string][]byte{}
+	for _, path := range []string{filepath.Join("testdata", name, "main.go"), filepath.Join("testdata", "shared", "vmmparts.go"), filepath.Join(root, "go.sum")} {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files[filepath.Base(path)] = data
 	}
-	sum, err := os.ReadFile(filepath.Join(root, "go.sum"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	mod := "module example.com/" + name + "\n\ngo 1.26.0\n\nrequire github.com/gmemproject/gmem v0.0.0\n\nreplace github.com/gmemproject/gmem => " + root + "\n"
-	for file, data := range map[string][]byte{"main.go": src, "go.mod": []byte(mod), "go.sum": sum} {
+	files["go.mod"] = []byte("module example.com/" + name + "\n\ngo 1.26.0\n\nrequire github.com/gmemproject/gmem v0.0.0\n\nreplace github.com/gmemproject/gmem => " + root + "\n")
+	for file, data := range files {
 		if err := os.WriteFile(filepath.Join(dir, file), data, 0o644); err != nil {
 			t.Fatal(err)
 		}

@@ -8,35 +8,14 @@ import (
 	"io/fs"
 	"os"
 	"runtime"
-	"sync"
-	"sync/atomic"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gmemproject/gmem/internal/fdio/fdiotest"
 )
 
 var errTestClosed = fmt.Errorf("fdio test: %w", fs.ErrClosed)
-
-// openNull opens /dev/null as a bare descriptor the test owns.
-func openNull(t *testing.T) int {
-	t.Helper()
-	fd, err := unix.Open(os.DevNull, unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fd
-}
-
-// identity is the device and inode a descriptor names.
-type identity struct{ dev, ino uint64 }
-
-func identify(fd int) (identity, error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return identity{}, err
-	}
-	return identity{st.Dev, st.Ino}, nil
-}
 
 // isOpen reports whether descriptor number fd is open.
 func isOpen(fd int) bool {
@@ -48,7 +27,7 @@ func isOpen(fd int) bool {
 // descriptor, Close closes it once, and afterwards every call answers the
 // closed error without running anything.
 func TestFD(t *testing.T) {
-	fd := openNull(t)
+	fd := fdiotest.OpenNull(t)
 	d := New(fd, os.DevNull, errTestClosed)
 	if d.Fd() != fd {
 		t.Fatalf("Fd = %d, want %d", d.Fd(), fd)
@@ -113,14 +92,14 @@ func TestFD(t *testing.T) {
 // Close refuses new calls at once but keeps the descriptor open, and does
 // not return, until the call has left.
 func TestCloseWaitsForCalls(t *testing.T) {
-	fd := openNull(t)
-	want, err := identify(fd)
+	fd := fdiotest.OpenNull(t)
+	want, err := fdiotest.Identify(fd)
 	if err != nil {
 		t.Fatal(err)
 	}
 	d := New(fd, os.DevNull, errTestClosed)
 	inside, release := make(chan struct{}), make(chan struct{})
-	var seen identity
+	var seen fdiotest.Identity
 	var seenErr error
 	callDone := make(chan error)
 	go func() {
@@ -128,7 +107,7 @@ func TestCloseWaitsForCalls(t *testing.T) {
 			close(inside)
 			<-release
 			// Close has begun by now; the number is still this file.
-			seen, seenErr = identify(int(n))
+			seen, seenErr = fdiotest.Identify(int(n))
 		})
 	}()
 	<-inside
@@ -168,7 +147,7 @@ func TestCloseWaitsForCalls(t *testing.T) {
 // forever; CloseWaking's wake runs after new calls are refused and before
 // the wait, and so releases it.
 func TestCloseWaking(t *testing.T) {
-	d := New(openNull(t), os.DevNull, errTestClosed)
+	d := New(fdiotest.OpenNull(t), os.DevNull, errTestClosed)
 	inside, wake := make(chan struct{}), make(chan struct{})
 	callDone := make(chan error)
 	go func() {
@@ -206,74 +185,23 @@ func TestCloseWaking(t *testing.T) {
 // and none may start after Close returned.
 func TestCloseRace(t *testing.T) {
 	const rounds, callers = 100, 4
+	isClosed := func(err error) bool { return err == errTestClosed }
+	write := func(fd int) error { _, err := unix.Write(fd, []byte{'x'}); return err }
 	for round := range rounds {
-		fd := openNull(t)
-		want, err := identify(fd)
+		fd := fdiotest.OpenNull(t)
+		want, err := fdiotest.Identify(fd)
 		if err != nil {
 			t.Fatal(err)
 		}
 		d := New(fd, os.DevNull, errTestClosed)
-		var closed atomic.Bool
-		var wg sync.WaitGroup
-		var bad atomic.Value
-		fail := func(format string, args ...any) { bad.CompareAndSwap(nil, fmt.Sprintf(format, args...)) }
-		start := make(chan struct{})
+		race := fdiotest.NewRace(t, isClosed)
 		for range callers {
-			wg.Go(func() {
-				<-start
-				for {
-					var id identity
-					var idErr, wErr error
-					err := d.Control(func(n uintptr) {
-						if closed.Load() {
-							fail("a call ran after Close returned")
-						}
-						id, idErr = identify(int(n))
-						_, wErr = unix.Write(int(n), []byte{'x'})
-					})
-					if err == errTestClosed {
-						return
-					}
-					if err != nil || idErr != nil || wErr != nil {
-						fail("call: %v, fstat %v, write %v", err, idErr, wErr)
-						return
-					}
-					if id != want {
-						fail("the call's descriptor names %+v, not /dev/null %+v", id, want)
-						return
-					}
-				}
-			})
+			race.GoControl("call", d.Control, want, write)
 		}
-		close(start)
 		// Let the callers get going: Close comes after some calls.
-		for i := 0; i < round%8; i++ {
-			runtime.Gosched()
-		}
-		if err := d.Close(); err != nil {
-			t.Fatal(err)
-		}
-		closed.Store(true)
-		var pipes [][2]int
-		for range 4 {
-			var p [2]int
-			if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
-				t.Fatal(err)
-			}
-			pipes = append(pipes, p)
-		}
-		wg.Wait()
-		for _, p := range pipes {
-			n, err := unix.IoctlGetInt(p[0], unix.TIOCINQ)
-			if err != nil || n != 0 {
-				t.Errorf("round %d: a pipe opened after Close holds %d bytes (%v): a call wrote to a recycled number", round, n, err)
-			}
-			unix.Close(p[0])
-			unix.Close(p[1])
-		}
-		if msg := bad.Load(); msg != nil {
-			t.Fatalf("round %d: %s", round, msg)
-		}
+		race.Start(round)
+		race.Close(d.Close)
+		race.Wait(round)
 	}
 }
 
@@ -281,7 +209,7 @@ func TestCloseRace(t *testing.T) {
 // even through garbage collections (no *os.File was made for it); an
 // accepted one hands it to the FD; the check's view is closed afterwards.
 func TestOwn(t *testing.T) {
-	fd := openNull(t)
+	fd := fdiotest.OpenNull(t)
 	defer unix.Close(fd)
 	refuse := errors.New("wrong kind")
 	var view *FD

@@ -6,10 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"os"
 	"slices"
-	"strconv"
-	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -18,6 +15,7 @@ import (
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem/kernelmodel"
 	"github.com/gmemproject/gmem/internal/invariant"
+	"github.com/gmemproject/gmem/internal/randtest"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
@@ -30,50 +28,15 @@ const page = 4096
 // errInjected is the error the fault injector makes calls fail with.
 var errInjected = errors.New("injected fault")
 
-// injector fails the n-th backend call (IOMMU map/unmap, kernel attribute
-// change, release) after it is armed, once.
-type injector struct {
-	mu    sync.Mutex
-	armed bool
-	n     int
-	fired bool
-}
-
-func (f *injector) arm(n int) { f.mu.Lock(); f.armed, f.n, f.fired = true, n, false; f.mu.Unlock() }
-func (f *injector) disarm() bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	fired := f.fired
-	f.armed, f.fired = false, false
-	return fired
-}
-
-// call counts one backend call and reports the error it must fail with.
-func (f *injector) call() error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if !f.armed {
-		return nil
-	}
-	f.n--
-	if f.n == 0 {
-		f.armed, f.fired = false, true
-		return errInjected
-	}
-	return nil
-}
-
 // stopOnFailure is a slog handler that disarms the injector at the first
 // failure a component logs, so an operation sees at most one failure: the
 // guarantee of I3 is for single faults (a rollback that fails is reported,
 // not repaired).
-type stopOnFailure struct{ inj *injector }
+type stopOnFailure struct{ inj *randtest.Injector }
 
 func (h stopOnFailure) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
 func (h stopOnFailure) Handle(context.Context, slog.Record) error {
-	h.inj.mu.Lock()
-	h.inj.armed = false
-	h.inj.mu.Unlock()
+	h.inj.Stop()
 	return nil
 }
 func (h stopOnFailure) WithAttrs([]slog.Attr) slog.Handler { return h }
@@ -105,7 +68,7 @@ type world struct {
 	vmemChecked bool
 	block       uint64
 	inPlace     bool
-	inj         *injector
+	inj         *randtest.Injector
 	// file is the kernel's side of an in-place world: a model guest_memfd
 	// with its own attributes, pinned by the listeners' IOMMUs and by
 	// foreign pins (pins, by page, with their unpin).
@@ -139,7 +102,7 @@ func (w *world) cuts() uint64 {
 type backend struct{ w *world }
 
 func (b backend) SetAttributes(runs []span.Range, to memattr.State) error {
-	if err := b.w.inj.call(); err != nil {
+	if err := b.w.inj.Call(); err != nil {
 		return err
 	}
 	if !b.w.inPlace {
@@ -155,9 +118,7 @@ func (b backend) SetAttributes(runs []span.Range, to memattr.State) error {
 		}
 		if err := b.w.file.SetMemoryAttributes2(a); err != nil {
 			// One failure an operation: the undo must not meet another.
-			b.w.inj.mu.Lock()
-			b.w.inj.armed = false
-			b.w.inj.mu.Unlock()
+			b.w.inj.Stop()
 			for _, done := range runs[:i] {
 				undo := kvm.MemoryAttributes2{Offset: done.Start, Size: done.Len()}
 				if to == memattr.Shared {
@@ -174,7 +135,7 @@ func (b backend) SetAttributes(runs []span.Range, to memattr.State) error {
 }
 
 func (b backend) Release(runs []span.Range, to memattr.State) error {
-	if err := b.w.inj.call(); err != nil {
+	if err := b.w.inj.Call(); err != nil {
 		return err
 	}
 	if to == memattr.Private {
@@ -200,7 +161,7 @@ func (w *world) assertUnreachable(runs []span.Range, when string) {
 
 func newWorld(t *testing.T, seed uint64) *world {
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	w := &world{t: t, rng: rng, inj: &injector{}}
+	w := &world{t: t, rng: rng, inj: &randtest.Injector{Err: errInjected}}
 	w.block = page << rng.IntN(4) // 4 KiB .. 32 KiB blocks
 	w.pages = (w.block / page) * uint64(4+rng.IntN(60))
 	w.gpa = uint64(rng.IntN(16)) << 20
@@ -225,7 +186,7 @@ func newWorld(t *testing.T, seed uint64) *world {
 		w.pins = map[uint64]func(){}
 	}
 	if rng.IntN(2) == 0 {
-		w.vmem, err = virtiomem.New(w.m, virtiomem.Config{BlockSize: w.block, Release: func([]span.Range) error { return w.inj.call() }})
+		w.vmem, err = virtiomem.New(w.m, virtiomem.Config{BlockSize: w.block, Release: func([]span.Range) error { return w.inj.Call() }})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -297,7 +258,7 @@ func (s snapshot) sameI3(after snapshot) bool {
 	}
 	for i := range s.mapped {
 		if s.cut[i] {
-			if !slices.Equal(pagesOf(s.mapped[i]), pagesOf(after.mapped[i])) {
+			if !slices.Equal(randtest.Pages(s.mapped[i]), randtest.Pages(after.mapped[i])) {
 				return false
 			}
 			continue
@@ -307,18 +268,6 @@ func (s snapshot) sameI3(after snapshot) bool {
 		}
 	}
 	return true
-}
-
-// pagesOf normalises mappings to one 4 KiB Mapping per page, so that two
-// entry layouts covering the same pages compare equal.
-func pagesOf(ms []iommu.Mapping) []iommu.Mapping {
-	var out []iommu.Mapping
-	for _, m := range ms {
-		for a := m.IOVA; a < m.IOVA+m.Size; a += page {
-			out = append(out, iommu.Mapping{IOVA: a, Size: page})
-		}
-	}
-	return out
 }
 
 // check asserts I1, I2 and I4 against the oracle, and that each mapper's
@@ -355,7 +304,7 @@ func (w *world) check() {
 				want = append(want, iommu.Mapping{IOVA: l.sec.GPA + (p*page - l.sec.Offset), Size: page})
 			}
 		}
-		if have := pagesOf(got); !slices.Equal(have, want) {
+		if have := randtest.Pages(got); !slices.Equal(have, want) {
 			t.Fatalf("op %d: I1/I2: listener %d (%v, %v) maps %v, oracle wants %v", w.ops, i, l.sec, l.mapper.Policy(), have, want)
 		}
 		if err := invariant.Mapped(w.m, l.sec, got); err != nil {
@@ -434,7 +383,7 @@ func (w *world) addListener() error {
 // must already count as shared and plugged) and pass through the injector.
 func (w *world) hookMaps(space *iommu.Model) {
 	space.SetFault(func(c iommu.Call) error {
-		if err := w.inj.call(); err != nil {
+		if err := w.inj.Call(); err != nil {
 			return err
 		}
 		if c.Op == iommu.OpMap {
@@ -490,7 +439,7 @@ func (w *world) step() {
 	before := w.snap()
 	inject := w.rng.IntN(6) == 0
 	if inject {
-		w.inj.arm(1 + w.rng.IntN(6))
+		w.inj.Arm(1 + w.rng.IntN(6))
 	}
 	var err error
 	var apply func() // updates the oracle when the operation succeeds
@@ -580,7 +529,7 @@ func (w *world) step() {
 			w.listeners = slices.Delete(w.listeners, i, i+1)
 		}
 	}
-	fired := w.inj.disarm()
+	fired := w.inj.Disarm()
 	for i, l := range measured {
 		w.checkWindow(l, changes, err == nil, counted[i])
 	}
@@ -714,17 +663,7 @@ func (w *world) dmaProbe() {
 // opsBudget returns how many operations the randomized test runs in total:
 // GMEM_RANDOM_OPS if set (CI sets 1,000,000), else a quick default.
 func opsBudget(t *testing.T) int {
-	if s := os.Getenv("GMEM_RANDOM_OPS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n <= 0 {
-			t.Fatalf("GMEM_RANDOM_OPS=%q: want a positive number", s)
-		}
-		return n
-	}
-	if testing.Short() {
-		return 20_000
-	}
-	return 100_000
+	return randtest.Ops{Short: 20_000, Full: 100_000}.Count(t)
 }
 
 // TestRandomized drives random regions, sections, listeners (every policy,

@@ -12,6 +12,7 @@ import (
 	"github.com/gmemproject/gmem/discard"
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/internal/invariant"
+	"github.com/gmemproject/gmem/internal/randtest"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/memattr"
 	"github.com/gmemproject/gmem/span"
@@ -124,7 +125,7 @@ func TestConcurrentShards(t *testing.T) {
 			if ok {
 				out[i] = l.model.MappingsIn(s.GPARange())
 				if l.mapper.Policy() == dma.Cut {
-					out[i] = pagesOf(out[i])
+					out[i] = randtest.Pages(out[i])
 				}
 			}
 		}

@@ -30,7 +30,7 @@ const (
 // benchLine prints one measurement for gmem bench --rig, in one write:
 //
 //	GMEM-RIG bench <backend> <scenario> <policy> key=value ...
-func benchLine(backend, scenario string, policy dma.Policy, kv ...any) {
+func benchLine(backend, scenario string, policy any, kv ...any) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s bench %s %s %s", "GMEM-RIG", backend, scenario, policy)
 	for i := 0; i+1 < len(kv); i += 2 {
@@ -155,45 +155,12 @@ func TestRigBench(t *testing.T) {
 	if os.Getenv("GMEM_RIG_BENCH") != "1" {
 		t.Skip("bench rows run only with scripts/rig --bench")
 	}
-	bdf := findEdu(t)
-	if wantBackend("type1") {
-		t.Run("type1", func(t *testing.T) {
-			group, err := vfio.IOMMUGroup(bdf)
-			if err != nil {
-				t.Fatal(err)
-			}
-			// The granule run needs one entry per page: raise the limit for
-			// this container, and put it back for TestRig.
-			old := entryLimit(t)
-			setEntryLimit(t, benchEntryRoom)
-			defer setEntryLimit(t, old)
-			s, err := openType1(bdf, group)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer func() {
-				if err := s.close(); err != nil {
-					t.Errorf("closing type1: %v", err)
-				}
-			}()
-			benchOn(t, "type1", s.sp)
-		})
-	}
-	if wantBackend("iommufd") {
-		t.Run("iommufd", func(t *testing.T) {
-			sp, closeAll, err := openIOMMUFDSpace(bdf)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer func() {
-				if err := closeAll(); err != nil {
-					t.Errorf("closing iommufd: %v", err)
-				}
-			}()
-			benchOn(t, "iommufd", sp)
-			check(t, "iommufd", "bench-split", func(t *testing.T) { benchSplit(t, sp) })
-		})
-	}
+	benchSpaces(t, func(t *testing.T, backend string, space iommu.Space) {
+		benchOn(t, backend, space)
+		if sp, ok := space.(*iommufd.Space); ok {
+			check(t, backend, "bench-split", func(t *testing.T) { benchSplit(t, sp) })
+		}
+	})
 }
 
 // Split-cost sizes: a 2 MiB extent (one bounded chunk), split this many

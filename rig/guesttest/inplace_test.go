@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/internal/kvmtest"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/iommufd"
 	"github.com/gmemproject/gmem/kvm"
@@ -71,21 +72,13 @@ func runInPlace(t *testing.T, bdf string) {
 // inPlaceGuestMemfd checks guest_memfd as in-place memory needs it on a
 // default VM, and says what the kernel offers for private memory.
 func inPlaceGuestMemfd(t *testing.T) kvm.InPlaceSupport {
-	sys, err := kvm.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sys.Close()
+	sys := openKVM(t)
 	sup, err := sys.ProbeInPlace()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("in place with private memory: %+v", sup)
-	vm, err := sys.CreateVM(kvm.VMTypeDefault)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer vm.Close()
+	vm := kvmtest.NewVM(t, sys, kvm.VMTypeDefault)
 	caps, err := vm.ProbeCapabilities()
 	if err != nil {
 		t.Fatal(err)
@@ -97,11 +90,7 @@ func inPlaceGuestMemfd(t *testing.T) kvm.InPlaceSupport {
 	if caps.GuestMemfdMemoryAttributes != 0 {
 		t.Errorf("a default VM reports per-guest_memfd attributes %#x; it has no private memory", caps.GuestMemfdMemoryAttributes)
 	}
-	g, err := vm.CreateGuestMemfd(16*pg, kvm.InPlaceFlags)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := newGuestMemfd(t, vm, 16*pg, kvm.InPlaceFlags)
 	mem, err := g.Mmap(0, 16*pg)
 	if err != nil {
 		t.Fatal(err)
@@ -124,11 +113,7 @@ func inPlaceGuestMemfd(t *testing.T) kvm.InPlaceSupport {
 		t.Error("the punch did not zero exactly its pages")
 	}
 	// MMAP without INIT_SHARED: every page private, a host touch faults.
-	priv, err := vm.CreateGuestMemfd(pg, kvm.GuestMemfdFlagMmap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer priv.Close()
+	priv := newGuestMemfd(t, vm, pg, kvm.GuestMemfdFlagMmap)
 	pm, err := priv.Mmap(0, pg)
 	if err != nil {
 		t.Fatal(err)
@@ -145,11 +130,7 @@ func inPlaceGuestMemfd(t *testing.T) kvm.InPlaceSupport {
 	}
 	if !sup.OK() {
 		// Before 7.4 a VM with private memory refuses INIT_SHARED.
-		sw, err := sys.CreateVM(kvm.VMTypeSWProtected)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer sw.Close()
+		sw := kvmtest.NewVM(t, sys, kvm.VMTypeSWProtected)
 		flags, err := sw.CheckExtension(kvm.CapGuestMemfdFlags)
 		if err != nil {
 			t.Fatal(err)
@@ -160,6 +141,38 @@ func inPlaceGuestMemfd(t *testing.T) kvm.InPlaceSupport {
 		}
 	}
 	return sup
+}
+
+// openKVM opens /dev/kvm, closed at the end of the test: in the rig's
+// guest it must be there.
+func openKVM(t *testing.T) *kvm.System {
+	t.Helper()
+	sys, err := kvm.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sys.Close() })
+	return sys
+}
+
+// newGuestMemfd creates a guest_memfd of size bytes with flags on vm,
+// closed at the end of the test.
+func newGuestMemfd(t *testing.T, vm *kvm.VM, size, flags uint64) *kvm.GuestMemfd {
+	t.Helper()
+	g, err := vm.CreateGuestMemfd(size, flags)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	return g
+}
+
+// inPlaceMemfd creates a guest_memfd of size bytes for memory in place
+// (kvm.InPlaceFlags) on a new VM of vmType; it, the VM and /dev/kvm are
+// closed at the end of the test.
+func inPlaceMemfd(t *testing.T, vmType, size uint64) *kvm.GuestMemfd {
+	t.Helper()
+	return newGuestMemfd(t, kvmtest.NewVM(t, openKVM(t), vmType), size, kvm.InPlaceFlags)
 }
 
 // faults reports whether reading b[0] faults.
@@ -182,21 +195,12 @@ var sink byte
 // bytes are still there (in place, nothing is punched).
 func inPlaceDevice(t *testing.T, space iommu.Space, edu *Edu, sup kvm.InPlaceSupport) {
 	const p = vmm.BuffersGPA + 0x100000
-	sh, pr := memattr.Shared, memattr.Private
-	s := vmm.Scenario{Programs: []vmm.Program{{Steps: []vmm.Step{
-		vmm.Convert("P to shared", p, pg, sh, vmm.ConvStatusOK),
-		vmm.Host(1),
-		vmm.Verify("the guest reads the device's bytes", p, eduBytes, seedDevice+1),
-		vmm.Fill(p+eduBytes, eduBytes, seedGuest+1),
-		vmm.Host(2),
-		vmm.Convert("P to private", p, pg, pr, vmm.ConvStatusOK),
-		vmm.Fill(p, eduBytes, seedPrivate+1),
-		vmm.Host(3),
-		vmm.Verify("private P holds the guest's bytes, not the device's", p, eduBytes, seedPrivate+1),
-		vmm.Convert("P to shared again", p, pg, sh, vmm.ConvStatusOK),
+	steps := append(deviceRoundTrip(p, "P to shared", "P to private"),
+		vmm.Convert("P to shared again", p, pg, memattr.Shared, vmm.ConvStatusOK),
 		vmm.Verify("in place nothing was punched: P still holds the guest's bytes", p, eduBytes, seedPrivate+1),
 		vmm.Host(4),
-	}}}}
+	)
+	s := vmm.Scenario{Programs: []vmm.Program{{Steps: steps}}}
 	r := newRigVM(t, guestmem.InPlace, space, edu, s, nil)
 	mem := r.v.Memory()
 	want := guestmem.EnforceUserSpace
@@ -209,17 +213,7 @@ func inPlaceDevice(t *testing.T, space iommu.Space, edu *Edu, sup kvm.InPlaceSup
 	if _, ok := mem.Block(p).Backing().(*guestmem.KVMBacking); !ok {
 		t.Fatalf("backing %T, want gmem's guest_memfd", mem.Block(p).Backing())
 	}
-	r.host[1] = func() {
-		r.deviceWrite(p, qwords(eduBytes, seedDevice+1))
-		if !bytes.Equal(r.backing(p, eduBytes), qwords(eduBytes, seedDevice+1)) {
-			t.Errorf("the device's write to shared P did not land in the guest_memfd")
-		}
-	}
-	r.host[2] = func() {
-		if got := r.deviceRead(p+eduBytes, eduBytes); !bytes.Equal(got, qwords(eduBytes, seedGuest+1)) {
-			t.Errorf("the device did not read the guest's shared bytes")
-		}
-	}
+	r.deviceRoundTripHost(p, "guest_memfd")
 	r.host[3] = func() {
 		if _, err := mem.ReadAt(make([]byte, 8), int64(p)); !errors.Is(err, guestmem.ErrPrivate) {
 			t.Errorf("host read of private P: %v, want ErrPrivate", err)
@@ -321,21 +315,7 @@ func ioasMapFile(t *testing.T, bdf string) {
 		t.Error("the device reached the file after the unmap")
 	}
 	// guest_memfd cannot be pinned by file.
-	sys, err := kvm.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sys.Close()
-	vm, err := sys.CreateVM(kvm.VMTypeDefault)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer vm.Close()
-	g, err := vm.CreateGuestMemfd(2*pg, kvm.InPlaceFlags)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := inPlaceMemfd(t, kvm.VMTypeDefault, 2*pg)
 	if _, err := f.IOASMapFile(sp.IOAS(), mapFileIOVA, g.Fd(), 0, 2*pg, flags); !errors.Is(err, unix.EINVAL) {
 		t.Errorf("IOMMU_IOAS_MAP_FILE of a guest_memfd: %v, want EINVAL (only shmem and hugetlbfs files are pinned by file)", err)
 		if err == nil {
@@ -349,21 +329,7 @@ func ioasMapFile(t *testing.T, bdf string) {
 // so a conversion to private over it is refused whole with EAGAIN naming
 // it; after the unmap it goes through and the host's mapping faults.
 func guestMemfdAttributes(t *testing.T, bdf string) {
-	sys, err := kvm.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sys.Close()
-	vm, err := sys.CreateVM(kvm.VMTypeSWProtected)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer vm.Close()
-	g, err := vm.CreateGuestMemfd(4*pg, kvm.InPlaceFlags)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := inPlaceMemfd(t, kvm.VMTypeSWProtected, 4*pg)
 	mem, err := g.Mmap(0, 4*pg)
 	if err != nil {
 		t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/internal/bench"
 	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/iommufd"
 	"github.com/gmemproject/gmem/kvm"
@@ -422,37 +423,19 @@ func (r *kvmRig) avail() uint64 {
 func kvmDevice(t *testing.T, space iommu.Space, edu *Edu) {
 	const p = vmm.BuffersGPA + 0x100000
 	sh, pr := memattr.Shared, memattr.Private
-	s := vmm.Scenario{Programs: []vmm.Program{{Steps: []vmm.Step{
-		vmm.Convert("P to shared (vmmcall)", p, pg, sh, vmm.ConvStatusOK),
-		vmm.Host(1),
-		vmm.Verify("the guest reads the device's bytes", p, eduBytes, seedDevice+1),
-		vmm.Fill(p+eduBytes, eduBytes, seedGuest+1),
-		vmm.Host(2),
-		vmm.Convert("P back to private (vmmcall)", p, pg, pr, vmm.ConvStatusOK),
-		vmm.Fill(p, eduBytes, seedPrivate+1),
-		vmm.Host(3),
-		vmm.Verify("private P holds the guest's bytes, not the device's", p, eduBytes, seedPrivate+1),
+	steps := append(deviceRoundTrip(p, "P to shared (vmmcall)", "P back to private (vmmcall)"),
 		// Attributes alone keep guest_memfd's contents; the punch of the side
 		// a conversion leaves frees them.
 		vmm.Convert("P to shared again", p, pg, sh, vmm.ConvStatusOK),
 		vmm.Convert("P to private again", p, pg, pr, vmm.ConvStatusOK),
 		vmm.Touch("private P reads zero: its guest_memfd page was punched", p, 0),
 		vmm.Touch("the rest of P too", p+eduBytes, 0),
-	}}}}
+	)
+	s := vmm.Scenario{Programs: []vmm.Program{{Steps: steps}}}
 	// Counted, for the cuts: a space that cuts removes pages with Cut.
 	cs := &countedSpace{Space: space}
 	r := newKVMRig(t, cs, edu, s, nil)
-	r.host[1] = func() {
-		r.deviceWrite(p, qwords(eduBytes, seedDevice+1))
-		if !bytes.Equal(r.backing(p, eduBytes), qwords(eduBytes, seedDevice+1)) {
-			t.Errorf("the device's write to shared P did not land in the memfd")
-		}
-	}
-	r.host[2] = func() {
-		if got := r.deviceRead(p+eduBytes, eduBytes); !bytes.Equal(got, qwords(eduBytes, seedGuest+1)) {
-			t.Errorf("the device did not read the guest's shared bytes")
-		}
-	}
+	r.deviceRoundTripHost(p, "memfd")
 	r.host[3] = func() {
 		if !allZero(r.backing(p, pg)) {
 			t.Errorf("the memfd behind private P is not zero: the guest's private bytes or old shared ones are visible")
@@ -475,6 +458,43 @@ func kvmDevice(t *testing.T, space iommu.Space, edu *Edu) {
 		rep.ChecksPassed, st.MapCalls, st.UnmapCalls, cuts, st.Entries, rep.Punches)
 	if st.MapCalls == 0 || st.UnmapCalls+cuts == 0 {
 		t.Errorf("the real IOMMU saw %d maps and %d unmaps or cuts", st.MapCalls, st.UnmapCalls+cuts)
+	}
+}
+
+// deviceRoundTrip is how both device scenarios start on page p: P becomes
+// shared (toShared), the device writes it (host step 1) and the guest
+// reads the device's bytes; the guest writes the second half and the
+// device reads it (host step 2); P becomes private (toPrivate), the guest
+// fills it (host step 3) and reads its own bytes back, not the device's.
+// deviceRoundTripHost is its host side.
+func deviceRoundTrip(p uint64, toShared, toPrivate string) []vmm.Step {
+	return []vmm.Step{
+		vmm.Convert(toShared, p, pg, memattr.Shared, vmm.ConvStatusOK),
+		vmm.Host(1),
+		vmm.Verify("the guest reads the device's bytes", p, eduBytes, seedDevice+1),
+		vmm.Fill(p+eduBytes, eduBytes, seedGuest+1),
+		vmm.Host(2),
+		vmm.Convert(toPrivate, p, pg, memattr.Private, vmm.ConvStatusOK),
+		vmm.Fill(p, eduBytes, seedPrivate+1),
+		vmm.Host(3),
+		vmm.Verify("private P holds the guest's bytes, not the device's", p, eduBytes, seedPrivate+1),
+	}
+}
+
+// deviceRoundTripHost sets host steps 1 and 2 of deviceRoundTrip: the
+// device's write to shared P must land in the backing (named backing in
+// the message) and the device must read the guest's shared bytes.
+func (r *kvmRig) deviceRoundTripHost(p uint64, backing string) {
+	r.host[1] = func() {
+		r.deviceWrite(p, qwords(eduBytes, seedDevice+1))
+		if !bytes.Equal(r.backing(p, eduBytes), qwords(eduBytes, seedDevice+1)) {
+			r.t.Errorf("the device's write to shared P did not land in the %s", backing)
+		}
+	}
+	r.host[2] = func() {
+		if got := r.deviceRead(p+eduBytes, eduBytes); !bytes.Equal(got, qwords(eduBytes, seedGuest+1)) {
+			r.t.Errorf("the device did not read the guest's shared bytes")
+		}
 	}
 }
 
@@ -776,26 +796,6 @@ func kvmCut(t *testing.T, space iommu.Space, edu *Edu) {
 	t.Logf("guest: %d checks passed; policy %s", rep.ChecksPassed, policy)
 }
 
-// timedSpace is a space that adds up the time its Map and Unmap calls take.
-type timedSpace struct {
-	iommu.Space
-	spent atomic.Int64 // nanoseconds
-}
-
-// Map maps and counts the time.
-func (s *timedSpace) Map(iova, size uint64, host []byte) error {
-	start := time.Now()
-	defer func() { s.spent.Add(int64(time.Since(start))) }()
-	return s.Space.Map(iova, size, host)
-}
-
-// Unmap unmaps and counts the time.
-func (s *timedSpace) Unmap(iova, size uint64) (uint64, error) {
-	start := time.Now()
-	defer func() { s.spent.Add(int64(time.Since(start))) }()
-	return s.Space.Unmap(iova, size)
-}
-
 // kvmSoak runs rounds of real conversions (vmmcall, KVM attributes, type1
 // map and unmap, punches) with device checks between them, each round on a
 // new VM, and checks that file descriptors and memory do not grow.
@@ -812,7 +812,7 @@ func kvmSoak(t *testing.T, space iommu.Space, edu *Edu) {
 	var fds []int
 	var rss, shmem, heap []uint64
 	total, deviceChecks := 0, 0
-	timed := &timedSpace{Space: space}
+	timed := &bench.TimedSpace{Space: space}
 	var viol uint64
 	start := time.Now()
 	for round := range rounds {
@@ -868,7 +868,7 @@ func kvmSoak(t *testing.T, space iommu.Space, edu *Edu) {
 		heap = append(heap, ms.HeapAlloc>>10)
 	}
 	took := time.Since(start)
-	iommuTime := time.Duration(timed.spent.Load())
+	iommuTime := timed.Spent()
 	t.Logf("soak: %d real conversions in %d VMs, %d edu checks, %d violations, %v (%v of it in type1 map/unmap ioctls); "+
 		"after each round: open fds %v, VmRSS KiB %v, RssShmem KiB %v, Go heap KiB %v",
 		total, rounds, deviceChecks, viol, took.Round(time.Millisecond), iommuTime.Round(time.Millisecond), fds, rss, shmem, heap)

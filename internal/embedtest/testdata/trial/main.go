@@ -1,6 +1,6 @@
 // Command trial is the hands-on trial of a VMM engineer embedding gmem from
 // its documentation, outside the gmem module: its own fake KVM and its own
-// memfds, two RAM blocks around an MMIO hole and a virtio-mem block, three
+// memfds (both in ../shared), two RAM blocks around an MMIO hole and a virtio-mem block, three
 // model IOMMUs (one limited to 64 entries), four goroutines converting
 // while the devices DMA, the host reads and Check runs (each goroutine
 // drives one of those between its conversions), and Close under that load. Every error any call returns must be one the documentation
@@ -16,8 +16,6 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
@@ -40,68 +38,6 @@ const (
 	converters = 4
 	opsBefore  = 1500 // each converter's operations before Close
 )
-
-// vm is the VMM's own KVM layer: a fake with private memory.
-type vm struct {
-	mu      sync.Mutex
-	private map[uint64]bool
-}
-
-func (k *vm) CheckExtension(c kvm.Cap) (int, error) {
-	if c == kvm.CapMemoryAttributes {
-		return int(kvm.MemoryAttributePrivate), nil
-	}
-	return 0, nil
-}
-
-func (k *vm) SetMemoryAttributes(a kvm.MemoryAttributes) error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	for g := a.Address; g < a.Address+a.Size; g += page {
-		k.private[g] = a.Attributes&kvm.MemoryAttributePrivate != 0
-	}
-	return nil
-}
-
-// ram is the VMM's own split memory for one block: two memfds, the shared
-// one mapped.
-type ram struct {
-	shared, private int
-	host            []byte
-}
-
-func newRAM(name string, size int) (*ram, error) {
-	r := &ram{shared: -1, private: -1}
-	var err error
-	if r.shared, err = unix.MemfdCreate("trial-"+name, unix.MFD_CLOEXEC); err != nil {
-		return nil, err
-	}
-	if r.private, err = unix.MemfdCreate("trial-private-"+name, unix.MFD_CLOEXEC); err != nil {
-		return nil, err
-	}
-	for _, fd := range []int{r.shared, r.private} {
-		if err := unix.Ftruncate(fd, int64(size)); err != nil {
-			return nil, err
-		}
-	}
-	r.host, err = unix.Mmap(r.shared, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	return r, err
-}
-
-func (r *ram) Size() uint64  { return uint64(len(r.host)) }
-func (r *ram) InPlace() bool { return false }
-func (r *ram) Host() []byte  { return r.host }
-func (r *ram) Discard(s guestmem.Side, off, n uint64) error {
-	fd := r.shared
-	if s == guestmem.PrivateSide {
-		fd = r.private
-	}
-	return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n))
-}
-
-func (r *ram) Close() error {
-	return errors.Join(unix.Munmap(r.host), unix.Close(r.shared), unix.Close(r.private))
-}
 
 // undocumented collects the first error no documentation names.
 type undocumented struct {
@@ -144,8 +80,8 @@ func main() {
 }
 
 func run() error {
-	k := &vm{private: map[uint64]bool{}}
-	var rams []*ram
+	k := newFakeKVM()
+	var rams []*splitRAM
 	defer func() {
 		for _, r := range rams {
 			r.Close()
@@ -157,7 +93,7 @@ func run() error {
 		gpa, size uint64
 		hotplug   uint64
 	}{{"low", lowGPA, lowSize, 0}, {"high", highGPA, highSize, 0}, {"vmem", vmemGPA, vmemSize, plugBlock}} {
-		r, err := newRAM(b.name, int(b.size))
+		r, err := newSplitRAM("trial-"+b.name, int(b.size))
 		if err != nil {
 			return err
 		}

@@ -1,21 +1,18 @@
 // Command vmm is a VMM outside the gmem module that owns its fds: its own
-// KVM (a fake that keeps attributes), its own guest memory (a memfd it
-// creates and maps) and its own IOMMU (gmem's model). It embeds gmem's
-// executor through exported API only and prints what happened.
+// KVM (a fake that keeps attributes), its own guest memory (memfds it
+// creates and maps; both in ../shared) and its own IOMMU (gmem's model).
+// It embeds gmem's executor through exported API only and prints what
+// happened.
 package main
 
 import (
 	"errors"
 	"fmt"
 	"os"
-	"sync"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/iommu"
-	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
 )
 
@@ -27,67 +24,6 @@ const (
 	hotSize = 8 << 20
 )
 
-// myKVM is the VMM's own KVM layer: here a fake with private memory.
-type myKVM struct {
-	mu      sync.Mutex
-	private map[uint64]bool
-}
-
-func (k *myKVM) CheckExtension(c kvm.Cap) (int, error) {
-	if c == kvm.CapMemoryAttributes {
-		return int(kvm.MemoryAttributePrivate), nil
-	}
-	return 0, nil
-}
-
-func (k *myKVM) SetMemoryAttributes(a kvm.MemoryAttributes) error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	for g := a.Address; g < a.Address+a.Size; g += page {
-		k.private[g] = a.Attributes&kvm.MemoryAttributePrivate != 0
-	}
-	return nil
-}
-
-// myRAM is the VMM's own split guest memory: two memfds and a mapping.
-type myRAM struct {
-	shared, private int
-	host            []byte
-}
-
-func newRAM(size int) (*myRAM, error) {
-	r := &myRAM{}
-	var err error
-	if r.shared, err = unix.MemfdCreate("vmm-ram", unix.MFD_CLOEXEC); err != nil {
-		return nil, err
-	}
-	if r.private, err = unix.MemfdCreate("vmm-ram-private", unix.MFD_CLOEXEC); err != nil {
-		return nil, err
-	}
-	for _, fd := range []int{r.shared, r.private} {
-		if err := unix.Ftruncate(fd, int64(size)); err != nil {
-			return nil, err
-		}
-	}
-	r.host, err = unix.Mmap(r.shared, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	return r, err
-}
-
-func (r *myRAM) Size() uint64  { return uint64(len(r.host)) }
-func (r *myRAM) InPlace() bool { return false }
-func (r *myRAM) Host() []byte  { return r.host }
-func (r *myRAM) Discard(s guestmem.Side, off, n uint64) error {
-	fd := r.shared
-	if s == guestmem.PrivateSide {
-		fd = r.private
-	}
-	return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n))
-}
-
-func (r *myRAM) Close() error {
-	return errors.Join(unix.Munmap(r.host), unix.Close(r.shared), unix.Close(r.private))
-}
-
 func main() {
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "vmm:", err)
@@ -96,8 +32,8 @@ func main() {
 }
 
 func run() error {
-	vm := &myKVM{private: map[uint64]bool{}}
-	ram, err := newRAM(ramSize)
+	vm := newFakeKVM()
+	ram, err := newSplitRAM("vmm-ram", ramSize)
 	if err != nil {
 		return err
 	}

@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"testing"
@@ -6,20 +6,20 @@ import (
 	"github.com/gmemproject/gmem/dma"
 )
 
-// TestBenchSplit checks the split rows against values computed by hand: a
+// TestSplit checks the split rows against values computed by hand: a
 // 4 KiB cut in the middle of a 64 MiB extent re-pins and hides the rest of
 // its 2 MiB chunk under the bound, nothing with granule entries; over the
 // trace, no bounded window exceeds two chunks, and the bound costs entries
 // the baseline needs many more of.
-func TestBenchSplit(t *testing.T) {
+func TestSplit(t *testing.T) {
 	if testing.Short() {
 		t.Skip("replays a generated trace; skipped in -short")
 	}
-	rows, err := benchSplit(quickSizes)
+	rows, err := Split(QuickSizes)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := map[string]benchRow{}
+	got := map[string]Row{}
 	for _, r := range rows {
 		got[r.Name] = r
 	}
