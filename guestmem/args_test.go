@@ -334,3 +334,48 @@ func TestAttachIOMMUPage(t *testing.T) {
 		}
 	}
 }
+
+// TestAttachPolicy: an attachment reports the policy dma.New resolved for
+// its space, before and after Detach: Auto cuts where the space cuts and
+// maps bounded extents elsewhere; Cut on a space that cannot cut is
+// refused as options, wrapping dma's error.
+func TestAttachPolicy(t *testing.T) {
+	mem, err := guestmem.New(testLayout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	type1 := iommu.Caps{Rules: iommu.Type1v2}
+	cutting := iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}
+	for _, c := range []struct {
+		caps iommu.Caps
+		in   dma.Policy
+		want dma.Policy
+	}{
+		{type1, dma.Auto, dma.Extent},
+		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Auto, dma.Extent},
+		{cutting, dma.Auto, dma.Cut},
+		{cutting, dma.Extent, dma.Extent},
+		{cutting, dma.Granule, dma.Granule},
+		{cutting, dma.Cut, dma.Cut},
+	} {
+		att, err := mem.AttachIOMMU(iommu.NewModel(c.caps), dma.Options{Policy: c.in})
+		if err != nil {
+			t.Errorf("%+v, %v: %v", c.caps, c.in, err)
+			continue
+		}
+		if got := att.Policy(); got != c.want {
+			t.Errorf("%+v, %v: attached with %v, want %v", c.caps, c.in, got, c.want)
+		}
+		if err := att.Detach(); err != nil {
+			t.Fatal(err)
+		}
+		if got := att.Policy(); got != c.want {
+			t.Errorf("%+v, %v: after Detach %v, want %v", c.caps, c.in, got, c.want)
+		}
+	}
+	_, err = mem.AttachIOMMU(iommu.NewModel(type1), dma.Options{Policy: dma.Cut})
+	if !errors.Is(err, guestmem.ErrOptions) || !errors.Is(err, dma.ErrOptions) {
+		t.Errorf("Cut on type1: %v, want guestmem.ErrOptions wrapping dma.ErrOptions", err)
+	}
+}

@@ -2,6 +2,7 @@ package guestmem_test
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"reflect"
 	"slices"
@@ -83,13 +84,20 @@ var closedCalls = map[string]struct {
 	"Attachment.Detach":  {false, func(_ *guestmem.Memory, a *guestmem.Attachment, _ *guestmem.Block) error { return a.Detach() }},
 	"Attachment.Mappers": {false, func(_ *guestmem.Memory, a *guestmem.Attachment, _ *guestmem.Block) error { a.Mappers(); return nil }},
 	"Attachment.Space":   {false, func(_ *guestmem.Memory, a *guestmem.Attachment, _ *guestmem.Block) error { a.Space(); return nil }},
-	"Attachment.Stats":   {false, func(_ *guestmem.Memory, a *guestmem.Attachment, _ *guestmem.Block) error { a.Stats(); return nil }},
-	"Block.Attributes":   {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Attributes(); return nil }},
-	"Block.Backing":      {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Backing(); return nil }},
-	"Block.GPA":          {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.GPA(); return nil }},
-	"Block.Hotplug":      {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Hotplug(); return nil }},
-	"Block.Manager":      {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Manager(); return nil }},
-	"Block.Name":         {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Name(); return nil }},
+	// The policy is the attach's answer, after Close too.
+	"Attachment.Policy": {false, func(_ *guestmem.Memory, a *guestmem.Attachment, _ *guestmem.Block) error {
+		if p := a.Policy(); p == dma.Auto {
+			return fmt.Errorf("policy %v: never resolved", p)
+		}
+		return nil
+	}},
+	"Attachment.Stats": {false, func(_ *guestmem.Memory, a *guestmem.Attachment, _ *guestmem.Block) error { a.Stats(); return nil }},
+	"Block.Attributes": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Attributes(); return nil }},
+	"Block.Backing":    {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Backing(); return nil }},
+	"Block.GPA":        {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.GPA(); return nil }},
+	"Block.Hotplug":    {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Hotplug(); return nil }},
+	"Block.Manager":    {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Manager(); return nil }},
+	"Block.Name":       {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error { b.Name(); return nil }},
 	"Block.PluggedBytes": {false, func(_ *guestmem.Memory, _ *guestmem.Attachment, b *guestmem.Block) error {
 		b.PluggedBytes()
 		return nil

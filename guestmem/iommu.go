@@ -40,6 +40,7 @@ var (
 type Attachment struct {
 	m       *Memory
 	space   iommu.Space
+	policy  dma.Policy // what dma.New resolved, the same for every block
 	mu      sync.Mutex // guards mappers and blocks
 	mappers []*dma.Mapper
 	blocks  []*Block
@@ -78,7 +79,7 @@ func (m *Memory) AttachIOMMU(space iommu.Space, opts dma.Options) (*Attachment, 
 		}
 		mps[i] = mp
 	}
-	a := &Attachment{m: m, space: space}
+	a := &Attachment{m: m, space: space, policy: mps[0].Policy()}
 	for i, b := range m.blocks {
 		mp := mps[i]
 		if err := b.mgr.Register(mp, b.Section()); err != nil {
@@ -131,6 +132,11 @@ func (a *Attachment) detach() error {
 
 // Space returns the IOMMU space.
 func (a *Attachment) Space() iommu.Space { return a.space }
+
+// Policy returns the policy the attachment's mappers map with, as dma.New
+// resolved it from the options and the space: Extent, Granule or Cut, never
+// Auto. It is the attach's answer, and stays so after Detach.
+func (a *Attachment) Policy() dma.Policy { return a.policy }
 
 // Mappers returns the mappers still registered, one per block in ascending
 // GPA order (none after Detach or Close).

@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/trace"
 )
 
@@ -96,15 +97,30 @@ func fuzzEvents(data []byte) []trace.Event {
 	return out
 }
 
-// FuzzReplay replays arbitrary event sequences: whatever the events, the
-// replay must not panic and must find no violation (refusals are fine).
+// fuzzOptions decodes the replay options of FuzzReplay: the gmem run's
+// policy (auto, extent or cut) and whether iommufd IOASes keep huge pages.
+func fuzzOptions(b byte) Options {
+	o := Options{Limits: true, IOMMUFDHugePages: b&4 != 0}
+	switch b % 4 {
+	case 1:
+		o.Policy = dma.Extent
+	case 2:
+		o.Policy = dma.Cut
+	}
+	return o
+}
+
+// FuzzReplay replays arbitrary event sequences, with each policy of the
+// gmem run: whatever the events, the replay must not panic and must find no
+// violation (refusals are fine), and a run whose every device cuts must
+// have no window and re-pin nothing.
 func FuzzReplay(f *testing.F) {
 	f.Add([]byte{
 		0, 0, 0, 0, 0, // ram0
 		2, 0, 0, 0, 0, // attach dev0, type1 limit 0 (default)
 		6, 0x00, 0x02, 0xff, 0x01, // convert 2 MiB shared
 		7, 0x01, 0x02, 0x00, 0x00, // convert 4 KiB private
-	})
+	}, byte(0))
 	f.Add([]byte{
 		0, 1, 0, 1, 0, // ram1, hot-pluggable
 		2, 5, 0, 1, 0, // attach dev1, iommufd
@@ -112,7 +128,7 @@ func FuzzReplay(f *testing.F) {
 		6, 0x00, 0x10, 0x20, 0x00, // convert shared
 		5, 0x00, 0x10, 0x0f, 0x00, // unplug
 		3, 0, 0, 1, 0, // detach dev1
-	})
+	}, byte(0))
 	f.Add([]byte{
 		0, 0, 0, 0, 0, 0, 1, 0, 2, 0, // ram0 (split), ram1 (inplace)
 		2, 7, 0, 2, 0, // attach dev2 type1 limit 7
@@ -120,22 +136,49 @@ func FuzzReplay(f *testing.F) {
 		1, 0, 0x20, 0x10, 0, // mmio
 		6, 0, 0x20, 0x10, 0, // convert the hole to shared
 		7, 0, 0x20, 0x10, 0, // and to private (invalid)
-	})
-	f.Fuzz(func(t *testing.T, data []byte) {
+	}, byte(0))
+	f.Add([]byte{
+		0, 0, 0, 0, 0, // ram0
+		2, 5, 0, 0, 0, // attach dev0, iommufd
+		2, 1, 0, 1, 0, // attach dev1, type1 limit 1
+		6, 0x00, 0x02, 0xff, 0x01, // convert 2 MiB shared
+		7, 0x01, 0x02, 0x00, 0x00, // convert 4 KiB private
+	}, byte(2))
+	f.Add([]byte{
+		0, 0, 0, 0, 0, // ram0
+		2, 5, 0, 0, 0, // attach dev0, iommufd
+		6, 0x00, 0x02, 0xff, 0x01, // convert 2 MiB shared
+		7, 0x01, 0x02, 0x00, 0x00, // convert 4 KiB private
+		3, 0, 0, 0, 0, // detach dev0
+	}, byte(5))
+	f.Fuzz(func(t *testing.T, data []byte, optByte byte) {
 		events := fuzzEvents(data)
 		if len(events) > 200 {
 			events = events[:200]
 		}
-		rp := New(Options{Limits: true})
+		opts := fuzzOptions(optByte)
+		if err := opts.Validate(); err != nil {
+			if opts.Policy != dma.Cut || !opts.IOMMUFDHugePages {
+				t.Fatalf("Validate(%+v): %v", opts, err)
+			}
+			return
+		}
+		rp := New(opts)
+		type1 := false
 		for i, e := range events {
 			var ie *InputError
 			var re *RunError
 			err := rp.Apply(e, i+1)
+			if a, ok := e.(trace.Attach); ok && a.IOMMU == trace.Type1 && !errors.As(err, &ie) {
+				type1 = true
+			}
 			switch {
 			case errors.As(err, &re):
-				// The only attach a run may fail: too much shared already
-				// for the device's type1 limit.
-				if !errors.Is(err, unix.ENOSPC) {
+				// The only attaches a run may fail: too much shared
+				// already for the device's type1 limit, and a type1 device
+				// in a gmem run told to cut.
+				cutOnType1 := opts.Policy == dma.Cut && re.Run == "gmem" && errors.Is(err, dma.ErrOptions) && e.(trace.Attach).IOMMU == trace.Type1
+				if !errors.Is(err, unix.ENOSPC) && !cutOnType1 {
 					t.Fatalf("event %d (%#v): %v", i+1, e, err)
 				}
 			case err != nil && !errors.As(err, &ie):
@@ -160,10 +203,39 @@ func FuzzReplay(f *testing.F) {
 				onlyType1 = false
 			}
 		}
+		// Where every device of the gmem run cut, nothing it kept shared
+		// was hidden from a device or pinned again.
+		g := res.Gmem
+		cutting := !type1 && !opts.IOMMUFDHugePages && opts.Policy != dma.Extent
+		if cutting && (g.WindowBytes != 0 || g.RepinnedBytes != 0 || g.MaxWindow != 0) {
+			t.Fatalf("every device cut, yet window %d (largest %d), re-pinned %d", g.WindowBytes, g.MaxWindow, g.RepinnedBytes)
+		}
+		// Each device has the policy its space and the options give it.
+		for _, d := range g.DevicePolicies {
+			cuts := d.IOMMU == trace.IOMMUFD.String() && !opts.IOMMUFDHugePages
+			want := "extent"
+			if cuts && opts.Policy != dma.Extent {
+				want = "cut"
+			}
+			if d.Cut != cuts || d.Policy != want {
+				t.Fatalf("options %+v: gmem device %+v, want cut %v, policy %s", opts, d, cuts, want)
+			}
+		}
+		for _, d := range res.Baseline.DevicePolicies {
+			if d.Cut || d.Policy != "granule" {
+				t.Fatalf("baseline device %+v", d)
+			}
+		}
 		if l := res.Limits; l != nil {
 			for i, n := range []EntryNeed{l.Baseline, l.Gmem} {
-				if n.Limit < n.Peak || (n.FirstRefusal != nil) != (n.Refusals > 0) || n.Unknown != "" || n.Advice == "" {
+				// A gmem run told to cut cannot attach type1 devices,
+				// with a limit or without.
+				unknownOK := i == 1 && opts.Policy == dma.Cut
+				if n.Limit < n.Peak || (n.FirstRefusal != nil) != (n.Refusals > 0) || (n.Unknown != "" && !unknownOK) || n.Advice == "" {
 					t.Fatalf("run %d: %+v", i, n)
+				}
+				if unknownOK {
+					continue
 				}
 				if n.Refusals == 0 && onlyType1 && n.Peak != rp.runs[i].devicePeak {
 					t.Fatalf("run %d refused nothing for want of entries, held %d at most, but needs %d with no limit", i, rp.runs[i].devicePeak, n.Peak)

@@ -11,10 +11,17 @@
 //     (guestmem.Config.Bitmap) and one IOMMU entry per 4 KiB granule
 //     (dma.Granule);
 //   - gmem is the library's own: state stored as runs and one IOMMU entry per
-//     converted extent (dma.Extent).
+//     converted extent, with Options.Policy (default dma.Auto: a discard
+//     inside an entry is one cut where the device's space cuts, an unmap
+//     and a remap of the bounded extent elsewhere).
 //
 // Each attached device gets one iommu.Model with the device's rules (type1
-// with its entry limit, or iommufd), attached with Memory.AttachIOMMU.
+// with its entry limit, or iommufd), attached with Memory.AttachIOMMU. An
+// iommufd device is modelled as each VMM sets it up by default: in the gmem
+// run an IOAS with huge pages off that cuts (iommu.Caps.Cut, what
+// iommufd.NewSpace makes where the kernel offers it) unless
+// Options.IOMMUFDHugePages, in the baseline QEMU's IOAS, which keeps huge
+// pages and never cuts.
 // Conversions go to Memory.Convert, plugs and unplugs to Memory.Plug and
 // Memory.Unplug: what a request does, and which requests are refused, is
 // guestmem's to say, and replay counts the refusals by reason (Reason).
@@ -92,6 +99,20 @@ type Options struct {
 	// MaxExtent is the gmem run's dma.Options.MaxExtent (0: the default,
 	// dma.Unbounded: none).
 	MaxExtent uint64
+	// Policy is the gmem run's dma.Options.Policy: dma.Auto (the zero
+	// value: Cut on the devices whose space cuts, Extent on the others),
+	// dma.Extent or dma.Cut. The baseline maps granules whatever it says,
+	// and dma.Granule is refused (Validate): it is the baseline's. With
+	// dma.Cut a device whose space cannot cut (type1, or iommufd with
+	// IOMMUFDHugePages) is not attached in the gmem run: a *RunError
+	// wrapping dma.ErrOptions.
+	Policy dma.Policy
+	// IOMMUFDHugePages models the gmem run's iommufd devices as IOASes that
+	// keep large IOMMU pages (iommufd.SpaceOptions.HugePages): the kernel
+	// cannot cut their areas, so Auto maps bounded extents there, as on
+	// type1. By default they are IOASes with huge pages off that cut, as
+	// iommufd.NewSpace sets them up.
+	IOMMUFDHugePages bool
 	// KernelModel runs in-place traces, in both runs, on the kernel's
 	// in-place conversion as guestmem/kernelmodel models it: each block a
 	// guest_memfd (without memory) that keeps its own attributes, pinned by
@@ -135,12 +156,23 @@ var ErrInterrupted = errors.New("replay: interrupted")
 // ErrOptions is wrapped by every error of Options.Validate.
 var ErrOptions = errors.New("replay: invalid options")
 
-// Validate reports whether the options can be replayed with: the mapper
-// options of both runs as dma.New accepts them. New does not check; with
-// options Validate refuses, every attach of the trace fails as a *RunError.
+// Validate reports whether the options can be replayed with: a policy for
+// the gmem run that some device can have (not dma.Granule, the baseline's;
+// not dma.Cut with IOMMUFDHugePages, which leaves no space that cuts), and
+// the mapper options of both runs as dma.New accepts them. New does not
+// check; with options Validate refuses, attaches of the trace fail as
+// *RunError.
 func (o Options) Validate() error {
+	switch o.Policy {
+	case dma.Granule:
+		return fmt.Errorf("%w: the gmem run's policy is auto, extent or cut; granule is the baseline's", ErrOptions)
+	case dma.Cut:
+		if o.IOMMUFDHugePages {
+			return fmt.Errorf("%w: the cut policy with iommufd huge pages kept: no device of the gmem run can cut", ErrOptions)
+		}
+	}
 	for _, baseline := range []bool{true, false} {
-		if _, err := dma.New(iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD}), nil, o.dmaOptions(baseline, nil)); err != nil {
+		if _, err := dma.New(iommu.NewModel(o.iommufdCaps(baseline)), nil, o.dmaOptions(baseline, nil)); err != nil {
 			return fmt.Errorf("%w: %w", ErrOptions, err)
 		}
 	}
@@ -148,12 +180,19 @@ func (o Options) Validate() error {
 }
 
 // dmaOptions is the mapper configuration of a run: QEMU's granule policy
-// for the baseline, the extent policy with the replay's bound for gmem.
+// for the baseline, the replay's policy and bound for gmem.
 func (o Options) dmaOptions(baseline bool, log *slog.Logger) dma.Options {
 	if baseline {
 		return dma.Options{Policy: dma.Granule, Logger: log}
 	}
-	return dma.Options{Policy: dma.Extent, MaxExtent: o.MaxExtent, Logger: log}
+	return dma.Options{Policy: o.Policy, MaxExtent: o.MaxExtent, Logger: log}
+}
+
+// iommufdCaps is the model of a run's iommufd device: QEMU's IOAS (huge
+// pages kept, no cut) for the baseline; for gmem an IOAS with huge pages
+// off that cuts, as iommufd.NewSpace makes it, unless IOMMUFDHugePages.
+func (o Options) iommufdCaps(baseline bool) iommu.Caps {
+	return iommu.Caps{Rules: iommu.IOMMUFD, Cut: !baseline && !o.IOMMUFDHugePages}
 }
 
 // RunStats is what one run (baseline or gmem) did.
@@ -162,7 +201,8 @@ type RunStats struct {
 	EntriesPeak   uint64  `json:"entries_peak"`   // most entries after any event, all devices
 	MapCalls      uint64  `json:"map_calls"`      // map requests sent to the IOMMUs
 	UnmapCalls    uint64  `json:"unmap_calls"`    // unmap requests sent to the IOMMUs
-	Splits        uint64  `json:"splits"`         // entries cut by a discard and remapped
+	CutCalls      uint64  `json:"cut_calls"`      // cut requests sent to the IOMMUs (the cut policy)
+	Splits        uint64  `json:"splits"`         // entries a discard cut, keeping the rest mapped (remapped, or cut)
 	StateBytes    uint64  `json:"state_bytes"`    // memory of the page-state maps at the end
 	LimitFailures uint64  `json:"limit_failures"` // valid events refused with ENOSPC
 	Failures      uint64  `json:"failures"`       // valid events refused, for any reason
@@ -177,6 +217,39 @@ type RunStats struct {
 	// StateComputed for a baseline past Options.BitmapBudget (Result.Notes
 	// says why).
 	StateHow string `json:"state_how,omitempty"`
+	// Policy is the policy the run's mappers resolved (dma.Mapper.Policy)
+	// for every device it attached: "granule", "extent" or "cut", or
+	// PolicyMixed where devices differ; "" if none was attached.
+	// DevicePolicies says it per device, in the order of their first
+	// attach.
+	Policy         string         `json:"policy,omitempty"`
+	DevicePolicies []DevicePolicy `json:"device_policies,omitempty"`
+}
+
+// PolicyMixed is RunStats.Policy when the run's devices were mapped with
+// different policies (type1 and iommufd devices under dma.Auto).
+const PolicyMixed = "mixed"
+
+// DevicePolicy is how a run mapped one device: its IOMMU, whether the
+// model of its space could cut, and the policy the mapper resolved. A
+// device attached more than once has its last attach's.
+type DevicePolicy struct {
+	Dev    string `json:"dev"`
+	IOMMU  string `json:"iommu"`  // "type1" or "iommufd"
+	Cut    bool   `json:"cut"`    // the space could cut (iommu.Caps.Cut)
+	Policy string `json:"policy"` // "granule", "extent" or "cut"
+}
+
+// Space says what the device's space was: "type1", "iommufd, huge pages
+// off" (an IOAS that cuts) or "iommufd, huge pages kept".
+func (d DevicePolicy) Space() string {
+	switch {
+	case d.IOMMU != trace.IOMMUFD.String():
+		return d.IOMMU
+	case d.Cut:
+		return d.IOMMU + ", huge pages off"
+	}
+	return d.IOMMU + ", huge pages kept"
 }
 
 // addCosts adds a mapper's pin and window counters to s.

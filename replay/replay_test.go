@@ -60,7 +60,11 @@ type want struct {
 }
 
 type runWant struct {
-	final, peak, maps, unmaps, splits, limit, failures uint64
+	final, peak, maps, unmaps, cuts, splits, limit, failures uint64
+	// policy is RunStats.Policy; "" stands for the run's usual one:
+	// granule for the baseline, extent for gmem where a device was
+	// attached.
+	policy string
 }
 
 func (w want) check(t *testing.T, res Result) {
@@ -69,9 +73,16 @@ func (w want) check(t *testing.T, res Result) {
 		events: res.Events, conversions: res.Conversions, rejected: res.Rejected, inputErrors: res.InputErrors, reasons: res.RejectedBy,
 		diverged: res.Diverged, runErrors: res.RunErrors, shared: res.SharedBytes, unplugged: res.UnpluggedBytes, devices: res.Devices,
 		base: runWant{res.Baseline.EntriesFinal, res.Baseline.EntriesPeak, res.Baseline.MapCalls, res.Baseline.UnmapCalls,
-			res.Baseline.Splits, res.Baseline.LimitFailures, res.Baseline.Failures},
+			res.Baseline.CutCalls, res.Baseline.Splits, res.Baseline.LimitFailures, res.Baseline.Failures, res.Baseline.Policy},
 		gmem: runWant{res.Gmem.EntriesFinal, res.Gmem.EntriesPeak, res.Gmem.MapCalls, res.Gmem.UnmapCalls,
-			res.Gmem.Splits, res.Gmem.LimitFailures, res.Gmem.Failures},
+			res.Gmem.CutCalls, res.Gmem.Splits, res.Gmem.LimitFailures, res.Gmem.Failures, res.Gmem.Policy},
+	}
+	attached := len(res.Gmem.DevicePolicies) > 0
+	if w.base.policy == "" && attached {
+		w.base.policy = "granule"
+	}
+	if w.gmem.policy == "" && attached {
+		w.gmem.policy = "extent"
 	}
 	if diff := cmp.Diff(w, got, cmp.AllowUnexported(want{}, runWant{}), cmpopts.EquateEmpty()); diff != "" {
 		t.Errorf("result (-want +got):\n%s\nviolations %v\nrejections %v", diff, res.ViolationDetails, res.Rejections)
@@ -91,6 +102,7 @@ const ram1G = `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB","mode":"split"}
 func TestGolden(t *testing.T) {
 	for _, c := range []struct {
 		name  string
+		opts  Options
 		trace string
 		want  want
 	}{
@@ -115,6 +127,71 @@ func TestGolden(t *testing.T) {
 			want: want{events: 4, conversions: 2, shared: 2<<20 - 4096, devices: 1,
 				base: runWant{final: 511, peak: 512, maps: 512, unmaps: 1},
 				gmem: runWant{final: 2, peak: 2, maps: 3, unmaps: 1, splits: 1}},
+		},
+		{
+			// The same on iommufd: gmem's IOAS cuts, so the page is one
+			// cut call and the two remainders stay mapped (a split, no
+			// unmap, no remap).
+			name: "4KiB cut out of a 2MiB extent on iommufd",
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
+{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`,
+			want: want{events: 4, conversions: 2, shared: 2<<20 - 4096, devices: 1,
+				base: runWant{final: 511, peak: 512, maps: 512, unmaps: 1},
+				gmem: runWant{final: 2, peak: 2, maps: 1, cuts: 1, splits: 1, policy: "cut"}},
+		},
+		{
+			// With huge pages kept the IOAS cannot cut: Auto maps bounded
+			// extents, and the split unmaps and remaps as on type1.
+			name: "iommufd with huge pages kept",
+			opts: Options{IOMMUFDHugePages: true},
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
+{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`,
+			want: want{events: 4, conversions: 2, shared: 2<<20 - 4096, devices: 1,
+				base: runWant{final: 511, peak: 512, maps: 512, unmaps: 1},
+				gmem: runWant{final: 2, peak: 2, maps: 3, unmaps: 1, splits: 1}},
+		},
+		{
+			// A conversion to private the type1 device cannot take (its
+			// one entry cannot be split) after the iommufd device cut the
+			// page: the library undoes the cut by mapping the page again,
+			// as an entry of its own (the kernel cannot join areas). I3
+			// holds for the pages, not for the number of entries.
+			name: "undone cut",
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}
+{"op":"attach","dev":"dev1","iommu":"type1","limit":1}
+{"op":"convert","gpa":"0x200000","size":"0x31000","to":"shared"}
+{"op":"convert","gpa":"0x220000","size":"4KiB","to":"private"}`,
+			want: want{events: 5, conversions: 2, rejected: 2, diverged: 2, reasons: map[string]uint64{ReasonNoEntries: 2}, shared: 0x31000, devices: 2,
+				// The baseline maps 49 granules on dev0, is refused on dev1
+				// and unmaps them again; gmem maps an entry on each, cuts
+				// dev0's, and maps the page back: 3 entries on dev0.
+				base: runWant{maps: 49, unmaps: 49, limit: 1, failures: 1},
+				gmem: runWant{final: 4, peak: 4, maps: 3, cuts: 1, limit: 1, failures: 1, policy: PolicyMixed}},
+		},
+		{
+			// The extent policy asked for on an IOAS that cuts: no cut.
+			name: "iommufd, extent asked for",
+			opts: Options{Policy: dma.Extent},
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
+{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`,
+			want: want{events: 4, conversions: 2, shared: 2<<20 - 4096, devices: 1,
+				base: runWant{final: 511, peak: 512, maps: 512, unmaps: 1},
+				gmem: runWant{final: 2, peak: 2, maps: 3, unmaps: 1, splits: 1}},
+		},
+		{
+			// A type1 and an iommufd device under Auto: extent for one, cut
+			// for the other.
+			name: "type1 and iommufd",
+			trace: ram1G + `{"op":"attach","dev":"a","iommu":"type1"}
+{"op":"attach","dev":"b","iommu":"iommufd"}
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
+{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`,
+			want: want{events: 5, conversions: 2, shared: 2<<20 - 4096, devices: 2,
+				base: runWant{final: 1022, peak: 1024, maps: 1024, unmaps: 2},
+				gmem: runWant{final: 4, peak: 4, maps: 4, unmaps: 1, cuts: 1, splits: 2, policy: PolicyMixed}},
 		},
 		{
 			// The whole range back: only the two runs still shared change,
@@ -159,7 +236,7 @@ func TestGolden(t *testing.T) {
 {"op":"convert","gpa":"5GiB","size":"4KiB","to":"shared"}`,
 			want: want{events: 7, conversions: 3, rejected: 1, reasons: map[string]uint64{ReasonNotRAM: 1}, shared: 8192, devices: 1,
 				base: runWant{final: 2, peak: 2, maps: 2, failures: 1},
-				gmem: runWant{final: 2, peak: 2, maps: 2, failures: 1}},
+				gmem: runWant{final: 2, peak: 2, maps: 2, failures: 1, policy: "cut"}},
 		},
 		{
 			// virtio-mem: plug 4 MiB (2 blocks), share 2 pages in the first
@@ -188,7 +265,7 @@ func TestGolden(t *testing.T) {
 {"op":"convert","gpa":"0x8000","size":"32KiB","to":"private"}`,
 			want: want{events: 4, conversions: 2, shared: 32 << 10, devices: 1,
 				base: runWant{final: 8, peak: 16, maps: 16, unmaps: 1},
-				gmem: runWant{final: 1, peak: 1, maps: 2, unmaps: 1, splits: 1}},
+				gmem: runWant{final: 1, peak: 1, maps: 1, cuts: 1, splits: 1, policy: "cut"}},
 		},
 		{
 			// A conversion over two RAM blocks with room for one entry: the
@@ -208,7 +285,8 @@ func TestGolden(t *testing.T) {
 			// it, 512 entries for the baseline (over the limit of 100, so
 			// its attach fails: a run error, not a refused guest request)
 			// and 1 for gmem. Detach drops what was mapped but keeps the
-			// counts.
+			// counts: an unmap on type1, a cut on gmem's iommufd IOAS,
+			// which cuts (so gmem's devices had two policies).
 			name: "attach after conversions, detach",
 			trace: ram1G + `{"op":"convert","gpa":"0","size":"2MiB","to":"shared"}
 {"op":"attach","dev":"dev0","iommu":"type1","limit":100}
@@ -217,7 +295,7 @@ func TestGolden(t *testing.T) {
 {"op":"detach","dev":"dev1"}`,
 			want: want{events: 6, conversions: 1, runErrors: 1, shared: 2 << 20,
 				base: runWant{peak: 512, maps: 512, unmaps: 1},
-				gmem: runWant{peak: 1, maps: 2, unmaps: 2}},
+				gmem: runWant{peak: 1, maps: 2, unmaps: 1, cuts: 1, policy: PolicyMixed}},
 		},
 		{
 			// Events that describe an impossible machine are input errors,
@@ -234,7 +312,7 @@ func TestGolden(t *testing.T) {
 		},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			_, res := replayText(t, c.trace)
+			_, res := replayWith(t, c.opts, c.trace)
 			c.want.check(t, res)
 		})
 	}
@@ -426,6 +504,126 @@ func TestGenerators(t *testing.T) {
 	}
 }
 
+// TestPolicies replays one hugepage trace, whose conversions to private
+// fall inside shared extents, with each policy the gmem run can have. On
+// iommufd the default is the cut: no window and nothing re-pinned, a cut
+// call per split; the extent policy asked for, or an IOAS that keeps huge
+// pages, gives type1's bounded-extent figures exactly, with a window of at
+// most two 2 MiB chunks per conversion. Every run ends in the same state
+// with the same entries.
+func TestPolicies(t *testing.T) {
+	run := func(iommuKind trace.IOMMU, opts Options) Result {
+		t.Helper()
+		seq, err := trace.Hugepage(trace.HugepageOptions{Common: trace.Common{RAM: 2 << 30, Events: 1500, Devices: 1,
+			IOMMU: iommuKind, Mode: trace.Split, Platform: trace.TDX, Seed: 7}, Huge: 2 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res := Events(seq, opts)
+		if res.Violations != 0 || res.RunErrors != 0 || res.Rejected != 0 {
+			t.Fatalf("%v %+v: %d violations, %d run errors, %d rejected: %v %v", iommuKind, opts, res.Violations, res.RunErrors, res.Rejected,
+				res.ViolationDetails, res.RunErrorDetails)
+		}
+		return res
+	}
+	cut := run(trace.IOMMUFD, Options{})
+	extent := run(trace.IOMMUFD, Options{Policy: dma.Extent})
+	kept := run(trace.IOMMUFD, Options{IOMMUFDHugePages: true})
+	explicitCut := run(trace.IOMMUFD, Options{Policy: dma.Cut})
+	type1 := run(trace.Type1, Options{})
+
+	g := cut.Gmem
+	if g.Policy != "cut" || cut.Baseline.Policy != "granule" {
+		t.Errorf("iommufd, auto: gmem %q, baseline %q; want cut and granule", g.Policy, cut.Baseline.Policy)
+	}
+	if g.WindowBytes != 0 || g.MaxWindow != 0 || g.RepinnedBytes != 0 || g.Splits == 0 || g.CutCalls == 0 {
+		t.Errorf("iommufd, cut: window %d (largest %d), re-pinned %d, %d splits, %d cut calls; want no window, nothing re-pinned, and cuts",
+			g.WindowBytes, g.MaxWindow, g.RepinnedBytes, g.Splits, g.CutCalls)
+	}
+	want := []DevicePolicy{{Dev: "dev0", IOMMU: "iommufd", Cut: true, Policy: "cut"}}
+	if !slices.Equal(g.DevicePolicies, want) {
+		t.Errorf("device policies %+v, want %+v", g.DevicePolicies, want)
+	}
+	if b := cut.Baseline.DevicePolicies; len(b) != 1 || b[0].Cut || b[0].Policy != "granule" || b[0].Space() != "iommufd, huge pages kept" {
+		t.Errorf("the baseline's iommufd device: %+v, want QEMU's IOAS (huge pages kept) mapped by granule", b)
+	}
+	if d := explicitCut.Gmem; d.Policy != "cut" || d.MapCalls != g.MapCalls || d.CutCalls != g.CutCalls || d.WindowBytes != 0 {
+		t.Errorf("cut asked for: %+v, want what auto did: %+v", d, g)
+	}
+
+	for name, r := range map[string]Result{"iommufd, extent": extent, "iommufd, huge pages kept": kept, "type1, auto": type1} {
+		e := r.Gmem
+		if e.Policy != "extent" || e.CutCalls != 0 {
+			t.Errorf("%s: policy %q with %d cut calls, want extent and none", name, e.Policy, e.CutCalls)
+		}
+		if e.WindowBytes == 0 || e.RepinnedBytes == 0 || e.MaxWindow == 0 || e.MaxWindow > 2*dma.DefaultMaxExtent {
+			t.Errorf("%s: window %d (largest %d), re-pinned %d; want a window bounded by two chunks", name, e.WindowBytes, e.MaxWindow, e.RepinnedBytes)
+		}
+		// The same splits and state as the cut, with two more map calls
+		// and one unmap per split (a page from the middle of an entry)
+		// at most.
+		if e.Splits != g.Splits || e.EntriesFinal != g.EntriesFinal || e.EntriesPeak != g.EntriesPeak || r.SharedBytes != cut.SharedBytes {
+			t.Errorf("%s: %d splits, %d entries (peak %d), %d shared; the cut: %d, %d (%d), %d", name, e.Splits, e.EntriesFinal, e.EntriesPeak,
+				r.SharedBytes, g.Splits, g.EntriesFinal, g.EntriesPeak, cut.SharedBytes)
+		}
+		if e.MapCalls <= g.MapCalls || e.MapCalls > g.MapCalls+2*g.Splits || e.PinnedBytes != g.PinnedBytes+e.RepinnedBytes {
+			t.Errorf("%s: %d map calls pinning %d (%d re-pinned); the cut: %d pinning %d, %d splits", name, e.MapCalls, e.PinnedBytes,
+				e.RepinnedBytes, g.MapCalls, g.PinnedBytes, g.Splits)
+		}
+	}
+	// Bounded extent costs the same on type1 and iommufd.
+	for _, r := range []Result{kept, type1} {
+		a, b := r.Gmem, extent.Gmem
+		if a.MapCalls != b.MapCalls || a.UnmapCalls != b.UnmapCalls || a.WindowBytes != b.WindowBytes || a.RepinnedBytes != b.RepinnedBytes {
+			t.Errorf("bounded extent differs between spaces: %+v against %+v", a, b)
+		}
+	}
+	if d := kept.Gmem.DevicePolicies; len(d) != 1 || d[0].Cut || d[0].Space() != "iommufd, huge pages kept" {
+		t.Errorf("huge pages kept: %+v", d)
+	}
+	if d := type1.Gmem.DevicePolicies; len(d) != 1 || d[0].Space() != "type1" {
+		t.Errorf("type1: %+v", d)
+	}
+}
+
+// TestPolicyOptions: the gmem run takes auto, extent or cut; granule (the
+// baseline's), cut with no space that cuts and an unknown policy are
+// refused up front, and cut on a device that cannot cut is a run error
+// that says so.
+func TestPolicyOptions(t *testing.T) {
+	for _, c := range []struct {
+		opts Options
+		ok   bool
+	}{
+		{Options{}, true},
+		{Options{Policy: dma.Extent}, true},
+		{Options{Policy: dma.Cut}, true},
+		{Options{Policy: dma.Extent, IOMMUFDHugePages: true}, true},
+		{Options{IOMMUFDHugePages: true}, true},
+		{Options{Policy: dma.Granule}, false},
+		{Options{Policy: dma.Cut, IOMMUFDHugePages: true}, false},
+		{Options{Policy: dma.Policy(9)}, false},
+	} {
+		if err := c.opts.Validate(); (err == nil) != c.ok || (err != nil && !errors.Is(err, ErrOptions)) {
+			t.Errorf("Validate(%+v) = %v, want ok %v", c.opts, err, c.ok)
+		}
+	}
+	_, res := replayWith(t, Options{Policy: dma.Cut}, ram1G+`{"op":"attach","dev":"t","iommu":"type1"}
+{"op":"attach","dev":"f","iommu":"iommufd"}
+{"op":"convert","gpa":"0","size":"2MiB","to":"shared"}
+{"op":"convert","gpa":"4KiB","size":"4KiB","to":"private"}`)
+	if res.RunErrors != 1 || len(res.RunErrorDetails) != 1 {
+		t.Fatalf("run errors %d: %v", res.RunErrors, res.RunErrorDetails)
+	}
+	re := res.RunErrorDetails[0]
+	if re.Run != "gmem" || !errors.Is(re.Err, dma.ErrOptions) || !strings.Contains(re.Message, "cut") {
+		t.Errorf("run error %+v, want gmem's, wrapping dma.ErrOptions", re)
+	}
+	if res.Gmem.Policy != "cut" || res.Gmem.CutCalls != 1 || len(res.Gmem.DevicePolicies) != 1 || res.Baseline.Policy != "granule" {
+		t.Errorf("gmem %+v, baseline %+v", res.Gmem, res.Baseline)
+	}
+}
+
 // TestGeneratorsKernelModel replays the in-place traces of every generator
 // on the kernel's in-place rules (Options.KernelModel): every conversion to
 // private reaches a kernel that refuses pinned pages, with the devices'
@@ -550,10 +748,23 @@ func TestResultJSON(t *testing.T) {
 		if !ok {
 			t.Fatalf("object %q missing", run)
 		}
-		for _, k := range []string{"entries_final", "entries_peak", "map_calls", "unmap_calls", "splits", "state_bytes", "limit_failures", "ns_per_event"} {
+		for _, k := range []string{"entries_final", "entries_peak", "map_calls", "unmap_calls", "cut_calls", "splits", "state_bytes", "limit_failures", "ns_per_event",
+			"pinned_bytes", "repinned_bytes", "window_bytes", "max_window"} {
 			if _, ok := sub[k].(float64); !ok {
 				t.Errorf("%s.%s missing or not a number", run, k)
 			}
+		}
+		want := map[string]string{"baseline": "granule", "gmem": "extent"}[run]
+		if p, _ := sub["policy"].(string); p != want {
+			t.Errorf("%s.policy = %v, want %q", run, sub["policy"], want)
+		}
+		devs, _ := sub["device_policies"].([]any)
+		if len(devs) != 1 {
+			t.Fatalf("%s.device_policies = %v, want one device", run, sub["device_policies"])
+		}
+		d, _ := devs[0].(map[string]any)
+		if d["dev"] != "d" || d["iommu"] != "type1" || d["cut"] != false || d["policy"] != want {
+			t.Errorf("%s.device_policies[0] = %v", run, d)
 		}
 	}
 }

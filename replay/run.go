@@ -45,8 +45,11 @@ type run struct {
 
 	// Counters of mappers no longer attached (detached devices), so that
 	// map and unmap calls are never lost.
-	goneMaps, goneUnmaps, goneSplits uint64
-	goneCosts                        RunStats
+	goneMaps, goneUnmaps, goneCuts, goneSplits uint64
+	goneCosts                                  RunStats
+	// policies is how each device was mapped, in the order of first
+	// attach.
+	policies []DevicePolicy
 
 	privateRefused uint64
 	// computedState is the size of the bitmaps a baseline past the budget
@@ -156,7 +159,7 @@ func (r *run) attach(e trace.Attach) error {
 	opts := r.rp.opts.dmaOptions(r.baseline, r.rp.log)
 	switch {
 	case e.IOMMU == trace.IOMMUFD:
-		caps = iommu.Caps{Rules: iommu.IOMMUFD}
+		caps = r.rp.opts.iommufdCaps(r.baseline)
 	case r.shadow:
 		// type1 with no limit to speak of, and no entries kept back.
 		caps.EntryLimit, opts.SplitReserve = math.MaxUint64, dma.NoReserve
@@ -176,6 +179,12 @@ func (r *run) attach(e trace.Attach) error {
 	d := &device{name: e.Dev, model: model, att: att}
 	r.devices[e.Dev] = d
 	r.order = append(r.order, d)
+	p := DevicePolicy{Dev: e.Dev, IOMMU: e.IOMMU.String(), Cut: caps.Cut, Policy: att.Policy().String()}
+	if i := slices.IndexFunc(r.policies, func(x DevicePolicy) bool { return x.Dev == e.Dev }); i >= 0 {
+		r.policies[i] = p
+	} else {
+		r.policies = append(r.policies, p)
+	}
 	return nil
 }
 
@@ -194,6 +203,7 @@ func (r *run) detach(name string) error {
 		s := m.Stats()
 		r.goneMaps += s.MapCalls
 		r.goneUnmaps += s.UnmapCalls
+		r.goneCuts += s.CutCalls
 		r.goneSplits += s.Splits
 		r.goneCosts.addCosts(s)
 	}
@@ -395,28 +405,31 @@ func fmtRuns(rs []stateRun) string {
 type devStats struct {
 	name           string
 	entries, bytes uint64
+	cut            bool // mapped with the cut policy
 }
 
 func (r *run) devStats() []devStats {
 	out := make([]devStats, 0, len(r.order))
 	for _, d := range r.order {
 		st := d.att.Stats()
-		out = append(out, devStats{name: d.name, entries: st.Entries, bytes: st.MappedBytes})
+		out = append(out, devStats{name: d.name, entries: st.Entries, bytes: st.MappedBytes, cut: d.att.Policy() == dma.Cut})
 	}
 	return out
 }
 
 // diffStats describes how a device's entries changed, or returns "". The
-// number of entries is compared only when exact: undoing a conversion that
-// spanned RAM blocks maps the pages again but may shape the entries
-// differently.
+// number of entries is compared only when exact, and not for a device
+// mapped with the cut policy: undoing a conversion that spanned RAM blocks
+// maps the pages again but may shape the entries differently, and the
+// kernel cannot join areas, so an undone cut maps the pieces it removed as
+// entries of their own.
 func diffStats(before, after []devStats, exact bool) string {
 	if len(before) != len(after) {
 		return fmt.Sprintf("%d devices before, %d after", len(before), len(after))
 	}
 	for i := range before {
 		b, a := before[i], after[i]
-		if b.bytes != a.bytes || (exact && b.entries != a.entries) {
+		if b.bytes != a.bytes || (exact && !b.cut && b.entries != a.entries) {
 			return fmt.Sprintf("device %q had %d entries mapping %#x bytes, now %d mapping %#x", b.name, b.entries, b.bytes, a.entries, a.bytes)
 		}
 	}
@@ -447,6 +460,7 @@ func (r *run) stats(events uint64) RunStats {
 		EntriesPeak:   r.peak,
 		MapCalls:      r.goneMaps,
 		UnmapCalls:    r.goneUnmaps,
+		CutCalls:      r.goneCuts,
 		Splits:        r.goneSplits,
 		LimitFailures: r.limitFailures,
 		Failures:      r.failures,
@@ -459,6 +473,7 @@ func (r *run) stats(events uint64) RunStats {
 		st := d.att.Stats()
 		s.MapCalls += st.MapCalls
 		s.UnmapCalls += st.UnmapCalls
+		s.CutCalls += st.CutCalls
 		s.Splits += st.Splits
 		s.addCosts(st)
 	}
@@ -470,6 +485,16 @@ func (r *run) stats(events uint64) RunStats {
 	}
 	if events > 0 {
 		s.NsPerEvent = float64(r.elapsed.Nanoseconds()) / float64(events)
+	}
+	s.DevicePolicies = slices.Clone(r.policies)
+	for _, p := range r.policies {
+		switch s.Policy {
+		case "":
+			s.Policy = p.Policy
+		case p.Policy:
+		default:
+			s.Policy = PolicyMixed
+		}
 	}
 	return s
 }

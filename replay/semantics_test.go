@@ -64,11 +64,13 @@ func (d *direct) apply(t *testing.T, e trace.Event) error {
 	}
 	switch e := e.(type) {
 	case trace.Attach:
+		// As a VMM sets them up by default: iommufd IOASes that cut, and
+		// the policy that picks the cut there and bounded extents on type1.
 		caps := iommu.Caps{Rules: iommu.Type1v2, EntryLimit: e.Limit}
 		if e.IOMMU == trace.IOMMUFD {
-			caps = iommu.Caps{Rules: iommu.IOMMUFD}
+			caps = iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}
 		}
-		a, err := d.mem.AttachIOMMU(iommu.NewModel(caps), dma.Options{Policy: dma.Extent})
+		a, err := d.mem.AttachIOMMU(iommu.NewModel(caps), dma.Options{Policy: dma.Auto})
 		if err == nil {
 			d.devs[e.Dev] = a
 		}

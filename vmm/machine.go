@@ -147,11 +147,24 @@ func (p *peakSpace) Map(iova, size uint64, host []byte) error {
 	if err := p.Model.Map(iova, size, host); err != nil {
 		return err
 	}
+	p.note()
+	return nil
+}
+
+// Cut cuts and notes the entry count: a cut inside an entry leaves two.
+func (p *peakSpace) Cut(iova, size uint64) (uint64, error) {
+	n, err := p.Model.Cut(iova, size)
+	p.note()
+	return n, err
+}
+
+// note records the model's entry count if it is the most so far.
+func (p *peakSpace) note() {
 	n := int64(p.Model.Len())
 	for {
 		old := p.peak.Load()
 		if n <= old || p.peak.CompareAndSwap(old, n) {
-			return nil
+			return
 		}
 	}
 }
@@ -209,6 +222,11 @@ func (m *Machine) Memory() *guestmem.Memory { return m.mem }
 
 // IOMMU returns the IOMMU model the devices go through.
 func (m *Machine) IOMMU() *iommu.Model { return m.model }
+
+// Policy returns the policy the machine's IOMMU is mapped with:
+// MachineConfig.Policy as dma.New resolved it for the model (Auto: Cut on a
+// model that cuts, Extent otherwise).
+func (m *Machine) Policy() dma.Policy { return m.att.Policy() }
 
 // VCPUs returns the number of vCPUs the machine has devices for.
 func (m *Machine) VCPUs() int { return len(m.conv) }

@@ -31,12 +31,22 @@ type Report struct {
 	// through and refused.
 	DMAAllowed uint64 `json:"dma_allowed"`
 	DMABlocked uint64 `json:"dma_blocked"`
+	// IOMMURules are the kernel rules the model IOMMU follows ("type1" or
+	// "iommufd"), IOMMUCut whether it cuts (an iommufd IOAS with huge
+	// pages off), and IOMMUPolicy the policy its mappers resolved
+	// ("granule", "extent" or "cut"; MachineConfig.Policy, Auto resolved
+	// against the model).
+	IOMMURules  string `json:"iommu_rules"`
+	IOMMUCut    bool   `json:"iommu_cut"`
+	IOMMUPolicy string `json:"iommu_policy"`
 	// IOMMUEntriesPeak is the most IOMMU entries at once, IOMMUEntriesNow
-	// what is left at the end; IOMMUSplits counts entries cut by a
-	// conversion and mapped again in pieces.
+	// what is left at the end; IOMMUSplits counts entries a conversion cut
+	// while keeping the rest mapped (mapped again in pieces, or cut in
+	// place), IOMMUCutCalls the cut requests (the cut policy).
 	IOMMUEntriesPeak int    `json:"iommu_entries_peak"`
 	IOMMUEntriesNow  int    `json:"iommu_entries_now"`
 	IOMMUSplits      uint64 `json:"iommu_splits"`
+	IOMMUCutCalls    uint64 `json:"iommu_cut_calls"`
 	// StateRuns is the number of same-state runs in the state maps at the
 	// end.
 	StateRuns int `json:"state_runs"`
@@ -63,7 +73,7 @@ func (r Report) OK() bool {
 // buildReport collects a Report from the machine.
 func buildReport(m *Machine, guestRan bool, runErr error) Report {
 	mem := m.Memory()
-	ms, st, ss := mem.Stats(), m.Stats(), mem.StateStats()
+	ms, st, ss, ast := mem.Stats(), m.Stats(), mem.StateStats(), m.att.Stats()
 	passed, failed := m.Verdict()
 	r := Report{
 		GuestRan:           guestRan,
@@ -81,7 +91,11 @@ func buildReport(m *Machine, guestRan bool, runErr error) Report {
 		DMABlocked:         st.DMABlocked,
 		IOMMUEntriesPeak:   st.PeakEntries,
 		IOMMUEntriesNow:    st.IOMMUEntries,
-		IOMMUSplits:        m.att.Stats().Splits,
+		IOMMURules:         m.model.Caps().Rules.String(),
+		IOMMUCut:           m.model.Caps().Cut,
+		IOMMUPolicy:        m.Policy().String(),
+		IOMMUSplits:        ast.Splits,
+		IOMMUCutCalls:      ast.CutCalls,
 		StateRuns:          ss.Runs,
 		Violations:         st.Violations,
 		ChecksPassed:       passed,

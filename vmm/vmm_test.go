@@ -11,6 +11,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
 	"github.com/gmemproject/gmem/internal/kvmtest"
 	"github.com/gmemproject/gmem/iommu"
@@ -95,6 +96,8 @@ func checkBuiltinReport(t *testing.T, rep Report, mode guestmem.Mode, vcpus int,
 		// The scenario makes everything private again: nothing mapped,
 		// one run per block.
 		IOMMUEntriesNow: 0, StateRuns: 2,
+		// The default IOMMU, a type1 model, with the default policy.
+		IOMMURules: "type1", IOMMUPolicy: "extent",
 	}
 	got := rep
 	got.PagesToShared, got.PagesToPrivate, got.Punches = 0, 0, 0
@@ -162,6 +165,54 @@ func TestBuiltinHostDriven(t *testing.T) {
 				checkBuiltinReport(t, rep, mode, vcpus, false)
 			})
 		}
+	}
+}
+
+// TestPolicyReported: the report says which rules the model IOMMU follows,
+// whether it cuts, and the policy its mappers resolved; on an iommufd model
+// that cuts the default policy cuts entries in place, with cut calls.
+func TestPolicyReported(t *testing.T) {
+	for _, c := range []struct {
+		caps   iommu.Caps
+		policy dma.Policy
+		want   string
+	}{
+		{iommu.Caps{Rules: iommu.Type1v2}, dma.Auto, "extent"},
+		{iommu.Caps{Rules: iommu.IOMMUFD}, dma.Auto, "extent"},
+		{iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, dma.Auto, "cut"},
+		{iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, dma.Extent, "extent"},
+		{iommu.Caps{Rules: iommu.Type1v2}, dma.Granule, "granule"},
+	} {
+		rep, err := RunHostDriven(context.Background(), Config{Mode: guestmem.Split, VCPUs: 2, IOMMU: iommu.NewModel(c.caps), Policy: c.policy})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !rep.OK() || rep.IOMMURules != c.caps.Rules.String() || rep.IOMMUCut != c.caps.Cut || rep.IOMMUPolicy != c.want {
+			t.Errorf("%+v, %v: ok %v, rules %q, cut %v, policy %q; want %q", c.caps, c.policy, rep.OK(), rep.IOMMURules, rep.IOMMUCut, rep.IOMMUPolicy, c.want)
+		}
+		if cuts := rep.IOMMUCutCalls > 0; cuts != (c.want == "cut") || (c.want != "granule" && rep.IOMMUSplits == 0) {
+			t.Errorf("%+v, %v: %d cut calls, %d splits", c.caps, c.policy, rep.IOMMUCutCalls, rep.IOMMUSplits)
+		}
+	}
+	_, err := RunHostDriven(context.Background(), Config{Mode: guestmem.Split, VCPUs: 1, Policy: dma.Cut})
+	if !errors.Is(err, dma.ErrOptions) {
+		t.Errorf("cut on the default type1 model: %v, want dma.ErrOptions", err)
+	}
+}
+
+// TestPeakCountsCuts: a cut in the middle of an entry leaves two, so the
+// peak the report gives counts entries made by cuts, not only by maps.
+func TestPeakCountsCuts(t *testing.T) {
+	s := Scenario{Programs: []Program{{Steps: []Step{
+		Convert("share four pages", BuffersGPA, 4*4096, memattr.Shared, ConvStatusOK),
+		Convert("a page in the middle back", BuffersGPA+4096, 4096, memattr.Private, ConvStatusOK),
+	}}}}
+	rep, err := RunHostDriven(context.Background(), Config{Mode: guestmem.Split, Scenario: &s, IOMMU: iommu.NewModel(iommu.Caps{Rules: iommu.IOMMUFD, Cut: true})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() || rep.IOMMUPolicy != "cut" || rep.IOMMUCutCalls != 1 || rep.IOMMUEntriesNow != 2 || rep.IOMMUEntriesPeak != 2 {
+		t.Errorf("report %+v: want one cut, two entries at the peak and at the end", rep)
 	}
 }
 

@@ -34,14 +34,17 @@ type demoEnv struct {
 
 // demoFlags are the command line of gmem demo.
 type demoFlags struct {
-	mode    guestmem.Mode
-	vcpus   int
-	policy  dma.Policy
-	rules   iommu.Rules
-	json    bool
-	noKVM   bool
-	quiet   bool
-	timeout time.Duration
+	mode   guestmem.Mode
+	vcpus  int
+	policy dma.Policy
+	rules  iommu.Rules
+	// hugePages keeps large IOMMU pages on iommufd IOASes, the model's
+	// and the real one's: they then cannot cut.
+	hugePages bool
+	json      bool
+	noKVM     bool
+	quiet     bool
+	timeout   time.Duration
 	// vfio ("type1" or "iommufd") and vfioDevice: a real IOMMU that gmem
 	// keeps in step with the guest's shared pages, next to the model.
 	vfio, vfioDevice string
@@ -54,8 +57,12 @@ func parseDemoFlags(args []string) (demoFlags, *flag.FlagSet, error) {
 	fs := newFlagSet("gmem demo")
 	fs.StringVar(&mode, "mode", "inplace", "guest RAM backing, `MODE`: inplace (one guest_memfd, mmap-able) or split (guest_memfd + memfd)")
 	fs.IntVar(&f.vcpus, "vcpus", f.vcpus, fmt.Sprintf("number of vCPUs, 1 to %d (vCPU 0 runs the scenario, the others convert concurrently)", vmm.MaxVCPUs))
-	fs.StringVar(&policy, "policy", "extent", "IOMMU mapping `POLICY`: extent (one entry per conversion) or granule (one per 4 KiB)")
-	fs.StringVar(&rules, "iommu", "type1", "kernel `RULES` the model IOMMU follows: type1 (VFIO) or iommufd")
+	fs.StringVar(&policy, "policy", "auto", "IOMMU mapping `POLICY`: auto (cut where the IOMMU can cut, extent elsewhere), "+
+		"extent (one entry per conversion, bounded at 2 MiB; a conversion to private inside one unmaps it and maps the rest of its chunk again), "+
+		"granule (one entry per 4 KiB, as QEMU) or cut (entries as extent; a conversion to private inside one is one cut, and the rest stays mapped: "+
+		"iommufd with huge pages off only)")
+	fs.StringVar(&rules, "iommu", "type1", "kernel `RULES` the model IOMMU follows: type1 (VFIO) or iommufd (an IOAS with huge pages off, which cuts)")
+	fs.BoolVar(&f.hugePages, "iommufd-huge-pages", false, "keep large IOMMU pages on the iommufd IOASes (--iommu iommufd, --vfio iommufd): they then cannot cut, and auto maps bounded extents there")
 	fs.BoolVar(&f.json, "json", false, "print the report as one JSON object")
 	fs.BoolVar(&f.noKVM, "no-kvm", false, "run the scenario host-driven, without KVM")
 	fs.BoolVar(&f.quiet, "quiet", false, "no progress lines on stderr")
@@ -73,7 +80,7 @@ func parseDemoFlags(args []string) (demoFlags, *flag.FlagSet, error) {
 		return f, fs, fmt.Errorf("--mode: want inplace or split, not %q", mode)
 	}
 	if f.policy, err = dma.ParsePolicy(policy); err != nil {
-		return f, fs, fmt.Errorf("--policy: want extent or granule, not %q", policy)
+		return f, fs, fmt.Errorf("--policy: want auto, extent, granule or cut, not %q", policy)
 	}
 	switch rules {
 	case "type1":
@@ -96,8 +103,25 @@ func parseDemoFlags(args []string) (demoFlags, *flag.FlagSet, error) {
 		return f, fs, errors.New("--vfio and --vfio-device go together")
 	case f.vfio != "" && f.noKVM:
 		return f, fs, errors.New("--vfio needs KVM (a guest whose memory the device reaches), not --no-kvm")
+	case f.hugePages && f.rules != iommu.IOMMUFD && f.vfio != "iommufd":
+		return f, fs, errors.New("--iommufd-huge-pages needs an iommufd IOAS: --iommu iommufd or --vfio iommufd")
+	case f.policy == dma.Cut && !f.modelCaps().Cut:
+		why := "type1 never cuts: --iommu iommufd"
+		if f.rules == iommu.IOMMUFD {
+			why = "an IOAS that keeps huge pages cannot cut: drop --iommufd-huge-pages"
+		}
+		return f, fs, fmt.Errorf("--policy cut: the model IOMMU cannot cut (%s, or --policy auto, which cuts only where the IOMMU can)", why)
+	case f.policy == dma.Cut && f.vfio == "type1":
+		return f, fs, errors.New("--policy cut with --vfio type1: type1 never cuts (--vfio iommufd, or --policy auto, which cuts only where the IOMMU can)")
 	}
 	return f, fs, nil
+}
+
+// modelCaps is the model IOMMU the flags ask for: an iommufd model is an
+// IOAS with huge pages off that cuts, as iommufd.NewSpace sets one up,
+// unless --iommufd-huge-pages.
+func (f demoFlags) modelCaps() iommu.Caps {
+	return iommu.Caps{Rules: f.rules, Cut: f.rules == iommu.IOMMUFD && !f.hugePages}
 }
 
 func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -122,7 +146,7 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 		VCPUs:    f.vcpus,
 		Scenario: env.scenario,
 		Policy:   f.policy,
-		IOMMU:    iommu.NewModel(iommu.Caps{Rules: f.rules}),
+		IOMMU:    iommu.NewModel(f.modelCaps()),
 		Logger:   slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelError})),
 		KVMPath:  env.kvmPath,
 		OnCheck: func(r vmm.CheckResult) {
@@ -163,7 +187,7 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 		}
 		var real *realIOMMU
 		if f.vfio != "" {
-			if real, err = openRealIOMMU(f.vfio, f.vfioDevice); err == nil {
+			if real, err = openRealIOMMU(f.vfio, f.vfioDevice, f.hugePages); err == nil {
 				err = real.attach(v.Memory(), f.policy)
 			}
 			if err != nil {
@@ -176,7 +200,7 @@ func (env demoEnv) run(ctx context.Context, args []string, stdout, stderr io.Wri
 			}
 		}
 		progress("booting the built-in guest: mode %v, %d vCPU(s), IOMMU %v (%v), enforcement %s, conversions by %s%s",
-			f.mode, v.Machine().VCPUs(), f.rules, f.policy, v.Memory().Enforcement(), requestPathName(v.RequestPath()), vfioNote(f))
+			f.mode, v.Machine().VCPUs(), f.rules, v.Machine().Policy(), v.Memory().Enforcement(), requestPathName(v.RequestPath()), vfioNote(f, real))
 		rep.Report, err = v.Run(ctx)
 		if real != nil {
 			err = errors.Join(err, real.detach(&rep), real.close())
@@ -232,14 +256,26 @@ func stoppedBy(parent, ctx context.Context, timeout time.Duration) string {
 
 // probeKVM reports why the KVM device cannot hold the demo guest's memory
 // of mode, or nil: it must open, and offer guest_memfd (in place, one that
-// can be mmapped and start shared).
+// can be mmapped and start shared) on the VM type vmm.New picks for split
+// memory: a KVM_X86_SW_PROTECTED_VM where the host offers one (a kernel
+// before 6.18 offers guest_memfd on no other), the default type elsewhere.
 func probeKVM(path string, mode guestmem.Mode) error {
 	sys, err := kvm.OpenPath(path)
 	if err != nil {
 		return err
 	}
 	defer sys.Close()
-	vm, err := sys.CreateVM(kvm.VMTypeDefault)
+	vmType := uint64(kvm.VMTypeDefault)
+	if mode == guestmem.Split {
+		ok, err := sys.SupportsVMType(kvm.VMTypeSWProtected)
+		if err != nil {
+			return err
+		}
+		if ok {
+			vmType = kvm.VMTypeSWProtected
+		}
+	}
+	vm, err := sys.CreateVM(vmType)
 	if err != nil {
 		return err
 	}
@@ -264,12 +300,40 @@ func requestPathName(p vmm.RequestPath) string {
 	return "the conversion port"
 }
 
-// vfioNote names the real IOMMU, if any.
-func vfioNote(f demoFlags) string {
-	if f.vfio == "" {
+// vfioNote names the real IOMMU, if any, and its policy.
+func vfioNote(f demoFlags, real *realIOMMU) string {
+	if real == nil {
 		return ""
 	}
-	return fmt.Sprintf(", real VFIO %s for %s", f.vfio, f.vfioDevice)
+	return fmt.Sprintf(", real VFIO %s for %s (%s)", f.vfio, f.vfioDevice, real.policyNote())
+}
+
+// modelPolicyLine says which policy the model IOMMU ran and why: "cut
+// (iommufd, huge pages off: 6 cut calls)".
+func modelPolicyLine(r vmm.Report) string {
+	space := r.IOMMURules
+	switch {
+	case r.IOMMURules == iommu.IOMMUFD.String() && r.IOMMUCut:
+		space += ", huge pages off"
+	case r.IOMMURules == iommu.IOMMUFD.String():
+		space += ", huge pages kept: no cut"
+	}
+	if r.IOMMUPolicy == dma.Cut.String() {
+		return fmt.Sprintf("%s on the model (%s): %s", r.IOMMUPolicy, space, plural(r.IOMMUCutCalls, "cut call", "cut calls"))
+	}
+	return fmt.Sprintf("%s on the model (%s)", r.IOMMUPolicy, space)
+}
+
+// vfioPolicyLine says which policy the real IOMMU ran, and whether its
+// space cut and if not why.
+func vfioPolicyLine(r demoReport) string {
+	switch {
+	case r.VFIOCut != nil && *r.VFIOCut:
+		return r.VFIOPolicy + " (the IOAS cuts: huge pages off, set as its file's compat IOAS)"
+	case r.VFIOCutReason != "":
+		return fmt.Sprintf("%s (the IOAS does not cut: %s)", r.VFIOPolicy, r.VFIOCutReason)
+	}
+	return r.VFIOPolicy + " (type1 never cuts)"
 }
 
 // writeDemoReport prints the human report.
@@ -286,13 +350,15 @@ func writeDemoReport(w io.Writer, r demoReport) {
 		r.PagesToShared, r.PagesToPrivate, r.Punches)
 	fmt.Fprintf(w, "  DMA           %d transfers allowed, %d blocked by the IOMMU\n", r.DMAAllowed, r.DMABlocked)
 	fmt.Fprintf(w, "  IOMMU entries peak %d, now %d (%d split)\n", r.IOMMUEntriesPeak, r.IOMMUEntriesNow, r.IOMMUSplits)
+	fmt.Fprintf(w, "  policy        %s\n", modelPolicyLine(r.Report))
 	fmt.Fprintf(w, "  state map     %d runs\n", r.StateRuns)
 	fmt.Fprintf(w, "  invariants    %d violations (I1/I2 checked after every conversion)\n", r.Violations)
 	fmt.Fprintf(w, "  enforcement   %s (%s)\n", r.Enforcement, guestmem.Enforcement(r.Enforcement).Describe())
 	fmt.Fprintf(w, "  flavour       %s\n", r.Flavour)
 	if r.VFIO != "" {
-		fmt.Fprintf(w, "  VFIO          %s for %s: %d map and %d unmap calls, entries peak %d, now %d\n",
-			r.VFIO, r.VFIODevice, r.VFIOMapCalls, r.VFIOUnmapCalls, r.VFIOEntriesPeak, r.VFIOEntriesNow)
+		fmt.Fprintf(w, "  VFIO          %s for %s: %d map, %d unmap and %d cut calls, entries peak %d, now %d (%d split)\n",
+			r.VFIO, r.VFIODevice, r.VFIOMapCalls, r.VFIOUnmapCalls, r.VFIOCutCalls, r.VFIOEntriesPeak, r.VFIOEntriesNow, r.VFIOSplits)
+		fmt.Fprintf(w, "  VFIO policy   %s\n", vfioPolicyLine(r))
 	}
 	unreported := 0
 	for _, f := range r.FailedChecks {
@@ -333,6 +399,16 @@ guest_memfd, and the guest asks with vmmcall. With --vfio, gmem also keeps a
 real IOMMU (VFIO type1 or iommufd, of the device at --vfio-device) equal to the
 guest's shared pages.
 
+The policy (--policy, default auto) shapes the IOMMU entries of both: one per
+converted extent, and a conversion to private inside one is a cut where the
+IOMMU can cut (an iommufd IOAS with huge pages off, set as its file's compat
+IOAS: the rest of the entry stays mapped and pinned, and the device never loses
+memory it still owns), elsewhere an unmap of the entry and a map of the rest of
+its 2 MiB chunk. The model (--iommu iommufd) and the real iommufd IOAS are set
+up to cut unless --iommufd-huge-pages; the real one falls back to the bounded
+extent where the kernel does not let it cut. The report says which policy each
+ran and, for the real iommufd, whether it cut and if not why.
+
 Without /dev/kvm, or with --no-kvm, the same scenario runs host-driven (no
 vCPU) through the same executor and devices, and guest_ran is false. To see the
 real thing anyway, run scripts/rig --demo [--json]: it boots a QEMU guest with
@@ -343,8 +419,9 @@ flags:
 	printFlags(w, fs)
 	fmt.Fprint(w, `
 Exit status: 0 if every check passed and no invariant was violated, 1 otherwise
-(a failed check, the timeout, an interrupt), 2 for usage errors (--vfio without
-KVM among them).
+(a failed check, the timeout, an interrupt, --policy cut on a real iommufd
+IOAS the kernel does not let cut), 2 for usage errors (--vfio without KVM,
+--policy cut with a type1 IOMMU or --iommufd-huge-pages among them).
 `)
 }
 

@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/guestmem"
+	"github.com/gmemproject/gmem/iommu"
 	"github.com/gmemproject/gmem/kvm"
 	"github.com/gmemproject/gmem/memattr"
 	"github.com/gmemproject/gmem/vmm"
@@ -64,10 +67,23 @@ func haveKVM(t *testing.T) {
 
 var realKVM = demoEnv{kvmPath: kvm.DevicePath}
 
+// policiesListed reports whether help lists every policy of --policy, and
+// the flag that keeps iommufd's huge pages.
+func policiesListed(help string) bool {
+	flat := strings.Join(strings.Fields(help), " ")
+	for _, w := range []string{"POLICY: auto (cut where", "extent (one entry per conversion", "granule (one entry per 4 KiB", "or cut (entries as extent", "--iommufd-huge-pages"} {
+		if !strings.Contains(flat, w) {
+			return false
+		}
+	}
+	return true
+}
+
 func TestDemoHelp(t *testing.T) {
 	for _, args := range [][]string{{"-h"}, {"--help"}} {
 		code, out, errOut := runDemoEnv(realKVM, args...)
-		if code != exitOK || !strings.Contains(out, "usage: gmem demo") || !strings.Contains(out, "-no-kvm") || errOut != "" {
+		if code != exitOK || !strings.Contains(out, "usage: gmem demo") || !strings.Contains(out, "-no-kvm") || errOut != "" ||
+			!policiesListed(out) {
 			t.Errorf("demo %q: exit %d, stdout %.200q, stderr %q", args, code, out, errOut)
 		}
 	}
@@ -94,6 +110,10 @@ func TestDemoUsageErrors(t *testing.T) {
 		{[]string{"--vfio", "type2", "--vfio-device", "0000:00:03.0"}, "--vfio: want type1 or iommufd"},
 		{[]string{"--vfio", "type1"}, "--vfio and --vfio-device go together"},
 		{[]string{"--vfio-device", "0000:00:03.0"}, "--vfio and --vfio-device go together"},
+		{[]string{"--policy", "cut"}, "--policy cut: the model IOMMU cannot cut (type1 never cuts"},
+		{[]string{"--policy", "cut", "--iommu", "iommufd", "--iommufd-huge-pages"}, "--policy cut: the model IOMMU cannot cut (an IOAS that keeps huge pages"},
+		{[]string{"--policy", "cut", "--iommu", "iommufd", "--vfio", "type1", "--vfio-device", "0000:00:03.0"}, "--policy cut with --vfio type1"},
+		{[]string{"--iommufd-huge-pages"}, "--iommufd-huge-pages needs an iommufd IOAS"},
 	} {
 		code, out, errOut := runDemoEnv(realKVM, c.args...)
 		if code != exitUsage || out != "" || !strings.Contains(errOut, c.stderr) || !strings.Contains(errOut, "gmem demo -h") {
@@ -132,6 +152,74 @@ func TestDemoNoKVM(t *testing.T) {
 				t.Errorf("report %+v", d)
 			}
 		})
+	}
+}
+
+// TestDemoPolicy: the report says which policy the model IOMMU ran, and on
+// what: an iommufd model cuts by default (with cut calls), type1 maps
+// bounded extents, and --iommufd-huge-pages makes iommufd do the same.
+func TestDemoPolicy(t *testing.T) {
+	env := demoEnv{kvmPath: "/nonexistent/kvm"}
+	for _, c := range []struct {
+		args         []string
+		policy, line string
+		cut          bool
+	}{
+		{nil, "extent", "policy        extent on the model (type1)\n", false},
+		{[]string{"--iommu", "iommufd"}, "cut", "policy        cut on the model (iommufd, huge pages off): ", true},
+		{[]string{"--iommu", "iommufd", "--policy", "cut"}, "cut", "policy        cut on the model (iommufd, huge pages off): ", true},
+		{[]string{"--iommu", "iommufd", "--policy", "extent"}, "extent", "policy        extent on the model (iommufd, huge pages off)\n", true},
+		{[]string{"--iommu", "iommufd", "--iommufd-huge-pages"}, "extent", "policy        extent on the model (iommufd, huge pages kept: no cut)\n", false},
+		{[]string{"--policy", "granule"}, "granule", "policy        granule on the model (type1)\n", false},
+	} {
+		args := append([]string{"--no-kvm", "--quiet"}, c.args...)
+		code, out, errOut := runDemoEnv(env, args...)
+		if code != exitOK || !strings.Contains(out, "\n  "+c.line) {
+			t.Errorf("%v: exit %d, stderr %q, report lacks %q:\n%s", c.args, code, errOut, c.line, out)
+		}
+		code, out, _ = runDemoEnv(env, append(args, "--json")...)
+		var d struct {
+			Rules    string `json:"iommu_rules"`
+			Cut      bool   `json:"iommu_cut"`
+			Policy   string `json:"iommu_policy"`
+			CutCalls uint64 `json:"iommu_cut_calls"`
+			Splits   uint64 `json:"iommu_splits"`
+		}
+		if err := json.Unmarshal([]byte(out), &d); err != nil || code != exitOK || d.Policy != c.policy || d.Cut != c.cut ||
+			(d.CutCalls > 0) != (c.policy == "cut") {
+			t.Errorf("%v --json: exit %d, %v, %+v", c.args, code, err, d)
+		}
+	}
+}
+
+// TestDemoVFIOReport: the report of a real IOMMU says its policy and
+// whether its space cut, and if not why (the real path runs in the rig:
+// scripts/rig --demo).
+func TestDemoVFIOReport(t *testing.T) {
+	yes, no := true, false
+	for _, c := range []struct {
+		rep  demoReport
+		want string
+	}{
+		{demoReport{VFIO: "iommufd", VFIOPolicy: "cut", VFIOCut: &yes, VFIOCutCalls: 20},
+			"  VFIO policy   cut (the IOAS cuts: huge pages off, set as its file's compat IOAS)\n"},
+		{demoReport{VFIO: "iommufd", VFIOPolicy: "extent", VFIOCut: &no, VFIOCutReason: "large IOMMU pages kept (SpaceOptions.HugePages)"},
+			"  VFIO policy   extent (the IOAS does not cut: large IOMMU pages kept (SpaceOptions.HugePages))\n"},
+		{demoReport{VFIO: "type1", VFIOPolicy: "extent", VFIOCut: &no}, "  VFIO policy   extent (type1 never cuts)\n"},
+	} {
+		c.rep.VFIODevice, c.rep.Mode = "0000:00:03.0", "split"
+		var b bytes.Buffer
+		writeDemoReport(&b, c.rep)
+		if !strings.Contains(b.String(), c.want) || !strings.Contains(b.String(), fmt.Sprintf("%d cut calls", c.rep.VFIOCutCalls)) {
+			t.Errorf("report lacks %q:\n%s", c.want, b.String())
+		}
+		j, err := json.Marshal(c.rep)
+		if err != nil || !strings.Contains(string(j), fmt.Sprintf(`"vfio_cut":%v`, *c.rep.VFIOCut)) || !strings.Contains(string(j), `"vfio_policy":"`+c.rep.VFIOPolicy+`"`) {
+			t.Errorf("JSON %s, %v", j, err)
+		}
+	}
+	if j, _ := json.Marshal(demoReport{}); strings.Contains(string(j), "vfio") {
+		t.Errorf("without --vfio the JSON has VFIO fields: %s", j)
 	}
 }
 
@@ -245,6 +333,9 @@ func FuzzDemoFlags(f *testing.F) {
 	f.Add("--json\x00--no-kvm")
 	f.Add("--vcpus=-1")
 	f.Add("--policy\x00granule\x00--iommu\x00iommufd\x00--timeout\x001ms")
+	f.Add("--policy\x00cut\x00--iommu\x00iommufd")
+	f.Add("--policy\x00cut\x00--iommufd-huge-pages\x00--iommu\x00iommufd")
+	f.Add("--policy=auto\x00--vfio\x00iommufd\x00--vfio-device\x00x\x00--iommufd-huge-pages")
 	f.Add("-h")
 	f.Fuzz(func(t *testing.T, joined string) {
 		args := strings.Split(joined, "\x00")
@@ -254,6 +345,11 @@ func FuzzDemoFlags(f *testing.F) {
 		}
 		if fl.vcpus < 1 || fl.vcpus > vmm.MaxVCPUs || fl.timeout <= 0 ||
 			(fl.mode != guestmem.InPlace && fl.mode != guestmem.Split) {
+			t.Fatalf("accepted %q as %+v", args, fl)
+		}
+		// Cut only where the model and the real IOMMU can cut; huge
+		// pages kept only where there is an iommufd IOAS.
+		if (fl.policy == dma.Cut && (!fl.modelCaps().Cut || fl.vfio == "type1")) || (fl.hugePages && fl.rules != iommu.IOMMUFD && fl.vfio != "iommufd") {
 			t.Fatalf("accepted %q as %+v", args, fl)
 		}
 	})

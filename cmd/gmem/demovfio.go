@@ -26,21 +26,35 @@ type demoReport struct {
 	// counters of the real space; VFIOEntriesNow its entries at the end.
 	VFIOMapCalls    uint64 `json:"vfio_map_calls,omitempty"`
 	VFIOUnmapCalls  uint64 `json:"vfio_unmap_calls,omitempty"`
+	VFIOCutCalls    uint64 `json:"vfio_cut_calls,omitempty"`
+	VFIOSplits      uint64 `json:"vfio_splits,omitempty"`
 	VFIOEntriesPeak uint64 `json:"vfio_entries_peak,omitempty"`
 	VFIOEntriesNow  uint64 `json:"vfio_entries_now,omitempty"`
+	// VFIOPolicy is the policy the real space's mappers resolved
+	// ("granule", "extent" or "cut"); VFIOCut says whether the space could
+	// cut (nil without --vfio) (an iommufd IOAS with huge pages off, set as its file's compat
+	// IOAS), and VFIOCutReason, for an iommufd space that could not, why
+	// (iommufd.Space.CutReason).
+	VFIOPolicy    string `json:"vfio_policy,omitempty"`
+	VFIOCut       *bool  `json:"vfio_cut,omitempty"`
+	VFIOCutReason string `json:"vfio_cut_reason,omitempty"`
 }
 
 // realIOMMU is a device's IOMMU opened through VFIO type1 or iommufd.
 type realIOMMU struct {
 	kind, bdf string
 	space     iommu.Space
+	// cutReason says why an iommufd space does not cut, "" if it does
+	// (and for type1, which never does).
+	cutReason string
 	closers   []func() error
 	att       *guestmem.Attachment
 }
 
 // openRealIOMMU opens the IOMMU of PCI device bdf (bound to vfio-pci) the
-// given way and returns its space, empty.
-func openRealIOMMU(kind, bdf string) (_ *realIOMMU, err error) {
+// given way and returns its space, empty. An iommufd space cuts where the
+// kernel lets it, unless hugePages keeps the IOAS's large pages.
+func openRealIOMMU(kind, bdf string, hugePages bool) (_ *realIOMMU, err error) {
 	r := &realIOMMU{kind: kind, bdf: bdf}
 	defer func() {
 		if err != nil {
@@ -108,9 +122,11 @@ func openRealIOMMU(kind, bdf string) (_ *realIOMMU, err error) {
 		if _, err := d.AttachIOMMUFDPT(ioas); err != nil {
 			return nil, err
 		}
-		if r.space, err = iommufd.NewSpace(f, ioas); err != nil {
+		sp, err := iommufd.NewSpaceOptions(f, ioas, iommufd.SpaceOptions{HugePages: hugePages})
+		if err != nil {
 			return nil, err
 		}
+		r.space, r.cutReason = sp, sp.CutReason()
 	default:
 		return nil, fmt.Errorf("unknown VFIO interface %q", kind)
 	}
@@ -121,11 +137,30 @@ func openRealIOMMU(kind, bdf string) (_ *realIOMMU, err error) {
 // shared pages of mem.
 func (r *realIOMMU) attach(mem *guestmem.Memory, policy dma.Policy) error {
 	att, err := mem.AttachIOMMU(r.space, dma.Options{Policy: policy})
-	if err != nil {
+	switch {
+	case policy == dma.Cut && errors.Is(err, dma.ErrOptions) && r.cutReason != "":
+		return fmt.Errorf("--policy cut: the iommufd space does not cut (%s); --policy auto maps bounded extents there: %w", r.cutReason, err)
+	case err != nil:
 		return err
 	}
 	r.att = att
 	return nil
+}
+
+// policyNote says which policy the real space is mapped with, and whether
+// it cuts: "cut, the IOAS cuts" or "extent, the IOAS does not cut: why".
+func (r *realIOMMU) policyNote() string {
+	if r.att == nil {
+		return "not attached"
+	}
+	switch p := r.att.Policy(); {
+	case r.space.Caps().Cut:
+		return p.String() + ", the IOAS cuts"
+	case r.cutReason != "":
+		return fmt.Sprintf("%s, the IOAS does not cut: %s", p, r.cutReason)
+	default:
+		return p.String()
+	}
 }
 
 // detach unmaps everything and fills in the report's VFIO fields first.
@@ -135,7 +170,9 @@ func (r *realIOMMU) detach(rep *demoReport) error {
 	}
 	st := r.att.Stats()
 	rep.VFIO, rep.VFIODevice = r.kind, r.bdf
-	rep.VFIOMapCalls, rep.VFIOUnmapCalls = st.MapCalls, st.UnmapCalls
+	rep.VFIOMapCalls, rep.VFIOUnmapCalls, rep.VFIOCutCalls, rep.VFIOSplits = st.MapCalls, st.UnmapCalls, st.CutCalls, st.Splits
+	cut := r.space.Caps().Cut
+	rep.VFIOPolicy, rep.VFIOCut, rep.VFIOCutReason = r.att.Policy().String(), &cut, r.cutReason
 	rep.VFIOEntriesPeak, rep.VFIOEntriesNow = st.PeakEntries, st.Entries
 	err := r.att.Detach()
 	r.att = nil

@@ -87,6 +87,8 @@ type replayFlags struct {
 	mode      trace.Mode
 	format    trace.Format
 	maxExtent maxExtentFlag
+	policy    dma.Policy
+	hugePages bool
 	bitmap    uint64
 	file      string
 
@@ -173,6 +175,8 @@ func parseReplayFlags(args []string) (*replayFlags, *flag.FlagSet, error) {
 	fs.Var(enumFlag[trace.IOMMU]{&f.iommu, trace.ParseIOMMU}, "iommu", "QEMU logs: devices' IOMMU, type1 or iommufd (default type1)")
 	fs.Uint64Var(&f.limit, "limit", 0, "QEMU logs: type1 dma_entry_limit (0: the kernel's default, 65535)")
 	fs.Var(enumFlag[trace.Mode]{&f.mode, trace.ParseMode}, "mode", "QEMU logs: RAM backing, split or inplace (default split, as QEMU's guest_memfd RAM)")
+	fs.Var(enumFlag[dma.Policy]{&f.policy, parseGmemPolicy}, "policy", "gmem's IOMMU mapping policy: auto (cut where the device's IOMMU can cut, extent elsewhere), extent (one entry per converted extent, a split unmaps and maps the rest of its chunk again) or cut (the same entries, a split is one cut; iommufd only); the baseline maps granules")
+	fs.BoolVar(&f.hugePages, "iommufd-huge-pages", false, "model gmem's iommufd devices as IOASes that keep huge pages, which cannot cut (auto then maps bounded extents there); by default they cut, as gmem sets them up")
 	fs.Var(&f.maxExtent, "max-extent", fmt.Sprintf("gmem's largest IOMMU entry, a power-of-two `SIZE` of at least 4KiB, or none (default %s)", trace.FormatSize(dma.DefaultMaxExtent)))
 	fs.Var(sizeFlag{&f.bitmap}, "bitmap-budget", fmt.Sprintf("largest baseline bitmaps to allocate, a `SIZE` (default %s, 8 TiB of RAM); past it the baseline keeps runs and its state memory is computed", trace.FormatSize(replay.DefaultBitmapBudget)))
 
@@ -224,7 +228,10 @@ func parseReplayFlags(args []string) (*replayFlags, *flag.FlagSet, error) {
 	if budget && f.bitmap == 0 {
 		return f, fs, errors.New("--bitmap-budget 0: want more than 0 (a budget of 1 allocates no bitmap)")
 	}
-	f.ropts = replay.Options{MaxExtent: f.maxExtent.v, BitmapBudget: f.bitmap, MaxDetails: f.details.n, Limits: true}
+	if f.policy == dma.Cut && f.hugePages {
+		return f, fs, errors.New("--policy cut with --iommufd-huge-pages: an IOAS that keeps huge pages cannot cut, and type1 never does")
+	}
+	f.ropts = replay.Options{MaxExtent: f.maxExtent.v, Policy: f.policy, IOMMUFDHugePages: f.hugePages, BitmapBudget: f.bitmap, MaxDetails: f.details.n, Limits: true}
 	if err := f.ropts.Validate(); err != nil {
 		return f, fs, fmt.Errorf("--max-extent %s: %s", f.maxExtent.text, strings.TrimPrefix(err.Error(), replay.ErrOptions.Error()+": "))
 	}
@@ -232,6 +239,19 @@ func parseReplayFlags(args []string) (*replayFlags, *flag.FlagSet, error) {
 		return f, fs, errors.New("--svg - and --json both write to stdout; give --svg a file")
 	}
 	return f, fs, nil
+}
+
+// parseGmemPolicy parses --policy: a policy of dma.ParsePolicy, but not
+// granule, which is the baseline's.
+func parseGmemPolicy(s string) (dma.Policy, error) {
+	p, err := dma.ParsePolicy(s)
+	switch {
+	case err != nil:
+		return 0, fmt.Errorf("want auto, extent or cut, not %q", s)
+	case p == dma.Granule:
+		return 0, errors.New("granule is the baseline's policy; gmem's is auto, extent or cut")
+	}
+	return p, nil
 }
 
 // machineFlagError names the flag behind an error of trace.Options.Check.
@@ -326,6 +346,7 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 		keepGoing: f.keepGoing,
 		details:   f.ropts.MaxDetails,
 		qemuOnly:  f.qemuOnly,
+		policy:    f.policy,
 	}
 	if s.details == 0 {
 		s.details = replay.DefaultMaxDetails
@@ -404,6 +425,16 @@ func (env replayEnv) run(ctx context.Context, args []string, stdout, stderr io.W
 	if why != nil {
 		report.Error = why
 	}
+	if s.stopped == stopPolicy {
+		// Stopped at the first device it could not attach: the flags do
+		// not suit the trace, and a table of the events before says
+		// nothing. --json gets them.
+		fmt.Fprintf(stderr, "gmem replay: %s: %s\n", name, why.Message)
+		if f.json {
+			out.writeJSON(report)
+		}
+		return code
+	}
 	w := &errWriter{w: stdout}
 	switch {
 	case f.svg == "-":
@@ -457,6 +488,8 @@ func (s *replaySession) verdict(res replay.Result) (int, *replayError) {
 		return exitFail, &replayError{Kind: "violation", Message: fmt.Sprintf("%s: see the result", plural(res.Violations, "invariant violated", "invariants violated"))}
 	case s.stopped == stopInterrupted:
 		return exitFail, &replayError{Kind: "interrupted", Message: fmt.Sprintf("interrupted after %s; the result is of those", plural(res.Events, "event", "events"))}
+	case s.policyErr != nil:
+		return exitUsage, s.policyErr
 	case res.RunErrors > 0:
 		return exitFail, &replayError{Kind: "run", Message: runErrorSummary(res, s.stopped == stopRun)}
 	case s.malformed > 0 || res.InputErrors > 0:
@@ -527,6 +560,11 @@ type replaySession struct {
 	keepGoing bool
 	details   int      // Options.MaxDetails: negative for all
 	qemuOnly  []string // machine flags given, ignored for JSON Lines
+	policy    dma.Policy
+	// policyErr says why the gmem run could not attach a device with the
+	// policy asked for (cut, on a space that cannot cut), the first time:
+	// a usage error.
+	policyErr *replayError
 
 	malformed     int
 	malformedList []replay.InputError
@@ -548,6 +586,7 @@ const (
 	stopInterrupted = "interrupted"
 	stopInput       = "input"
 	stopRun         = "run"
+	stopPolicy      = "policy"
 )
 
 // current returns the line and number of the event being applied, and when
@@ -565,7 +604,7 @@ func (s *replaySession) run(ctx context.Context, rd *trace.Reader) error {
 		return err
 	}
 	switch s.stopped {
-	case "", stopViolation, stopRun:
+	case "", stopViolation, stopRun, stopPolicy:
 		s.finished.Store(true)
 		if err := s.rp.Finish(); err != nil {
 			s.printViolation(err)
@@ -626,6 +665,16 @@ func (s *replaySession) apply(ctx context.Context, e trace.Event, line int) (sto
 	case errors.Is(err, replay.ErrInterrupted):
 		s.stopped = stopInterrupted
 		return true, nil
+	case errors.As(err, &re) && errors.Is(re, dma.ErrOptions):
+		// Validate took every other option: the policy does not suit the
+		// device.
+		if s.policyErr == nil {
+			s.policyErr = s.policyError(e, re)
+		}
+		s.runErrors++
+		if !s.keepGoing {
+			s.stopped = stopPolicy
+		}
 	case errors.As(err, &re):
 		s.runErrors++
 		s.report(&s.runErrors, "devices a run could not attach", re.Error())
@@ -648,6 +697,24 @@ func (s *replaySession) apply(ctx context.Context, e trace.Event, line int) (sto
 	}
 	s.events.Add(1)
 	return s.stopped != "", nil
+}
+
+// policyError says which device the policy asked for does not suit, and
+// what would.
+func (s *replaySession) policyError(e trace.Event, re *replay.RunError) *replayError {
+	msg := fmt.Sprintf("--policy %s: %v", s.policy, re)
+	if a, ok := e.(trace.Attach); ok && s.policy == dma.Cut {
+		why := "type1 never cuts"
+		if a.IOMMU == trace.IOMMUFD {
+			why = "an IOAS that keeps huge pages (--iommufd-huge-pages) cannot cut"
+		}
+		msg = fmt.Sprintf("--policy cut: device %q is %s: %s; --policy auto cuts only where a device can", a.Dev, a.IOMMU, why)
+	}
+	where := "event " + commas(re.Event)
+	if re.Line > 0 {
+		where = "line " + commas(uint64(re.Line))
+	}
+	return &replayError{Kind: "usage", Message: where + ": " + msg, Line: re.Line}
 }
 
 // report prints msg for one of the first maxShownErrors of a kind of error

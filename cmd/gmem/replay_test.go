@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gmemproject/gmem/dma"
 	"github.com/gmemproject/gmem/replay"
 	"github.com/gmemproject/gmem/trace"
 )
@@ -538,6 +539,137 @@ func TestReplayOptionsAndRunErrors(t *testing.T) {
 	}
 }
 
+// genTrace runs gmem gen with args and returns the trace.
+func genTrace(t *testing.T, args ...string) string {
+	t.Helper()
+	var gen, errOut bytes.Buffer
+	if code := run(context.Background(), append([]string{"gen"}, args...), &gen, &errOut); code != exitOK {
+		t.Fatalf("gen %v: exit %d, %s", args, code, errOut.String())
+	}
+	return gen.String()
+}
+
+// TestReplayPolicy: on an iommufd trace gmem cuts by default, with no window
+// and nothing re-pinned, and says so in the table and the JSON; --policy
+// extent and --iommufd-huge-pages give the bounded extent's window instead.
+func TestReplayPolicy(t *testing.T) {
+	ctx := context.Background()
+	tr := genTrace(t, "hugepage", "--ram", "1GiB", "--events", "400", "--iommu", "iommufd")
+	replayJSON := func(args ...string) replay.Result {
+		t.Helper()
+		code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(tr)}, append([]string{"--json", "-"}, args...)...)
+		if code != exitOK {
+			t.Fatalf("%v: exit %d, %s", args, code, errOut)
+		}
+		return decodeResult(t, out)
+	}
+	cut := replayJSON()
+	if g := cut.Gmem; g.Policy != "cut" || g.WindowBytes != 0 || g.RepinnedBytes != 0 || g.MaxWindow != 0 || g.CutCalls == 0 || g.Splits == 0 ||
+		len(g.DevicePolicies) != 1 || !g.DevicePolicies[0].Cut || cut.Baseline.Policy != "granule" {
+		t.Errorf("iommufd, auto: %+v", g)
+	}
+	for _, args := range [][]string{{"--policy", "extent"}, {"--iommufd-huge-pages"}, {"--policy", "auto", "--iommufd-huge-pages"}} {
+		g := replayJSON(args...).Gmem
+		if g.Policy != "extent" || g.WindowBytes == 0 || g.RepinnedBytes == 0 || g.CutCalls != 0 || g.Splits != cut.Gmem.Splits {
+			t.Errorf("%v: %+v", args, g)
+		}
+		if hp := args[len(args)-1] == "--iommufd-huge-pages"; g.DevicePolicies[0].Cut == hp {
+			t.Errorf("%v: device %+v", args, g.DevicePolicies[0])
+		}
+	}
+	if g := replayJSON("--policy", "cut").Gmem; g.Policy != "cut" || g.CutCalls != cut.Gmem.CutCalls {
+		t.Errorf("--policy cut: %+v", g)
+	}
+
+	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(tr)}, "-")
+	if code != exitOK {
+		t.Fatalf("exit %d, %s", code, errOut)
+	}
+	for _, want := range []string{
+		"\npolicy     gmem: cut (iommufd, huge pages off); baseline: granule\n",
+		fmt.Sprintf("\n%-27s %12s %12s %10s\n", "cut calls", "0", commas(cut.Gmem.CutCalls), "-"),
+		"\nwindow                               0 B          0 B          -\n",
+		"\nsplits: entries a conversion to private cut",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	_, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(tr)}, "--iommufd-huge-pages", "-")
+	if !strings.Contains(out, "\npolicy     gmem: extent (iommufd, huge pages kept); baseline: granule\n") {
+		t.Errorf("huge pages kept: table\n%s", out)
+	}
+}
+
+// TestReplayPolicyErrors: granule is the baseline's, cut needs a space that
+// cuts: refused up front where the flags alone say so, and at the first
+// device that cannot cut otherwise, as a usage error (exit 2) naming it,
+// with no table; --keep-going replays the rest without it.
+func TestReplayPolicyErrors(t *testing.T) {
+	ctx := context.Background()
+	for _, args := range [][]string{
+		{"--policy", "granule"},
+		{"--policy", "bogus"},
+		{"--policy", "cut", "--iommufd-huge-pages"},
+	} {
+		code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(replayTrace)}, append(args, "-")...)
+		if code != exitUsage || out != "" || !strings.Contains(errOut, "--policy") {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want a usage error", args, code, out, errOut)
+		}
+	}
+	mixed := replayTrace + `{"op":"attach","dev":"nic","iommu":"iommufd"}
+{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}
+`
+	code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(mixed)}, "--policy", "cut", "-")
+	const why = `line 2: --policy cut: device "dev0" is type1: type1 never cuts; --policy auto cuts only where a device can`
+	if code != exitUsage || out != "" || strings.Count(errOut, why) != 1 {
+		t.Errorf("cut on type1: exit %d, stdout %q, stderr %q; want 2 and one line saying why", code, out, errOut)
+	}
+	code, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(mixed)}, "--policy", "cut", "--json", "-")
+	if e := decodeError(t, out); code != exitUsage || e == nil || e.Kind != "usage" || e.Line != 2 || !strings.Contains(e.Message, why) {
+		t.Errorf("--json: exit %d, error %+v", code, e)
+	}
+	code, out, errOut = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(mixed)}, "--policy", "cut", "--keep-going", "--json", "-")
+	res := decodeResult(t, out)
+	if code != exitUsage || res.Events != 5 || res.RunErrors != 1 || res.Gmem.Policy != "cut" || res.Gmem.CutCalls != 1 || res.Violations != 0 {
+		t.Errorf("--keep-going: exit %d, stderr %q, %+v", code, errOut, res)
+	}
+	// Auto on the same trace: one device of each.
+	_, out, _ = runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(mixed)}, "-")
+	if !strings.Contains(out, "\npolicy     gmem: extent (type1: 1 device), cut (iommufd, huge pages off: 1 device); baseline: granule\n") {
+		t.Errorf("mixed policies: table\n%s", out)
+	}
+}
+
+// TestReplayHugepageIOMMUFD: the 16 GiB hugepage trace on iommufd, whose
+// conversions to private cut shared 2 MiB extents, has no window and
+// re-pins nothing with the default policy (cut); with --policy extent it has
+// the bounded extent's figures, the same as on type1.
+func TestReplayHugepageIOMMUFD(t *testing.T) {
+	if testing.Short() {
+		t.Skip("replays 16 GiB hugepage traces: not with -short")
+	}
+	ctx := context.Background()
+	result := func(tr string, args ...string) replay.Result {
+		t.Helper()
+		code, out, errOut := runReplayEnv(ctx, replayEnv{stdin: strings.NewReader(tr)}, append([]string{"--json", "-"}, args...)...)
+		if code != exitOK {
+			t.Fatalf("%v: exit %d, %s", args, code, errOut)
+		}
+		return decodeResult(t, out)
+	}
+	iommufd := genTrace(t, "hugepage", "--ram", "16GiB", "--iommu", "iommufd")
+	cut, extent := result(iommufd).Gmem, result(iommufd, "--policy", "extent").Gmem
+	type1 := result(genTrace(t, "hugepage", "--ram", "16GiB")).Gmem
+	if cut.Policy != "cut" || cut.WindowBytes != 0 || cut.RepinnedBytes != 0 || cut.MaxWindow != 0 || cut.Splits == 0 {
+		t.Errorf("cut: %+v", cut)
+	}
+	if extent.Policy != "extent" || type1.Policy != "extent" || extent.WindowBytes == 0 || extent.MaxWindow == 0 || extent.MaxWindow > 2<<20 ||
+		extent.WindowBytes != type1.WindowBytes || extent.RepinnedBytes != type1.RepinnedBytes || extent.Splits != type1.Splits {
+		t.Errorf("extent on iommufd %+v, on type1 %+v: want the same bounded figures", extent, type1)
+	}
+}
+
 // TestReplayPetabyte: a petabyte guest replays in bounded memory, and the
 // output says that the baseline's state memory is computed, and why.
 func TestReplayPetabyte(t *testing.T) {
@@ -782,6 +914,10 @@ func FuzzReplayFlags(f *testing.F) {
 	f.Add("--limit\x0065535\x00--iommu\x00type1\x00--devices\x004\x00-")
 	f.Add("--svg\x00-\x00--json\x00-")
 	f.Add("--bitmap-budget\x001PiB\x00--keep-going\x00t")
+	f.Add("--policy\x00cut\x00-")
+	f.Add("--policy\x00granule\x00-")
+	f.Add("--iommufd-huge-pages\x00--policy\x00cut\x00-")
+	f.Add("--policy=extent\x00--iommufd-huge-pages\x00f")
 	f.Fuzz(func(t *testing.T, joined string) {
 		fl, _, err := parseReplayFlags(strings.Split(joined, "\x00"))
 		if err != nil {
@@ -795,6 +931,9 @@ func FuzzReplayFlags(f *testing.F) {
 		}
 		if err := fl.ropts.Validate(); err != nil {
 			t.Fatalf("accepted %q with replay options %+v: %v", joined, fl.ropts, err)
+		}
+		if p := fl.ropts.Policy; p == dma.Granule || (p == dma.Cut && fl.ropts.IOMMUFDHugePages) || p != fl.policy || fl.ropts.IOMMUFDHugePages != fl.hugePages {
+			t.Fatalf("accepted %q as policy %v, huge pages %v", joined, p, fl.ropts.IOMMUFDHugePages)
 		}
 	})
 }

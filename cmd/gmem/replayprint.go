@@ -26,6 +26,7 @@ func printResult(w io.Writer, name string, in inputStats, res replay.Result, too
 		plural(res.Rejected, "guest request", "guest requests"), byReason(res.RejectedBy), commas(res.Diverged))
 	fmt.Fprintf(w, "memory     %s of RAM: %s shared, %s private, %s unplugged; %s attached\n",
 		human(res.RAMBytes), human(res.SharedBytes), human(res.PrivateBytes), human(res.UnpluggedBytes), plural(uint64(res.Devices), "device", "devices"))
+	fmt.Fprintf(w, "policy     %s\n", policyLine(res))
 	if res.RunErrors > 0 {
 		fmt.Fprintf(w, "attach     %s a run could not attach (see below)\n", plural(res.RunErrors, "device", "devices"))
 	}
@@ -50,6 +51,7 @@ func printResult(w io.Writer, name string, in inputStats, res replay.Result, too
 		{"IOMMU entries, peak", float64(b.EntriesPeak), float64(g.EntriesPeak), count, follows},
 		{"map calls", float64(b.MapCalls), float64(g.MapCalls), count, follows},
 		{"unmap calls", float64(b.UnmapCalls), float64(g.UnmapCalls), count, follows},
+		{"cut calls", float64(b.CutCalls), float64(g.CutCalls), count, follows},
 		{"entry splits", float64(b.Splits), float64(g.Splits), count, follows},
 		{"state memory", float64(b.StateBytes), float64(g.StateBytes), bytesCell, exact},
 		{"pinned", float64(b.PinnedBytes), float64(g.PinnedBytes), bytesCell, follows},
@@ -90,6 +92,10 @@ func printResult(w io.Writer, name string, in inputStats, res replay.Result, too
 		legend(w, "n/c: ", fmt.Sprintf("not comparable: from event %s the runs replayed different traces (%s refused by one run only); "+
 			"'entries needed, no limit' replays each policy with every request granted, like with like",
 			commas(res.DivergedAt), plural(res.Diverged, "request", "requests")))
+	}
+	if b.Splits > 0 || g.Splits > 0 {
+		legend(w, "splits: ", "entries a conversion to private cut, keeping the rest mapped: the extent policy unmaps the entry and maps the rest of its chunk again "+
+			"(re-pinned, and hidden from the device meanwhile: the window), the cut policy removes only the range (no window, nothing re-pinned)")
 	}
 	legend(w, "refused: ", "each run's refusals of requests (all reasons: 'rejected' above); 'out of entries' is the type1 limit, 'to private' a guest giving memory back")
 	if res.Limits != nil {
@@ -157,6 +163,42 @@ func printResult(w io.Writer, name string, in inputStats, res replay.Result, too
 			fmt.Fprintln(w)
 		}
 	}
+}
+
+// policyLine says which policy each run mapped with, and on what: "gmem:
+// cut (iommufd, huge pages off); baseline: granule", the gmem run's devices
+// grouped by policy and space where they differ.
+func policyLine(res replay.Result) string {
+	g := res.Gmem.DevicePolicies
+	if len(g) == 0 && len(res.Baseline.DevicePolicies) == 0 {
+		return "no device attached"
+	}
+	type group struct {
+		policy, space string
+		n             uint64
+	}
+	var groups []group
+	for _, d := range g {
+		i := slices.IndexFunc(groups, func(x group) bool { return x.policy == d.Policy && x.space == d.Space() })
+		if i < 0 {
+			groups = append(groups, group{policy: d.Policy, space: d.Space()})
+			i = len(groups) - 1
+		}
+		groups[i].n++
+	}
+	parts := make([]string, len(groups))
+	for i, x := range groups {
+		if len(groups) == 1 {
+			parts[i] = fmt.Sprintf("%s (%s)", x.policy, x.space)
+		} else {
+			parts[i] = fmt.Sprintf("%s (%s: %s)", x.policy, x.space, plural(x.n, "device", "devices"))
+		}
+	}
+	gmem := strings.Join(parts, ", ")
+	if gmem == "" {
+		gmem = "no device attached"
+	}
+	return "gmem: " + gmem + "; baseline: granule"
 }
 
 // legend writes a paragraph wrapped to 80 columns, the lines after the
@@ -253,10 +295,16 @@ the gmem library twice, side by side:
 
   baseline  QEMU's algorithm: one bit per 4 KiB page, one IOMMU entry per
             4 KiB granule
-  gmem      page state stored as runs, one IOMMU entry per converted extent
+  gmem      page state stored as runs, one IOMMU entry per converted extent;
+            a conversion to private inside an entry is one cut where the
+            device's IOMMU can cut (iommufd, with huge pages off, as gmem
+            sets it up), an unmap and a remap of the entry's 2 MiB chunk
+            elsewhere (--policy, --iommufd-huge-pages)
 
-and prints what each needed: IOMMU entries (final and peak), map and unmap
-calls, entry splits, state memory, conversions refused for want of type1
+and prints which policy each run mapped with and what each needed: IOMMU
+entries (final and peak), map, unmap and cut calls, entry splits, state
+memory, pinned and re-pinned bytes, the window (memory still shared that a
+device could not reach for a moment), conversions refused for want of type1
 entries, and time per event. After every event it checks the invariants:
 the IOMMU maps exactly the shared, plugged pages (I1) and never a private
 or unplugged one (I2), a refused event changes nothing (I3), and the page
@@ -286,7 +334,9 @@ interrupted (SIGINT, SIGTERM: within a second, even inside a long event), 2
 usage, input or output errors: empty or binary input, a malformed line or an
 impossible machine event (reported with its line number; with --keep-going
 every one is reported and skipped, and the exit status is 2 at the end unless
-a violation makes it 1), an output file that cannot be written. With --json
+a violation makes it 1), an output file that cannot be written, a device the
+gmem run cannot map with the --policy given (cut on type1, or on iommufd with
+--iommufd-huge-pages: the replay stops there unless --keep-going). With --json
 stdout is one object whatever the exit status, with an "error" object (kind,
 message, line) whenever it is not 0.
 `)
