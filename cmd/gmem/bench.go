@@ -179,6 +179,8 @@ func printBench(w io.Writer, rows []bench.Row, sz bench.Sizes, quick bool, maxSp
 			ratio = "inf"
 		case r.BaselineHow == bench.NotRun:
 			ratio, base = "-", "not run"
+		case r.BaselineHow == bench.Floor:
+			ratio, base = fmt.Sprintf("%.2fx the floor", r.ToFloor), base+" (floor)"
 		case math.IsNaN(r.Ratio):
 			ratio = "-"
 		case r.BaselineHow == bench.Computed:

@@ -38,6 +38,7 @@ func TestBenchQuickJSON(t *testing.T) {
 			Spread   *float64  `json:"spread"`
 			Noisy    *bool     `json:"noisy"`
 			How      string    `json:"baseline_how"`
+			ToFloor  float64   `json:"to_floor"`
 		} `json:"rows"`
 		Quick     bool    `json:"quick"`
 		Rounds    int     `json:"rounds"`
@@ -84,6 +85,14 @@ func TestBenchQuickJSON(t *testing.T) {
 			// gmem alone: no baseline, no ratio.
 			if r.Baseline != 0 || r.Ratio != nil || r.Gmem <= 0 || len(r.BRange) != 0 || len(r.BIQR) != 0 || r.Rounds != rep.Rounds {
 				t.Errorf("row %q without baseline: baseline %v ratio %v gmem %v", r.Name, r.Baseline, r.Ratio, r.Gmem)
+			}
+			continue
+		}
+		if r.How == "floor" {
+			// The floor is no algorithm gmem competes with: no ratio, and
+			// to_floor is how many times the floor's time gmem took.
+			if r.Baseline <= 0 || r.Gmem <= 0 || r.Ratio != nil || math.Abs(r.ToFloor-r.Gmem/r.Baseline) > 1e-9*r.ToFloor {
+				t.Errorf("floor row %q: baseline %v gmem %v ratio %v to_floor %v", r.Name, r.Baseline, r.Gmem, r.Ratio, r.ToFloor)
 			}
 			continue
 		}

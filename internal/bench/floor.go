@@ -57,6 +57,10 @@ type FloorRig struct {
 	// Pinned returns the pages pinned now: the model's count, or the
 	// kernel's accounting of the process.
 	Pinned func() (uint64, error)
+	// MinRound, if set, repeats a side's round trip within one round until
+	// its timed parts add up to this much, and the round is their mean: on
+	// the model the floor is a few microseconds, too short to time once.
+	MinRound time.Duration
 }
 
 // FloorSample is one round trip of one side.
@@ -164,20 +168,29 @@ type FloorResult struct {
 
 // Measure runs rounds round trips of every side, interleaved (Rounds: the
 // order rotated each round, each side after a collection), after one
-// untimed round each with warmup. Every round of every side must pin the
-// same pages: the sides differ in how they map, not in what.
+// untimed round each with warmup; a side's round is one round trip, or
+// the mean of as many as fill MinRound. Every round trip of every side must
+// pin the same pages: the sides differ in how they map, not in what.
 func (r FloorRig) Measure(rounds int, warmup bool, sides []FloorSide) ([]FloorResult, error) {
 	out := make([]FloorResult, len(sides))
 	runs := make([]Side, len(sides))
+	calls, warm := make([]int, len(sides)), make([]int, len(sides))
 	for i, side := range sides {
 		out[i].Side = side
 		runs[i] = Side{side.Name, func() (float64, error) {
-			s, err := r.Round(side)
-			if err != nil {
-				return 0, err
-			}
-			out[i].Samples = append(out[i].Samples, s)
-			return float64((s.ToShared + s.ToPrivate).Nanoseconds()), nil
+			defer func() {
+				if calls[i]++; warmup && calls[i] == 1 {
+					warm[i] = len(out[i].Samples) // the untimed first call's
+				}
+			}()
+			return Repeated(r.MinRound, func() (time.Duration, error) {
+				s, err := r.Round(side)
+				if err != nil {
+					return 0, err
+				}
+				out[i].Samples = append(out[i].Samples, s)
+				return s.ToShared + s.ToPrivate, nil
+			})
 		}}
 	}
 	vs, err := Rounds("floor", rounds, warmup, runs...)
@@ -187,7 +200,7 @@ func (r FloorRig) Measure(rounds int, warmup bool, sides []FloorSide) ([]FloorRe
 	pinned := out[0].Samples[0].Pinned
 	for i := range out {
 		if warmup {
-			out[i].Samples = out[i].Samples[1:]
+			out[i].Samples = out[i].Samples[warm[i]:]
 		}
 		r := &out[i]
 		r.Rounds, r.Time, r.MapCalls, r.Pinned = len(vs[i]), Summarize(vs[i]), r.Samples[0].MapCalls, pinned
@@ -214,7 +227,7 @@ func (r FloorRig) Measure(rounds int, warmup bool, sides []FloorSide) ([]FloorRe
 // kernel's.
 func FloorModel(sz Sizes) ([]Row, error) {
 	model := iommu.NewModelSpan(iommu.Caps{Rules: iommu.IOMMUFD, Cut: true}, 2*sz.RoundTrip)
-	rig := FloorRig{Space: model, Size: sz.RoundTrip, Pinned: func() (uint64, error) {
+	rig := FloorRig{Space: model, Size: sz.RoundTrip, MinRound: MinRound, Pinned: func() (uint64, error) {
 		p := model.Pins()
 		return p.Pinned - p.Unpinned, nil
 	}}
@@ -261,6 +274,7 @@ func FloorRows(res []FloorResult, at FloorWhere) []Row {
 			row.Note += "; the default policy"
 		}
 		row.SetSides(r.Rounds, floor.Time, r.Time)
+		row.BaselineHow, row.ToFloor = Floor, r.Time.Median/floor.Time.Median
 		row.Ratio = Improvement(row)
 		rows = append(rows, row)
 	}

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"math"
 	"strings"
 	"testing"
 
@@ -50,7 +51,8 @@ func TestFloorModel(t *testing.T) {
 		t.Fatalf("%d rows, want 4 policies and the pinned pages", len(rows))
 	}
 	for _, r := range rows[:4] {
-		if r.Baseline != res[0].Time.Median || r.Rounds != 3 || r.Ratio != Improvement(r) || !strings.Contains(r.Note, "the floor's time") {
+		if r.Baseline != res[0].Time.Median || r.Rounds != 3 || !math.IsNaN(r.Ratio) || r.BaselineHow != Floor ||
+			math.Abs(r.ToFloor-r.Gmem/r.Baseline) > 1e-9*r.ToFloor || !strings.Contains(r.Note, "the floor's time") {
 			t.Errorf("row %+v", r)
 		}
 	}

@@ -39,10 +39,16 @@ type Row struct {
 	GmemIQR       []float64 `json:"gmem_iqr,omitempty"`
 	Spread        float64   `json:"spread"`
 	Noisy         bool      `json:"noisy"`
-	// Baseline says how the baseline column was obtained when it was not
-	// run: Computed (exact arithmetic, e.g. a bitmap's size) or NotRun
-	// (Baseline 0, no ratio: the baseline cannot run at this scale).
-	BaselineHow string `json:"baseline_how,omitempty"`
+	// BaselineHow says how the baseline column was obtained when it was
+	// not QEMU's algorithm run here: Computed (exact arithmetic, e.g. a
+	// bitmap's size) or NotRun (Baseline 0, no ratio: the baseline cannot
+	// run at this scale), or Floor.
+	// Floor: the baseline column is the floor, what the kernel must spend
+	// anyway (one map call of the whole range), not QEMU's algorithm; such a
+	// row has no ratio, and ToFloor says how many times the floor's time
+	// gmem took.
+	BaselineHow string  `json:"baseline_how,omitempty"`
+	ToFloor     float64 `json:"to_floor,omitempty"`
 	// Source names where a row was measured when not in this process on
 	// the model IOMMU: "rig type1, TCG guest" for rows read from the rig.
 	Source string `json:"source,omitempty"`
@@ -52,14 +58,15 @@ type Row struct {
 const (
 	Computed = "computed"
 	NotRun   = "not run"
+	Floor    = "floor"
 )
 
 // Improvement returns how many times better gmem is than the baseline: NaN
-// for a row whose baseline was not run, and for a cost the baseline does
+// for a row whose baseline was not run or is the floor, and for a cost the baseline does
 // not pay at all (a lower-is-better row with baseline 0, such as the bytes
 // an extent split re-pins), where no ratio means anything.
 func Improvement(r Row) float64 {
-	if r.BaselineHow == NotRun {
+	if r.BaselineHow == NotRun || r.BaselineHow == Floor {
 		return math.NaN()
 	}
 	b, g := r.Baseline, r.Gmem
