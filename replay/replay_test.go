@@ -97,6 +97,12 @@ func (w want) check(t *testing.T, res Result) {
 
 const ram1G = `{"op":"ram","name":"ram0","gpa":"0","size":"1GiB","mode":"split"}` + "\n"
 
+// cut4KiB follows a device's attach line: 2 MiB made shared, then one page
+// in its middle made private again, the conversion that splits an extent.
+const cut4KiB = `
+{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
+{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`
+
 // TestGolden replays small hand-written traces whose results are computed by
 // hand in the comments.
 func TestGolden(t *testing.T) {
@@ -120,10 +126,8 @@ func TestGolden(t *testing.T) {
 			// One page in the middle back to private: the baseline unmaps
 			// its granule (1 call); gmem unmaps the extent and maps the two
 			// remainders (a split: 1 unmap, 2 maps).
-			name: "4KiB cut out of a 2MiB extent",
-			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"type1"}
-{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
-{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`,
+			name:  "4KiB cut out of a 2MiB extent",
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"type1"}` + cut4KiB,
 			want: want{events: 4, conversions: 2, shared: 2<<20 - 4096, devices: 1,
 				base: runWant{final: 511, peak: 512, maps: 512, unmaps: 1},
 				gmem: runWant{final: 2, peak: 2, maps: 3, unmaps: 1, splits: 1}},
@@ -132,10 +136,8 @@ func TestGolden(t *testing.T) {
 			// The same on iommufd: gmem's IOAS cuts, so the page is one
 			// cut call and the two remainders stay mapped (a split, no
 			// unmap, no remap).
-			name: "4KiB cut out of a 2MiB extent on iommufd",
-			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}
-{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
-{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`,
+			name:  "4KiB cut out of a 2MiB extent on iommufd",
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}` + cut4KiB,
 			want: want{events: 4, conversions: 2, shared: 2<<20 - 4096, devices: 1,
 				base: runWant{final: 511, peak: 512, maps: 512, unmaps: 1},
 				gmem: runWant{final: 2, peak: 2, maps: 1, cuts: 1, splits: 1, policy: "cut"}},
@@ -143,11 +145,9 @@ func TestGolden(t *testing.T) {
 		{
 			// With huge pages kept the IOAS cannot cut: Auto maps bounded
 			// extents, and the split unmaps and remaps as on type1.
-			name: "iommufd with huge pages kept",
-			opts: Options{IOMMUFDHugePages: true},
-			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}
-{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
-{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`,
+			name:  "iommufd with huge pages kept",
+			opts:  Options{IOMMUFDHugePages: true},
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}` + cut4KiB,
 			want: want{events: 4, conversions: 2, shared: 2<<20 - 4096, devices: 1,
 				base: runWant{final: 511, peak: 512, maps: 512, unmaps: 1},
 				gmem: runWant{final: 2, peak: 2, maps: 3, unmaps: 1, splits: 1}},
@@ -172,11 +172,9 @@ func TestGolden(t *testing.T) {
 		},
 		{
 			// The extent policy asked for on an IOAS that cuts: no cut.
-			name: "iommufd, extent asked for",
-			opts: Options{Policy: dma.Extent},
-			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}
-{"op":"convert","gpa":"0x200000","size":"2MiB","to":"shared"}
-{"op":"convert","gpa":"0x201000","size":"4KiB","to":"private"}`,
+			name:  "iommufd, extent asked for",
+			opts:  Options{Policy: dma.Extent},
+			trace: ram1G + `{"op":"attach","dev":"dev0","iommu":"iommufd"}` + cut4KiB,
 			want: want{events: 4, conversions: 2, shared: 2<<20 - 4096, devices: 1,
 				base: runWant{final: 511, peak: 512, maps: 512, unmaps: 1},
 				gmem: runWant{final: 2, peak: 2, maps: 3, unmaps: 1, splits: 1}},
